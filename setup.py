@@ -1,0 +1,32 @@
+"""marval-jax: MAR, GSIM distillation (MARVAL) and reward post-training in JAX/Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="marval-jax",
+    version="0.1.0",
+    description="Masked autoregressive image generation, one-step distillation (GSIM) and reward "
+    "backpropagation in JAX/Flax.",
+    packages=find_packages(include=["marval_jax", "marval_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.2,<0.12",
+        "flax>=0.12.8,<0.13",
+        "optax>=0.2.5,<0.3",
+        "orbax-checkpoint>=0.11.0,<0.13",
+        "grain>=0.2.12,<0.3",
+        "ml-collections>=1.0,<2",
+        "clu>=0.0.12",
+        "tensorflow-datasets>=4.9.8,<5",
+        "array-record>=0.8",
+        "numpy>=1.26",
+        "scipy>=1.11",
+        "pillow>=10",
+        "safetensors>=0.4",
+    ],
+    extras_require={
+        # Test-only: reference implementations that the parity tests compare against.
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.45,<6"],
+        # Reading .pth checkpoints (trusted files only) and TorchScript weights for conversion.
+        "torch": ["torch>=2.6"],
+    },
+)
