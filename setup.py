@@ -6,7 +6,7 @@ setup(
     version="0.1.0",
     description="Masked autoregressive image generation, one-step distillation (GSIM) and reward "
     "backpropagation in JAX/Flax.",
-    packages=find_packages(include=["marval_jax", "marval_jax.*"]),
+    packages=find_packages(include=["marval_jax", "marval_jax.*", "configs"]),
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.12",

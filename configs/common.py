@@ -1,0 +1,97 @@
+"""Pieces shared by the config families: argument parsing, mesh, training, sampling and data defaults."""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def parse_arg(arg: str | None, allowed: tuple[str, ...], default: str) -> str:
+    """`get_config("base")`: one variant name from `allowed`; a typo is an error naming the choices."""
+    arg = (arg or default).strip()
+    if arg not in allowed:
+        raise ValueError(f"unknown config variant {arg!r}; choose one of {', '.join(allowed)}")
+    return arg
+
+
+def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:
+    """Mesh axes (data, fsdp, tensor); -1 takes the remaining devices. Logical rules map model axes to them."""
+    return mlc.ConfigDict(dict(
+        shape=dict(data=data, fsdp=fsdp, tensor=tensor),
+        axis_types="auto",  # "auto" | "explicit"; jax 0.10's make_mesh defaults to explicit, so we always pass it
+        # logical axis -> mesh axis (or None = replicated); batch goes over data and fsdp.
+        logical_axis_rules=[["batch", ["data", "fsdp"]], ["embed", "fsdp"], ["mlp", "tensor"],
+                            ["vocab", None]],
+        distributed_init=False,  # jax.distributed.initialize() for multi-host (TPU pods, multi-node GPU)
+        distributed_timeout_s=300,
+    ))
+
+
+def train_config(**overrides) -> mlc.ConfigDict:
+    cfg = dict(
+        seed=0,
+        global_batch_size=256,
+        num_steps=1000,
+        blr=1e-4,                # lr = blr * global_batch_size / 256 (MAR)
+        lr=-1.0,                 # > 0 overrides the blr rule
+        lr_schedule="constant",  # "constant" | "cosine" (to min_lr), after linear warmup
+        warmup_steps=100,
+        min_lr=0.0,
+        weight_decay=0.02,
+        b1=0.9,
+        b2=0.95,
+        eps=1e-8,
+        grad_clip=3.0,
+        ema_decay=0.9999,
+        log_every=50,
+        ckpt_every=500,
+        keep_checkpoints=3,
+        async_checkpoints=True,
+        sample_every=0,          # > 0: write a sample grid every N steps
+        sample_num_iter=16,
+        sample_cfg=1.0,
+        grid_size=8,
+    )
+    cfg.update(overrides)
+    return mlc.ConfigDict(cfg)
+
+
+def sample_config(**overrides) -> mlc.ConfigDict:
+    cfg = dict(
+        sampler="teacher",          # "teacher" (multi-step head chain) | "onestep" (MARVAL)
+        num_iter=64,
+        cfg=1.0,
+        cfg_schedule="linear",
+        temperature=1.0,
+        num_sampling_steps="100",
+        num_buckets=4,              # static encoder-length buckets of the AR loop (compiled loop bodies)
+        num_images=64,
+        batch_size=64,
+        labels="cycle",             # "cycle" (class i % class_num) | "uncond" | "random"
+        use_ema=True,
+        t_init=-1,                  # one-step generator timestep; -1 takes generator.t_init
+    )
+    cfg.update(overrides)
+    return mlc.ConfigDict(cfg)
+
+
+def data_config(**overrides) -> mlc.ConfigDict:
+    cfg = dict(
+        name="fashion_mnist",   # fashion_mnist | mnist | imagenet2012 | latent_cache
+        split="train",
+        data_dir="",            # tfds data dir ("" = default); raw files for the small sets
+        manual_dir="",          # imagenet2012 manual download dir
+        cache_dir="",           # latent cache dir
+        image_size=32,          # after padding (28 -> 32 for the MNIST family)
+        flip=False,
+        num_workers=0,
+        max_examples=0,         # > 0: use only the first N examples (tests)
+    )
+    cfg.update(overrides)
+    return mlc.ConfigDict(cfg)
+
+
+def tokenizer_config(kind: str = "pixel_patch", patch_size: int = 4, channels: int = 1,
+                     vae_ckpt: str = "", vae_ch: int = 128, vae_ch_mult=(1, 1, 2, 2, 4),
+                     scale: float = 0.2325) -> mlc.ConfigDict:
+    """Tokens the transformer sees: pixel patches (identity 'VAE') or KL-VAE latents."""
+    return mlc.ConfigDict(dict(kind=kind, patch_size=patch_size, channels=channels, vae_ckpt=vae_ckpt,
+                               vae_ch=vae_ch, vae_ch_mult=list(vae_ch_mult), scale=scale))

@@ -1,0 +1,87 @@
+"""MAR pretraining (the teacher).
+
+Variants:
+  tiny    a few-second CPU model on Fashion-MNIST pixel patches (tests, smoke runs)
+  fmnist  the Fashion-MNIST teacher of the end-to-end reproduction (32x32 padded, 4x4 pixel patches -> 64 tokens)
+  base / large / huge   the released MAR-B/L/H on ImageNet 256 with cached KL-16 latents (head d6w1024 /
+                        d8w1280 / d12w1536, 207.9M / 478.3M / 942.4M parameters)
+
+Run:
+  python -m marval_jax.main --mode=train --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny
+  python -m marval_jax.main --mode=train --config=configs/mar.py:fmnist --workdir=workdirs/fmnist_teacher
+  python -m marval_jax.main --mode=train --config=configs/mar.py:large --workdir=gs://BUCKET/mar_large \
+      --config.data.cache_dir=gs://BUCKET/imagenet_kl16_cache
+  python -m marval_jax.main --mode=sample --config=configs/mar.py:fmnist --workdir=workdirs/fmnist_teacher
+Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common
+
+VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
+
+_IMAGENET = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64, class_num=1000)
+_SIZES = {
+    "base": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
+                 decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024),
+    "large": dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
+                  decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),
+    "huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
+                 decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
+}
+
+
+def model_config(variant: str) -> mlc.ConfigDict:
+    """Fields of marval_jax.models.mar.MARConfig."""
+    base = dict(mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, dtype="bfloat16",
+                remat=False)
+    if variant == "tiny":
+        base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,
+                    encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
+                    decoder_depth=1, decoder_num_heads=2, diffloss_d=1, diffloss_w=32, dtype="float32")
+    elif variant == "fmnist":
+        base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
+                    encoder_embed_dim=256, encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=256,
+                    decoder_depth=4, decoder_num_heads=8, diffloss_d=3, diffloss_w=256)
+    else:
+        base.update(_IMAGENET, **_SIZES[variant])
+    return mlc.ConfigDict(base)
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    variant = common.parse_arg(arg, VARIANTS, "tiny")
+    cfg = mlc.ConfigDict()
+    cfg.variant = variant
+    cfg.model = model_config(variant)
+    cfg.diffusion = mlc.ConfigDict(dict(diffusion_batch_mul=4, mask_ratio_min=0.7))
+    cfg.mesh = common.mesh_config()
+    cfg.sample = common.sample_config()
+    if variant == "tiny":
+        cfg.train = common.train_config(global_batch_size=16, num_steps=20, warmup_steps=5, lr=1e-3, log_every=5,
+                                        ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4,
+                                        ema_decay=0.99)
+        cfg.data = common.data_config(name="fashion_mnist", max_examples=512)
+        cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+        cfg.sample.update(num_iter=4, num_sampling_steps="10", num_images=16, batch_size=16)
+    elif variant == "fmnist":
+        cfg.train = common.train_config(global_batch_size=256, num_steps=12000, warmup_steps=500, blr=4e-4,
+                                        lr_schedule="cosine", min_lr=1e-5, ema_decay=0.999, ckpt_every=1000,
+                                        sample_every=2000, log_every=100, sample_num_iter=16)
+        cfg.data = common.data_config(name="fashion_mnist")
+        cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+        cfg.sample.update(num_iter=64, cfg=1.0, num_images=100, batch_size=100)
+    else:
+        # README recipe: batch 2048, lr 8e-4 (blr 1e-4), 100 warmup epochs then constant, 400-800 epochs.
+        steps_per_epoch = 1_281_167 // 2048
+        cfg.train = common.train_config(global_batch_size=2048, num_steps=400 * steps_per_epoch,
+                                        warmup_steps=100 * steps_per_epoch, ckpt_every=5 * steps_per_epoch,
+                                        log_every=100)
+        cfg.data = common.data_config(name="latent_cache", image_size=256, flip=False)
+        cfg.tokenizer = common.tokenizer_config("vae", patch_size=1, channels=3)
+        cfg.sample.update(num_iter=64, cfg={"base": 2.9, "large": 3.0, "huge": 3.2}[variant])
+        cfg.model.remat = variant != "base"
+    cfg.init_from = ""  # a converted or trained checkpoint directory to start from (params only)
+    cfg.lock()
+    return cfg

@@ -1,0 +1,193 @@
+"""MAR (Li et al. 2024): MAE-style encoder-decoder over continuous tokens + per-token diffusion head.
+
+Numerically the reference `models/mar.py`: buffer rows holding the (possibly dropped) class embedding, learned
+position embeddings, LayerNorm after the position add, a fully sparse encoder over buffer + visible tokens, a
+decoder over all positions with mask tokens, and a diffusion position embedding.
+
+Static shapes. The reference drops masked tokens, so the encoder length varies. Here the kept positions (buffer +
+visible, in original order) are gathered to the front with a stable argsort and padded to a STATIC length
+`enc_len`; padding keys are masked out of attention, which is exact (softmax weight 0) and equal to the reference
+up to float summation order. Callers pick `enc_len`: training uses one length, buffer + S - ceil(S * min_ratio);
+samplers use a few buckets (see marval_jax/sampling/schedule.py). So training compiles one program and a sampler
+one loop body per bucket, never one per visible-token count.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from marval_jax.models.diffusion_head import SimpleMLPAdaLN
+from marval_jax.models.transformer import Block, dense, layer_norm, run_blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class MARConfig:
+    img_size: int = 256
+    vae_stride: int = 16
+    patch_size: int = 1
+    vae_embed_dim: int = 16
+    encoder_embed_dim: int = 768
+    encoder_depth: int = 12
+    encoder_num_heads: int = 12
+    decoder_embed_dim: int = 768
+    decoder_depth: int = 12
+    decoder_num_heads: int = 12
+    mlp_ratio: float = 4.0
+    buffer_size: int = 64
+    class_num: int = 1000
+    diffloss_d: int = 6
+    diffloss_w: int = 1024
+    attn_dropout: float = 0.1
+    proj_dropout: float = 0.1
+    label_drop_prob: float = 0.1
+    dtype: str = "float32"
+    remat: bool = False  # rematerialise each transformer block (MAR's --grad_checkpointing)
+
+    @property
+    def grid(self) -> int:
+        return self.img_size // self.vae_stride // self.patch_size
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.vae_embed_dim * self.patch_size ** 2
+
+    @property
+    def jnp_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MARConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    @classmethod
+    def from_reference_json(cls, text: str) -> "MARConfig":
+        """From a fixture's `config_json` (the reference's argparse names)."""
+        return cls.from_dict(json.loads(text))
+
+
+def _param(rngs: nnx.Rngs, shape, std=0.02):
+    return nnx.Param(jax.random.normal(rngs.params(), shape, jnp.float32) * std)
+
+
+def patchify(x: jax.Array, p: int) -> jax.Array:
+    """(B, C, H, W) latents -> (B, (H/p)(W/p), C p p) tokens, channel order (c, p, q) as the reference."""
+    b, c, h, w = x.shape
+    x = x.reshape(b, c, h // p, p, w // p, p)
+    return jnp.einsum("nchpwq->nhwcpq", x).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
+    b, s, _ = x.shape
+    g = int(round(math.sqrt(s)))
+    x = x.reshape(b, g, g, c, p, p)
+    return jnp.einsum("nhwcpq->nchpwq", x).reshape(b, c, g * p, g * p)
+
+
+def kept_positions(mask: jax.Array, buffer_size: int, enc_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Indices (B, enc_len) of buffer + visible positions in original order (padded), their validity, and the
+    full keep map (B, Bf + S). mask: (B, S), 1 = masked."""
+    keep = jnp.concatenate([jnp.ones((mask.shape[0], buffer_size), bool), mask < 0.5], axis=1)
+    idx = jnp.argsort(~keep, axis=1, stable=True)[:, :enc_len]
+    return idx, jnp.take_along_axis(keep, idx, axis=1), keep
+
+
+class MAR(nnx.Module):
+    def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        dt = cfg.jnp_dtype
+        de, dd, s, bf = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_len, cfg.buffer_size
+        drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout)
+        self.class_emb = nnx.Embed(cfg.class_num, de, embedding_init=nnx.initializers.normal(0.02),
+                                   param_dtype=jnp.float32, rngs=rngs)
+        self.fake_latent = _param(rngs, (1, de))
+        self.z_proj = dense(cfg.token_dim, de, rngs=rngs, dtype=dt)
+        self.z_proj_ln = layer_norm(de, rngs=rngs, dtype=dt)
+        self.encoder_pos_embed_learned = _param(rngs, (1, s + bf, de))
+        self.encoder_blocks = nnx.List([Block(de, cfg.encoder_num_heads, cfg.mlp_ratio, rngs=rngs, dtype=dt, **drop)
+                                        for _ in range(cfg.encoder_depth)])
+        self.encoder_norm = layer_norm(de, rngs=rngs, dtype=dt)
+        self.decoder_embed = dense(de, dd, rngs=rngs, dtype=dt)
+        self.mask_token = _param(rngs, (1, 1, dd))
+        self.decoder_pos_embed_learned = _param(rngs, (1, s + bf, dd))
+        self.decoder_blocks = nnx.List([Block(dd, cfg.decoder_num_heads, cfg.mlp_ratio, rngs=rngs, dtype=dt, **drop)
+                                        for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = layer_norm(dd, rngs=rngs, dtype=dt)
+        self.diffusion_pos_embed_learned = _param(rngs, (1, s, dd))
+        self.diffloss_net = SimpleMLPAdaLN(cfg.token_dim, cfg.diffloss_w, dd, cfg.diffloss_d, rngs=rngs, dtype=dt)
+
+    # -- conditioning ------------------------------------------------------------------------------------------
+    def class_embedding(self, labels: jax.Array | None, batch: int | None = None) -> jax.Array:
+        """labels (B,) int -> (B, De); labels=None gives the null class (fake_latent) for `batch` rows."""
+        if labels is None:
+            return jnp.broadcast_to(self.fake_latent[...], (batch, self.cfg.encoder_embed_dim))
+        return self.class_emb(labels)
+
+    def drop_labels(self, class_emb: jax.Array, rng: jax.Array) -> jax.Array:
+        """Training label dropout: each row becomes fake_latent with probability label_drop_prob."""
+        drop = jax.random.uniform(rng, class_emb.shape[:1]) < self.cfg.label_drop_prob
+        return jnp.where(drop[:, None], self.fake_latent[...], class_emb)
+
+    # -- encoder / decoder -------------------------------------------------------------------------------------
+    def encode(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
+               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Returns (encoder output (B, enc_len, De) with padding rows, keep map (B, Bf+S), valid (B, enc_len))."""
+        cfg = self.cfg
+        b = tokens.shape[0]
+        x = self.z_proj(tokens)
+        buf = jnp.broadcast_to(class_emb[:, None, :].astype(x.dtype), (b, cfg.buffer_size, x.shape[-1]))
+        x = jnp.concatenate([buf, x], axis=1) + self.encoder_pos_embed_learned[...].astype(x.dtype)
+        x = self.z_proj_ln(x)
+        idx, valid, keep = kept_positions(mask, cfg.buffer_size, enc_len)
+        x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
+        x, _ = run_blocks(self.encoder_blocks, x, mask=valid[:, None, None, :], rng=rng, remat=cfg.remat)
+        return self.encoder_norm(x), keep, valid
+
+    def decode(self, enc_out: jax.Array, keep: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+        """Scatter encoder rows back, fill mask tokens, decoder blocks; returns the head condition (B, S, Dd)."""
+        cfg = self.cfg
+        x = self.decoder_embed(enc_out)
+        rank = jnp.clip(jnp.cumsum(keep, axis=1) - 1, 0, x.shape[1] - 1)  # position of each kept row in enc_out
+        gathered = jnp.take_along_axis(x, rank[:, :, None], axis=1)
+        x = jnp.where(keep[:, :, None], gathered, self.mask_token[...].astype(x.dtype))
+        x = x + self.decoder_pos_embed_learned[...].astype(x.dtype)
+        x, _ = run_blocks(self.decoder_blocks, x, rng=rng, remat=cfg.remat)
+        x = self.decoder_norm(x)[:, cfg.buffer_size:]
+        return x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
+
+    def condition(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
+                  rng: jax.Array | None = None) -> jax.Array:
+        """Encoder + decoder: per-token condition z (B, S, Dd) for the head."""
+        r_enc, r_dec = (None, None) if rng is None else jax.random.split(rng)
+        enc, keep, _ = self.encode(tokens, mask, class_emb, enc_len=enc_len, rng=r_enc)
+        return self.decode(enc, keep, rng=r_dec)
+
+    def head(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
+        return self.diffloss_net(x, t, z)
+
+
+def train_encoder_len(cfg: MARConfig, mask_ratio_min: float) -> int:
+    """Static encoder length for training: buffer + the most visible tokens a batch can have."""
+    return cfg.buffer_size + cfg.seq_len - int(math.ceil(cfg.seq_len * mask_ratio_min))
+
+
+# Logical axes per parameter path (regex on "a/b/c"), resolved to mesh axes by marval_jax.parallel.sharding.
+LOGICAL_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r".*/(qkv|fc1)/kernel", ("embed", "mlp")),
+    (r".*/(qkv|fc1)/bias", ("mlp",)),
+    (r".*/(proj|fc2)/kernel", ("mlp", "embed")),
+    (r"class_emb/embedding", ("vocab", "embed")),
+    (r".*pos_embed_learned", (None, None, "embed")),
+    (r"(z_proj|decoder_embed)/kernel", (None, "embed")),
+    (r"diffloss_net/.*(mlp_0|mlp_2|adaLN_modulation_1|cond_embed|time_embed_2)/kernel", ("embed", "mlp")),
+]

@@ -1,0 +1,135 @@
+"""Pre-norm ViT block as timm's `vision_transformer.Block` that MAR uses, with an explicit KV-cache pytree.
+
+Layout and numerics follow the reference: fused qkv Linear with bias (rows [q | k | v], head-major), scale
+hd^-0.5, exact-erf GELU, LayerNorm eps 1e-6, attention and projection dropout. Dropout takes an explicit key;
+`rng=None` is eval mode.
+
+Attention masks are boolean, True = may attend, broadcastable to (B, heads, T_query, T_key).
+The KV cache is a plain dict pytree {"k": (B, L, H, hd), "v": (B, L, H, hd)} made by `init_kv_cache`; a call
+with a cache writes this call's keys/values at `cache_positions` (B, T) and attends over the whole cache.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+LN_EPS = 1e-6
+xavier = nnx.initializers.xavier_uniform()
+zeros = nnx.initializers.zeros_init()
+
+KVCache = dict[str, jax.Array]
+
+
+def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, kernel_init=xavier) -> nnx.Linear:
+    """Linear with the reference's init (xavier_uniform, bias 0) and float32 parameters."""
+    return nnx.Linear(din, dout, kernel_init=kernel_init, bias_init=zeros, dtype=dtype,
+                      param_dtype=jnp.float32, rngs=rngs)
+
+
+def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Any, affine: bool = True) -> nnx.LayerNorm:
+    return nnx.LayerNorm(dim, epsilon=LN_EPS, use_bias=affine, use_scale=affine, dtype=dtype,
+                         param_dtype=jnp.float32, rngs=rngs)
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout with an explicit key; identity when `rng` is None or rate is 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
+    shape = (batch, length, num_heads, head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+
+
+def _split_rng(rng, n):
+    return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
+
+
+class Attention(nnx.Module):
+    def __init__(self, dim: int, num_heads: int, *, attn_drop: float, proj_drop: float, rngs: nnx.Rngs,
+                 dtype: Any = jnp.float32):
+        if dim % num_heads:
+            raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.attn_drop, self.proj_drop = attn_drop, proj_drop
+        self.qkv = dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
+        self.proj = dense(dim, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
+                 cache: KVCache | None = None, cache_positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        b, t, d = x.shape
+        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        if cache is not None:
+            if cache_positions is None:
+                raise ValueError("a KV cache needs cache_positions (B, T): where this call's keys are written")
+            rows = jnp.arange(b)[:, None]
+            cache = {"k": cache["k"].at[rows, cache_positions].set(k.astype(cache["k"].dtype)),
+                     "v": cache["v"].at[rows, cache_positions].set(v.astype(cache["v"].dtype))}
+            k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        r_attn, r_proj = _split_rng(rng, 2)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        logits = logits * (self.head_dim ** -0.5)
+        if mask is not None:
+            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1)
+        probs = dropout(probs, self.attn_drop, r_attn).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        return dropout(self.proj(out), self.proj_drop, r_proj), cache
+
+
+class Mlp(nnx.Module):
+    def __init__(self, dim: int, hidden: int, *, drop: float, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.drop = drop
+        self.fc1 = dense(dim, hidden, rngs=rngs, dtype=dtype)
+        self.fc2 = dense(hidden, dim, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        r1, r2 = _split_rng(rng, 2)
+        x = dropout(jax.nn.gelu(self.fc1(x), approximate=False), self.drop, r1)
+        return dropout(self.fc2(x), self.drop, r2)
+
+
+class Block(nnx.Module):
+    """x += attn(norm1(x)); x += mlp(norm2(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
+                 proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype)
+        self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype)
+
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
+                 cache: KVCache | None = None, cache_positions: jax.Array | None = None
+                 ) -> tuple[jax.Array, KVCache | None]:
+        r_attn, r_mlp = _split_rng(rng, 2)
+        h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions)
+        x = x + h.astype(x.dtype)
+        x = x + self.mlp(self.norm2(x), r_mlp).astype(x.dtype)
+        return x, cache
+
+
+def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,
+               cache_positions=None, remat: bool = False) -> tuple[jax.Array, list[KVCache] | None]:
+    """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat."""
+    new_caches = [] if caches is not None else None
+    for i, block in enumerate(blocks):
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        c = None if caches is None else caches[i]
+        if remat:
+            def call(blk, x, mask, r, c, cp):
+                return blk(x, mask=mask, rng=r, cache=c, cache_positions=cp)
+            x, c = nnx.remat(call)(block, x, mask, r, c, cache_positions)
+        else:
+            x, c = block(x, mask=mask, rng=r, cache=c, cache_positions=cache_positions)
+        if new_caches is not None:
+            new_caches.append(c)
+    return x, new_caches
