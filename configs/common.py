@@ -74,16 +74,22 @@ def sample_config(**overrides) -> mlc.ConfigDict:
 
 
 def data_config(**overrides) -> mlc.ConfigDict:
+    """Fields of marval_jax.data.pipeline (see its docstring). "" means the library default."""
     cfg = dict(
         name="fashion_mnist",   # fashion_mnist | mnist | imagenet2012 | latent_cache
-        split="train",
-        data_dir="",            # tfds data dir ("" = default); raw files for the small sets
+        split="train",          # tfds slicing allowed, e.g. "train[:512]"
+        data_dir="",            # tfds data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
+        tfds_name="",
         manual_dir="",          # imagenet2012 manual download dir
-        cache_dir="",           # latent cache dir
-        image_size=32,          # after padding (28 -> 32 for the MNIST family)
+        cache_dir="",           # latent cache dir (name = latent_cache)
+        image_size=256,
+        pad_to=32,              # 28x28 MNIST-family images padded to 32x32 with -1
         flip=False,
+        latent_scale=0.2325,
+        patch_size=4,           # > 0: the pipeline emits MAR tokens (pixel patches or latent patches)
         num_workers=0,
-        max_examples=0,         # > 0: use only the first N examples (tests)
+        read_threads=8,
+        prefetch=64,
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

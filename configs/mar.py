@@ -62,7 +62,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.train = common.train_config(global_batch_size=16, num_steps=20, warmup_steps=5, lr=1e-3, log_every=5,
                                         ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4,
                                         ema_decay=0.99)
-        cfg.data = common.data_config(name="fashion_mnist", max_examples=512)
+        cfg.data = common.data_config(name="fashion_mnist", split="train[:512]", read_threads=1, prefetch=8)
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
         cfg.sample.update(num_iter=4, num_sampling_steps="10", num_images=16, batch_size=16)
     elif variant == "fmnist":
@@ -78,7 +78,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.train = common.train_config(global_batch_size=2048, num_steps=400 * steps_per_epoch,
                                         warmup_steps=100 * steps_per_epoch, ckpt_every=5 * steps_per_epoch,
                                         log_every=100)
-        cfg.data = common.data_config(name="latent_cache", image_size=256, flip=False)
+        cfg.data = common.data_config(name="latent_cache", image_size=256, flip=True, patch_size=1)
         cfg.tokenizer = common.tokenizer_config("vae", patch_size=1, channels=3)
         cfg.sample.update(num_iter=64, cfg={"base": 2.9, "large": 3.0, "huge": 3.2}[variant])
         cfg.model.remat = variant != "base"

@@ -1,0 +1,60 @@
+"""MAR's training objective (reference `forward` + `forward_loss` + `DiffLoss.forward`) as a pure function.
+
+Per batch: one mask ratio from the truncated normal on [mask_ratio_min, 1] (mean 1, std 0.25), one random order
+per sample, the first ceil(S * ratio) positions of each order masked; label dropout; the head condition z is
+repeated `diffusion_batch_mul` times, each copy with its own t ~ U{0..999} and noise; the per-token MSE + VB loss
+is averaged over masked tokens only.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from marval_jax.diffusion.gaussian import GaussianDiffusion
+from marval_jax.models.mar import MAR
+
+TRAIN_DIFFUSION = GaussianDiffusion.create("")
+
+
+def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
+    """scipy truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25): one draw."""
+    return 1.0 + 0.25 * jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0)
+
+
+def random_mask(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float) -> tuple[jax.Array, jax.Array]:
+    """(mask (B, S) float 1 = masked, orders (B, S)); every row masks the same count ceil(S * ratio)."""
+    r_order, r_ratio = jax.random.split(rng)
+    orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
+    num_masked = jnp.ceil(seq_len * sample_mask_ratio(r_ratio, mask_ratio_min))
+    rank = jnp.argsort(orders, axis=1)
+    return (rank < num_masked).astype(jnp.float32), orders
+
+
+def diffusion_loss(model: MAR, z: jax.Array, target: jax.Array, mask: jax.Array, rng: jax.Array,
+                   diffusion_batch_mul: int) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """DiffLoss over (B, S) tokens with condition z, averaged over mask == 1."""
+    c = target.shape[-1]
+    rows = lambda a: jnp.tile(a.reshape((-1,) + a.shape[2:]), (diffusion_batch_mul,) + (1,) * (a.ndim - 2))
+    x0, zz, m = rows(target), rows(z), rows(mask[..., None])[:, 0]
+    r_t, r_noise = jax.random.split(rng)
+    t = jax.random.randint(r_t, (x0.shape[0],), 0, TRAIN_DIFFUSION.num_timesteps)
+    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+    xt = TRAIN_DIFFUSION.q_sample(x0, t, noise)
+    terms = TRAIN_DIFFUSION.training_losses(model.head(xt, t, zz), x0, xt, t, noise)
+    denom = jnp.maximum(m.sum(), 1.0)
+    avg = {k: (v * m).sum() / denom for k, v in terms.items()}
+    del c
+    return avg["loss"], avg
+
+
+def mar_loss(model: MAR, tokens: jax.Array, labels: jax.Array, rng: jax.Array, *, mask_ratio_min: float,
+             diffusion_batch_mul: int, enc_len: int, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
+    b, s, _ = tokens.shape
+    r_mask, r_drop, r_model, r_diff = jax.random.split(rng, 4)
+    mask, _ = random_mask(r_mask, b, s, mask_ratio_min)
+    class_emb = model.class_embedding(labels)
+    if train:
+        class_emb = model.drop_labels(class_emb, r_drop)
+    z = model.condition(tokens, mask, class_emb, enc_len=enc_len, rng=r_model if train else None)
+    loss, terms = diffusion_loss(model, z, tokens, mask, r_diff, diffusion_batch_mul)
+    return loss, dict(terms, mask_ratio=mask.mean())

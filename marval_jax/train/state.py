@@ -1,0 +1,34 @@
+"""Train-state pytrees. The NNX graphdef stays outside (static); only arrays cross the jit boundary."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+
+@flax.struct.dataclass
+class TrainState:
+    """One trained role: its parameters, optimizer state and EMA of the parameters."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    rng: jax.Array  # the run's base key; step keys are fold_in(rng, step), so a resumed run draws the same keys
+
+
+@flax.struct.dataclass
+class RoleState:
+    params: Any
+    opt_state: Any
+    ema_params: Any
+
+
+@flax.struct.dataclass
+class DistillState:
+    """Role-keyed GSIM state: frozen teacher (no optimizer state), generator and fake score."""
+    step: jax.Array
+    teacher: Any
+    generator: RoleState
+    fake: RoleState
+    rng: jax.Array
