@@ -77,7 +77,14 @@ def restore(manager, step: int, abstract_state, data_iter, current_config: dict)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
-    out = manager.restore(step, args=ocp.args.Composite(**args))
+    try:
+        out = manager.restore(step, args=ocp.args.Composite(**args))
+    except ValueError as e:
+        if "tree structures do not match" in str(e) or "shape" in str(e):
+            raise ConfigMismatchError(
+                f"checkpoint {manager.directory}/{step} does not fit this run's state (an optimizer or role setting "
+                f"changed since it was written?): {str(e).splitlines()[0]}") from e
+        raise
     return out["state"]
 
 

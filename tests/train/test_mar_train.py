@@ -1,0 +1,137 @@
+"""MAR training step, optimizer decay set, resume equivalence and preemption, on the tiny config."""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import mar as mar_configs
+from marval_jax.models.mar import MAR, MARConfig
+from marval_jax.train.optimizer import mar_decay_mask
+
+
+def tiny_config(**train):
+    cfg = mar_configs.get_config("tiny")
+    cfg.unlock()
+    cfg.train.update(train)
+    cfg.lock()
+    return cfg
+
+
+def test_decay_set_matches_reference_base():
+    cfg = MARConfig(**mar_configs.get_config("base").model.to_dict())
+    params = nnx.state(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(0))), nnx.Param)
+    mask = mar_decay_mask(params)
+    leaves = jax.tree_util.tree_leaves(params)
+    flags = jax.tree_util.tree_leaves(mask)
+    n = sum(flags)
+    size = sum(int(np.prod(x.shape)) for x, f in zip(leaves, flags) if f)
+    assert n == 104 and abs(size - 171.9e6) < 0.05e6
+
+
+def test_loss_falls_on_fixed_batch():
+    from marval_jax.train.mar_task import make_mar_task
+    task = make_mar_task(tiny_config(lr=3e-3, warmup_steps=1))
+    state = jax.jit(task.init_state)(jax.random.PRNGKey(0))
+    toks = jax.random.uniform(jax.random.PRNGKey(1), (16, 64, 16), minval=-1, maxval=1)
+    toks = jnp.round(toks)  # a fixed, easy batch: values in {-1, 0, 1}
+    batch = {"tokens": toks, "labels": jnp.arange(16) % 10}
+    step = jax.jit(task.train_step)
+    losses = []
+    for _ in range(60):
+        state, m = step(state, batch)
+        losses.append(float(m["loss"]))
+    assert np.isfinite(losses).all()
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10]), losses
+
+
+def _params(workdir):
+    import orbax.checkpoint as ocp
+    from marval_jax.checkpoints import manager as ckpt
+    m = ckpt.make_manager(workdir, save_interval=1, keep=5, async_save=False)
+    step = m.latest_step()
+    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    return step, out
+
+
+def test_resume_gives_identical_parameters(tmp_path):
+    from marval_jax.train.loop import train
+    from marval_jax.train.mar_task import make_mar_task
+    n = 4
+    straight = str(tmp_path / "straight")
+    cfg = tiny_config(num_steps=2 * n, ckpt_every=n, sample_every=0, log_every=n)
+    train(cfg, straight, make_mar_task(cfg))
+    resumed = str(tmp_path / "resumed")
+    cfg_half = tiny_config(num_steps=n, ckpt_every=n, sample_every=0, log_every=n)
+    train(cfg_half, resumed, make_mar_task(cfg_half))
+    train(cfg, resumed, make_mar_task(cfg))
+    (s1, a), (s2, b) = _params(straight), _params(resumed)
+    assert s1 == s2 == 2 * n
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path):
+    from marval_jax.checkpoints.manager import ConfigMismatchError
+    from marval_jax.train.loop import train
+    from marval_jax.train.mar_task import make_mar_task
+    cfg = tiny_config(num_steps=2, ckpt_every=2, sample_every=0, log_every=2)
+    train(cfg, str(tmp_path), make_mar_task(cfg))
+    other = tiny_config(num_steps=4, ckpt_every=2, sample_every=0, log_every=2)
+    other.unlock()
+    other.model.encoder_embed_dim = 64
+    other.lock()
+    with pytest.raises(ConfigMismatchError, match="encoder_embed_dim"):
+        train(other, str(tmp_path), make_mar_task(other))
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    from marval_jax.train.loop import NonFiniteLossError, train
+    from marval_jax.train.mar_task import make_mar_task
+    cfg = tiny_config(num_steps=2, ckpt_every=2, sample_every=0, log_every=1)
+    train(cfg, str(tmp_path), make_mar_task(cfg))
+    bad = tiny_config(num_steps=6, ckpt_every=2, sample_every=0, log_every=1, lr=1e30)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        train(bad, str(tmp_path), make_mar_task(bad))
+    assert _params(str(tmp_path))[0] == 2
+
+
+def test_cli_sigterm_saves_and_resumes(tmp_path):
+    """The CLI, killed with SIGTERM mid-run, saves and exits 0; the next run resumes at that step."""
+    wd = str(tmp_path / "run")
+    cmd = [sys.executable, "-m", "marval_jax.main", "--mode=train", "--config=configs/mar.py:tiny",
+           f"--workdir={wd}", "--config.train.num_steps=100000", "--config.train.log_every=1",
+           "--config.train.sample_every=0", "--config.train.ckpt_every=100000"]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = os.path.join(wd, "metrics.jsonl")
+    deadline = time.time() + 240
+    while time.time() < deadline and not (os.path.exists(metrics) and os.path.getsize(metrics) > 0):
+        time.sleep(0.5)
+    assert os.path.exists(metrics), proc.communicate()[0][-3000:]
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-3000:]
+    assert "preempted at step" in out
+    step, _ = _params(wd)
+    assert step >= 1
+    cmd2 = [c.replace("num_steps=100000", f"num_steps={step + 2}") for c in cmd]
+    out2 = subprocess.run(cmd2, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert out2.returncode == 0, out2.stdout[-3000:] + out2.stderr[-3000:]
+    assert f"resumed from step {step}" in out2.stdout
+    assert _params(wd)[0] == step + 2
+
+
+def test_config_typo_is_an_error():
+    out = subprocess.run([sys.executable, "-m", "marval_jax.main", "--config=configs/mar.py:tiny",
+                          "--workdir=/tmp/never", "--config.train.num_stpes=3"],
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "num_stpes" in out.stderr
