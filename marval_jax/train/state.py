@@ -32,3 +32,14 @@ class DistillState:
     generator: RoleState
     fake: RoleState
     rng: jax.Array
+
+
+@flax.struct.dataclass
+class RLState:
+    """The RL-trained generator plus the frozen reference generator (the l2 regulariser's anchor)."""
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    ema_params: Any
+    ref_params: Any
+    rng: jax.Array

@@ -1,0 +1,67 @@
+"""MARVAL-RL as a Task: reward backpropagation through K AR iterations of the one-step generator.
+
+Labels are drawn uniformly per step from the step key (no images are read); the reward is frozen and closed over.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from marval_jax.checkpoints.load import load_model_params
+from marval_jax.losses.gsim import trainable_mask
+from marval_jax.losses.rl import make_rl_loss
+from marval_jax.models import mar as mar_lib
+from marval_jax.sampling import ar_sampler
+from marval_jax.train.distill_task import role_optimizer
+from marval_jax.train.loop import Task
+from marval_jax.train.mar_task import abstract_model, decoder_fn, grid_labels, model_config
+from marval_jax.train.optimizer import ema_update
+from marval_jax.train.state import RLState
+
+
+def make_rl_task(config) -> Task:
+    from marval_jax.rewards.registry import make_reward
+    cfg = model_config(config)
+    graphdef, abstract_params = abstract_model(cfg)
+    decode = decoder_fn(config, cfg)
+    reward = make_reward(config.rl.reward, config.rl.reward_config.to_dict())
+    reward_fn = reward.bind()
+    loss_fn = make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn)
+    tx = role_optimizer(config.generator, config.train,
+                        trainable_mask(abstract_params, config.generator.trainable)
+                        if config.generator.trainable != "all" else None)
+    tc = config.train
+
+    def init_state(rng):
+        _, params = nnx.split(mar_lib.MAR(cfg, rngs=nnx.Rngs(params=rng)))
+        return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
+                       ref_params=params, rng=jax.random.fold_in(rng, 1))
+
+    def post_init(state):
+        student = load_model_params(config.student_ckpt, state.params, config.model.to_dict())
+        ref = load_model_params(config.ref_ckpt, state.params, config.model.to_dict()) if config.ref_ckpt else student
+        return state.replace(params=student, opt_state=tx.init(student), ema_params=student, ref_params=ref)
+
+    def train_step(state: RLState, batch):
+        key = jax.random.fold_in(state.rng, state.step)
+        r_lab, r_loss = jax.random.split(key)
+        labels = jax.random.randint(r_lab, batch["labels"].shape, 0, cfg.class_num)
+        (loss, aux), grads = jax.value_and_grad(
+            lambda p: loss_fn(graphdef, p, state.ref_params, labels, r_loss), has_aux=True)(state.params)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = ema_update(state.ema_params, params, config.generator.ema_decay)
+        metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
+        return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
+
+    spec = ar_sampler.SamplerSpec(num_iter=config.rl.num_iter, num_buckets=config.rl.num_buckets)
+
+    def sample_images(state, rng):
+        fn = ar_sampler.make_sampler(graphdef, spec, ar_sampler.onestep_predictor(int(config.generator.t_init)),
+                                     seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
+        return decode(fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
+
+    return Task(name="rl", init_state=init_state, train_step=train_step, logical_axes=mar_lib.LOGICAL_AXES,
+                sample_images=sample_images, post_init=post_init, uses_data=False)
