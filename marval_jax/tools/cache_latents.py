@@ -1,0 +1,49 @@
+"""Encode a data split once with the KL-VAE into MAR's latent cache (moments of each image and its flip).
+
+    python -m marval_jax.tools.cache_latents --vae_ckpt kl16.ckpt --data imagenet2012 --split train \
+        --data_dir ~/tensorflow_datasets --cache_dir gs://BUCKET/imagenet_kl16_cache --image_size 256
+
+Train from it with configs/mar.py:base|large|huge and --config.data.cache_dir=... (data.name = latent_cache).
+Each process encodes its own shards (multi-host: run on every worker; a barrier separates writing and reading).
+"""
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("vae_ckpt", None, "VAE weights (.ckpt needs torch; .safetensors / .npz do not).")
+flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.")
+flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).")
+flags.DEFINE_string("data_dir", None, "tfds data dir.")
+flags.DEFINE_string("cache_dir", None, "Output directory.")
+flags.DEFINE_integer("image_size", 256, "Center-crop size.")
+flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).")
+
+
+def main(argv):
+    if not FLAGS.vae_ckpt or not FLAGS.cache_dir:
+        raise app.UsageError("--vae_ckpt and --cache_dir are required")
+    from flax import nnx
+    from marval_jax.checkpoints.convert_vae import load_vae
+    from marval_jax.data import latent_cache, pipeline
+    try:
+        vae = load_vae(FLAGS.vae_ckpt)
+    except (OSError, ValueError) as e:
+        print(f"cache_latents: {e}", file=sys.stderr)
+        sys.exit(2)
+    graphdef, state = nnx.split(vae)
+    encode = jax.jit(lambda x: nnx.merge(graphdef, state).encode(x).moments)
+    cfg = pipeline.default_config(name=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
+                                  image_size=FLAGS.image_size, patch_size=0)
+    meta = latent_cache.build_latent_cache(
+        pipeline.image_source_for_cache(cfg), lambda x: np.asarray(encode(x)), FLAGS.cache_dir, FLAGS.split,
+        batch_size=FLAGS.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
+    print(meta)
+
+
+if __name__ == "__main__":
+    app.run(main)
