@@ -68,6 +68,12 @@ def sample_config(**overrides) -> mlc.ConfigDict:
         labels="cycle",             # "cycle" (class i % class_num) | "uncond" | "random"
         use_ema=True,
         t_init=-1,                  # one-step generator timestep; -1 takes generator.t_init
+        # --mode evaluate
+        fid_ref="",                 # stats npz (mu, sigma) or "raw:fashion_mnist/test" (computed once, cached)
+        pr_num_real=0,              # > 0: precision/recall against that many real images of fid_ref (raw: only)
+        classifier="",              # eval-copy classifier dir; "" = the committed default for the data set
+        crop=0,                     # > 0: center-crop generated images to crop x crop (32 -> 28 for MNIST family)
+        inception="",               # converted FID Inception npz ("" = ~/.cache/marval_jax/fid_inception.npz)
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

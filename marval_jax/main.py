@@ -4,6 +4,8 @@
     python -m marval_jax.main --mode=sample  --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny
     python -m marval_jax.main --mode=distill --config=configs/marval.py:tiny --workdir=/tmp/marval_tiny
     python -m marval_jax.main --mode=rl      --config=configs/marval_rl.py:tiny --workdir=/tmp/rl_tiny
+    python -m marval_jax.main --mode=evaluate --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny \
+        --config.sample.fid_ref=raw:fashion_mnist/test --config.sample.crop=28
 
 Configs are locked: `--config.train.num_stpes=5` is an error. All logic lives in importable modules; this file
 only parses flags.
@@ -15,7 +17,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "distill", "rl", "sample")
+MODES = ("train", "distill", "rl", "sample", "evaluate")
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file with its variant: configs/mar.py:tiny.",
@@ -41,6 +43,9 @@ def run(mode: str, config, workdir: str, out: str = ""):
     if mode == "sample":
         from marval_jax.sampling.sample_run import sample_from_workdir
         return sample_from_workdir(config, workdir, out)
+    if mode == "evaluate":
+        from marval_jax.evaluation.evaluate import evaluate
+        return evaluate(config, workdir, out)
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
 

@@ -37,10 +37,10 @@ def labels_for(config, n: int, class_num: int, rng) -> jax.Array:
     raise ValueError(f"sample.labels must be cycle, uncond or random, got {kind!r}")
 
 
-def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
+def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Sample config.sample.num_images images (NHWC float in [-1, 1]) with their labels and timings."""
     cfg = model_config(config)
     graphdef, abstract = abstract_model(cfg)
-    source = ckpt or config.get("init_from", "") or workdir
     params = load_model_params(source, abstract, config.model.to_dict(), use_ema=config.sample.use_ema)
     sc = config.sample
     spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
@@ -59,14 +59,26 @@ def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> 
         images.append(np.asarray(decode(fn(params, lab, jax.random.fold_in(rng, i)))))
     elapsed = time.time() - t0
     images = np.concatenate(images)[: sc.num_images]
+    timing = {"compile_and_first_batch_s": compile_s, "seconds_per_image": elapsed / len(images),
+              "batch_size": sc.batch_size, "device": jax.devices()[0].device_kind}
+    return images, np.asarray(labels), timing
+
+
+def sample_tag(config) -> str:
+    return f"{config.sample.sampler}_K{config.sample.num_iter}"
+
+
+def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
+    source = ckpt or config.get("init_from", "") or workdir
+    images, labels, timing = generate(config, source)
+    sc = config.sample
     out = out or os.path.join(workdir, "samples_final")
     os.makedirs(out, exist_ok=True)
-    tag = f"{sc.sampler}_K{sc.num_iter}"
+    tag = sample_tag(config)
     save_grid(os.path.join(out, f"{tag}.png"), images[: min(len(images), 100)])
-    np.savez_compressed(os.path.join(out, f"{tag}.npz"), images=to_uint8(images), labels=np.asarray(labels))
+    np.savez_compressed(os.path.join(out, f"{tag}.npz"), images=to_uint8(images), labels=labels)
     report = {"source": source, "sampler": sc.sampler, "num_iter": sc.num_iter, "cfg": sc.cfg,
-              "num_images": int(len(images)), "batch_size": sc.batch_size, "compile_and_first_batch_s": compile_s,
-              "seconds_per_image": elapsed / len(images), "device": jax.devices()[0].device_kind}
+              "num_images": int(len(images)), **timing}
     with open(os.path.join(out, f"{tag}.json"), "w") as f:
         json.dump(report, f, indent=1)
     print(json.dumps(report), flush=True)
