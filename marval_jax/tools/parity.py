@@ -86,8 +86,9 @@ def _sched_results(names, ref_cfg: dict, seq_len: int) -> dict[str, np.ndarray]:
     return out
 
 
-def run_parity(path: str, tol: float = 1e-4, out=sys.stdout) -> bool:
+def run_parity(path: str, tol: float = 1e-4, out=None) -> bool:
     """Prints one line per fixture tensor; returns True if all pass."""
+    out = out or sys.stdout
     with np.load(path) as data:
         fx = {k: data[k] for k in data.files}
     if "config_json" not in fx:

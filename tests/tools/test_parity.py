@@ -1,0 +1,122 @@
+"""The parity tool on the reference fixture kept in the repository, on a corrupted copy, and on a fixture of
+another configuration (widths that differ, patch 2, other buffer / classes / head / respacing)."""
+import io
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from conftest import FIXTURE
+from marval_jax.tools import parity
+
+
+def test_reference_fixture_passes(capsys):
+    assert parity.main(["--fixture", str(FIXTURE)]) == 0
+    out = capsys.readouterr().out
+    assert "parity: PASS" in out
+    for name in ("io/enc_out", "io/dec_out_null", "io/cfg_out", "io/tl_vb", "io/pmv_logvar",
+                 "sched/seq256_iter64_n_pred", "vae_io/decoded"):
+        assert name in out
+
+
+def test_corrupted_tensor_fails(tmp_path, ref):
+    bad = dict(ref)
+    bad["io/dec_out"] = ref["io/dec_out"] * (1 + 1e-3)
+    bad["sched/iter4_n_pred"] = ref["sched/iter4_n_pred"] + np.eye(1, 4, 0, dtype=np.int64)[0]
+    path = tmp_path / "bad.npz"
+    np.savez(path, **bad)
+    buf = io.StringIO()
+    assert not parity.run_parity(str(path), out=buf)
+    text = buf.getvalue()
+    assert "io/dec_out " in text and "FAIL" in text and "sched/iter4_n_pred" in text
+
+
+def test_missing_file_exit_code(tmp_path):
+    assert parity.main(["--fixture", str(tmp_path / "nope.npz")]) == 2
+
+
+def _synthetic_fixture(path):
+    """A self-consistent fixture of another config written in the reference's format (torch key layout)."""
+    from marval_jax.diffusion.gaussian import GaussianDiffusion
+    from marval_jax.models.mar import MAR, MARConfig, patchify
+    from marval_jax.sampling.schedule import ar_schedule
+    rc = dict(img_size=64, vae_stride=8, patch_size=2, vae_embed_dim=4, encoder_embed_dim=48, encoder_depth=1,
+              encoder_num_heads=3, decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=2, mlp_ratio=4.0,
+              buffer_size=3, diffloss_d=3, diffloss_w=40, num_sampling_steps="ddim5", diffusion_batch_mul=1,
+              class_num=7, cfg=2.0, n_mask=9)
+    cfg = MARConfig.from_dict(dict(rc, attn_dropout=0.0, proj_dropout=0.0))
+    model = MAR(cfg, rngs=nnx.Rngs(3))
+    # randomise the zero-initialised layers so nothing is trivially zero
+    state = nnx.state(model, nnx.Param)
+    leaves, tree = jax.tree_util.tree_flatten(state)
+    keys = jax.random.split(jax.random.PRNGKey(0), len(leaves))
+    state = jax.tree_util.tree_unflatten(tree, [l + 0.05 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    nnx.update(model, state)
+    fx = {"config_json": np.array(json.dumps(rc))}
+    from marval_jax.checkpoints.tree_paths import flatten_state
+    flat = flatten_state(nnx.state(model, nnx.Param))
+    for path_, v in flat.items():  # back to the reference's key names and layouts
+        key = path_.replace("diffloss_net/", "diffloss.net.").replace("time_embed_", "time_embed.mlp.")
+        key = key.replace("adaLN_modulation_", "adaLN_modulation.").replace("mlp_0", "mlp.0").replace("mlp_2", "mlp.2")
+        key = key.replace("/", ".")
+        v = np.asarray(v)
+        if key.endswith(".kernel"):
+            key, v = key[:-7] + ".weight", v.T
+        elif key.endswith(".scale") or key.endswith(".embedding"):
+            key = key.rsplit(".", 1)[0] + ".weight"
+        fx["param/" + key] = v
+    b, s = 2, cfg.seq_len
+    x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (b, 4, 8, 8)), np.float32)
+    orders = np.stack([np.random.RandomState(i).permutation(s) for i in range(b)])
+    mask = np.zeros((b, s), np.float32)
+    for i in range(b):
+        mask[i, orders[i, :rc["n_mask"]]] = 1
+    labels = np.array([1, 5])
+    fx.update({"io/x": x, "io/labels": labels, "io/orders": orders, "io/mask": mask})
+    tokens = patchify(jnp.asarray(x), 2)
+    n_kept = cfg.buffer_size + s - rc["n_mask"]
+    for sfx, ce in (("", model.class_embedding(jnp.asarray(labels))), ("_null", model.class_embedding(None, b))):
+        enc, keep, _ = model.encode(tokens, jnp.asarray(mask), ce, enc_len=cfg.buffer_size + s)
+        fx[f"io/enc_out{sfx}"] = np.asarray(enc[:, :n_kept])
+        fx[f"io/dec_out{sfx}"] = np.asarray(model.decode(enc, keep))
+    fx["io/tokens"] = np.asarray(tokens)
+    fx["io/unpatchified"] = x
+    n = 4
+    net_x = np.asarray(jax.random.normal(jax.random.PRNGKey(2), (n, cfg.token_dim)), np.float32)
+    net_t = np.array([0, 3, 500, 999])
+    net_c = np.asarray(jax.random.normal(jax.random.PRNGKey(3), (n, cfg.decoder_embed_dim)), np.float32)
+    fx.update({"io/net_x": net_x, "io/net_t": net_t, "io/net_c": net_c,
+               "io/net_out": np.asarray(model.head(jnp.asarray(net_x), jnp.asarray(net_t), jnp.asarray(net_c))),
+               "io/cfg_out": np.asarray(model.diffloss_net.forward_with_cfg(
+                   jnp.asarray(net_x), jnp.asarray(net_t), jnp.asarray(net_c), 2.0))})
+    train = GaussianDiffusion.create("")
+    noise = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (n, cfg.token_dim)), np.float32)
+    xt = train.q_sample(jnp.asarray(net_x), jnp.asarray(net_t), jnp.asarray(noise))
+    losses = train.training_losses(model.head(xt, jnp.asarray(net_t), jnp.asarray(net_c)), jnp.asarray(net_x),
+                                   xt, jnp.asarray(net_t), jnp.asarray(noise))
+    fx.update({"io/tl_x0": net_x, "io/tl_t": net_t, "io/tl_noise": noise,
+               **{f"io/tl_{k}": np.asarray(v) for k, v in losses.items()}})
+    gen = GaussianDiffusion.create("ddim5")
+    idx = np.array([0, 1, 2, 4])
+    pmv = gen.p_mean_variance(model.head(jnp.asarray(net_x), gen.model_timesteps(jnp.asarray(idx)),
+                                         jnp.asarray(net_c)), jnp.asarray(net_x), jnp.asarray(idx))
+    fx.update({"io/pmv_t_index": idx, "io/pmv_mean": np.asarray(pmv["mean"]),
+               "io/pmv_logvar": np.asarray(pmv["log_variance"]), "io/pmv_xstart": np.asarray(pmv["pred_xstart"])})
+    fx.update({"sched/train_betas": train.betas, "sched/train_alphas_cumprod": train.alphas_cumprod,
+               "sched/gen_timestep_map": gen.timestep_map, "sched/gen_betas": gen.betas,
+               "sched/gen_post_logvar_clipped": gen.posterior_log_variance_clipped})
+    sch = ar_schedule(s, 5)
+    fx.update({"sched/iter5_mask_len": sch.mask_len, "sched/iter5_n_pred": sch.n_pred,
+               "sched/iter5_cfg_iter": sch.cfg(2.0)})
+    np.savez(path, **fx)
+
+
+def test_other_config_fixture_passes(tmp_path):
+    path = tmp_path / "other.npz"
+    _synthetic_fixture(path)
+    buf = io.StringIO()
+    ok = parity.run_parity(str(path), out=buf)
+    assert ok, buf.getvalue()
+    assert "sched/iter5_n_pred" in buf.getvalue() and "io/pmv_mean" in buf.getvalue()
