@@ -1,0 +1,99 @@
+"""MARVAL-RL: reward backpropagation through the one-step generator's AR loop (marval_method.md section 4, docs/rl.md).
+
+Starts from a distilled MARVAL generator (`student_ckpt`) and maximises a frozen differentiable reward of its
+decoded samples, L = - rl.reward_scale * E[R(decode(G(z, c, K)))] + rl.reg_weight * Reg.
+
+Variants:
+  tiny    a few-second CPU smoke run: the tiny Fashion-MNIST model of configs/mar.py, K = 4, classifier reward
+  fmnist  the Fashion-MNIST reproduction: classifier log-prob reward trained by marval_jax.tools.train_classifier
+  base / large / huge   MARVAL-B/L/H on ImageNet 256 (KL-16 latents), PickScore reward on class-name prompts
+
+Run:
+  python -m marval_jax.main --mode=rl --config=configs/marval_rl.py:tiny --workdir=/tmp/marval_rl_tiny
+  python -m marval_jax.main --mode=rl --config=configs/marval_rl.py:fmnist --workdir=workdirs/fmnist_rl \
+      --config.student_ckpt=workdirs/fmnist_marval
+  python -m marval_jax.main --mode=rl --config=configs/marval_rl.py:huge --workdir=gs://BUCKET/marval_rl_huge \
+      --config.student_ckpt=gs://BUCKET/marval_huge --config.rl.reward_config.checkpoint=gs://BUCKET/pickscore_jax
+Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common
+from configs import mar
+
+VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
+
+FMNIST_REWARD = "marval_jax/evaluation/weights/fashion_mnist_reward"
+PROMPT_TEMPLATE = "a high-quality and harmonious picture of {class}"
+
+
+def generator_config(lr: float, t_init: int = 760, trainable: str = "all") -> mlc.ConfigDict:
+    """The one-step generator's role: parameterisation (t_init, trainable) and its Adam / EMA settings."""
+    return mlc.ConfigDict(dict(
+        t_init=t_init,          # head timestep of the one-step generator (alpha_bar about 0.14)
+        trainable=trainable,    # "all" | "head_only" (only diffloss_net/... is trained)
+        lr=lr,
+        b1=0.0,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,
+        ema_decay=0.999,
+    ))
+
+
+def rl_config(variant: str) -> mlc.ConfigDict:
+    small = variant in ("tiny", "fmnist")
+    return mlc.ConfigDict(dict(
+        num_iter=4 if variant == "tiny" else 64,  # K AR iterations of the sampled trajectory
+        num_buckets=4,              # static encoder-length buckets of the AR loop (compiled loop bodies)
+        backprop_steps=-1,          # -1: gradient through all K iterations; k: only the last k carry gradient
+        remat=True,                 # jax.checkpoint per AR iteration (keep only the carried tokens)
+        reward="classifier_logprob" if small else "pickscore",   # name in marval_jax.rewards.registry
+        # the reward's own config (make_reward(reward, reward_config)); checkpoint = its weights directory
+        reward_config=dict(checkpoint=FMNIST_REWARD if small else "", dtype="float32"),
+        reward_scale=1.0,
+        prompt_template=PROMPT_TEMPLATE,   # text rewards: one prompt per class name
+        regularizer="none",         # "none" | "gsim" | "l2" (tokens of the frozen reference, same noise/orders)
+        reg_weight=0.0,
+    ))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    variant = common.parse_arg(arg, VARIANTS, "tiny")
+    cfg = mlc.ConfigDict()
+    cfg.variant = variant
+    cfg.model = mar.model_config(variant)
+    cfg.student_ckpt = ""   # the distilled MARVAL generator's checkpoint directory (required for a real run)
+    cfg.ref_ckpt = ""       # frozen reference generator for rl.regularizer = "l2" ("" = student_ckpt)
+    cfg.rl = rl_config(variant)
+    cfg.generator = generator_config(lr=1e-5 if variant in ("tiny", "fmnist") else 1e-6)
+    cfg.mesh = common.mesh_config()
+    if variant == "tiny":
+        cfg.train = common.train_config(global_batch_size=8, num_steps=10, warmup_steps=0, log_every=5,
+                                        ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4)
+        cfg.data = common.data_config(name="fashion_mnist", split="train[:512]", read_threads=1, prefetch=8)
+        cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+    elif variant == "fmnist":
+        cfg.train = common.train_config(global_batch_size=64, num_steps=2000, warmup_steps=0, log_every=50,
+                                        ckpt_every=500, sample_every=500, sample_num_iter=64)
+        cfg.data = common.data_config(name="fashion_mnist")
+        cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+    else:
+        cfg.train = common.train_config(global_batch_size=64, num_steps=2000, warmup_steps=0, log_every=20,
+                                        ckpt_every=200, sample_every=500, sample_num_iter=64)
+        cfg.data = common.data_config(name="latent_cache", image_size=256, patch_size=1)
+        cfg.tokenizer = common.tokenizer_config("vae", patch_size=1, channels=3)
+        cfg.model.remat = variant != "base"   # per transformer block, on top of rl.remat per AR iteration
+    # `data` is informational here: the RL task reads no images and draws uniform class labels per step.
+    # The optimizer fields of `train` follow the generator role's (one source of truth; override generator.*).
+    for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
+        cfg.train[name] = cfg.generator.get_ref(name)
+    cfg.train.lr_schedule = "constant"
+    cfg.sample = common.sample_config(sampler="onestep", num_iter=cfg.rl.num_iter, cfg=1.0, t_init=-1,
+                                      num_images=16 if variant == "tiny" else 64,
+                                      batch_size=16 if variant == "tiny" else 64)
+    cfg.lock()
+    return cfg

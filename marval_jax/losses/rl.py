@@ -1,0 +1,222 @@
+"""MARVAL-RL: direct reward backpropagation through the one-step generator's AR loop (marval_method.md section 4).
+
+    L_RL(theta) = - reward_scale * E_{c, z, orders}[ R(decode(G_theta(z, c, K)), c) ] + reg_weight * Reg(theta)
+
+G_theta is K masked-AR iterations of the one-step generator (one transformer pass and ONE head call at t_init per
+predicted token, no CFG), sampled with random orders and input noise drawn from the loss's `rng`, differentiable
+end to end: the token writes of `ar_step` are scatters, so the gradient reaches every parameter through the
+predictor's output and through the tokens each iteration feeds the next one. `decode` (frozen tokenizer / VAE
+decoder) and `R` (frozen differentiable reward) are callables supplied by the caller.
+
+The AR loop is a Python loop over the static-shape segments of the schedule (`plan_segments`), each a `lax.scan`
+over its steps (one compiled body per segment). Switches (docs/rl.md):
+  rl.num_iter        K AR iterations
+  rl.backprop_steps  -1: the gradient crosses all K iterations; k >= 1: only the last k carry gradient. The first
+                     K - k run on stop_gradient'ed parameters and their output tokens are stop_gradient'ed, so
+                     they hold no residuals for the backward pass.
+  rl.remat           jax.checkpoint around each AR iteration: only the carried tokens are kept per iteration, the
+                     transformer / head activations are recomputed in the backward pass.
+  rl.num_buckets     static encoder-length buckets of the AR loop (compiled loop bodies), as the samplers.
+  rl.reward_scale    multiplies the mean reward.
+  rl.regularizer     none | l2 (mean squared difference between the generator's tokens and a frozen reference
+                     generator's tokens on the same orders and noise) | gsim (a caller-supplied
+                     `reg_fn(graphdef, gen_params, labels, rng) -> scalar`), times rl.reg_weight.
+  rl.prompt_template stored for the reward's prompt preparation (`format_prompts`); the loss itself only sees
+                     `reward_fn(images, labels)`.
+  generator.trainable all | head_only: frozen parameters enter under stop_gradient, so their gradient is exactly 0
+                     (`trainable_mask` gives the same split for the optimizer).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS
+from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-exported: the optimizer's mask)
+from marval_jax.models.mar import MARConfig
+from marval_jax.sampling.ar_sampler import ar_step, onestep_predictor, random_orders
+from marval_jax.sampling.schedule import ar_schedule, plan_segments
+
+REGULARIZERS = ("none", "gsim", "l2")
+
+DecodeFn = Callable[[jax.Array], jax.Array]                 # tokens (B, S, C) -> images (B, H, W, C)
+RewardFn = Callable[[jax.Array, jax.Array], jax.Array]      # (images, labels) -> (B,)
+RegFn = Callable[[nnx.GraphDef, Any, jax.Array, jax.Array], jax.Array]  # (graphdef, params, labels, rng) -> ()
+LossFn = Callable[[nnx.GraphDef, Any, Any, jax.Array, jax.Array], tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class RLSettings:
+    """The switches of sections `rl` and `generator` the loss reads (defaults: configs/marval_rl.py, docs/rl.md)."""
+    num_iter: int = 64
+    backprop_steps: int = -1
+    remat: bool = True
+    num_buckets: int = 4
+    reward_scale: float = 1.0
+    prompt_template: str = "a high-quality and harmonious picture of {class}"
+    regularizer: str = "none"
+    reg_weight: float = 0.0
+    t_init: int = 760
+    trainable: str = "all"
+
+    @classmethod
+    def from_config(cls, rl_cfg: Any, generator_cfg: Any) -> "RLSettings":
+        """From ConfigDicts, dicts or attribute objects; missing fields take the defaults."""
+        d = cls()
+        get = lambda cfg, name: _get(cfg, name, getattr(d, name))
+        st = cls(num_iter=int(get(rl_cfg, "num_iter")), backprop_steps=int(get(rl_cfg, "backprop_steps")),
+                 remat=bool(get(rl_cfg, "remat")), num_buckets=int(get(rl_cfg, "num_buckets")),
+                 reward_scale=float(get(rl_cfg, "reward_scale")), prompt_template=str(get(rl_cfg, "prompt_template")),
+                 regularizer=str(get(rl_cfg, "regularizer")), reg_weight=float(get(rl_cfg, "reg_weight")),
+                 t_init=int(get(generator_cfg, "t_init")), trainable=str(get(generator_cfg, "trainable")))
+        st.validate()
+        return st
+
+    def validate(self, seq_len: int | None = None) -> None:
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"generator.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+        if self.regularizer not in REGULARIZERS:
+            raise ValueError(f"rl.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+        if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
+            raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+        if seq_len is not None and not 1 <= self.num_iter <= seq_len:
+            raise ValueError(f"rl.num_iter must be in [1, seq_len={seq_len}], got {self.num_iter}")
+        if self.backprop_steps != -1 and not 1 <= self.backprop_steps <= self.num_iter:
+            raise ValueError(f"rl.backprop_steps must be -1 (all) or in [1, num_iter={self.num_iter}], "
+                             f"got {self.backprop_steps}")
+        if self.num_buckets < 1:
+            raise ValueError(f"rl.num_buckets must be >= 1, got {self.num_buckets}")
+
+    @property
+    def grad_start(self) -> int:
+        """First AR iteration that carries gradient."""
+        return 0 if self.backprop_steps == -1 else self.num_iter - self.backprop_steps
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def freeze(params, trainable: str):
+    """`params` with the frozen ones under stop_gradient (exactly zero gradient; the values are unchanged)."""
+    if trainable == "all":
+        return params
+    mask = trainable_mask(params, trainable)
+    return jax.tree.map(lambda m, p: p if m else jax.lax.stop_gradient(p), mask, params)
+
+
+def format_prompts(template: str, class_names: Sequence[str]) -> list[str]:
+    """One prompt per class: `template` with "{class}" replaced by the class name (rl.prompt_template)."""
+    if "{class}" not in template:
+        raise ValueError(f"rl.prompt_template must contain '{{class}}', got {template!r}")
+    return [template.replace("{class}", name) for name in class_names]
+
+
+def _pieces(segments, boundary: int) -> list[tuple[int, int, int, int, bool]]:
+    """Segments split at the truncation boundary: (start, stop, enc_len, pred_cap, carries_gradient)."""
+    out = []
+    for seg in segments:
+        for lo, hi, grad in ((seg.start, min(seg.stop, boundary), False), (max(seg.start, boundary), seg.stop, True)):
+            if lo < hi:
+                out.append((lo, hi, seg.enc_len, seg.pred_cap, grad))
+    return out
+
+
+def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig):
+    """Returns `sample(graphdef, params, labels (B,), rng) -> (tokens (B, S, C), orders (B, S))`.
+
+    The one-step generator's K-iteration AR loop with the rl.backprop_steps truncation and rl.remat; labels < 0
+    are the null class. `orders[:, :n]` are the positions still masked when n tokens remain (the last iterations
+    write the first positions of `orders`). Not jitted: it is traced inside the caller's jitted loss / step.
+    """
+    st = RLSettings.from_config(rl_cfg, generator_cfg)
+    st.validate(model_cfg.seq_len)
+    sched = ar_schedule(model_cfg.seq_len, st.num_iter)
+    boundary = st.grad_start
+    pieces = _pieces(plan_segments(sched, model_cfg.buffer_size, st.num_buckets), boundary)
+    sched_np = (sched.masked_before.astype(np.int32), sched.n_pred.astype(np.int32),
+                np.ones(st.num_iter, np.float32))  # no CFG: the guidance is distilled into the generator
+    predictor = onestep_predictor(st.t_init)
+    s, c = model_cfg.seq_len, model_cfg.token_dim
+
+    def step_fn(params, tokens, labels, orders, rank, step, rng, *, graphdef, enc_len, pred_cap):
+        model = nnx.merge(graphdef, params)
+        null = model.class_embedding(None, labels.shape[0])
+        class_emb = jnp.where((labels >= 0)[:, None], model.class_embedding(jnp.maximum(labels, 0)), null)
+        return ar_step(model, tokens, orders, rank, class_emb, null, step, rng,
+                       sched_arrays=tuple(jnp.asarray(a) for a in sched_np), enc_len=enc_len, pred_cap=pred_cap,
+                       predictor=predictor, use_cfg=False)
+
+    def sample(graphdef, params, labels, rng):
+        labels = jnp.asarray(labels, jnp.int32)
+        if labels.ndim != 1:
+            raise ValueError(f"labels must be (B,), got shape {labels.shape}")
+        b = labels.shape[0]
+        r_order, r_loop = jax.random.split(rng)
+        orders = random_orders(r_order, b, s)
+        rank = jnp.argsort(orders, axis=1)
+        frozen = jax.lax.stop_gradient(params)  # the truncated prefix: no tangents, so no residuals kept
+        tokens = jnp.zeros((b, s, c), jnp.float32)
+        for lo, hi, enc_len, pred_cap, grad in pieces:
+            if grad and lo == boundary:
+                tokens = jax.lax.stop_gradient(tokens)  # end of the truncated prefix
+            fn = functools.partial(step_fn, graphdef=graphdef, enc_len=enc_len, pred_cap=pred_cap)
+            if st.remat and grad:
+                fn = jax.checkpoint(fn)  # keep only the carried tokens per AR iteration
+
+            def body(tok, step, fn=fn, p=params if grad else frozen):
+                return fn(p, tok, labels, orders, rank, step, jax.random.fold_in(r_loop, step)), None
+
+            tokens, _ = jax.lax.scan(body, tokens, jnp.arange(lo, hi, dtype=jnp.int32))
+        return tokens, orders
+
+    return sample
+
+
+def make_rl_loss(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, decode_fn: DecodeFn, reward_fn: RewardFn,
+                 reg_fn: RegFn | None = None) -> LossFn:
+    """Returns `loss_fn(graphdef, gen_params, ref_params, labels (B,), rng) -> (loss, metrics)`.
+
+    `gen_params`: the generator's nnx state (`nnx.split(model)[1]`); `ref_params`: the frozen reference
+    generator's state, read only when rl.regularizer == "l2" (pass None otherwise). `decode_fn(tokens) -> images`
+    (NHWC, frozen), `reward_fn(images, labels) -> (B,)` (frozen, parameters closed over, e.g. `Reward.bind`),
+    `reg_fn(graphdef, gen_params, labels, rng) -> scalar` for rl.regularizer == "gsim" (weighted here by
+    rl.reg_weight). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches
+    (`settings.prompt_template` for the reward's prompt preparation, see `format_prompts`).
+    """
+    st = RLSettings.from_config(rl_cfg, generator_cfg)
+    if st.regularizer == "gsim" and reg_fn is None:
+        raise ValueError("rl.regularizer='gsim' needs reg_fn(graphdef, gen_params, labels, rng) -> scalar")
+    sample = make_rl_sampler(rl_cfg, generator_cfg, model_cfg)
+
+    def loss_fn(graphdef, gen_params, ref_params, labels, rng):
+        r_sample, r_reg = jax.random.split(rng)
+        params = freeze(gen_params, st.trainable)
+        tokens, _ = sample(graphdef, params, labels, r_sample)
+        reward = jnp.asarray(reward_fn(decode_fn(tokens), labels), jnp.float32)
+        if reward.shape != tokens.shape[:1]:
+            raise ValueError(f"reward_fn must return one reward per sample, shape {tokens.shape[:1]}, "
+                             f"got {reward.shape}")
+        if st.regularizer == "l2":
+            if ref_params is None:
+                raise ValueError("rl.regularizer='l2' needs ref_params (the frozen reference generator's state)")
+            ref_tokens, _ = sample(graphdef, jax.lax.stop_gradient(ref_params), labels, r_sample)  # same noise
+            reg = jnp.mean(jnp.square(tokens - jax.lax.stop_gradient(ref_tokens)))
+        elif st.regularizer == "gsim":
+            reg = jnp.asarray(reg_fn(graphdef, params, labels, r_reg), jnp.float32)
+        else:
+            reg = jnp.zeros((), jnp.float32)
+        loss = -st.reward_scale * jnp.mean(reward) + st.reg_weight * reg
+        metrics = dict(loss=loss, reward_mean=jnp.mean(reward), reward_std=jnp.std(reward), reg=reg)
+        return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+    loss_fn.settings = st
+    return loss_fn

@@ -1,0 +1,247 @@
+"""MARVAL-RL loss (marval_jax/losses/rl.py) on a tiny MAR: training signal, truncation, remat, freezing, regularisers.
+
+The tiny generator's parameters are random (MAR's init zeroes the head's output layers, which would cut every
+gradient to the transformer), drawn with NumPy so that setting up compiles nothing. The reward is
+-mean((image - 0.5)^2), differentiable. Every jit here compiles at XLA backend optimisation level 0: the programs
+are tiny, and compiling, not running, is what costs time on CPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from configs import marval_rl
+from marval_jax.data.tokenizers import PixelPatchTokenizer
+from marval_jax.losses.rl import (RLSettings, format_prompts, make_rl_loss, make_rl_sampler, trainable_mask)
+from marval_jax.models.mar import MAR, MARConfig
+from marval_jax.sampling.schedule import ar_schedule
+
+CFG = MARConfig(img_size=8, vae_stride=2, patch_size=1, vae_embed_dim=4, encoder_embed_dim=16, encoder_depth=1,
+                encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0,
+                buffer_size=2, class_num=3, diffloss_d=1, diffloss_w=16, attn_dropout=0.0, proj_dropout=0.0,
+                label_drop_prob=0.0)   # seq_len 16, token_dim 4 = 2x2 pixel patches of an 8x8 image
+TOK = PixelPatchTokenizer(patch_size=2, channels=1, height=8, width=8)
+LABELS = jnp.array([0, 1, 2, 0, 1, 2], jnp.int32)
+RNG = jax.random.key(7)
+GEN = dict(t_init=760, trainable="all")
+
+
+def reward(images, labels):
+    del labels
+    return -jnp.mean(jnp.square(images - 0.5), axis=(1, 2, 3))
+
+
+def rl_cfg(**kw) -> mlc.ConfigDict:
+    base = dict(num_iter=4, num_buckets=1, backprop_steps=-1, remat=False, reward_scale=1.0,
+                prompt_template="a photo of {class}", regularizer="none", reg_weight=0.0)
+    return mlc.ConfigDict({**base, **kw})
+
+
+def jit(fn, **kw):
+    return jax.jit(fn, compiler_options={"xla_backend_optimization_level": 0}, **kw)
+
+
+def perturb(params, seed: int, std: float):
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda p: jnp.asarray(p + std * rng.standard_normal(p.shape), jnp.float32), params)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(graphdef, params): layer-norm scales 1 + N(0, 0.05^2), kernels N(0, 1 / fan_in), the rest N(0, 0.05^2)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MAR(CFG, rngs=nnx.Rngs(0))))
+    rng = np.random.default_rng(0)
+
+    def init(path, x):
+        name, n = jax.tree_util.keystr(path), rng.standard_normal(x.shape)
+        if "['scale']" in name:
+            return jnp.asarray(1.0 + 0.05 * n, jnp.float32)
+        if "['kernel']" in name:
+            return jnp.asarray(n / np.sqrt(x.shape[0]), jnp.float32)
+        return jnp.asarray(0.05 * n, jnp.float32)
+
+    return graphdef, jax.tree_util.tree_map_with_path(init, abstract)
+
+
+@functools.lru_cache(maxsize=None)
+def grad_fn(rl_items: tuple, gen_items: tuple = tuple(GEN.items())):
+    loss = make_rl_loss(rl_cfg(**dict(rl_items)), dict(gen_items), CFG, TOK.decode, reward)
+    return jit(jax.value_and_grad(loss, argnums=1, has_aux=True), static_argnums=0)
+
+
+def default_grads(tiny):
+    return grad_fn(())(tiny[0], tiny[1], None, LABELS, RNG)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    return {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_reward_rises_under_optax(tiny):
+    graphdef, params = tiny
+    step_grad = grad_fn(())
+    opt = optax.adam(1e-2)
+    opt_state = opt.init(params)
+    eval_rng = jax.random.key(123)
+    before = float(step_grad(graphdef, params, None, LABELS, eval_rng)[0][1]["reward_mean"])
+    for i in range(20):
+        (_, m), g = step_grad(graphdef, params, None, LABELS, jax.random.fold_in(RNG, i))
+        updates, opt_state = opt.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+    after = float(step_grad(graphdef, params, None, LABELS, eval_rng)[0][1]["reward_mean"])
+    assert np.isfinite(after)
+    print(f"reward {before:.4f} -> {after:.4f}")
+    assert after > before + 0.5 * abs(before), (before, after)
+
+
+def test_loss_is_scaled_reward_plus_weighted_gsim_regulariser(tiny):
+    graphdef, params = tiny
+    (loss0, m0), _ = default_grads(tiny)
+    np.testing.assert_allclose(loss0, -m0["reward_mean"], rtol=1e-6)
+    assert float(m0["reg"]) == 0.0 and float(m0["reward_std"]) > 0.0
+
+    def reg_fn(gd, p, labels, rng):  # any scalar of the generator; here the squared class embeddings
+        assert gd is graphdef and labels.shape == LABELS.shape and rng.shape == RNG.shape
+        return jnp.sum(jnp.square(nnx.merge(gd, p).class_emb.embedding[...]))
+
+    loss_fn = make_rl_loss(rl_cfg(reward_scale=2.0, regularizer="gsim", reg_weight=0.5), GEN, CFG, TOK.decode,
+                           reward, reg_fn=reg_fn)
+    loss, m = jit(loss_fn, static_argnums=0)(graphdef, params, None, LABELS, RNG)
+    np.testing.assert_allclose(m["reward_mean"], m0["reward_mean"], rtol=1e-6)  # the same samples
+    np.testing.assert_allclose(m["reg"], jnp.sum(params["class_emb"]["embedding"][...] ** 2), rtol=1e-6)
+    np.testing.assert_allclose(loss, -2.0 * m["reward_mean"] + 0.5 * m["reg"], rtol=1e-6)
+    with pytest.raises(ValueError, match="reg_fn"):
+        make_rl_loss(rl_cfg(regularizer="gsim"), GEN, CFG, TOK.decode, reward)
+
+
+def test_remat_gives_the_same_gradients(tiny):
+    (loss0, _), g0 = default_grads(tiny)
+    (loss1, _), g1 = grad_fn((("remat", True),))(tiny[0], tiny[1], None, LABELS, RNG)
+    np.testing.assert_allclose(loss1, loss0, rtol=1e-6)
+    a, b = flat(g0), flat(g1)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=1e-5, atol=1e-5 * np.abs(a[k]).max() + 1e-12, err_msg=k)
+    assert max(np.abs(v).max() for v in a.values()) > 0
+
+
+def test_head_only_freezes_the_transformer(tiny):
+    mask = flat(trainable_mask(tiny[1], "head_only"))
+    assert any(mask.values()) and not all(mask.values())
+    assert all(bool(m) == ("'diffloss_net'" in k) for k, m in mask.items())
+    (_, _), g_all = default_grads(tiny)
+    (_, _), g_head = grad_fn((), (("t_init", 760), ("trainable", "head_only")))(tiny[0], tiny[1], None, LABELS, RNG)
+    a, h = flat(g_all), flat(g_head)
+    for k, v in h.items():
+        if mask[k]:
+            # the head's own gradient is unchanged: freezing stops parameters, not activations (the head's
+            # outputs still reach the reward through later AR iterations of the frozen transformer)
+            np.testing.assert_allclose(v, a[k], rtol=1e-4, atol=1e-6 * np.abs(a[k]).max() + 1e-12, err_msg=k)
+        else:
+            assert np.all(v == 0.0), k
+            assert np.abs(a[k]).max() > 0 or "fake_latent" in k, k  # nonzero when trained (null class unused)
+    assert max(np.abs(v).max() for k, v in h.items() if mask[k]) > 0
+
+
+def test_backprop_steps_cuts_the_early_iterations(tiny):
+    """K = 2: the first iteration writes orders[:, n_last:], the last one orders[:, :n_last]. With backprop_steps=1
+    the early tokens carry no gradient at all, and the late tokens lose the path through the early ones."""
+    graphdef, params = tiny
+    n_last = int(ar_schedule(CFG.seq_len, 2).masked_before[-1])
+    weights = jax.random.normal(jax.random.key(3), (LABELS.shape[0], CFG.seq_len, CFG.token_dim))
+
+    def grads(bp):
+        sample = make_rl_sampler(rl_cfg(num_iter=2, backprop_steps=bp), GEN, CFG)
+
+        def parts(p):  # (weighted sum of the early tokens, of the late tokens), tokens
+            tokens, orders = sample(graphdef, p, LABELS, RNG)
+            late = (jnp.argsort(orders, axis=1) < n_last)[..., None]
+            wt = tokens * weights
+            return jnp.stack([jnp.sum(jnp.where(late, 0.0, wt)), jnp.sum(jnp.where(late, wt, 0.0))]), tokens
+
+        jac, tokens = jit(jax.jacrev(parts, has_aux=True))(params)
+        return (tokens, jax.tree.map(lambda j: j[0], jac), jax.tree.map(lambda j: j[1], jac))
+
+    tok_cut, early_cut, late_cut = grads(1)
+    tok_all, early_all, late_all = grads(-1)
+    np.testing.assert_allclose(tok_cut, tok_all, rtol=1e-5, atol=1e-5)   # truncation changes gradients only
+    assert np.all(np.asarray(tok_all) != 0.0)                 # every position was written
+    assert all(np.all(v == 0.0) for v in flat(early_cut).values())
+    assert max(np.abs(v).max() for v in flat(early_all).values()) > 0      # the control: the test can fail
+    lc, la = flat(late_cut), flat(late_all)
+    assert max(np.abs(v).max() for v in lc.values()) > 0
+    assert max(np.abs(lc[k] - la[k]).max() for k in lc) > 1e-3 * max(np.abs(v).max() for v in la.values())
+
+
+def test_num_iter_and_validation(tiny):
+    graphdef, params = tiny
+    out = {}
+    for k in (1, 3):
+        sample = make_rl_sampler(rl_cfg(num_iter=k), GEN, CFG)
+        out[k] = np.asarray(jit(lambda p, s=sample: s(graphdef, p, LABELS, RNG)[0])(params))
+        assert np.all(out[k] != 0.0), k   # all K iterations together write every position
+    assert np.abs(out[1] - out[3]).max() > 1e-3
+    with pytest.raises(ValueError, match="num_iter"):
+        make_rl_sampler(rl_cfg(num_iter=CFG.seq_len + 1), GEN, CFG)
+    for bp in (0, -2, 5):
+        with pytest.raises(ValueError, match="backprop_steps"):
+            make_rl_sampler(rl_cfg(num_iter=4, backprop_steps=bp), GEN, CFG)
+    with pytest.raises(ValueError, match="trainable"):
+        make_rl_loss(rl_cfg(), dict(GEN, trainable="transformer"), CFG, TOK.decode, reward)
+    with pytest.raises(ValueError, match="regularizer"):
+        make_rl_loss(rl_cfg(regularizer="kl"), GEN, CFG, TOK.decode, reward)
+
+
+def test_l2_regulariser_to_the_reference(tiny):
+    graphdef, params = tiny
+    fn = grad_fn((("regularizer", "l2"), ("reg_weight", 1.0), ("reward_scale", 0.0)))
+    (loss0, m0), g0 = fn(graphdef, params, params, LABELS, RNG)
+    ref = perturb(params, 5, 0.02)
+    (loss1, m1), g1 = fn(graphdef, params, ref, LABELS, RNG)
+    # zero up to float32 round-off when gen == ref (the two samplers are compiled differently); tokens are O(1)
+    assert abs(float(m0["reg"])) <= 1e-9 and abs(float(loss0)) <= 1e-9
+    assert float(m1["reg"]) > 1e-4
+    np.testing.assert_allclose(loss1, m1["reg"], rtol=1e-6)
+    g0_max = max(np.abs(v).max() for v in flat(g0).values())
+    g1_max = max(np.abs(v).max() for v in flat(g1).values())
+    assert g1_max > 1e-4 and g0_max < 1e-2 * g1_max, (g0_max, g1_max)  # pulled towards the reference only if apart
+    with pytest.raises(ValueError, match="ref_params"):
+        fn(graphdef, params, None, LABELS, RNG)
+
+
+def test_prompt_template():
+    names = ["T-shirt/top", "Trouser"]
+    assert format_prompts("a high-quality and harmonious picture of {class}", names) == [
+        "a high-quality and harmonious picture of T-shirt/top", "a high-quality and harmonious picture of Trouser"]
+    with pytest.raises(ValueError, match="class"):
+        format_prompts("a picture", names)
+    loss = make_rl_loss(rl_cfg(prompt_template="{class}, photo"), GEN, CFG, TOK.decode, reward)
+    assert loss.settings.prompt_template == "{class}, photo"
+
+
+@pytest.mark.parametrize("variant", marval_rl.VARIANTS)
+def test_configs(variant):
+    cfg = marval_rl.get_config(variant)
+    imagenet = variant not in ("tiny", "fmnist")
+    assert cfg.rl.num_iter == (4 if variant == "tiny" else 64)
+    assert cfg.rl.reward == ("pickscore" if imagenet else "classifier_logprob")
+    assert (cfg.rl.backprop_steps, cfg.rl.remat, cfg.rl.reward_scale, cfg.rl.regularizer, cfg.rl.reg_weight) == (
+        -1, True, 1.0, "none", 0.0)
+    assert cfg.rl.prompt_template == "a high-quality and harmonious picture of {class}"
+    assert cfg.generator.lr == (1e-6 if imagenet else 1e-5) and cfg.generator.trainable == "all"
+    assert (cfg.generator.b1, cfg.generator.b2, cfg.generator.grad_clip, cfg.generator.ema_decay) == (
+        0.0, 0.999, 1.0, 0.999)
+    assert cfg.train.lr == cfg.generator.lr and cfg.train.b1 == 0.0
+    with pytest.raises(AttributeError):
+        cfg.rl.not_a_field = 1
+    st = RLSettings.from_config(cfg.rl, cfg.generator)
+    st.validate(MARConfig.from_dict(cfg.model.to_dict()).seq_len)
+    if variant == "tiny":
+        make_rl_loss(cfg.rl, cfg.generator, MARConfig.from_dict(cfg.model.to_dict()), TOK.decode, reward)
