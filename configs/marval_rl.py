@@ -56,6 +56,7 @@ def rl_config(variant: str) -> mlc.ConfigDict:
         reward_config=dict(checkpoint=FMNIST_REWARD if small else "", dtype="float32"),
         reward_scale=1.0,
         prompt_template=PROMPT_TEMPLATE,   # text rewards: one prompt per class name
+        class_names_file="",        # text rewards: one class name per line (ImageNet names ship in no package here)
         regularizer="none",         # "none" | "gsim" | "l2" (tokens of the frozen reference, same noise/orders)
         reg_weight=0.0,
     ))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from marval_jax.checkpoints.load import load_model_params
 from marval_jax.losses.gsim import trainable_mask
-from marval_jax.losses.rl import make_rl_loss
+from marval_jax.losses.rl import format_prompts, make_rl_loss
 from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
 from marval_jax.train.distill_task import role_optimizer
@@ -21,13 +21,32 @@ from marval_jax.train.optimizer import ema_update
 from marval_jax.train.state import RLState
 
 
+def class_names(config) -> list[str]:
+    if config.rl.class_names_file:
+        with open(config.rl.class_names_file) as f:
+            names = [line.strip() for line in f if line.strip()]
+    elif config.data.name in ("fashion_mnist", "mnist"):
+        from marval_jax.data.raw_datasets import FASHION_MNIST_CLASSES, MNIST_CLASSES
+        names = list(FASHION_MNIST_CLASSES if config.data.name == "fashion_mnist" else MNIST_CLASSES)
+    else:
+        raise ValueError(f"rl.reward={config.rl.reward!r} needs class names for its prompts: set "
+                         f"rl.class_names_file (one name per line, {config.model.class_num} lines)")
+    if len(names) != config.model.class_num:
+        raise ValueError(f"{len(names)} class names for {config.model.class_num} classes")
+    return names
+
+
 def make_rl_task(config) -> Task:
     from marval_jax.rewards.registry import make_reward
     cfg = model_config(config)
     graphdef, abstract_params = abstract_model(cfg)
     decode = decoder_fn(config, cfg)
     reward = make_reward(config.rl.reward, config.rl.reward_config.to_dict())
-    reward_fn = reward.bind()
+    prompt_emb = None
+    if reward.prepare_fn is not None:  # text rewards: prompt embeddings computed once per run
+        prompts = format_prompts(config.rl.prompt_template, class_names(config))
+        prompt_emb = reward.prepare(reward.params, prompts)
+    reward_fn = reward.bind(prompt_embeddings=prompt_emb)
     loss_fn = make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn)
     tx = role_optimizer(config.generator, config.train,
                         trainable_mask(abstract_params, config.generator.trainable)
