@@ -7,6 +7,7 @@ setup(
     description="Masked autoregressive image generation, one-step distillation (GSIM) and reward "
     "backpropagation in JAX/Flax.",
     packages=find_packages(include=["marval_jax", "marval_jax.*", "configs"]),
+    package_data={"marval_jax.evaluation": ["weights/*/*"]},  # the committed classifier copies
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.12",
