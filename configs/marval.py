@@ -1,0 +1,108 @@
+"""MARVAL: GSIM distillation of a MAR teacher into a one-step-per-AR-iteration generator (marval_method.md
+sections 1-2, docs/gsim.md).
+
+Variants (the model is the teacher's, from configs/mar.py):
+  tiny    a few-second CPU smoke run on the tiny Fashion-MNIST MAR of configs/mar.py:tiny
+  fmnist  the Fashion-MNIST student of the end-to-end reproduction (teacher: configs/mar.py:fmnist)
+  base / large / huge   MARVAL-B/L/H on ImageNet 256 with cached KL-16 latents (teachers: MAR-B/L/H)
+
+Run (teacher_ckpt is required: "" is an error at run time):
+  python -m marval_jax.main --mode=distill --config=configs/marval.py:tiny --workdir=/tmp/marval_tiny \
+      --config.teacher_ckpt=/tmp/mar_tiny
+  python -m marval_jax.main --mode=distill --config=configs/marval.py:fmnist --workdir=workdirs/fmnist_marval \
+      --config.teacher_ckpt=workdirs/fmnist_teacher
+  python -m marval_jax.main --mode=distill --config=configs/marval.py:huge --workdir=gs://BUCKET/marval_huge \
+      --config.teacher_ckpt=gs://BUCKET/mar_huge --config.data.cache_dir=gs://BUCKET/imagenet_kl16_cache
+  python -m marval_jax.main --mode=sample --config=configs/marval.py:fmnist --workdir=workdirs/fmnist_marval
+
+Ablation sweep over one switch (every gsim.* / generator.* field is one; see docs/gsim.md), e.g. the distance:
+  for d in pseudo_huber l2 squared_l2; do
+    python -m marval_jax.main --mode=distill --config=configs/marval.py:fmnist \
+        --workdir=workdirs/ablate_distance_$d --config.teacher_ckpt=workdirs/fmnist_teacher \
+        --config.gsim.distance=$d
+  done
+Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+from configs import common
+from configs import mar
+from marval_jax.models.generator import t_init_for_alpha_bar
+
+VARIANTS = mar.VARIANTS
+
+T_INIT = t_init_for_alpha_bar(0.14)   # abar(t_init) ~ 0.14, sigma ~ 2.5 in EDM units (the group's sigma_init)
+
+
+def gsim_config(**overrides) -> mlc.ConfigDict:
+    """The GSIM objective's switches; defaults of marval_method.md section 2 (equations: docs/gsim.md)."""
+    cfg = dict(
+        distance="pseudo_huber",       # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
+        huber_r=1e-5,                  # r of the pseudo-Huber distance
+        use_l2_term=True,              # L = L1 + L2; False drops L2 = d(y) (SiD alpha = 1 form, biased gradient)
+        norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
+        t_min=20,                      # diffusion timesteps of L, uniform in [t_min, t_max] of the 1000-step chain
+        t_max=980,
+        weighting="none",              # weight of L1+L2: "none" | "sid" 1/mean|x0-x0_teacher| | "kl" beta_t/sigma_t^2
+        guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
+        guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
+        mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
+        fake_steps_per_generator_step=1,   # fake-score updates before each generator update
+    )
+    cfg.update(overrides)
+    return mlc.ConfigDict(cfg)
+
+
+def role_config(lr: float = 1e-5, ema_decay: float = 0.0, **extra) -> mlc.ConfigDict:
+    """One trained role's Adam settings (defaults: betas (0, 0.999), no weight decay, grad clip 1)."""
+    return mlc.ConfigDict(dict(
+        **extra,
+        lr=lr,                  # constant after train.warmup_steps
+        b1=0.0,
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
+        grad_clip=1.0,          # global-norm clip of this role's gradient
+        ema_decay=ema_decay,    # 0 = no EMA copy
+    ))
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    variant = common.parse_arg(arg, VARIANTS, "tiny")
+    teacher = mar.get_config(variant)
+    cfg = mlc.ConfigDict()
+    cfg.variant = variant
+    cfg.model = mar.model_config(variant)   # same architecture as the teacher (all three roles)
+    cfg.teacher_ckpt = ""   # the teacher's checkpoint directory (trained or converted); "" is an error at run time
+    cfg.gsim = gsim_config(mask_ratio_min=teacher.diffusion.mask_ratio_min)
+    cfg.generator = role_config(
+        t_init=T_INIT,          # head timestep of the one-step generator (alpha_bar ~ 0.14)
+        trainable="all",        # "all" | "head_only" (only diffloss_net/... gets gradient and updates)
+        lr=1e-5, ema_decay=0.999)
+    cfg.fake_score = role_config(lr=1e-5, ema_decay=0.0)
+    cfg.data = mlc.ConfigDict(teacher.data.to_dict())
+    cfg.tokenizer = mlc.ConfigDict(teacher.tokenizer.to_dict())
+    cfg.mesh = common.mesh_config()
+    if variant == "tiny":
+        cfg.train = common.train_config(global_batch_size=16, num_steps=20, warmup_steps=0, log_every=5,
+                                        ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4)
+    elif variant == "fmnist":
+        cfg.train = common.train_config(global_batch_size=256, num_steps=4000, warmup_steps=0, log_every=100,
+                                        ckpt_every=500, sample_every=1000, sample_num_iter=16)
+    else:
+        # 30 ImageNet epochs per scale (the reported budget); the batch size is not reported [I].
+        steps_per_epoch = 1_281_167 // 512
+        cfg.train = common.train_config(global_batch_size=512, num_steps=30 * steps_per_epoch, warmup_steps=0,
+                                        log_every=100, ckpt_every=2000, sample_every=5000, sample_num_iter=64)
+        cfg.model.remat = variant != "base"
+    cfg.train.lr_schedule = "constant"
+    # The optimizer fields of `train` follow the generator role's (one source of truth; override generator.*);
+    # the fake score has its own section.
+    for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
+        cfg.train[name] = cfg.generator.get_ref(name)
+    cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, num_iter=teacher.sample.num_iter,
+                                      num_images=teacher.sample.num_images, batch_size=teacher.sample.batch_size)
+    cfg.lock()
+    return cfg

@@ -1,0 +1,368 @@
+"""GSIM (Guided Score Implicit Matching): MARVAL's distillation objective (marval_method.md section 2, docs/gsim.md).
+
+Two pure losses built by `make_gsim_losses` from the config, over the shared MAR graphdef and three parameter
+states (generator theta, fake score phi, teacher):
+
+  generator_loss(graphdef, gen_params, fake_params, teacher_params, batch, rng) -> (loss, metrics)
+  fake_score_loss(graphdef, fake_params, gen_params, batch, rng) -> (loss, metrics)
+
+Contexts come from real data: one MAR mask ratio per batch (truncated normal on [mask_ratio_min, 1]), a random order
+per sample; the generator predicts ALL masked tokens with one head call at t_init from its own condition on the
+ground-truth visible tokens and the class. x0 = visible ground truth + generated masked tokens; only the masked
+tokens are diffused (x_t = sqrt(abar_t) x0 + sigma_t eps) and enter the loss. With y = (eps_p^w - eps_phi) / sigma_t:
+
+  L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)        L = weight(t) * (L1 + [use_l2_term] L2)
+
+Teacher and fake-score PARAMETERS are frozen (stop_gradient) but gradients flow through their inputs x_t, and d'(y)
+is NOT stop-gradiented: then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
+the student's score (tests/losses/test_gsim.py checks this in closed form).
+
+The core math is in small pure functions over arrays (`distance_terms`, `gsim_terms`, `gsim_weights`,
+`reduce_groups`, `guidance_weight`, `sample_context`, `sample_timesteps`) so it is testable in closed form.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
+from marval_jax.models.generator import one_step, t_init_for_alpha_bar
+from marval_jax.models.mar import MARConfig, train_encoder_len
+
+DISTANCES = ("pseudo_huber", "l2", "squared_l2")
+NORM_AXES = ("token", "image")
+WEIGHTINGS = ("none", "sid", "kl")
+GUIDANCE_SCHEDULES = ("constant", "linear")
+TRAINABLE = ("all", "head_only")
+HEAD_MODULE = "diffloss_net"  # parameters of the per-token diffusion head live under this name
+
+_SAFE_SQ = 1e-30   # floor of |y|^2 for the (unsmoothed) l2 distance: keeps d'(y) finite at y = 0
+_SID_MIN = 1e-5    # floor of SiD's mean |x0 - x0_teacher| (as in the SiD code)
+
+
+# -- closed-form pieces -------------------------------------------------------------------------------------------
+def distance_terms(sq_norm: jax.Array, distance: str, huber_r: float) -> tuple[jax.Array, jax.Array]:
+    """From |y|^2 per group: (d(y), c) with d'(y) = c * y.
+
+    pseudo_huber: d = sqrt(|y|^2 + r^2) - r, d' = y / sqrt(|y|^2 + r^2)
+    l2:           d = |y|,                   d' = y / |y|
+    squared_l2:   d = |y|^2,                 d' = 2 y
+    """
+    if distance == "pseudo_huber":
+        root = jnp.sqrt(sq_norm + huber_r ** 2)
+        return root - huber_r, 1.0 / root
+    if distance == "l2":
+        root = jnp.sqrt(jnp.maximum(sq_norm, _SAFE_SQ))
+        return root, 1.0 / root
+    if distance == "squared_l2":
+        return sq_norm, jnp.full_like(sq_norm, 2.0)
+    raise ValueError(f"gsim.distance must be one of {DISTANCES}, got {distance!r}")
+
+
+def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
+    if norm_axes == "token":
+        return (ndim - 1,)
+    if norm_axes == "image":
+        return tuple(range(1, ndim))
+    raise ValueError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
+
+
+def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Array, sigma: jax.Array, *,
+               distance: str = "pseudo_huber", huber_r: float = 1e-5, use_l2_term: bool = True,
+               norm_axes: str = "token", mask: jax.Array | None = None) -> dict[str, jax.Array]:
+    """Per-group GSIM terms. Arrays (B, S, C) (any (B, ..., C)); sigma broadcastable to them; mask (B, S) with
+    1 = token in the loss (masked by the AR context), None = all.
+
+    Groups: norm_axes "token" -> one per token, outputs (B, S); "image" -> one per sample over its masked tokens'
+    channels, outputs (B,). Returns y_norm = |y|, l1, l2 (zero when use_l2_term is False) and loss = l1 + l2.
+    Nothing is stop-gradiented here: d'(y) keeps its gradient (see the module docstring).
+    """
+    y = (eps_teacher_guided - eps_fake) / sigma
+    g = (eps - eps_fake) / sigma                     # s_phi(x_t) - grad log q(x_t | x0)
+    if mask is not None:
+        m = mask.astype(y.dtype).reshape(mask.shape + (1,) * (y.ndim - mask.ndim))
+        y, g = y * m, g * m
+    axes = _group_axes(y.ndim, norm_axes)
+    sq = jnp.sum(y * y, axis=axes)
+    d, c = distance_terms(sq, distance, huber_r)
+    l1 = -c * jnp.sum(y * g, axis=axes)
+    l2 = d if use_l2_term else jnp.zeros_like(d)
+    return {"y_norm": jnp.sqrt(sq), "l1": l1, "l2": l2, "loss": l1 + l2}
+
+
+def gsim_weights(weighting: str, *, t: jax.Array, x0: jax.Array | None = None,
+                 x0_teacher: jax.Array | None = None, norm_axes: str = "token",
+                 mask: jax.Array | None = None) -> jax.Array:
+    """Per-group weight of L1 + L2, stop-gradiented.
+
+    none: 1;  kl: beta_t / sigma_t^2 of the 1000-step chain;
+    sid:  1 / max(mean |x0 - x0_teacher|, 1e-5), the mean over the group's (masked) channels (SiD / DMD).
+    t: int chain indices shaped like a group (B, S) for token, (B,) for image.
+    """
+    if weighting == "none":
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting == "kl":
+        chain = _chain()
+        beta = jnp.asarray(chain.betas, jnp.float32)[t]
+        return beta / jnp.asarray(1.0 - chain.alphas_cumprod, jnp.float32)[t]
+    if weighting == "sid":
+        diff = jnp.abs(jax.lax.stop_gradient(x0 - x0_teacher))
+        axes = _group_axes(diff.ndim, norm_axes)
+        if mask is None:
+            mean = jnp.mean(diff, axis=axes)
+        else:
+            m = mask.astype(diff.dtype).reshape(mask.shape + (1,) * (diff.ndim - mask.ndim))
+            count = jnp.maximum(jnp.sum(jnp.broadcast_to(m, diff.shape), axis=axes), 1.0)
+            mean = jnp.sum(diff * m, axis=axes) / count
+        return 1.0 / jnp.maximum(mean, _SID_MIN)
+    raise ValueError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def reduce_groups(values: jax.Array, mask: jax.Array, norm_axes: str) -> jax.Array:
+    """Average per-group values over the masked tokens and the batch.
+
+    token: sum over masked tokens / number of masked tokens. image: each sample's value (a sum over its masked
+    tokens) divided by its number of masked tokens, then the batch mean - so squared_l2 gives the same loss for both.
+    """
+    mask = mask.astype(jnp.float32)
+    if norm_axes == "token":
+        return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+    if norm_axes == "image":
+        return jnp.mean(values / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
+    raise ValueError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
+
+
+def guidance_weight(guidance_scale: float, schedule: str, num_visible: jax.Array | int, seq_len: int) -> jax.Array:
+    """Teacher CFG scale in MAR's convention: constant w, or linear 1 + (w - 1) * visible / seq_len."""
+    if schedule == "constant":
+        return jnp.asarray(guidance_scale, jnp.float32)
+    if schedule == "linear":
+        return 1.0 + (guidance_scale - 1.0) * jnp.asarray(num_visible, jnp.float32) / seq_len
+    raise ValueError(f"gsim.guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+
+
+def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
+    """MAR's mask ratio: truncated normal (mean 1, std 0.25) on [mask_ratio_min, 1]."""
+    r = jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0, (), jnp.float32)
+    return r * 0.25 + 1.0
+
+
+def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float) -> tuple[jax.Array, jax.Array]:
+    """One mask ratio per batch, a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ())."""
+    r_ratio, r_order = jax.random.split(rng)
+    ratio = sample_mask_ratio(r_ratio, mask_ratio_min)
+    lo = int(math.ceil(seq_len * mask_ratio_min))
+    num_masked = jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
+    orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
+    rank = jnp.argsort(orders, axis=1)
+    return (rank < num_masked).astype(jnp.float32), num_masked
+
+
+def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: int) -> jax.Array:
+    """Uniform integer timesteps in [t_min, t_max] (inclusive) of the 1000-step chain."""
+    return jax.random.randint(rng, shape, t_min, t_max + 1, jnp.int32)
+
+
+def trainable_mask(params: Any, trainable: str) -> Any:
+    """Pytree of bools like `params`: True where the optimizer may update the generator.
+
+    "all": everything; "head_only": only parameters under `diffloss_net` (the per-token head).
+    """
+    if trainable not in TRAINABLE:
+        raise ValueError(f"generator.trainable must be one of {TRAINABLE}, got {trainable!r}")
+
+    def name(k):
+        return getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: trainable == "all" or any(name(k) == HEAD_MODULE for k in path), params)
+
+
+_CHAIN = GaussianDiffusion.create("")  # the 1000-step cosine training chain (host constants)
+
+
+def _chain() -> GaussianDiffusion:
+    return _CHAIN
+
+
+# -- the losses ---------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class GSIMSettings:
+    distance: str = "pseudo_huber"
+    huber_r: float = 1e-5
+    use_l2_term: bool = True
+    norm_axes: str = "token"
+    t_min: int = 20
+    t_max: int = 980
+    weighting: str = "none"
+    guidance_scale: float = 1.2
+    guidance_schedule: str = "constant"
+    mask_ratio_min: float = 0.7
+    t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
+    trainable: str = "all"
+
+    def validate(self, model_cfg: MARConfig) -> None:
+        for field, allowed in (("distance", DISTANCES), ("norm_axes", NORM_AXES), ("weighting", WEIGHTINGS),
+                               ("guidance_schedule", GUIDANCE_SCHEDULES), ("trainable", TRAINABLE)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"gsim.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+        if not 0 <= self.t_min <= self.t_max <= NUM_TRAIN_TIMESTEPS - 1:
+            raise ValueError(f"need 0 <= gsim.t_min <= gsim.t_max <= {NUM_TRAIN_TIMESTEPS - 1}, "
+                             f"got {self.t_min}, {self.t_max}")
+        if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
+            raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+        if not 0.0 < self.mask_ratio_min <= 1.0:
+            raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if self.huber_r <= 0 and self.distance == "pseudo_huber":
+            raise ValueError(f"gsim.huber_r must be > 0, got {self.huber_r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GSIMLosses:
+    settings: GSIMSettings
+    model_cfg: MARConfig
+    enc_len: int
+    generator_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+    fake_score_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+_LOOP_FIELDS = ("fake_steps_per_generator_step",)   # gsim fields read by the training loop, not by the losses
+
+
+def _keys(cfg: Any) -> list[str]:
+    if cfg is None:
+        return []
+    return list(cfg.keys()) if hasattr(cfg, "keys") else [k for k in vars(cfg) if not k.startswith("_")]
+
+
+def _get(cfg: Any, name: str, default: Any) -> Any:
+    if cfg is None:
+        return default
+    return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
+
+
+def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) -> GSIMLosses:
+    """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
+    the defaults of marval_method.md section 2) and the shared MAR architecture."""
+    defaults = GSIMSettings()
+    known = {f.name for f in dataclasses.fields(GSIMSettings)} - {"t_init", "trainable"} | set(_LOOP_FIELDS)
+    unknown = sorted(set(_keys(gsim_cfg)) - known)
+    if unknown:
+        raise ValueError(f"unknown gsim fields {unknown}; known: {sorted(known)}")
+    kw = {f.name: _get(gsim_cfg, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(GSIMSettings)
+          if f.name not in ("t_init", "trainable")}
+    kw["t_init"] = int(_get(generator_cfg, "t_init", defaults.t_init))
+    kw["trainable"] = _get(generator_cfg, "trainable", defaults.trainable)
+    st = GSIMSettings(**{**kw, "t_min": int(kw["t_min"]), "t_max": int(kw["t_max"]),
+                         "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
+                         "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"])})
+    st.validate(model_cfg)
+    chain = _chain()
+    s, c = model_cfg.seq_len, model_cfg.token_dim
+    enc_len = train_encoder_len(model_cfg, st.mask_ratio_min)
+    use_guidance = st.guidance_scale != 1.0
+
+    def contexts(batch, rng):
+        tokens = jnp.asarray(batch["tokens"], jnp.float32)
+        labels = jnp.asarray(batch["labels"], jnp.int32)
+        if tokens.ndim != 3 or tokens.shape[1:] != (s, c):
+            raise ValueError(f"batch['tokens'] must be (B, {s}, {c}), got {tokens.shape}")
+        if labels.shape != tokens.shape[:1]:
+            raise ValueError(f"batch['labels'] must be ({tokens.shape[0]},), got {labels.shape}")
+        mask, num_masked = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min)
+        return tokens, labels, mask, num_masked
+
+    def generate(gen, tokens, labels, mask, rng):
+        """Generator's one-step tokens for every position (only masked ones are used) and x0."""
+        b = tokens.shape[0]
+        z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len)
+        if st.trainable == "head_only":
+            z = jax.lax.stop_gradient(z)
+        noise = jax.random.normal(rng, (b * s, c), jnp.float32)
+        x_gen = one_step(gen.head, noise, z.reshape(b * s, -1), st.t_init).reshape(b, s, c)
+        x0 = jnp.where(mask[:, :, None] > 0.5, x_gen, tokens)
+        return x_gen, x0
+
+    def generator_loss(graphdef, gen_params, fake_params, teacher_params, batch, rng):
+        gen = nnx.merge(graphdef, gen_params)
+        fake = nnx.merge(graphdef, jax.lax.stop_gradient(fake_params))
+        teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
+        r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
+        tokens, labels, mask, num_masked = contexts(batch, r_ctx)
+        b = tokens.shape[0]
+        x_gen, x0 = generate(gen, tokens, labels, mask, r_gen)
+
+        t = sample_timesteps(r_t, (b,), st.t_min, st.t_max)          # one t per sample
+        t_tok = jnp.broadcast_to(t[:, None], (b, s))
+        eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
+        xt = chain.q_sample(x0, t, eps)
+        sigma = jnp.asarray(chain.sqrt_one_minus_alphas_cumprod, jnp.float32)[t][:, None, None]
+        rows = lambda a: a.reshape(b * s, -1)
+        t_rows = t_tok.reshape(-1)
+
+        # teacher: conditional (and null-class) branch on the same visible tokens
+        w = guidance_weight(st.guidance_scale, st.guidance_schedule, s - num_masked, s)
+        if use_guidance:
+            zt = teacher.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
+                                   jnp.concatenate([teacher.class_embedding(labels), teacher.class_embedding(None, b)]),
+                                   enc_len=enc_len)
+            out = teacher.head(jnp.concatenate([rows(xt)] * 2), jnp.concatenate([t_rows] * 2),
+                               zt.reshape(2 * b * s, -1))
+            eps_c, eps_u = jnp.split(out[:, :c], 2, axis=0)
+            eps_p = eps_u + w * (eps_c - eps_u)
+        else:
+            zt = teacher.condition(tokens, mask, teacher.class_embedding(labels), enc_len=enc_len)
+            eps_p = teacher.head(rows(xt), t_rows, rows(zt))[:, :c]
+        zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len)
+        eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
+        eps_p, eps_f = eps_p.reshape(b, s, c), eps_f.reshape(b, s, c)
+
+        terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=st.huber_r,
+                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask)
+        t_group = t_tok if st.norm_axes == "token" else t
+        x0_teacher = chain.predict_xstart_from_eps(xt, t, eps_p) if st.weighting == "sid" else None
+        weight = jax.lax.stop_gradient(gsim_weights(st.weighting, t=t_group, x0=x0, x0_teacher=x0_teacher,
+                                                    norm_axes=st.norm_axes, mask=mask))
+        red = lambda v: reduce_groups(v, mask, st.norm_axes)
+        loss = red(weight * terms["loss"])
+        m3 = mask[:, :, None]
+        n_el = jnp.maximum(jnp.sum(mask) * c, 1.0)
+        gen_mean = jnp.sum(x_gen * m3) / n_el
+        gen_std = jnp.sqrt(jnp.maximum(jnp.sum(((x_gen - gen_mean) * m3) ** 2) / n_el, 0.0))
+        metrics = {
+            "loss": loss, "l1": red(weight * terms["l1"]), "l2": red(weight * terms["l2"]),
+            "y_abs": red(terms["y_norm"]), "weight": red(weight),
+            "gen_mean": jax.lax.stop_gradient(gen_mean), "gen_std": jax.lax.stop_gradient(gen_std),
+            "guidance": w, "num_masked": num_masked.astype(jnp.float32),
+            "t_lo": jnp.min(t).astype(jnp.float32), "t_hi": jnp.max(t).astype(jnp.float32),
+        }
+        return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+
+    def fake_score_loss(graphdef, fake_params, gen_params, batch, rng):
+        gen = nnx.merge(graphdef, jax.lax.stop_gradient(gen_params))
+        fake = nnx.merge(graphdef, fake_params)
+        r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
+        tokens, labels, mask, _ = contexts(batch, r_ctx)
+        b = tokens.shape[0]
+        _, x0 = generate(gen, tokens, labels, mask, r_gen)
+        x0 = jax.lax.stop_gradient(x0)
+        t = sample_timesteps(r_t, (b * s,), 0, NUM_TRAIN_TIMESTEPS - 1)   # per token, as MAR
+        eps = jax.random.normal(r_eps, (b * s, c), jnp.float32)
+        x0r = x0.reshape(b * s, c)
+        xt = chain.q_sample(x0r, t, eps)
+        z = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len)
+        out = fake.head(xt, t, z.reshape(b * s, -1))
+        terms = chain.training_losses(out, x0r, xt, t, eps)
+        mrow = mask.reshape(-1)
+        red = lambda v: jnp.sum(v * mrow) / jnp.maximum(jnp.sum(mrow), 1.0)
+        loss = red(terms["loss"])
+        return loss, {"loss": jax.lax.stop_gradient(loss), "mse": jax.lax.stop_gradient(red(terms["mse"])),
+                      "vb": jax.lax.stop_gradient(red(terms["vb"]))}
+
+    return GSIMLosses(st, model_cfg, enc_len, generator_loss, fake_score_loss)
