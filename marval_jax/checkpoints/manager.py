@@ -54,15 +54,30 @@ class ConfigMismatchError(ValueError):
     pass
 
 
-def check_config(saved: dict, current: dict, keys=("model",), where: str = "") -> None:
-    """Refuse a checkpoint whose model config differs from the run's (one message listing the differences)."""
+# Model fields that do not change the parameters: a checkpoint may be loaded under other values.
+NON_ARCHITECTURAL = ("dtype", "remat", "attn_dropout", "proj_dropout", "label_drop_prob")
+
+
+def _model_defaults() -> dict:
+    import dataclasses
+    from marval_jax.models.mar import MARConfig
+    return {f.name: f.default for f in dataclasses.fields(MARConfig)}
+
+
+def check_config(saved: dict, current: dict, keys=("model",), where: str = "",
+                 ignore=NON_ARCHITECTURAL) -> None:
+    """Refuse a checkpoint whose model config differs from the run's (one message listing the differences).
+    A field missing on one side counts as the MARConfig default (checkpoints written before it existed)."""
     diffs = []
+    defaults = _model_defaults()
     for k in keys:
         a, b = saved.get(k), current.get(k)
         if a != b:
             if isinstance(a, dict) and isinstance(b, dict):
                 for f in sorted(set(a) | set(b)):
-                    if a.get(f) != b.get(f):
+                    if f in ignore:
+                        continue
+                    if a.get(f, defaults.get(f)) != b.get(f, defaults.get(f)):
                         diffs.append(f"{k}.{f}: checkpoint {a.get(f)!r} vs config {b.get(f)!r}")
             else:
                 diffs.append(f"{k}: checkpoint {a!r} vs config {b!r}")

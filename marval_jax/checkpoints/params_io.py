@@ -12,7 +12,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from marval_jax.checkpoints.manager import ConfigMismatchError
+from marval_jax.checkpoints.manager import check_config
 
 
 def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None) -> str:
@@ -34,15 +34,11 @@ def read_model_config(directory: str) -> dict:
         return json.load(f)["model"]
 
 
-def load_params(directory: str, abstract_params: nnx.State, model_config: dict,
-                ignore=("dtype", "remat", "attn_dropout", "proj_dropout", "label_drop_prob")) -> nnx.State:
+def load_params(directory: str, abstract_params: nnx.State, model_config: dict) -> nnx.State:
     """Params of `directory` as an nnx.State shaped like `abstract_params` (checked against `model_config`)."""
     directory = os.path.abspath(directory)
-    saved = read_model_config(directory)
-    diffs = [f"{k}: checkpoint {saved.get(k)!r} vs config {model_config.get(k)!r}"
-             for k in sorted(set(saved) | set(model_config)) if k not in ignore and saved.get(k) != model_config.get(k)]
-    if diffs:
-        raise ConfigMismatchError(f"params checkpoint {directory} was built for another model:\n  " + "\n  ".join(diffs))
+    check_config({"model": read_model_config(directory)}, {"model": model_config},
+                 where=f"(params) {directory}")
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))
     with ocp.StandardCheckpointer() as ckptr:
         pure = ckptr.restore(os.path.join(directory, "params"), target)

@@ -88,7 +88,8 @@ def train(config, workdir: str, task: Task) -> Any:
     if latest is None:
         state = jax.jit(task.init_state, out_shardings=shardings)(rng)
         if task.post_init is not None:
-            state = jax.device_put(task.post_init(state), shardings)
+            # roles initialised from one checkpoint share buffers: copy, since the step donates each leaf
+            state = jax.device_put(jax.tree_util.tree_map(jnp.copy, task.post_init(state)), shardings)
         start = 0
         logging.info("%s: fresh start in %s", task.name, workdir)
     else:
