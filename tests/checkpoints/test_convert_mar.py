@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from conftest import FIXTURE
+FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 from marval_jax.checkpoints.convert_mar import CheckpointMismatchError, load_into_model, load_state_dict
 from marval_jax.models.mar import MAR
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 from marval_jax.models.mar import MARConfig, patchify
 from marval_jax.models.vae_tokenizer import make_vae_decoder
 from marval_jax.tools.parity import rel_err
-from conftest import FIXTURE
+FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 
 
 def test_tokens_decode_like_reference(ref):

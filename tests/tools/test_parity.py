@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from conftest import FIXTURE
+FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 from marval_jax.tools import parity
 
 
