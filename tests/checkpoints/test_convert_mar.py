@@ -1,9 +1,10 @@
 """Strict conversion of reference checkpoints, and the convert CLI's output loads into the sampler."""
+import pathlib
 import numpy as np
 import pytest
 from flax import nnx
 
-FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 from marval_jax.checkpoints.convert_mar import CheckpointMismatchError, load_into_model, load_state_dict
 from marval_jax.models.mar import MAR
 

@@ -1,4 +1,5 @@
 """VAE token decoder: MAR tokens of the fixture's latent decode to the reference's image."""
+import pathlib
 import ml_collections as mlc
 import numpy as np
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import jax.numpy as jnp
 from marval_jax.models.mar import MARConfig, patchify
 from marval_jax.models.vae_tokenizer import make_vae_decoder
 from marval_jax.tools.parity import rel_err
-FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 
 
 def test_tokens_decode_like_reference(ref):

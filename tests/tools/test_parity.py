@@ -1,5 +1,6 @@
 """The parity tool on the reference fixture kept in the repository, on a corrupted copy, and on a fixture of
 another configuration (widths that differ, patch 2, other buffer / classes / head / respacing)."""
+import pathlib
 import io
 import json
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-FIXTURE = __import__("pathlib").Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 from marval_jax.tools import parity
 
 
