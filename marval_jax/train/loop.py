@@ -56,6 +56,12 @@ def _data_config(data_cfg):
     return {k: (None if v == "" else v) for k, v in d.items()}
 
 
+def average_collection(names):
+    """A clu.metrics Collection averaging each scalar metric over the logging window (merged on device)."""
+    from clu import metrics as clu_metrics
+    return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+
+
 def _finite(metrics: dict, key: str) -> bool:
     return all(np.all(np.isfinite(np.asarray(v))) for k, v in metrics.items() if k == key or k.endswith("loss"))
 
@@ -114,7 +120,7 @@ def train(config, workdir: str, task: Task) -> Any:
 
     with MultiWriter(workdir) as writer:
         t0, seen, step = time.time(), 0, start
-        pending = None
+        collection = window = None  # clu average of every scalar metric since the last log line
         for step in range(start, tc.num_steps):
             if data_iter is not None:
                 from marval_jax.data.pipeline import make_global_batch
@@ -122,6 +128,11 @@ def train(config, workdir: str, task: Task) -> Any:
             else:
                 batch = jax.device_put(dummy_batch, batch_shd)
             state, metrics = step_fn(state, batch)
+            scalars = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
+            if collection is None:
+                collection = average_collection(sorted(scalars))
+            update = collection.single_from_model_output(**scalars)
+            window = update if window is None else window.merge(update)
             seen += tc.global_batch_size
             done = step + 1
             must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or ckpt.preempted(manager, done)
@@ -135,9 +146,8 @@ def train(config, workdir: str, task: Task) -> Any:
                 dt = time.time() - t0
                 rate = seen / max(dt, 1e-9)
                 eta = (tc.num_steps - done) * tc.global_batch_size / max(rate, 1e-9)
-                writer.write_scalars(done, {**{k: v for k, v in m.items() if np.ndim(v) == 0},
-                                            "images_per_s": rate, "eta_s": eta})
-                t0, seen = time.time(), 0
+                writer.write_scalars(done, {**jax.device_get(window.compute()), "images_per_s": rate, "eta_s": eta})
+                t0, seen, window = time.time(), 0, None
             if tc.sample_every and done % tc.sample_every == 0 and sample_fn is not None and jax.process_index() == 0:
                 images = sample_fn(state, jax.random.fold_in(rng, 10_000 + done))
                 save_grid(os.path.join(workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
