@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ml_collections as mlc
 
-from configs import common
+from configs import common, marval
 from configs import mar
 
 VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
@@ -29,7 +29,7 @@ FMNIST_REWARD = "marval_jax/evaluation/weights/fashion_mnist_reward"
 PROMPT_TEMPLATE = "a high-quality and harmonious picture of {class}"
 
 
-def generator_config(lr: float, t_init: int = 760, trainable: str = "all") -> mlc.ConfigDict:
+def generator_config(lr: float, t_init: int = marval.T_INIT, trainable: str = "all") -> mlc.ConfigDict:
     """The one-step generator's role: parameterisation (t_init, trainable) and its Adam / EMA settings."""
     return mlc.ConfigDict(dict(
         t_init=t_init,          # head timestep of the one-step generator (alpha_bar about 0.14)
