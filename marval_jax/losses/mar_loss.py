@@ -3,7 +3,8 @@
 Per batch: one mask ratio from the truncated normal on [mask_ratio_min, 1] (mean 1, std 0.25), one random order
 per sample, the first ceil(S * ratio) positions of each order masked; label dropout; the head condition z is
 repeated `diffusion_batch_mul` times, each copy with its own t ~ U{0..999} and noise; the per-token MSE + VB loss
-is averaged over masked tokens only.
+is averaged over masked tokens only. With `attention="causal"` the model gets each position's generation rank
+from the same order (the masked prefix of the order is what a sampler generates last).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from marval_jax.diffusion.gaussian import GaussianDiffusion
-from marval_jax.models.mar import MAR
+from marval_jax.models.mar import MAR, gen_rank_from_orders
 
 TRAIN_DIFFUSION = GaussianDiffusion.create("")
 
@@ -51,10 +52,11 @@ def mar_loss(model: MAR, tokens: jax.Array, labels: jax.Array, rng: jax.Array, *
              diffusion_batch_mul: int, enc_len: int, train: bool = True) -> tuple[jax.Array, dict[str, jax.Array]]:
     b, s, _ = tokens.shape
     r_mask, r_drop, r_model, r_diff = jax.random.split(rng, 4)
-    mask, _ = random_mask(r_mask, b, s, mask_ratio_min)
+    mask, orders = random_mask(r_mask, b, s, mask_ratio_min)
+    gen_rank = gen_rank_from_orders(orders) if model.causal else None
     class_emb = model.class_embedding(labels)
     if train:
         class_emb = model.drop_labels(class_emb, r_drop)
-    z = model.condition(tokens, mask, class_emb, enc_len=enc_len, rng=r_model if train else None)
+    z = model.condition(tokens, mask, class_emb, enc_len=enc_len, rng=r_model if train else None, gen_rank=gen_rank)
     loss, terms = diffusion_loss(model, z, tokens, mask, r_diff, diffusion_batch_mul)
     return loss, dict(terms, mask_ratio=mask.mean())

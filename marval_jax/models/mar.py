@@ -10,6 +10,14 @@ visible, in original order) are gathered to the front with a stable argsort and 
 up to float summation order. Callers pick `enc_len`: training uses one length, buffer + S - ceil(S * min_ratio);
 samplers use a few buckets (see marval_jax/sampling/schedule.py). So training compiles one program and a sampler
 one loop body per bucket, never one per visible-token count.
+
+Attention (`MARConfig.attention`). "bidirectional" is the reference. "causal" is causal in generation order: the
+sampler generates each order from its END backwards, so a position's generation rank is gen_rank = S - 1 -
+(index in the order), lower = generated earlier; buffer rows have rank -1. A query may attend to key k iff
+k is kept (buffer or visible) and (the query is a mask token or gen_rank(k) <= gen_rank(query)), or k is the query
+itself. So a visible token never sees a token generated after it, its keys/values never change in later AR steps,
+and a KV cache reproduces uncached sampling exactly (marval_jax/sampling/cached_sampler.py, docs/kv_cache.md).
+Causal calls need `gen_rank` (B, S).
 """
 from __future__ import annotations
 
@@ -24,6 +32,9 @@ from flax import nnx
 
 from marval_jax.models.diffusion_head import SimpleMLPAdaLN
 from marval_jax.models.transformer import Block, dense, layer_norm, run_blocks
+
+
+ATTENTION_MODES = ("bidirectional", "causal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +59,11 @@ class MARConfig:
     label_drop_prob: float = 0.1
     dtype: str = "float32"
     remat: bool = False  # rematerialise each transformer block (MAR's --grad_checkpointing)
+    attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
+
+    def __post_init__(self):
+        if self.attention not in ATTENTION_MODES:
+            raise ValueError(f"MARConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
 
     @property
     def grid(self) -> int:
@@ -102,6 +118,31 @@ def kept_positions(mask: jax.Array, buffer_size: int, enc_len: int) -> tuple[jax
     return idx, jnp.take_along_axis(keep, idx, axis=1), keep
 
 
+def gen_rank_from_orders(orders: jax.Array) -> jax.Array:
+    """Generation rank (B, S) of each position: S - 1 - its index in the order (the order is generated from its end
+    backwards, as the sampler and the training mask do), so lower = generated earlier."""
+    return orders.shape[1] - 1 - jnp.argsort(orders, axis=1).astype(jnp.int32)
+
+
+def layout_rank(gen_rank: jax.Array, buffer_size: int) -> jax.Array:
+    """Generation rank in the (buffer + S) layout: -1 for buffer rows, then gen_rank (B, Bf + S) int32."""
+    buf = jnp.full((gen_rank.shape[0], buffer_size), -1, jnp.int32)
+    return jnp.concatenate([buf, gen_rank.astype(jnp.int32)], axis=1)
+
+
+def causal_mask(q_rank: jax.Array, k_rank: jax.Array, k_kept: jax.Array, q_masked: jax.Array,
+                self_attend: jax.Array | None = None) -> jax.Array:
+    """Attention mask (B, 1, Tq, Tk) of the causal-in-generation-order rule:
+    allowed(q, k) = k_kept(k) and (q_masked(q) or rank(k) <= rank(q)), or self_attend(q, k).
+
+    q_rank (B, Tq), k_rank (B, Tk) in the layout_rank convention; k_kept (B, Tk) bool; q_masked (B, Tq) bool (mask
+    token queries); self_attend (B, Tq, Tk) bool or None."""
+    allowed = k_kept[:, None, :] & (q_masked[:, :, None] | (k_rank[:, None, :] <= q_rank[:, :, None]))
+    if self_attend is not None:
+        allowed = allowed | self_attend
+    return allowed[:, None]
+
+
 class MAR(nnx.Module):
     def __init__(self, cfg: MARConfig, *, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -139,38 +180,75 @@ class MAR(nnx.Module):
         return jnp.where(drop[:, None], self.fake_latent[...], class_emb)
 
     # -- encoder / decoder -------------------------------------------------------------------------------------
-    def encode(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
-               rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """Returns (encoder output (B, enc_len, De) with padding rows, keep map (B, Bf+S), valid (B, enc_len))."""
+    @property
+    def causal(self) -> bool:
+        return self.cfg.attention == "causal"
+
+    def _layout_rank(self, gen_rank: jax.Array | None, batch: int) -> jax.Array | None:
+        if not self.causal:
+            return None
+        s = self.cfg.seq_len
+        if gen_rank is None:
+            raise ValueError("MARConfig.attention='causal' needs gen_rank (B, S): each position's generation rank, "
+                             "e.g. marval_jax.models.mar.gen_rank_from_orders(orders)")
+        if gen_rank.shape != (batch, s):
+            raise ValueError(f"gen_rank must have shape (B, S) = {(batch, s)}, got {gen_rank.shape}")
+        return layout_rank(gen_rank, self.cfg.buffer_size)
+
+    def encoder_inputs(self, tokens: jax.Array, class_emb: jax.Array) -> jax.Array:
+        """Embedded encoder inputs of every row in the (buffer + S) layout, before gathering: (B, Bf + S, De)."""
         cfg = self.cfg
         b = tokens.shape[0]
         x = self.z_proj(tokens)
         buf = jnp.broadcast_to(class_emb[:, None, :].astype(x.dtype), (b, cfg.buffer_size, x.shape[-1]))
         x = jnp.concatenate([buf, x], axis=1) + self.encoder_pos_embed_learned[...].astype(x.dtype)
-        x = self.z_proj_ln(x)
+        return self.z_proj_ln(x)
+
+    def encode(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
+               rng: jax.Array | None = None, gen_rank: jax.Array | None = None, return_kv: bool = False):
+        """Returns (encoder output (B, enc_len, De) with padding rows, keep map (B, Bf+S), valid (B, enc_len)),
+        plus the per-block keys/values [{"k", "v"} (B, enc_len, H, hd)] when `return_kv`."""
+        cfg = self.cfg
+        lrank = self._layout_rank(gen_rank, tokens.shape[0])
+        x = self.encoder_inputs(tokens, class_emb)
         idx, valid, keep = kept_positions(mask, cfg.buffer_size, enc_len)
         x = jnp.take_along_axis(x, idx[:, :, None], axis=1)
-        x, _ = run_blocks(self.encoder_blocks, x, mask=valid[:, None, None, :], rng=rng, remat=cfg.remat)
-        return self.encoder_norm(x), keep, valid
+        if lrank is None:
+            attn_mask = valid[:, None, None, :]
+        else:  # padding rows are queries like mask tokens (their output is never used)
+            r = jnp.take_along_axis(lrank, idx, axis=1)
+            attn_mask = causal_mask(r, r, valid, ~valid)
+        x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat, return_kv=return_kv)
+        out = (self.encoder_norm(x), keep, valid)
+        return out + (kv,) if return_kv else out
 
-    def decode(self, enc_out: jax.Array, keep: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
-        """Scatter encoder rows back, fill mask tokens, decoder blocks; returns the head condition (B, S, Dd)."""
+    def decode(self, enc_out: jax.Array, keep: jax.Array, *, rng: jax.Array | None = None,
+               gen_rank: jax.Array | None = None, return_kv: bool = False):
+        """Scatter encoder rows back, fill mask tokens, decoder blocks; returns the head condition (B, S, Dd), plus
+        the per-block keys/values [{"k", "v"} (B, Bf+S, H, hd)] when `return_kv`."""
         cfg = self.cfg
+        lrank = self._layout_rank(gen_rank, enc_out.shape[0])
         x = self.decoder_embed(enc_out)
         rank = jnp.clip(jnp.cumsum(keep, axis=1) - 1, 0, x.shape[1] - 1)  # position of each kept row in enc_out
         gathered = jnp.take_along_axis(x, rank[:, :, None], axis=1)
         x = jnp.where(keep[:, :, None], gathered, self.mask_token[...].astype(x.dtype))
         x = x + self.decoder_pos_embed_learned[...].astype(x.dtype)
-        x, _ = run_blocks(self.decoder_blocks, x, rng=rng, remat=cfg.remat)
+        attn_mask = None
+        if lrank is not None:
+            eye = jnp.eye(keep.shape[1], dtype=bool)[None]
+            attn_mask = causal_mask(lrank, lrank, keep, ~keep, eye)
+        x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat, return_kv=return_kv)
         x = self.decoder_norm(x)[:, cfg.buffer_size:]
-        return x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
+        x = x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
+        return (x, kv) if return_kv else x
 
     def condition(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
-                  rng: jax.Array | None = None) -> jax.Array:
-        """Encoder + decoder: per-token condition z (B, S, Dd) for the head."""
+                  rng: jax.Array | None = None, gen_rank: jax.Array | None = None) -> jax.Array:
+        """Encoder + decoder: per-token condition z (B, S, Dd) for the head. `gen_rank` (B, S) is required when
+        attention == "causal" (ignored otherwise)."""
         r_enc, r_dec = (None, None) if rng is None else jax.random.split(rng)
-        enc, keep, _ = self.encode(tokens, mask, class_emb, enc_len=enc_len, rng=r_enc)
-        return self.decode(enc, keep, rng=r_dec)
+        enc, keep, _ = self.encode(tokens, mask, class_emb, enc_len=enc_len, rng=r_enc, gen_rank=gen_rank)
+        return self.decode(enc, keep, rng=r_dec, gen_rank=gen_rank)
 
     def head(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
         return self.diffloss_net(x, t, z)

@@ -7,6 +7,8 @@ hd^-0.5, exact-erf GELU, LayerNorm eps 1e-6, attention and projection dropout. D
 Attention masks are boolean, True = may attend, broadcastable to (B, heads, T_query, T_key).
 The KV cache is a plain dict pytree {"k": (B, L, H, hd), "v": (B, L, H, hd)} made by `init_kv_cache`; a call
 with a cache writes this call's keys/values at `cache_positions` (B, T) and attends over the whole cache.
+With `return_kv=True` and no cache, a call returns this call's own keys/values {"k", "v"} (B, T, H, hd) in the cache
+slot instead of None (used to fill a cache from a full pass, marval_jax/sampling/cached_sampler.py).
 """
 from __future__ import annotations
 
@@ -62,8 +64,8 @@ class Attention(nnx.Module):
         self.proj = dense(dim, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
-                 cache: KVCache | None = None, cache_positions: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, cache_positions: jax.Array | None = None,
+                 return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
         b, t, d = x.shape
         qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
@@ -74,6 +76,8 @@ class Attention(nnx.Module):
             cache = {"k": cache["k"].at[rows, cache_positions].set(k.astype(cache["k"].dtype)),
                      "v": cache["v"].at[rows, cache_positions].set(v.astype(cache["v"].dtype))}
             k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        elif return_kv:
+            cache = {"k": k, "v": v}
         r_attn, r_proj = _split_rng(rng, 2)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
         logits = logits * (self.head_dim ** -0.5)
@@ -108,28 +112,33 @@ class Block(nnx.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
-                 cache: KVCache | None = None, cache_positions: jax.Array | None = None
-                 ) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, cache_positions: jax.Array | None = None,
+                 return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
         r_attn, r_mlp = _split_rng(rng, 2)
-        h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions)
+        h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions,
+                             return_kv=return_kv)
         x = x + h.astype(x.dtype)
         x = x + self.mlp(self.norm2(x), r_mlp).astype(x.dtype)
         return x, cache
 
 
 def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,
-               cache_positions=None, remat: bool = False) -> tuple[jax.Array, list[KVCache] | None]:
-    """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat."""
-    new_caches = [] if caches is not None else None
+               cache_positions=None, remat: bool = False, return_kv: bool = False
+               ) -> tuple[jax.Array, list[KVCache] | None]:
+    """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat.
+
+    Returns (x, per-block caches): the updated caches when `caches` is given, each block's own keys/values when
+    `return_kv`, else None."""
+    new_caches = [] if caches is not None or return_kv else None
     for i, block in enumerate(blocks):
         r = None if rng is None else jax.random.fold_in(rng, i)
         c = None if caches is None else caches[i]
         if remat:
             def call(blk, x, mask, r, c, cp):
-                return blk(x, mask=mask, rng=r, cache=c, cache_positions=cp)
+                return blk(x, mask=mask, rng=r, cache=c, cache_positions=cp, return_kv=return_kv)
             x, c = nnx.remat(call)(block, x, mask, r, c, cache_positions)
         else:
-            x, c = block(x, mask=mask, rng=r, cache=c, cache_positions=cache_positions)
+            x, c = block(x, mask=mask, rng=r, cache=c, cache_positions=cache_positions, return_kv=return_kv)
         if new_caches is not None:
             new_caches.append(c)
     return x, new_caches

@@ -9,6 +9,7 @@ per-token predictor for the tokens of that step:
 
 Static shapes: the steps are grouped into segments (`plan_segments`), each a `lax.fori_loop` with a static encoder
 length and a static number of predicted rows; invalid rows are dropped on write. No host round trip per step.
+Each step re-runs the whole transformer; marval_jax/sampling/cached_sampler.py is the KV-cached variant.
 """
 from __future__ import annotations
 
@@ -80,12 +81,14 @@ def ar_step(model: MAR, tokens, orders, rank, class_emb, null_emb, step, rng, *,
     mask_next = masked_before - n_pred
     mask = (rank < masked_before).astype(jnp.float32)
     b, s, _ = tokens.shape
+    gen_rank = s - 1 - rank  # orders are generated from their end backwards (used by causal attention only)
     if use_cfg:
         z = model.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
-                            jnp.concatenate([class_emb, null_emb]), enc_len=enc_len)
+                            jnp.concatenate([class_emb, null_emb]), enc_len=enc_len,
+                            gen_rank=jnp.concatenate([gen_rank, gen_rank]))
         zc, zu = jnp.split(z, 2, axis=0)
     else:
-        zc, zu = model.condition(tokens, mask, class_emb, enc_len=enc_len), None
+        zc, zu = model.condition(tokens, mask, class_emb, enc_len=enc_len, gen_rank=gen_rank), None
     slot = jnp.arange(pred_cap)
     valid = slot[None, :] < n_pred
     pos = jnp.take_along_axis(orders, jnp.minimum(mask_next + slot, s - 1)[None, :].repeat(b, 0), axis=1)
