@@ -19,18 +19,12 @@ from __future__ import annotations
 import ml_collections as mlc
 
 from configs import common
+from marval_jax.models import mar as mar_lib
 
 VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
 
-_IMAGENET = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64, class_num=1000)
-_SIZES = {
-    "base": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
-                 decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024),
-    "large": dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
-                  decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),
-    "huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
-                 decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
-}
+_IMAGENET = mar_lib.IMAGENET_256
+_SIZES = mar_lib.RELEASED_SIZES
 
 
 def model_config(variant: str) -> mlc.ConfigDict:

@@ -39,21 +39,13 @@ from flax import nnx
 
 from marval_jax.benchmarks import flops as F
 from marval_jax.benchmarks.timing import Deadline, compile_timed, device_memory, matmul_tflops, time_calls, time_steps
+from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
-# The released MAR-B/L/H on ImageNet 256 (configs/mar.py's model_config; copied because configs/ imports
-# ml_collections, which the accelerator machines may lack; tests/benchmarks check the two agree).
-IMAGENET = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64, class_num=1000)
-SIZES = {
-    "base": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
-                 decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024),
-    "large": dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
-                  decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),
-    "huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
-                 decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
-}
+IMAGENET = mar_lib.IMAGENET_256  # the released MAR-B/L/H (configs/mar.py uses the same table)
+SIZES = mar_lib.RELEASED_SIZES
 TINY = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,
             encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, diffloss_d=1, diffloss_w=32)

@@ -254,6 +254,18 @@ class MAR(nnx.Module):
         return self.diffloss_net(x, t, z)
 
 
+# The released checkpoints (ImageNet 256, KL-16 latents): MAR-B / L / H with their released heads.
+IMAGENET_256 = dict(img_size=256, vae_stride=16, patch_size=1, vae_embed_dim=16, buffer_size=64, class_num=1000)
+RELEASED_SIZES = {
+    "base": dict(encoder_embed_dim=768, encoder_depth=12, encoder_num_heads=12, decoder_embed_dim=768,
+                 decoder_depth=12, decoder_num_heads=12, diffloss_d=6, diffloss_w=1024),
+    "large": dict(encoder_embed_dim=1024, encoder_depth=16, encoder_num_heads=16, decoder_embed_dim=1024,
+                  decoder_depth=16, decoder_num_heads=16, diffloss_d=8, diffloss_w=1280),
+    "huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
+                 decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
+}
+
+
 def train_encoder_len(cfg: MARConfig, mask_ratio_min: float) -> int:
     """Static encoder length for training: buffer + the most visible tokens a batch can have."""
     return cfg.buffer_size + cfg.seq_len - int(math.ceil(cfg.seq_len * mask_ratio_min))
