@@ -20,11 +20,15 @@ from ml_collections import config_flags
 MODES = ("train", "distill", "rl", "sample", "evaluate")
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file with its variant: configs/mar.py:tiny.",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...): checkpoints, metrics, samples.")
-flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-flags.DEFINE_string("out", "", "sample: output directory (default <workdir>/samples_final).")
+
+
+def define_flags() -> None:
+    """Defined on demand: importing this module from tests or other tools must not register flags."""
+    config_flags.DEFINE_config_file("config", None, "A configs/*.py file with its variant: configs/mar.py:tiny.",
+                                    lock_config=True)
+    flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...): checkpoints, metrics, samples.")
+    flags.DEFINE_enum("mode", "train", MODES, "What to run.")
+    flags.DEFINE_string("out", "", "sample: output directory (default <workdir>/samples_final).")
 
 
 def run(mode: str, config, workdir: str, out: str = ""):
@@ -58,4 +62,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -15,13 +15,17 @@ import numpy as np
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("vae_ckpt", None, "VAE weights (.ckpt needs torch; .safetensors / .npz do not).")
-flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.")
-flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).")
-flags.DEFINE_string("data_dir", None, "tfds data dir.")
-flags.DEFINE_string("cache_dir", None, "Output directory.")
-flags.DEFINE_integer("image_size", 256, "Center-crop size.")
-flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).")
+
+
+def define_flags() -> None:
+    """Defined on demand: importing this module from tests or other tools must not register flags."""
+    flags.DEFINE_string("vae_ckpt", None, "VAE weights (.ckpt needs torch; .safetensors / .npz do not).")
+    flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.")
+    flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).")
+    flags.DEFINE_string("data_dir", None, "tfds data dir.")
+    flags.DEFINE_string("cache_dir", None, "Output directory.")
+    flags.DEFINE_integer("image_size", 256, "Center-crop size.")
+    flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).")
 
 
 def main(argv):
@@ -46,4 +50,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

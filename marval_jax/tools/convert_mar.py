@@ -21,12 +21,16 @@ from marval_jax.checkpoints.params_io import save_params
 from marval_jax.models.mar import MAR, MARConfig
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "configs/mar.py:VARIANT describing the checkpoint's model.",
-                                lock_config=True)
-flags.DEFINE_string("ckpt", None, "Reference checkpoint (.pth / .safetensors / .npz).")
-flags.DEFINE_enum("which", "model_ema", ["model", "model_ema"], "Which weights of the checkpoint.")
-flags.DEFINE_string("prefix", "", "Key prefix to select inside the file (e.g. 'param/').")
-flags.DEFINE_string("out", None, "Output directory.")
+
+
+def define_flags() -> None:
+    """Defined on demand: importing this module from tests or other tools must not register flags."""
+    config_flags.DEFINE_config_file("config", None, "configs/mar.py:VARIANT describing the checkpoint's model.",
+                                    lock_config=True)
+    flags.DEFINE_string("ckpt", None, "Reference checkpoint (.pth / .safetensors / .npz).")
+    flags.DEFINE_enum("which", "model_ema", ["model", "model_ema"], "Which weights of the checkpoint.")
+    flags.DEFINE_string("prefix", "", "Key prefix to select inside the file (e.g. 'param/').")
+    flags.DEFINE_string("out", None, "Output directory.")
 
 
 def convert(ckpt: str, model_cfg: dict, out: str, which: str = "model_ema", prefix: str = "") -> str:
@@ -48,4 +52,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -135,7 +135,8 @@ def train(config, workdir: str, task: Task) -> Any:
             window = update if window is None else window.merge(update)
             seen += tc.global_batch_size
             done = step + 1
-            must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or ckpt.preempted(manager, done)
+            stop = ckpt.preempted(manager, done)  # read once: a signal between two reads must not skip the save
+            must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or stop
             if done % tc.log_every == 0 or must_save:
                 m = jax.device_get(metrics)
                 if not _finite(m, task.loss_key):
@@ -153,7 +154,7 @@ def train(config, workdir: str, task: Task) -> Any:
                 save_grid(os.path.join(workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
             if must_save:
                 save(done, force=True)
-            if ckpt.preempted(manager, done):
+            if stop:
                 manager.wait_until_finished()
                 print(f"{task.name}: preempted at step {done}; checkpoint saved, exiting cleanly", flush=True)
                 return state
