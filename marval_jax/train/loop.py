@@ -56,10 +56,25 @@ def _data_config(data_cfg):
     return {k: (None if v == "" else v) for k, v in d.items()}
 
 
-def average_collection(names):
-    """A clu.metrics Collection averaging each scalar metric over the logging window (merged on device)."""
-    from clu import metrics as clu_metrics
-    return clu_metrics.Collection.create(**{n: clu_metrics.Average.from_output(n) for n in names})
+class WindowAverage:
+    """clu.metrics averages of every scalar metric over the logging window, merged on device (no host sync).
+    clu builds dataclasses, so metric names like "gen/loss" are stored under field names m0, m1, ..."""
+
+    def __init__(self, names):
+        from clu import metrics as clu_metrics
+        self.names = sorted(names)
+        self.collection = clu_metrics.Collection.create(
+            **{f"m{i}": clu_metrics.Average.from_output(f"m{i}") for i in range(len(self.names))})
+        self.value = None
+
+    def add(self, scalars: dict) -> None:
+        update = self.collection.single_from_model_output(**{f"m{i}": scalars[n] for i, n in enumerate(self.names)})
+        self.value = update if self.value is None else self.value.merge(update)
+
+    def pop(self) -> dict:
+        out = jax.device_get(self.value.compute())
+        self.value = None
+        return {n: out[f"m{i}"] for i, n in enumerate(self.names)}
 
 
 def _finite(metrics: dict, key: str) -> bool:
@@ -120,7 +135,7 @@ def train(config, workdir: str, task: Task) -> Any:
 
     with MultiWriter(workdir) as writer:
         t0, seen, step = time.time(), 0, start
-        collection = window = None  # clu average of every scalar metric since the last log line
+        window = None
         for step in range(start, tc.num_steps):
             if data_iter is not None:
                 from marval_jax.data.pipeline import make_global_batch
@@ -128,11 +143,9 @@ def train(config, workdir: str, task: Task) -> Any:
             else:
                 batch = jax.device_put(dummy_batch, batch_shd)
             state, metrics = step_fn(state, batch)
-            scalars = {k: v for k, v in metrics.items() if jnp.ndim(v) == 0}
-            if collection is None:
-                collection = average_collection(sorted(scalars))
-            update = collection.single_from_model_output(**scalars)
-            window = update if window is None else window.merge(update)
+            if window is None:
+                window = WindowAverage([k for k, v in metrics.items() if jnp.ndim(v) == 0])
+            window.add(metrics)
             seen += tc.global_batch_size
             done = step + 1
             stop = ckpt.preempted(manager, done)  # read once: a signal between two reads must not skip the save
@@ -147,8 +160,8 @@ def train(config, workdir: str, task: Task) -> Any:
                 dt = time.time() - t0
                 rate = seen / max(dt, 1e-9)
                 eta = (tc.num_steps - done) * tc.global_batch_size / max(rate, 1e-9)
-                writer.write_scalars(done, {**jax.device_get(window.compute()), "images_per_s": rate, "eta_s": eta})
-                t0, seen, window = time.time(), 0, None
+                writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
+                t0, seen = time.time(), 0
             if tc.sample_every and done % tc.sample_every == 0 and sample_fn is not None and jax.process_index() == 0:
                 images = sample_fn(state, jax.random.fold_in(rng, 10_000 + done))
                 save_grid(os.path.join(workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
