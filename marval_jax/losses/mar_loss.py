@@ -33,18 +33,24 @@ def random_mask(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float)
 
 def diffusion_loss(model: MAR, z: jax.Array, target: jax.Array, mask: jax.Array, rng: jax.Array,
                    diffusion_batch_mul: int) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """DiffLoss over (B, S) tokens with condition z, averaged over mask == 1."""
-    c = target.shape[-1]
-    rows = lambda a: jnp.tile(a.reshape((-1,) + a.shape[2:]), (diffusion_batch_mul,) + (1,) * (a.ndim - 2))
-    x0, zz, m = rows(target), rows(z), rows(mask[..., None])[:, 0]
-    r_t, r_noise = jax.random.split(rng)
-    t = jax.random.randint(r_t, (x0.shape[0],), 0, TRAIN_DIFFUSION.num_timesteps)
-    noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
-    xt = TRAIN_DIFFUSION.q_sample(x0, t, noise)
-    terms = TRAIN_DIFFUSION.training_losses(model.head(xt, t, zz), x0, xt, t, noise)
-    denom = jnp.maximum(m.sum(), 1.0)
-    avg = {k: (v * m).sum() / denom for k, v in terms.items()}
-    del c
+    """DiffLoss over (B, S) tokens with condition z, averaged over mask == 1.
+
+    The reference repeats the (B*S) rows `diffusion_batch_mul` times; here each copy is its own head call on the
+    (B*S) rows, which keeps the rows batch-sharded (a tile of the sharded axis would make every device run the
+    head on the global batch; found by tools/scale_check).
+    """
+    x0, zz, m = target.reshape(-1, target.shape[-1]), z.reshape(-1, z.shape[-1]), mask.reshape(-1)
+    totals = None
+    for copy in range(diffusion_batch_mul):
+        r_t, r_noise = jax.random.split(jax.random.fold_in(rng, copy))
+        t = jax.random.randint(r_t, (x0.shape[0],), 0, TRAIN_DIFFUSION.num_timesteps)
+        noise = jax.random.normal(r_noise, x0.shape, jnp.float32)
+        xt = TRAIN_DIFFUSION.q_sample(x0, t, noise)
+        terms = TRAIN_DIFFUSION.training_losses(model.head(xt, t, zz), x0, xt, t, noise)
+        sums = {k: (v * m).sum() for k, v in terms.items()}
+        totals = sums if totals is None else {k: totals[k] + sums[k] for k in sums}
+    denom = jnp.maximum(m.sum(), 1.0) * diffusion_batch_mul
+    avg = {k: v / denom for k, v in totals.items()}
     return avg["loss"], avg
 
 

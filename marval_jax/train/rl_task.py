@@ -66,7 +66,9 @@ def make_rl_task(config) -> Task:
     def train_step(state: RLState, batch):
         key = jax.random.fold_in(state.rng, state.step)
         r_lab, r_loss = jax.random.split(key)
-        labels = jax.random.randint(r_lab, batch["labels"].shape, 0, cfg.class_num)
+        # derived from the batch-sharded input so the trajectory stays batch-sharded (a fresh randint array is
+        # replicated, and every device would sample the global batch; found by tools/scale_check)
+        labels = (batch["labels"] + jax.random.randint(r_lab, batch["labels"].shape, 0, cfg.class_num)) % cfg.class_num
         (loss, aux), grads = jax.value_and_grad(
             lambda p: loss_fn(graphdef, p, state.ref_params, labels, r_loss), has_aux=True)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
