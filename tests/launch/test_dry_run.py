@@ -1,0 +1,199 @@
+"""Launch scripts: their dry runs print the exact commands (one per line, "+ " prefixed) and run none of them.
+
+A fake `gcloud` first on PATH records every call: a dry run must leave no record. The pod launch checked is
+MARVAL-H GSIM distillation (configs/marval.py:huge) on a v5p-256 queued resource.
+"""
+import json
+import os
+import pathlib
+import shlex
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+POD = ["--name=marval-h", "--zone=us-east5-a", "--project=my-proj", "--accelerator=v5p-256", "--spot",
+       "--mode=distill", "--config=configs/marval.py:huge", "--workdir=gs://bucket/marval_huge"]
+MAIN_EXTRA = ["--", "--config.teacher_ckpt=gs://bucket/mar_huge"]
+
+
+@pytest.fixture()
+def fake_gcloud(tmp_path):
+    """PATH with a `gcloud` that appends its arguments to calls.txt and answers describes with $FAKE_STATE."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls.txt"
+    script = bin_dir / "gcloud"
+    script.write_text('#!/usr/bin/env bash\necho "$*" >> "%s"\n'
+                      'case "$*" in *describe*)\n'
+                      '  [ -n "${FAKE_STATE:-}" ] && echo "$FAKE_STATE" && exit 0; exit 1;;\n'
+                      'esac\n' % calls)
+    script.chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}, calls
+
+
+def run(script, args, env_extra, check=True):
+    env = dict(os.environ, **env_extra)
+    proc = subprocess.run(["bash", f"launch/{script}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def commands(stdout):
+    """The '+ ' lines as argument lists (they are shell-quoted, so shlex gives the exact argv)."""
+    out = []
+    for line in stdout.splitlines():
+        if line.startswith("+ "):
+            text = line[2:].split(" > ")[0] if "batch_spec.py" in line else line[2:]
+            text = text.split(" 2>&1 | tee")[0]
+            out.append(shlex.split(text))
+        else:
+            assert line.startswith("#"), f"a dry run prints only '+ ' commands and '# ' notes, got {line!r}"
+    return out
+
+
+def index(cmds, pred, what):
+    hits = [i for i, c in enumerate(cmds) if pred(c)]
+    assert hits, f"no command {what} in:\n" + "\n".join(" ".join(c) for c in cmds)
+    return hits[0]
+
+
+def remote(cmd):
+    """argv of the --command= of a `gcloud ... ssh` command."""
+    arg = next(a for a in cmd if a.startswith("--command="))
+    return shlex.split(arg[len("--command="):].replace("~/", "HOME/"))
+
+
+def test_tpu_pod_dry_run_marval_huge(fake_gcloud):
+    env, calls = fake_gcloud
+    proc = run("tpu_vm.sh", ["--dry-run", *POD, *MAIN_EXTRA], env)
+    cmds = commands(proc.stdout)
+    assert not calls.exists(), "a dry run called gcloud"
+    loc = ["--zone=us-east5-a", "--project=my-proj"]
+
+    i_desc = index(cmds, lambda c: c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "describe"],
+                   "describing the queued resource")
+    i_create = index(cmds, lambda c: c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "create"],
+                     "creating the queued resource")
+    create = cmds[i_create]
+    assert create[5] == "marval-h"
+    for flag in ["--node-id=marval-h", "--accelerator-type=v5p-256", "--runtime-version=v2-alpha-tpuv5", "--spot",
+                 *loc]:
+        assert flag in create, (flag, create)
+
+    i_archive = index(cmds, lambda c: c[0] == "git" and "archive" in c, "packing the code")
+    i_scp = index(cmds, lambda c: c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "scp"], "copying the code")
+    assert "--worker=all" in cmds[i_scp]
+
+    ssh = lambda c: c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh"] and c[5] == "marval-h"  # noqa: E731
+    i_setup = index(cmds, lambda c: ssh(c) and "--worker=all" in c and "launch/worker_setup.sh" in remote(c),
+                    "setting up every worker")
+    assert remote(cmds[i_setup])[-2:] == ["launch/worker_setup.sh", "tpu"]
+
+    i_run = index(cmds, lambda c: ssh(c) and "--worker=all" in c and "marval_jax.main" in remote(c),
+                  "starting the job on every worker")
+    main = remote(cmds[i_run])
+    assert main[main.index("-m") + 1] == "marval_jax.main"
+    for flag in ["--mode=distill", "--config=configs/marval.py:huge", "--workdir=gs://bucket/marval_huge",
+                 "--config.mesh.distributed_init=True", "--config.teacher_ckpt=gs://bucket/mar_huge"]:
+        assert flag in main, (flag, main)
+    assert main[:5] == ["cd", "marval_jax", "&&", "bash", "launch/job.sh"] and main[5] == "start"
+
+    i_logs = index(cmds, lambda c: ssh(c) and "--worker=0" in c and "logs" in remote(c), "streaming the log")
+    i_save = index(cmds, lambda c: ssh(c) and "--worker=all" in c and "save" in remote(c), "saving the logs")
+    assert "gs://bucket/marval_huge/logs/distill-huge" in remote(cmds[i_save])
+    i_delete = index(cmds, lambda c: c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"],
+                     "deleting the queued resource")
+    assert {"marval-h", "--force", "--quiet", *loc} <= set(cmds[i_delete])
+    assert i_desc < i_create < i_archive < i_scp < i_setup < i_run < i_logs < i_save < i_delete == len(cmds) - 1
+
+
+def test_tpu_direct_keep_and_steps(fake_gcloud):
+    env, calls = fake_gcloud
+    cmds = commands(run("tpu_vm.sh", ["--dry-run", *POD, "--direct", "--keep", "--version=v2-alpha-tpuv5"],
+                        env).stdout)
+    create = next(c for c in cmds if c[:5] == ["gcloud", "compute", "tpus", "tpu-vm", "create"])
+    assert "--version=v2-alpha-tpuv5" in create and "--accelerator-type=v5p-256" in create
+    assert not any("delete" in c for c in cmds), "--keep must not delete"
+    only_logs = commands(run("tpu_vm.sh", ["--dry-run", *POD, "--steps=logs"], env).stdout)
+    assert all("create" not in c and "delete" not in c for c in only_logs)
+    assert not calls.exists()
+
+
+def test_tpu_existing_resource_is_reused_not_created(fake_gcloud):
+    """Describe before create: an ACTIVE queued resource is reused (the fake gcloud answers the describe)."""
+    env, calls = fake_gcloud
+    proc = run("tpu_vm.sh", [*POD, "--steps=create"], dict(env, FAKE_STATE="ACTIVE"))
+    made = calls.read_text().splitlines()
+    assert any("queued-resources describe marval-h" in c for c in made)
+    assert not any(" create " in f" {c} " for c in made), made
+    assert "reusing" in proc.stdout
+
+
+def test_tpu_bad_arguments_are_errors(fake_gcloud):
+    env, _ = fake_gcloud
+    proc = run("tpu_vm.sh", ["--dry-run", "--zone=z", "--accelerator=v5p-8"], env, check=False)
+    assert proc.returncode == 2 and "--name is required" in proc.stderr
+    proc = run("tpu_vm.sh", ["--dry-run", *POD, "--steps=create,launch"], env, check=False)
+    assert proc.returncode == 2 and "unknown step launch" in proc.stderr
+
+
+def test_local_dry_run(fake_gcloud):
+    env, _ = fake_gcloud
+    cmds = commands(run("run_local.sh", ["--dry-run", "--mode=train", "--config=configs/mar.py:tiny",
+                                         "--workdir=/tmp/mar_tiny", "--", "--config.train.num_steps=5"], env).stdout)
+    assert cmds == [["env", "JAX_PLATFORMS=cpu", "python3", "-m", "marval_jax.main", "--mode=train",
+                     "--config=configs/mar.py:tiny", "--workdir=/tmp/mar_tiny", "--config.train.num_steps=5"]]
+    cmds = commands(run("run_local.sh", ["--dry-run", "--platform=gpu", "--gpus=0,1", "--setup", "--mode=rl",
+                                         "--config=configs/marval_rl.py:base", "--workdir=gs://b/rl"],
+                        dict(env, MARVAL_VENV="/opt/v")).stdout)
+    assert cmds[0] == ["env", "MARVAL_VENV=/opt/v", "bash", "launch/worker_setup.sh", "cuda"]
+    assert cmds[1][:4] == ["env", "JAX_PLATFORMS=cuda", "XLA_PYTHON_CLIENT_MEM_FRACTION=0.9",
+                           "CUDA_VISIBLE_DEVICES=0,1"]
+    assert cmds[1][4:] == ["/opt/v/bin/python", "-m", "marval_jax.main", "--mode=rl",
+                           "--config=configs/marval_rl.py:base", "--workdir=gs://b/rl"]
+
+
+def test_gcp_batch_dry_run(fake_gcloud):
+    env, calls = fake_gcloud
+    proc = run("gcp_batch.sh", ["--dry-run", "--project=my-proj", "--region=us-central1", "--zone=us-central1-a",
+                                "--code_bucket=gs://bucket/code", "--mode=distill", "--config=configs/marval.py:base",
+                                "--workdir=gs://bucket/marval_base", "--spot", *MAIN_EXTRA], env)
+    cmds = commands(proc.stdout)
+    assert not calls.exists()
+    spec = json.loads("\n".join(l[2:] for l in proc.stdout.splitlines() if l.startswith("# ") and
+                                not l.startswith("# dry run") and not l.startswith("# repeating")))
+    i_up = index(cmds, lambda c: c[:3] == ["gcloud", "storage", "cp"], "uploading the code")
+    i_desc = index(cmds, lambda c: c[:4] == ["gcloud", "batch", "jobs", "describe"], "describing the job")
+    i_sub = index(cmds, lambda c: c[:4] == ["gcloud", "batch", "jobs", "submit"], "submitting the job")
+    assert i_up < i_desc < i_sub
+    sub = cmds[i_sub]
+    assert {"--location=us-central1", "--project=my-proj"} <= set(sub)
+    assert any(a.startswith("--config=/tmp/") and a.endswith(".json") for a in sub)
+    assert any(c[:3] == ["gcloud", "logging", "read"] for c in cmds)
+    policy = spec["allocationPolicy"]["instances"][0]
+    assert policy["installGpuDrivers"] is True
+    assert policy["policy"]["accelerators"] == [{"type": "nvidia-h200-141gb", "count": 8}]
+    assert policy["policy"]["provisioningModel"] == "SPOT"
+    text = spec["taskGroups"][0]["taskSpec"]["runnables"][0]["script"]["text"]
+    assert "bash launch/worker_setup.sh cuda" in text
+    last = shlex.split(text.splitlines()[-1])
+    for flag in ["marval_jax.main", "--mode=distill", "--config=configs/marval.py:base",
+                 "--workdir=gs://bucket/marval_base", "--config.teacher_ckpt=gs://bucket/mar_huge"]:
+        assert flag in last
+    gcs = spec["taskGroups"][0]["taskSpec"]["volumes"][0]["gcs"]["remotePath"]
+    assert gcs == "bucket/code"
+
+
+def test_batch_template_is_json_and_fully_filled():
+    spec = subprocess.run(["python3", "launch/batch_spec.py", "--code=gs://b/c/marval_jax-x.tar.gz", "--mode=train",
+                           "--config=configs/mar.py:base", "--workdir=gs://b/w", "--zone=us-central1-a",
+                           "--image=us-docker.pkg.dev/p/r/marval:1"], cwd=ROOT, capture_output=True, text=True,
+                          check=True).stdout
+    assert "@" not in spec, "unfilled placeholder"
+    doc = json.loads(spec)
+    runnable = doc["taskGroups"][0]["taskSpec"]["runnables"][0]
+    assert runnable["container"]["imageUri"] == "us-docker.pkg.dev/p/r/marval:1"
+    assert runnable["container"]["commands"][:2] == ["-m", "marval_jax.main"]
