@@ -525,7 +525,8 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
                      f"{', '.join(str(p['per_device_batch']) for p in r['probes'])} | "
                      f"{', '.join(str(int(p['compile_s'])) for p in r['probes'])} |")
     for r in bad:
-        lines.append(f"| {r['devices']} | {r['model']} | {r['step']} | failed | {r['error'][:200]} |")
+        remat = "" if r.get("remat") is None else (" remat on" if r["remat"] else " remat off")
+        lines.append(f"| {r['devices']} | {r['model']} | {r['step']}{remat} | failed | {r['error'][:200]} |")
     lines.append("")
     if missing:
         lines += ["Not run yet (the command above compiles them): " + "; ".join(missing) + ".", ""]
@@ -606,8 +607,9 @@ def _spawn(args, n: int, model: str, step: str, remat: bool | None, result: str)
     sys.stderr.write(err[-4000:] if proc.returncode else "".join(
         l + "\n" for l in err.splitlines() if l.startswith("  b=")))
     if proc.returncode:
-        tail = [l for l in err.strip().splitlines() if l.strip()][-1:] or ["?"]
-        return {"error": f"exit {proc.returncode}: {tail[0]}"}
+        lines = [l for l in err.strip().splitlines() if l.strip()]
+        exc = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", l)]
+        return {"error": f"exit {proc.returncode}: {(exc or lines or ['?'])[-1]}"}
     with open(result) as f:
         rec = json.load(f)
     rec["wall_s"] = round(time.time() - t0, 1)
