@@ -471,6 +471,14 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
     ]
     ok = [r for r in records if "error" not in r]
     findings = _findings(ok)
+    for r in records:
+        if "TraceContextError" in r.get("error", "") and r.get("step") == "rl" and r.get("remat") is False:
+            findings.append(
+                f"N={r['devices']} {r['model']} RL remat off does not trace: with model.remat (large/huge configs) "
+                "`models/transformer.run_blocks` applies `nnx.remat` to a block merged outside the AR loop's "
+                "`lax.scan` body (losses/rl.py closes over the parameters when rl.remat is off), and flax refuses "
+                "to update its Params from the inner trace (TraceContextError). rl.remat on (the configs' "
+                "default) wraps each AR iteration in jax.checkpoint, which passes the parameters in, and works.")
     if findings:
         lines += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
     for n in sorted({r["devices"] for r in ok}):
