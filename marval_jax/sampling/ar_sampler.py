@@ -74,6 +74,18 @@ def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
     return jnp.argsort(jax.random.uniform(rng, (batch, seq_len)), axis=1)
 
 
+def loop_inputs(model: MAR, labels: jax.Array, rng: jax.Array, seq_len: int):
+    """(orders, ranks, null embedding, class embedding, loop key): shared by every sampler so that all of them draw
+    the same orders from the same key. Labels < 0 mean unconditional."""
+    b = labels.shape[0]
+    r_order, r_loop = jax.random.split(rng)
+    orders = random_orders(r_order, b, seq_len)
+    rank = jnp.argsort(orders, axis=1)
+    null = model.class_embedding(None, b)
+    class_emb = jnp.where((labels >= 0)[:, None], model.class_embedding(jnp.maximum(labels, 0)), null)
+    return orders, rank, null, class_emb, r_loop
+
+
 def ar_step(model: MAR, tokens, orders, rank, class_emb, null_emb, step, rng, *, sched_arrays, enc_len: int,
             pred_cap: int, predictor: Predictor, use_cfg: bool):
     """One AR step with static (enc_len, pred_cap): returns updated tokens. Differentiable (used by RL)."""
@@ -113,11 +125,7 @@ def make_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Predictor
     def sample(state, labels, rng):
         model = nnx.merge(graphdef, state)
         b = labels.shape[0]
-        r_order, r_loop = jax.random.split(rng)
-        orders = random_orders(r_order, b, seq_len)
-        rank = jnp.argsort(orders, axis=1)
-        null = model.class_embedding(None, b)
-        class_emb = jnp.where((labels >= 0)[:, None], model.class_embedding(jnp.maximum(labels, 0)), null)
+        orders, rank, null, class_emb, r_loop = loop_inputs(model, labels, rng, seq_len)
         sched_arrays = tuple(jnp.asarray(a) for a in sched_np)
         tokens = jnp.zeros((b, seq_len, token_dim), jnp.float32)
         for seg in segments:

@@ -37,7 +37,8 @@ from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig, causal_mask, kept_positions
 from marval_jax.models.transformer import init_kv_cache, run_blocks
-from marval_jax.sampling.ar_sampler import Predictor, SamplerSpec, random_orders
+from marval_jax.sampling import ar_sampler
+from marval_jax.sampling.ar_sampler import Predictor, SamplerSpec
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
 Cache = dict[str, list[dict[str, jax.Array]]]
@@ -196,11 +197,7 @@ def make_cached_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Pr
             raise ValueError("cache policy ('approx', r, R) is for bidirectional models; a causal model caches "
                              "exactly with policy 'exact'")
         b = labels.shape[0]
-        r_order, r_loop = jax.random.split(rng)
-        orders = random_orders(r_order, b, seq_len)
-        rank = jnp.argsort(orders, axis=1)
-        null = model.class_embedding(None, b)
-        class_emb = jnp.where((labels >= 0)[:, None], model.class_embedding(jnp.maximum(labels, 0)), null)
+        orders, rank, null, class_emb, r_loop = ar_sampler.loop_inputs(model, labels, rng, seq_len)
         dup = (lambda a: jnp.concatenate([a, a], axis=0)) if use_cfg else (lambda a: a)
         cond_emb = jnp.concatenate([class_emb, null]) if use_cfg else class_emb
         b2 = 2 * b if use_cfg else b
