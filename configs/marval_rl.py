@@ -78,8 +78,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.data = common.data_config(name="fashion_mnist", split="train[:512]", read_threads=1, prefetch=8)
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
     elif variant == "fmnist":
-        cfg.train = common.train_config(global_batch_size=64, num_steps=2000, warmup_steps=0, log_every=50,
-                                        ckpt_every=500, sample_every=500, sample_num_iter=64)
+        cfg.train = common.train_config(global_batch_size=64, num_steps=600, warmup_steps=0, log_every=25,
+                                        ckpt_every=100, sample_every=200, sample_num_iter=64)
         cfg.data = common.data_config(name="fashion_mnist")
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
     else:
@@ -95,6 +95,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.train.lr_schedule = "constant"
     cfg.sample = common.sample_config(sampler="onestep", num_iter=cfg.rl.num_iter, cfg=1.0, t_init=-1,
                                       num_images=16 if variant == "tiny" else 64,
-                                      batch_size=16 if variant == "tiny" else 64)
+                                      batch_size=16 if variant == "tiny" else 64,
+                                      crop=28 if variant == "fmnist" else 0,
+                                      fid_ref="raw:fashion_mnist/test" if variant == "fmnist" else "")
     cfg.lock()
     return cfg

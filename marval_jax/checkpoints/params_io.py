@@ -1,7 +1,9 @@
 """Params-only checkpoints (converted reference weights, exported EMA weights, the embedded default models).
 
-A directory with `params/` (orbax, a pure-dict pytree) and `model.json` (the MARConfig fields it was built with).
-Loading checks the model config first, so a checkpoint of another architecture gives one clear error.
+A directory with `model.json` (the MARConfig fields it was built with) and the arrays either as `params/` (orbax, a
+pure-dict pytree; large models, sharded restore) or as `params.npz` (one flat file of "a/b/c" keys, optionally
+stored in float16: the small embedded models, and files that must travel as single files). Loading checks the model
+config first, so a checkpoint of another architecture gives one clear error, then casts to the model's dtypes.
 """
 from __future__ import annotations
 
@@ -9,17 +11,32 @@ import json
 import os
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
 from marval_jax.checkpoints.manager import check_config
+from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
 
 
-def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None) -> str:
+def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None,
+                fmt: str = "orbax", dtype: str | None = None) -> str:
+    """fmt "orbax" (params/) or "npz" (params.npz); dtype e.g. "float16" stores floating leaves in that type (npz)."""
     directory = os.path.abspath(directory)
     os.makedirs(directory, exist_ok=True)
-    with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(directory, "params"), nnx.to_pure_dict(params), force=True)
+    if fmt == "npz":
+        flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(params).items()}
+        if dtype:
+            flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()}
+        np.savez(os.path.join(directory, "params.npz"), **flat)
+        extra = {**(extra or {}), "stored_dtype": dtype or "as trained"}
+    elif fmt == "orbax":
+        if dtype:
+            raise ValueError("dtype conversion is only for fmt='npz'")
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(os.path.join(directory, "params"), nnx.to_pure_dict(params), force=True)
+    else:
+        raise ValueError(f"fmt must be 'orbax' or 'npz', got {fmt!r}")
     with open(os.path.join(directory, "model.json"), "w") as f:
         json.dump({"model": model_config, **(extra or {})}, f, indent=1, sort_keys=True)
     return directory
@@ -39,6 +56,19 @@ def load_params(directory: str, abstract_params: nnx.State, model_config: dict) 
     directory = os.path.abspath(directory)
     check_config({"model": read_model_config(directory)}, {"model": model_config},
                  where=f"(params) {directory}")
+    npz = os.path.join(directory, "params.npz")
+    if os.path.exists(npz):
+        with np.load(npz) as data:
+            flat = dict(data)
+        want = flatten_state(abstract_params)
+        missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
+        if missing or extra:
+            raise ValueError(f"{npz} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+        for k, v in want.items():
+            if tuple(flat[k].shape) != tuple(v.shape):
+                raise ValueError(f"{npz}: {k} has shape {flat[k].shape}, the model wants {tuple(v.shape)}")
+        return unflatten_into_state(abstract_params,
+                                    {k: jax.numpy.asarray(flat[k], dtype=v.dtype) for k, v in want.items()})
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))
     with ocp.StandardCheckpointer() as ckptr:
         pure = ckptr.restore(os.path.join(directory, "params"), target)

@@ -49,7 +49,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from marval_jax.data import latent_cache, preprocess, tfds_builders
+from marval_jax.data import latent_cache, preprocess
 from marval_jax.data.tokenizers import patchify_np
 
 KNOWN_NAMES = ("fashion_mnist", "mnist", "imagenet2012", "latent_cache")
@@ -178,6 +178,8 @@ def make_source(config: Any, *, train: bool = True) -> tuple[Any, grain.transfor
     data_dir = _get(config, "data_dir")
     flip = bool(_get(config, "flip", False)) and train
     patch_size = int(_get(config, "patch_size", 0) or 0)
+    # tensorflow_datasets only where records are read (the in-memory path and latent caches do not need it)
+    from marval_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
     if name in ("fashion_mnist", "mnist"):
         source = tfds_builders.open_source(_get(config, "tfds_name") or f"{name}_local", split, data_dir)
         return source, SmallImageTransform(pad_to=_get(config, "pad_to", 32), flip=flip, patch_size=patch_size)

@@ -1,0 +1,140 @@
+"""The Fashion-MNIST reproduction, stage by stage: teacher (MAR) -> student (GSIM) -> RL student (MARVAL-RL).
+
+    python -m marval_jax.tools.reproduce --workdir=workdirs/fmnist                     # all stages, config steps
+    python -m marval_jax.tools.reproduce --workdir=W --stages=teacher --budget=teacher=240 --export=EXPORT_DIR
+    python -m marval_jax.tools.reproduce --workdir=W --stages=student,rl --teacher=EXPORT_DIR/fmnist_teacher \
+        --budget=student=300,rl=180 --export=EXPORT_DIR
+
+Each stage is `python -m marval_jax.main` in its own process on `<workdir>/<stage>` (so it resumes from its latest
+checkpoint when rerun) and is then exported as a params directory `<export>/fmnist_<stage>` (model.json +
+params.npz, float16: the embedded-default format, marval_jax/assets/). A stage with a time budget is sent SIGTERM
+when the budget is spent: the training loop saves and exits cleanly, so the exported weights are those of the last
+completed step, and `<export>/stages.json` records the steps and seconds each stage took. Later stages read the
+previous stage's export (or `--teacher` / `--student` directories), so stages can run in separate sessions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+STAGES = {  # stage -> (mode, config, flag naming the previous stage's weights, previous stage)
+    "teacher": ("train", "configs/mar.py:fmnist", None, None),
+    "student": ("distill", "configs/marval.py:fmnist", "teacher_ckpt", "teacher"),
+    "rl": ("rl", "configs/marval_rl.py:fmnist", "student_ckpt", "student"),
+}
+GRACE_S = 120  # after SIGTERM: time to finish the step, write the checkpoint and exit
+
+
+def parse_budget(text: str) -> dict[str, float]:
+    out = {}
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        name, _, seconds = item.partition("=")
+        if name not in STAGES or not seconds:
+            raise ValueError(f"--budget items look like teacher=240 with a stage in {list(STAGES)}, got {item!r}")
+        out[name] = float(seconds)
+    return out
+
+
+def run_stage(cmd: list[str], budget_s: float | None, log_path: str) -> tuple[int, float, bool]:
+    """Runs `cmd`; after `budget_s` sends SIGTERM (the loop checkpoints and exits 0). Returns (rc, seconds, cut)."""
+    t0 = time.time()
+    with open(log_path, "a") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+        cut = False
+        os.set_blocking(proc.stdout.fileno(), False)
+        while proc.poll() is None:
+            line = proc.stdout.readline()
+            if line:
+                log.write(line)
+                if not line.startswith(("I1", "W1", "WARNING")):
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                continue
+            if budget_s is not None and not cut and time.time() - t0 > budget_s:
+                proc.send_signal(signal.SIGTERM)
+                cut = True
+            if cut and time.time() - t0 > budget_s + GRACE_S:
+                proc.kill()
+            time.sleep(0.2)
+        rest = proc.stdout.read()
+        if rest:
+            log.write(rest)
+            sys.stdout.write(rest)
+    return proc.returncode, time.time() - t0, cut
+
+
+def last_step(workdir: str) -> int | None:
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = [l for l in f if l.strip()]
+    return json.loads(lines[-1])["step"] if lines else None
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m marval_jax.tools.reproduce", description=__doc__.split("\n")[0])
+    p.add_argument("--workdir", required=True, help="run directories <workdir>/<stage>")
+    p.add_argument("--stages", default="teacher,student,rl")
+    p.add_argument("--budget", default="", help="seconds per stage, e.g. teacher=240,student=300 (SIGTERM after)")
+    p.add_argument("--export", default="", help="params directories fmnist_<stage> go here (default <workdir>/export)")
+    p.add_argument("--teacher", default="", help="teacher weights for the student stage (default: its export)")
+    p.add_argument("--student", default="", help="student weights for the rl stage (default: its export)")
+    p.add_argument("--dtype", default="float16", help="stored dtype of the exported weights")
+    p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="config override of one stage, e.g. rl:train.num_steps=100 (repeatable)")
+    a = p.parse_args(argv)
+    stages = [s.strip() for s in a.stages.split(",") if s.strip()]
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        raise SystemExit(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
+    budgets = parse_budget(a.budget)
+    export = a.export or os.path.join(a.workdir, "export")
+    os.makedirs(export, exist_ok=True)
+    overrides: dict[str, list[str]] = {s: [] for s in STAGES}
+    for item in a.set:
+        stage, _, kv = item.partition(":")
+        if stage not in STAGES or "=" not in kv:
+            raise SystemExit(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
+        overrides[stage].append(f"--config.{kv}")
+    given = {"teacher": a.teacher, "student": a.student}
+    record_path = os.path.join(export, "stages.json")
+    record = json.load(open(record_path)) if os.path.exists(record_path) else {}
+    for stage in stages:
+        mode, config, weights_flag, prev = STAGES[stage]
+        workdir = os.path.join(a.workdir, stage)
+        cmd = [sys.executable, "-m", "marval_jax.main", f"--mode={mode}", f"--config={config}",
+               f"--workdir={workdir}", *overrides[stage]]
+        if weights_flag:
+            source = given.get(prev) or os.path.join(export, f"fmnist_{prev}")
+            if not os.path.exists(source):
+                raise SystemExit(f"stage {stage} needs the {prev} weights: {source} does not exist "
+                                 f"(run --stages={prev} first or pass --{prev}=DIR)")
+            cmd.append(f"--config.{weights_flag}={source}")
+        print(f"== {stage}: {' '.join(cmd[1:])}", flush=True)
+        rc, seconds, cut = run_stage(cmd, budgets.get(stage), os.path.join(a.workdir, f"{stage}.log"))
+        if rc != 0:
+            print(f"== {stage} failed with exit code {rc} after {seconds:.0f} s (log {a.workdir}/{stage}.log)")
+            return rc
+        from configs import mar, marval, marval_rl  # pylint: disable=import-outside-toplevel
+        from marval_jax.tools.export_params import export as export_params  # pylint: disable=import-outside-toplevel
+        cfg = {"teacher": mar, "student": marval, "rl": marval_rl}[stage].get_config("fmnist")
+        out = export_params(cfg, workdir, os.path.join(export, f"fmnist_{stage}"), "npz", a.dtype or None)
+        entry = record.get(stage, {"seconds": 0.0})
+        entry.update(seconds=entry["seconds"] + seconds, steps=last_step(workdir), stopped_by_budget=cut,
+                     command=" ".join(["python"] + cmd[1:]), export=out)
+        record[stage] = entry
+        with open(record_path, "w") as f:
+            json.dump(record, f, indent=1)
+        print(f"== {stage}: {entry['steps']} steps, {seconds:.0f} s{' (budget)' if cut else ''} -> {out}",
+              flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
