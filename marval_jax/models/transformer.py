@@ -134,9 +134,16 @@ def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCach
         r = None if rng is None else jax.random.fold_in(rng, i)
         c = None if caches is None else caches[i]
         if remat:
-            def call(blk, x, mask, r, c, cp):
-                return blk(x, mask=mask, rng=r, cache=c, cache_positions=cp, return_kv=return_kv)
-            x, c = nnx.remat(call)(block, x, mask, r, c, cache_positions)
+            # jax.checkpoint of a pure function of the block's parameters (merged inside), not nnx.remat of the
+            # block: nnx.remat writes the block's state back after the call, which flax refuses when the block was
+            # merged in an outer trace, e.g. from parameters closed over by a lax.scan body (the RL AR loop with
+            # rl.remat off). Blocks carry no mutable state (dropout takes explicit keys), so nothing is lost.
+            graphdef, state = nnx.split(block)
+
+            def call(state, x, mask, r, c, cp, graphdef=graphdef):
+                return nnx.merge(graphdef, state)(x, mask=mask, rng=r, cache=c, cache_positions=cp,
+                                                  return_kv=return_kv)
+            x, c = jax.checkpoint(call)(state, x, mask, r, c, cache_positions)
         else:
             x, c = block(x, mask=mask, rng=r, cache=c, cache_positions=cache_positions, return_kv=return_kv)
         if new_caches is not None:
