@@ -17,8 +17,19 @@ Memory model (stated in the report): peak(b) = arguments + outputs - aliased (do
 two per-device batch sizes b1 < b2 and fitted as peak(b) = fixed + b * per_example. The largest per-device batch
 that fits an HBM size H is floor((fraction * H - fixed) / per_example) (fraction = --hbm_fraction).
 
-Results of every case are cached in --cache (JSON, keyed by devices / mesh / model / step / batches), so a rerun
-only compiles what is missing; --out renders the cache as the markdown report (docs/scale.md).
+Results of every case are cached in --cache (JSON, keyed by devices / mesh / model / step / batches, stamped with the
+commit they were compiled at), so a rerun only compiles what is missing (--recompile: all of its cases); the cache
+also records each command and its cases, and --out renders every recorded command's cases as the markdown report
+(docs/scale.md).
+
+Validation on a real device (`--execute`; docs/scale.md, section `H200 validation`): on one accelerator, build the
+same case with real random-initialised state (the jitted `init_state` with the state shardings as out_shardings: born
+sharded, no host copy), run a few steps on a fixed random batch and compare the allocator's peak with the cached
+N = 1 CPU prediction; `--record FILE` adds the result JSON to the report:
+
+    python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim \
+        --mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 --out $OUT/h200_gsim.json
+    python -m marval_jax.tools.scale_check --record h200_gsim.json --out docs/scale.md
 
 Each compiled program is also checked for batch sharding: the report flags a step whose arrays lead with the
 global batch rather than the per-device batch (every device would compute the whole batch).
@@ -366,6 +377,8 @@ def run_case(devices: int, model: str, step: str, mesh_spec: dict | None, remat:
                    argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
                    alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes))
         rec["peak"] = rec["argument"] + rec["output"] - rec["alias"] + rec["temp"]
+        if getattr(ma, "peak_memory_in_bytes", None) is not None:  # the compiler's heap simulation (newer jax)
+            rec["compiler_peak"] = int(ma.peak_memory_in_bytes)
         rec["batch_bytes"] = _tree_bytes_per_device(batch, batch_shd)
         rec["leading_dims"] = _leading_dims(compiled.as_text(), b * shards, b)
         # arguments the compiled program keeps (jit drops unused ones, e.g. CLIP's text tower) beyond state + batch
@@ -381,6 +394,218 @@ def run_case(devices: int, model: str, step: str, mesh_spec: dict | None, remat:
                 config_mesh_state=cfg_mesh_state, probes=probes,
                 rl_num_iter=rl_num_iter if step == "rl" else None,
                 jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
+
+
+def _commit() -> str | None:
+    """The repository's short commit, with "+dirty" when the code differs from it (None outside a git checkout)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=30)
+        if head.returncode:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "marval_jax", "configs"], cwd=root,
+                               capture_output=True, text=True, timeout=30).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# ------------------------------------------------------------------------------------------------ execute
+def _memory_analysis(compiled) -> dict | None:
+    try:
+        ma = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001  (a backend without it)
+        return None
+    if ma is None:
+        return None
+    out = dict(argument=int(ma.argument_size_in_bytes), output=int(ma.output_size_in_bytes),
+               alias=int(ma.alias_size_in_bytes), temp=int(ma.temp_size_in_bytes))
+    out["peak"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    if getattr(ma, "peak_memory_in_bytes", None) is not None:
+        out["compiler_peak"] = int(ma.peak_memory_in_bytes)
+    return out
+
+
+def _memory_stats(device) -> dict | None:
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001  (CPU: None or not implemented)
+        return None
+    if not stats:
+        return None
+    return {k: int(stats[k]) for k in ("peak_bytes_in_use", "bytes_in_use", "bytes_limit", "largest_alloc_size")
+            if k in stats}
+
+
+def find_prediction(cache: dict, devices: int, mesh_shape: dict, model: str, step: str, remat: bool | None,
+                    batch: int, batches: list[int] | None = None) -> dict | None:
+    """The cached CPU case for this device count / mesh / model / step (the one compiled at `batches` if cached,
+    else the one whose probes bracket `batch`) and its fit evaluated at `batch`."""
+    cands = [(k, r) for k, r in cache.items() if not k.startswith("_") and isinstance(r, dict)
+             and "error" not in r and r.get("devices") == devices and r.get("model") == model
+             and r.get("step") == step and r.get("remat") == remat and r.get("mesh") == mesh_shape
+             and fit(r) is not None]
+    if not cands:
+        return None
+
+    def rank(kr):
+        k, r = kr
+        bs = sorted(p["per_device_batch"] for p in r["probes"])
+        return (batches is None or k.split("|b=")[-1] != ",".join(map(str, batches)), not bs[0] <= batch <= bs[-1],
+                -bs[-1])
+    key, rec = sorted(cands, key=rank)[0]
+    fixed, per = fit(rec)
+    probe = next((p for p in rec["probes"] if p["per_device_batch"] == batch), None)
+    return dict(key=key, fixed=fixed, per_example=per, predicted_peak=fixed + batch * per,
+                probe_peak=None if probe is None else probe["peak"], cpu_jax=rec.get("jax"),
+                commit=rec.get("commit"), date=rec.get("date"))
+
+
+def _write_json(path: str, obj: dict) -> None:
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | None, batch: int, num_steps: int,
+                 rl_num_iter: int, devices: int, cache: dict, batches: list[int] | None, out: str = "",
+                 seed: int = 0) -> dict:
+    """Runs the train step for real on the first `devices` accelerators and measures its memory.
+
+    The same task, shardings and jit as the compile-only cases (and as `marval_jax.train.loop`): the step is
+    compiled first (on abstract shapes, so compile-time allocations do not add to the peak), then the state is
+    initialised on the devices by the jitted `init_state` with the state shardings as out_shardings (random
+    weights, born sharded: no host copy), a fixed random batch is drawn on the devices, and `num_steps` steps run
+    with the state donated. Reports the compiled program's memory_analysis on this backend, the allocator's
+    `peak_bytes_in_use` (None where the backend keeps no statistics, e.g. CPU) and the cached CPU prediction
+    (fixed + batch x per_example of the matching compile-only case) with the relative difference. The JSON at
+    `out` is rewritten after each phase, so a run cut short still leaves what it measured.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from marval_jax.parallel import mesh as mesh_lib
+    from marval_jax.parallel import sharding as shd
+    from marval_jax.train.loop import state_shardings
+
+    t_start = time.time()
+    all_devices = jax.devices()
+    if devices > len(all_devices):
+        raise RuntimeError(f"--devices {devices}: only {len(all_devices)} {all_devices[0].platform} devices here")
+    devs = all_devices[:devices]
+    config = load_config(step, model, mesh_spec, remat, rl_num_iter)
+    built = build_case(step, config)
+    mesh = mesh_lib.make_mesh(config.mesh, devices=devs)
+    rules = config.mesh.logical_axis_rules
+    abstract = jax.eval_shape(built.init_state, jax.random.PRNGKey(seed))
+    shardings = state_shardings(abstract, built, mesh, rules)
+    batch_shd = shd.batch_sharding(mesh, rules)
+    repl = shd.replicated(mesh)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    breakdown = _state_breakdown(abstract, shardings)
+    batch_abstract = built.batch_fn(batch * shards)
+    rec: dict[str, Any] = dict(
+        mode="execute", devices=devices, model=model, step=step, remat=remat, mesh=dict(mesh.shape),
+        per_device_batch=batch, global_batch=batch * shards, num_steps=num_steps,
+        rl_num_iter=rl_num_iter if step == "rl" else None, platform=devs[0].platform,
+        device_kind=getattr(devs[0], "device_kind", "?"), jax=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""), state=breakdown, state_total=sum(breakdown.values()),
+        batch_bytes=_tree_bytes_per_device(batch_abstract, batch_shd), model_dtype=str(config.model.dtype),
+        commit=_commit(), date=datetime.date.today().isoformat())
+    rec["prediction"] = find_prediction(cache, devices, dict(mesh.shape), model, step, remat, batch, batches)
+    _write_json(out, rec)
+
+    jitted = jax.jit(built.train_step, in_shardings=(shardings, batch_shd) + (repl,) * len(built.extra),
+                     out_shardings=(shardings, None), donate_argnums=0)
+    state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      abstract, shardings)
+    batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
+                                      batch_abstract)
+    extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
+                     for e in built.extra)
+    t0 = time.time()
+    compiled = jitted.lower(state_in, batch_in, *extra_in).compile()
+    rec["compile_s"] = round(time.time() - t0, 1)
+    rec["compiled"] = _memory_analysis(compiled)
+    if rec["compiled"]:  # state leaves the step never reads (jit prunes them) stay allocated but are not arguments
+        rec["state_not_read"] = max(0.0, rec["state_total"] + rec["batch_bytes"] - rec["compiled"]["argument"])
+    rec["memory_after_compile"] = _memory_stats(devs[0])
+    _write_json(out, rec)
+    print(f"[scale_check --execute] compiled in {rec['compile_s']:.0f}s; compiled peak "
+          f"{(rec['compiled'] or {}).get('peak', float('nan')) / GB:.2f} GB", file=sys.stderr, flush=True)
+
+    def random_leaf(key, a):
+        if jnp.issubdtype(a.dtype, jnp.integer):
+            return jax.random.randint(key, a.shape, 0, 10, a.dtype)  # labels: any valid class of every config
+        return (0.5 * jax.random.normal(key, a.shape, jnp.float32)).astype(a.dtype)
+
+    def random_tree(key, tree):
+        leaves, treedef = jax.tree_util.tree_flatten(tree)
+        keys = jax.random.split(key, max(len(leaves), 1))
+        return jax.tree_util.tree_unflatten(treedef, [random_leaf(k, a) for k, a in zip(keys, leaves)])
+
+    t0 = time.time()
+    key = jax.random.PRNGKey(seed)
+    state = jax.jit(built.init_state, out_shardings=shardings)(key)
+    batch_arr = jax.jit(lambda k: random_tree(k, batch_abstract), out_shardings=batch_shd)(jax.random.fold_in(key, 1))
+    extra = tuple(jax.jit(lambda k, e=e: random_tree(k, e), out_shardings=repl)(jax.random.fold_in(key, 2 + i))
+                  for i, e in enumerate(built.extra))
+    jax.block_until_ready((state, batch_arr, extra))
+    rec["init_s"] = round(time.time() - t0, 1)
+    try:  # donation needs one buffer per leaf (XLA copies repeated outputs, but check)
+        ptrs = [x.unsafe_buffer_pointer() for x in jax.tree_util.tree_leaves(state)]
+        if len(set(ptrs)) < len(ptrs):
+            state = jax.tree_util.tree_map(lambda x: x.copy(), state)
+    except Exception:  # noqa: BLE001  (no buffer pointers on this backend: leave as is)
+        pass
+    rec["memory_after_init"] = _memory_stats(devs[0])
+    _write_json(out, rec)
+
+    step_s, losses = [], []
+    for _ in range(num_steps):
+        t0 = time.time()
+        state, metrics = compiled(state, batch_arr, *extra)
+        jax.block_until_ready((state, metrics))
+        step_s.append(round(time.time() - t0, 3))
+        losses.append(float(np.asarray(metrics.get("loss", np.nan))))
+        rec.update(step_s=step_s, loss=losses, memory=_memory_stats(devs[0]))
+        _write_json(out, rec)
+    measured = (rec.get("memory") or {}).get("peak_bytes_in_use")
+    pred = rec["prediction"]
+    if pred is not None:
+        p = pred["predicted_peak"]
+        if measured is not None:
+            rec["rel_diff"] = (measured - p) / p
+            rec["within_15pct"] = abs(rec["rel_diff"]) <= 0.15
+        if rec["compiled"]:
+            rec["compiled_rel_diff"] = (rec["compiled"]["peak"] - p) / p
+    rec["total_s"] = round(time.time() - t_start, 1)
+    _write_json(out, rec)
+    print(execute_summary(rec), flush=True)
+    return rec
+
+
+def execute_summary(rec: dict) -> str:
+    """One line: measured and compiled peaks on the device against the CPU prediction."""
+    gb = lambda x: "n/a" if x is None else f"{x / GB:.2f} GB"  # noqa: E731
+    measured = (rec.get("memory") or {}).get("peak_bytes_in_use")
+    compiled = (rec.get("compiled") or {}).get("peak")
+    pred = rec.get("prediction")
+    text = (f"[scale_check --execute] {rec['device_kind']} x{rec['devices']} {rec['model']} {rec['step']} "
+            f"b={rec['per_device_batch']} ({len(rec.get('step_s', []))} steps): peak_bytes_in_use {gb(measured)}, "
+            f"compiled peak {gb(compiled)}, CPU prediction "
+            + (f"{gb(pred['predicted_peak'])} ({pred['key']})" if pred else "n/a (no cached CPU case)"))
+    if rec.get("rel_diff") is not None:
+        text += (f"; measured vs prediction {100 * rec['rel_diff']:+.1f}% "
+                 f"({'within' if rec['within_15pct'] else 'NOT within'} 15%)")
+    if rec.get("compiled_rel_diff") is not None:
+        text += f"; compiled vs prediction {100 * rec['compiled_rel_diff']:+.1f}%"
+    return text
 
 
 # ------------------------------------------------------------------------------------------------ model / report
@@ -421,19 +646,45 @@ def _step_label(rec: dict) -> str:
     return {"mar": "MAR", "mar_fix": "MAR, rows fix", "gsim": "GSIM"}[rec["step"]]
 
 
-def render(records: list[dict], hbm: dict[str, float], fraction: float, command: str, date: str,
-           missing: list[str] = ()) -> str:
+LEGACY = "before 5998cc3"  # cases cached before records carried their commit (the table of 2026-11-29)
+H200_COMMAND = ("python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim "
+                "--mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 "
+                "--out $OUT/h200_gsim.json")
+RECORD_COMMAND = "python -m marval_jax.tools.scale_check --record h200_gsim.json --out docs/scale.md"
+
+
+def _code(rec: dict) -> str:
+    return rec.get("commit") or LEGACY
+
+
+def _commands_block(commands) -> list[str]:
+    if isinstance(commands, str):
+        commands = [dict(command=commands)]
+    out = []
+    for c in commands:
+        out += [f"    {c['command']}" + (f"    # {c['date']}" if c.get("date") else ""), ""]
+    return out
+
+
+def render(records: list[dict], hbm: dict[str, float], fraction: float, commands, date: str = "",
+           missing: list[str] = (), measured: list[dict] = ()) -> str:
+    """The markdown report. `commands`: the command line (str) or [{"command", "date"}, ...] of every command
+    whose cases are in `records`; `measured`: `--execute` results recorded with --record."""
     import jax
     names = {"base": "B", "large": "L", "huge": "H"}
+    if isinstance(commands, str):
+        commands = [dict(command=commands, date=date)]
     lines = [
         "# Scale check: per-device memory of the train steps",
         "",
-        f"Produced on {date} (jax {jax.__version__}, CPU with forced host devices; nothing allocated) by",
+        f"Produced with jax {jax.__version__} on CPU with forced host devices (nothing allocated) by the commands below",
+        "(each with the date it was last run; the `code` column of `What ran` gives the commit each case was compiled",
+        "at):",
         "",
-        f"    {command}",
-        "",
+        *_commands_block(commands),
         "Each case (N, model, step) is compiled in its own process and cached in the JSON next to the report",
-        "(`--cache`); rerunning the command compiles only what the cache lacks and rewrites the report.",
+        "(`--cache`), which also records the commands; rerunning any of them compiles only what the cache lacks",
+        "(`--recompile`: everything it names) and rewrites the report from every recorded command.",
         "",
         "What is measured. For each device count N the train step of each config is lowered and compiled for an SPMD",
         "mesh of N simulated CPU devices with the config's logical axis rules (batch over data x fsdp, `embed` over",
@@ -452,11 +703,9 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
         "",
         "Caveat: these are the CPU compiler's buffer assignments for the same partitioned HLO. TPU and GPU compilers",
         "fuse differently (bf16 kept native, different layouts and rematerialisation), so the absolute numbers are",
-        "estimates. **The H200 row must still be validated on a real H200** (a later session: the device budget of",
-        "this one was spent): run the MARVAL-B GSIM step there (`python -m marval_jax.main --mode=distill",
-        "--config=configs/marval.py:base ...`, a few steps), read the peak from",
-        "`jax.devices()[0].memory_stats()['peak_bytes_in_use']` and compare with the GSIM B row (fixed + b x",
-        "per_example at the run's per-device batch); agreement within 15% validates the table for GPUs.",
+        "estimates. One device's numbers can be checked against a real run: a 64-device mesh does not fit on one",
+        "H200, so the `N = 1` section compiles the MARVAL-B GSIM step for a single device (the same program an H200",
+        "runs), and `--execute` runs that step on the accelerator (section `H200 validation`).",
         "",
         "Steps. `MAR`: `make_mar_task(configs/mar.py:V)`'s step. `MAR, rows fix`: the same step with the candidate",
         "`diffusion_loss` of `scale_check.diffusion_loss_rows_sharded` (see Findings). `GSIM`:",
@@ -470,15 +719,7 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
         "",
     ]
     ok = [r for r in records if "error" not in r]
-    findings = _findings(ok)
-    for r in records:
-        if "TraceContextError" in r.get("error", "") and r.get("step") == "rl" and r.get("remat") is False:
-            findings.append(
-                f"N={r['devices']} {r['model']} RL remat off does not trace: with model.remat (large/huge configs) "
-                "`models/transformer.run_blocks` applies `nnx.remat` to a block merged outside the AR loop's "
-                "`lax.scan` body (losses/rl.py closes over the parameters when rl.remat is off), and flax refuses "
-                "to update its Params from the inner trace (TraceContextError). rl.remat on (the configs' "
-                "default) wraps each AR iteration in jax.checkpoint, which passes the parameters in, and works.")
+    findings = _findings(ok) + _error_findings([r for r in records if "error" in r])
     if findings:
         lines += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
     for n in sorted({r["devices"] for r in ok}):
@@ -486,7 +727,11 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
             ["base", "large", "huge"].index(r["model"]) if r["model"] in names else 9, STEPS.index(r["step"]),
             not r.get("remat")))
         meshes = sorted({",".join(f"{k}={v}" for k, v in r["mesh"].items()) for r in rows})
-        lines += [f"## N = {n} devices (mesh {'; '.join(meshes)})", ""]
+        title = "1 device (one H200" if n == 1 else f"{n} devices ("
+        lines += [f"## N = {title}{'; ' if n == 1 else ''}mesh {'; '.join(meshes)})", ""]
+        if n == 1:
+            lines += ["The single-device program that a real run on one accelerator executes; its GSIM row is the",
+                      "prediction the `H200 validation` section compares with.", ""]
         head = ("| model | step | params | opt | EMA | frozen | state | fixed | per ex. | probes b: peak | cfg b | "
                 + " | ".join(f"{k} {v:g} GB" for k, v in hbm.items()) + " |")
         lines += [head, "|" + "---|" * (11 + len(hbm))]
@@ -509,6 +754,7 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
                 f"{_gb(s['ema'])} | {_gb(frozen)} | {_gb(r['state_total'] + _frozen_args(r))} | "
                 f"{fixed_s} | {per_s} | {probes} | {cfg_b:g} | " + " | ".join(fits) + " |")
         lines.append("")
+    lines += _validation_section(measured)
     cfg_rows = [r for r in ok if r.get("config_mesh_state") and "error" not in r["config_mesh_state"]]
     if cfg_rows:
         lines += ["## State per device with the configs' own mesh (from shardings, no compile)", "",
@@ -527,18 +773,59 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, command:
         lines.append("")
     bad = [r for r in records if "error" in r]
     lines += ["## What ran", "",
-              "| N | model | step | per-device batches | compile s (each) |", "|---|---|---|---|---|"]
+              "| N | model | step | per-device batches | compile s (each) | code |", "|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: (r["devices"], r["model"], r["step"], not r.get("remat"))):
         lines.append(f"| {r['devices']} | {r['model']} | {_step_label(r)} | "
                      f"{', '.join(str(p['per_device_batch']) for p in r['probes'])} | "
-                     f"{', '.join(str(int(p['compile_s'])) for p in r['probes'])} |")
+                     f"{', '.join(str(int(p['compile_s'])) for p in r['probes'])} | {_code(r)} |")
     for r in bad:
         remat = "" if r.get("remat") is None else (" remat on" if r["remat"] else " remat off")
-        lines.append(f"| {r['devices']} | {r['model']} | {r['step']}{remat} | failed | {r['error'][:200]} |")
+        lines.append(f"| {r['devices']} | {r['model']} | {r['step']}{remat} | failed | {r['error'][:200]} | "
+                     f"{_code(r)} |")
     lines.append("")
     if missing:
-        lines += ["Not run yet (the command above compiles them): " + "; ".join(missing) + ".", ""]
+        lines += ["Not run yet (the commands above compile them): " + "; ".join(missing) + ".", ""]
     return "\n".join(lines)
+
+
+def _validation_section(measured: list[dict]) -> list[str]:
+    lines = ["## H200 validation: the MARVAL-B GSIM step run on one device", "",
+             "`--execute` builds the N = 1 case's task, shardings and jit, compiles the step, initialises the state on",
+             "the device (random weights, born sharded by the jitted `init_state`), draws a fixed random batch and runs",
+             "a few steps with the state donated. It compares the allocator's `peak_bytes_in_use`",
+             "(`jax.devices()[0].memory_stats()`) with the N = 1 row's fixed + b x per_example at the run's batch",
+             "(which equals the CPU probe's peak at b = 16), and reports the device compiler's own memory_analysis",
+             "beside it. Agreement within 15% validates the table for GPUs. Command (on one H200, from the repository",
+             "root), then record its JSON here:", "",
+             f"    {H200_COMMAND}", f"    {RECORD_COMMAND}", "",
+             "Expected differences, stated before the run: the CPU compiler runs bf16 dots and elementwise ops in f32",
+             "(so some bf16 activations get f32 copies) and fuses less than the GPU compiler, which points to a",
+             "prediction above the GPU's compiled peak; the allocator's peak adds what the program does not own (the",
+             "batch is counted in both; cuBLAS / autotuning workspace, allocator rounding and the init program are",
+             "not in the prediction), and so do state leaves the step never reads: jit prunes them from the program",
+             "(GSIM: the fake score's EMA copy, ema_decay 0; 0.83 GB for B, `state_not_read` in the JSON) but they stay",
+             "allocated on the device. The comparison is reported as it comes out.", ""]
+    if not measured:
+        return lines + ["Not run yet.", ""]
+    lines += ["| device | jax | step | b | steps (s each) | peak_bytes_in_use | device compiled peak | "
+              "CPU prediction (fixed + b x per ex.) | measured vs prediction | within 15% | run |",
+              "|" + "---|" * 11]
+    for m in measured:
+        mem = (m.get("memory") or {}).get("peak_bytes_in_use")
+        comp = (m.get("compiled") or {}).get("peak")
+        pred = m.get("prediction")
+        names = {"base": "B", "large": "L", "huge": "H"}
+        step = f"MARVAL-{names.get(m['model'], m['model'])} {_step_label(m)}"
+        rel = m.get("rel_diff")
+        lines.append(
+            f"| {m['device_kind']} x{m['devices']} | {m['jax']} | {step} | {m['per_device_batch']} | "
+            f"{', '.join(f'{t:.2f}' for t in m.get('step_s', []))} | {'n/a' if mem is None else _gb(mem)} | "
+            f"{'n/a' if comp is None else _gb(comp)} | "
+            f"{'n/a' if not pred else _gb(pred['predicted_peak']) + ' (' + _gb(pred['fixed']) + ' + ' + str(m['per_device_batch']) + ' x ' + _gb(pred['per_example']) + ')'} | "
+            f"{'n/a' if rel is None else f'{100 * rel:+.1f}%'} | "
+            f"{'n/a' if rel is None else ('yes' if m.get('within_15pct') else 'no')} | "
+            f"{m.get('date', '?')}, {m.get('commit') or '?'} |")
+    return lines + [""]
 
 
 def _findings(records: list[dict]) -> list[str]:
@@ -546,30 +833,42 @@ def _findings(records: list[dict]) -> list[str]:
     out = []
     by = {(r["devices"], r["model"], r["step"], r.get("remat")): r for r in records}
     for (n, model, step, remat), r in sorted(by.items(), key=lambda kv: str(kv[0])):
+        legacy = "commit" not in r
         if step == "mar" and (n, model, "mar_fix", None) in by:
             a, b = fit(r), fit(by[(n, model, "mar_fix", None)])
-            if a and b:
+            if a and b and a[1] > 1.5 * b[1]:
                 out.append(
-                    f"N={n} {model}: the MAR step's per-example memory is {_gb(a[1])} GB as the code stands and "
-                    f"{_gb(b[1])} GB with the diffusion rows kept batch-sharded. `losses/mar_loss.diffusion_loss` "
-                    "builds the head's rows with `jnp.tile(rows, (diffusion_batch_mul, 1))`; the partitioner cannot "
-                    "shard a tile of the batch-sharded axis, so each device runs the diffusion head on the global "
-                    "batch's rows (memory and FLOPs grow with the device count). Fix: one head call per copy, or "
-                    "copies on a leading axis (`scale_check.diffusion_loss_rows_sharded`).")
+                    f"N={n} {model}: the MAR step's per-example memory is {_gb(a[1])} GB as compiled "
+                    f"({_code(r)}) and {_gb(b[1])} GB with the diffusion rows kept batch-sharded. "
+                    + ("The MAR row predates the fix (5998cc3: `losses/mar_loss.diffusion_loss` makes one head call "
+                       "per copy), which the `MAR, rows fix` row describes; recompile it with --recompile. "
+                       if legacy else "")
+                    + "A `jnp.tile(rows, (diffusion_batch_mul, 1))` of the head's rows cannot be sharded along the "
+                    "batch-sharded axis, so each device runs the diffusion head on the global batch's rows (memory and "
+                    "FLOPs grow with the device count).")
+            elif a and b:
+                out.append(f"N={n} {model}: the MAR step ({_code(r)}) and the `MAR, rows fix` candidate agree "
+                           f"({_gb(a[1])} vs {_gb(b[1])} GB per example): the diffusion head's rows stay "
+                           "batch-sharded (one head call per copy since 5998cc3).")
         ld = [p.get("leading_dims") for p in r.get("probes", []) if p.get("leading_dims")]
         replicated = bool(ld) and r["batch_shards"] > 1 and ld[0]["global"] > ld[0]["per_device"]
         if step == "rl" and (replicated or not ld):
             f = fit(r)
             est = f" (about {_gb(f[1] / r['batch_shards'])} GB per example once sharded, an estimate)" if f else ""
             out.append(
-                f"N={n} {model} {_step_label(r)}: the step is not batch-sharded"
+                f"N={n} {model} {_step_label(r)}: the step as compiled ({_code(r)}) is not batch-sharded"
                 + (f" ({ld[0]['global']} arrays of the compiled program lead with the global batch, "
                    f"{ld[0]['per_device']} with the per-device batch)" if ld else "")
-                + ": `train/rl_task.py` draws the labels inside the step with `jax.random.randint(key, "
-                "batch['labels'].shape)`, an array without the batch sharding, so the whole trajectory (K AR "
-                "iterations, VAE decode, reward) is replicated and every device computes the global batch; "
-                f"`per ex.` is the cost of {r['batch_shards']} examples{est}. Fix: constrain the labels (or derive "
-                "them from the sharded batch) to the batch sharding.")
+                + ": labels drawn inside the step with `jax.random.randint(key, batch['labels'].shape)` carry no "
+                "batch sharding, so the whole trajectory (K AR iterations, VAE decode, reward) is replicated and "
+                f"every device computes the global batch; `per ex.` is the cost of {r['batch_shards']} examples{est}."
+                + (" The row predates the fix (5998cc3: `train/rl_task.py` derives the labels from the batch-sharded "
+                   "input); recompile it with --recompile." if legacy else ""))
+        elif step == "rl" and r["batch_shards"] > 1:
+            f = fit(r)
+            out.append(f"N={n} {model} {_step_label(r)} ({_code(r)}) is batch-sharded ({ld[0]['global']} arrays "
+                       f"lead with the global batch, {ld[0]['per_device']} with the per-device batch)"
+                       + (f": {_gb(f[1])} GB per example" if f else "") + ".")
         elif replicated:
             out.append(f"N={n} {model} {_step_label(r)}: {ld[0]['global']} arrays lead with the global batch vs "
                        f"{ld[0]['per_device']} with the per-device batch: part of the step is not batch-sharded.")
@@ -577,6 +876,23 @@ def _findings(records: list[dict]) -> list[str]:
             out.append(f"N={n} {model} {_step_label(r)}: the config's global batch {r['config_global_batch']} is "
                        f"smaller than the {r['batch_shards']} batch shards; raise train.global_batch_size to a "
                        f"multiple of {r['batch_shards']} (or use fewer data x fsdp shards) to run it at this size.")
+    return out
+
+
+def _error_findings(records: list[dict]) -> list[str]:
+    out = []
+    for r in records:
+        if "TraceContextError" in r.get("error", "") and r.get("step") == "rl" and r.get("remat") is False:
+            text = (f"N={r['devices']} {r['model']} RL remat off did not trace as compiled ({_code(r)}): with "
+                    "model.remat (large/huge configs) `models/transformer.run_blocks` applied `nnx.remat` to a block "
+                    "merged outside the AR loop's `lax.scan` body (losses/rl.py closes over the parameters when "
+                    "rl.remat is off), and flax refused to update its Params from the inner trace "
+                    "(TraceContextError).")
+            if "commit" not in r:
+                text += (" Fixed since: run_blocks applies `jax.checkpoint` to a pure function of the block's "
+                         "parameters (tests/losses/test_rl.py::test_block_remat_traces_and_keeps_the_gradients, "
+                         "tests/models/test_transformer_remat.py); the case has not been recompiled.")
+            out.append(text)
     return out
 
 
@@ -597,19 +913,20 @@ def _spawn(args, n: int, model: str, step: str, remat: bool | None, result: str)
     if args.fast_compile:
         flags.append("--xla_backend_optimization_level=0")  # LLVM -O0: same buffer assignment, ~2x faster
     env.update(XLA_FLAGS=" ".join(flags), JAX_PLATFORMS="cpu")
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = _root()
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "marval_jax.tools.scale_check", "--_worker", "--result", result,
            "--_devices_one", str(n), "--_model_one", model, "--_step_one", step,
            "--_remat_one", "none" if remat is None else ("on" if remat else "off"),
            "--batches", args.batches, "--rl_num_iter", str(args.rl_num_iter), "--mesh", args.mesh or "config"]
     t0 = time.time()
+    commit = _commit()  # the code this case is compiled from (read before the worker starts)
     log_path = result + ".log"  # a file, not a pipe: the worker survives its parent (and keeps its output)
     with open(log_path, "w") as log:
         try:
             proc = subprocess.run(cmd, env=env, cwd=root, timeout=args.case_timeout, stderr=log, text=True)
         except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {args.case_timeout}s"}
+            return {"error": f"timed out after {args.case_timeout}s", "commit": commit, "date": args.date}
     with open(log_path) as f:
         err = f.read()
     sys.stderr.write(err[-4000:] if proc.returncode else "".join(
@@ -617,11 +934,59 @@ def _spawn(args, n: int, model: str, step: str, remat: bool | None, result: str)
     if proc.returncode:
         lines = [l for l in err.strip().splitlines() if l.strip()]
         exc = [l for l in lines if re.match(r"^[\w.]+(Error|Exception|Exit)\b", l)]
-        return {"error": f"exit {proc.returncode}: {(exc or lines or ['?'])[-1]}"}
+        return {"error": f"exit {proc.returncode}: {(exc or lines or ['?'])[-1]}", "commit": commit,
+                "date": args.date}
     with open(result) as f:
         rec = json.load(f)
     rec["wall_s"] = round(time.time() - t0, 1)
+    rec["commit"], rec["date"] = commit, args.date
     return rec
+
+
+def _root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _command_key(argv: list[str]) -> str:
+    """The command line without the switches that do not change its cases (--date, --report_only, --recompile)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--report_only", "--recompile"):
+            continue
+        if a == "--date":
+            skip = True
+            continue
+        if a.startswith("--date="):
+            continue
+        out.append(a)
+    return "python -m marval_jax.tools.scale_check " + " ".join(out)
+
+
+def _save_cache(path: str, cache: dict) -> None:
+    if path:
+        _write_json(path, cache)
+
+
+def _execute_main(args) -> int:
+    devices = int(args.devices)
+    (model,) = parse_list(args.models, None, "models")
+    (step,) = parse_list(args.steps, STEPS, "steps")
+    remat = {"on": True, "off": False}[parse_list(args.rl_remat, ("on", "off"), "rl_remat")[0]] \
+        if step == "rl" else None
+    cache_path = args.cache or os.path.join(_root(), "docs", "scale.json")
+    cache = {}
+    if os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    batches = [int(b) for b in args.batches.split(",")] if args.batches else None
+    rec = execute_case(model, step, parse_mesh(args.mesh), remat, args.execute_batch, args.execute_steps,
+                       args.rl_num_iter, devices, cache, batches, out=args.out)
+    rec["command"] = _command_key([a for a in (args.argv or [])])
+    _write_json(args.out, rec)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -637,67 +1002,100 @@ def main(argv=None) -> int:
     p.add_argument("--hbm", default=HBM_DEFAULT, help="name=GB,... HBM per device")
     p.add_argument("--hbm_fraction", type=float, default=0.9, help="usable fraction of HBM in the batch fit")
     p.add_argument("--cache", default="", help="JSON of case results (reused; default: --out with .json)")
-    p.add_argument("--out", default="", help="markdown report (e.g. docs/scale.md); stdout if empty")
+    p.add_argument("--out", default="", help="markdown report (e.g. docs/scale.md); stdout if empty. With "
+                                             "--execute: the result JSON")
     p.add_argument("--date", default=datetime.date.today().isoformat())
     p.add_argument("--case_timeout", type=int, default=4 * 3600)
     p.add_argument("--fast_compile", type=int, default=1, help="1: XLA CPU backend at -O0 (faster, same sizes)")
     p.add_argument("--report_only", action="store_true",
-                   help="render the cached cases of this command without compiling the missing ones")
+                   help="render the cached cases without compiling the missing ones (still records the command)")
+    p.add_argument("--recompile", action="store_true", help="compile this command's cases even when cached")
+    p.add_argument("--execute", action="store_true",
+                   help="run the step for real on this machine's accelerator (one --devices count, one model, one "
+                        "step) at --execute_batch and compare its peak memory with the cached CPU prediction; "
+                        "writes the JSON to --out")
+    p.add_argument("--execute_batch", type=int, default=16, help="per-device batch of --execute")
+    p.add_argument("--execute_steps", type=int, default=3, help="train steps of --execute")
+    p.add_argument("--record", default="", help="an --execute JSON to add to the cache's measurements; rewrites "
+                                                "--out from the recorded commands (compiles nothing)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--result", default="", help=argparse.SUPPRESS)
     p.add_argument("--_devices_one", dest="devices_one", type=int, help=argparse.SUPPRESS)
     p.add_argument("--_model_one", dest="model_one", help=argparse.SUPPRESS)
     p.add_argument("--_step_one", dest="step_one", help=argparse.SUPPRESS)
     p.add_argument("--_remat_one", dest="remat_one", help=argparse.SUPPRESS)
+    argv = list(argv if argv is not None else sys.argv[1:])
     args = p.parse_args(argv)
+    args.argv = argv
     if args._worker:
         return _worker_main(args)
+    if args.execute:
+        return _execute_main(args)
 
-    devices = [int(d) for d in parse_list(args.devices, None, "devices")]
-    models = parse_list(args.models, None, "models")
-    steps = parse_list(args.steps, STEPS, "steps")
-    remats = [{"on": True, "off": False}[r] for r in parse_list(args.rl_remat, ("on", "off"), "rl_remat")]
-    mesh = parse_mesh(args.mesh)
     hbm = parse_hbm(args.hbm)
-    batches = [int(b) for b in args.batches.split(",")]
-    if len(set(batches)) < 2:
-        print("note: one per-device batch size: memory is reported, the batch fit is not", file=sys.stderr)
     cache_path = args.cache or (os.path.splitext(args.out)[0] + ".json" if args.out else "")
-    cache: dict[str, dict] = {}
+    cache: dict[str, Any] = {}
     if cache_path and os.path.exists(cache_path):
         with open(cache_path) as f:
             cache = json.load(f)
-
-    cases = [(n, m, s, r) for n in devices for m in models for s in steps
-             for r in (remats if s == "rl" else [None])]
-    import tempfile
-    for n, m, s, r in cases:
-        key = case_key(n, mesh, m, s, r, batches)
-        if args.report_only or (key in cache and "error" not in cache[key]):
-            continue
-        print(f"[scale_check] {key}", file=sys.stderr, flush=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            rec = _spawn(args, n, m, s, r, os.path.join(tmp, "result.json"))
-        rec.setdefault("devices", n), rec.setdefault("model", m), rec.setdefault("step", s)
-        rec.setdefault("remat", r)
-        cache[key] = rec
-        if cache_path:
-            with open(cache_path, "w") as f:
-                json.dump(cache, f, indent=1, sort_keys=True)
-    wanted = {case_key(n, mesh, m, s, r, batches): (n, m, s, r) for n, m, s, r in cases}
-    records = [cache[k] for k in wanted if k in cache]
-    missing = [f"N={n} {m} {s}{'' if r is None else (' remat on' if r else ' remat off')}"
-               for k, (n, m, s, r) in wanted.items() if k not in cache]
-    command = "python -m marval_jax.tools.scale_check " + " ".join(
-        a for a in (argv if argv is not None else sys.argv[1:]) if a != "--report_only")
-    text = render(records, hbm, args.hbm_fraction, command, args.date, missing)
+    registry = cache.setdefault("_commands", {})
+    compiled_now: list[str] = []
+    if args.record:
+        with open(args.record) as f:
+            m = json.load(f)
+        key = f"{m['device_kind']}|n={m['devices']}|{m['model']}|{m['step']}|b={m['per_device_batch']}"
+        cache.setdefault("_measured", {})[key] = m
+        _save_cache(cache_path, cache)
+    else:
+        devices = [int(d) for d in parse_list(args.devices, None, "devices")]
+        models = parse_list(args.models, None, "models")
+        steps = parse_list(args.steps, STEPS, "steps")
+        remats = [{"on": True, "off": False}[r] for r in parse_list(args.rl_remat, ("on", "off"), "rl_remat")]
+        mesh = parse_mesh(args.mesh)
+        batches = [int(b) for b in args.batches.split(",")]
+        if len(set(batches)) < 2:
+            print("note: one per-device batch size: memory is reported, the batch fit is not", file=sys.stderr)
+        cases = [(n, m, s, r) for n in devices for m in models for s in steps
+                 for r in (remats if s == "rl" else [None])]
+        command = _command_key(argv)
+        registry.pop(command, None)  # re-inserted last: the report lists commands in the order last run
+        registry[command] = dict(date=args.date, cases=[
+            [case_key(n, mesh, m, s, r, batches), f"N={n} {m} {s}{'' if r is None else (' remat on' if r else ' remat off')}"]
+            for n, m, s, r in cases])
+        _save_cache(cache_path, cache)
+        import tempfile
+        for n, m, s, r in cases:
+            key = case_key(n, mesh, m, s, r, batches)
+            if args.report_only or (key in cache and "error" not in cache[key] and not args.recompile):
+                continue
+            print(f"[scale_check] {key}", file=sys.stderr, flush=True)
+            with tempfile.TemporaryDirectory() as tmp:
+                rec = _spawn(args, n, m, s, r, os.path.join(tmp, "result.json"))
+            rec.setdefault("devices", n), rec.setdefault("model", m), rec.setdefault("step", s)
+            rec.setdefault("remat", r)
+            cache[key] = rec
+            compiled_now.append(key)
+            _save_cache(cache_path, cache)
+    records, missing, seen = [], [], set()
+    for entry in registry.values():
+        for key, label in entry["cases"]:
+            if key in seen:
+                continue
+            seen.add(key)
+            if key in cache:
+                records.append(cache[key])
+            else:
+                missing.append(label)
+    commands = [dict(command=c, date=e.get("date", "")) for c, e in registry.items()]
+    text = render(records, hbm, args.hbm_fraction, commands, missing=missing,
+                  measured=list(cache.get("_measured", {}).values()))
     if args.out:
         with open(args.out, "w") as f:
             f.write(text)
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
-    return 1 if any("error" in r for r in records) else 0
+    return 1 if any("error" in cache[k] for k in compiled_now) else 0
 
 
 if __name__ == "__main__":

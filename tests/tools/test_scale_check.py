@@ -1,7 +1,8 @@
 """marval_jax.tools.scale_check: the tool compiles a real train step on forced CPU devices (in its own subprocess)
-and reports positive per-device memory that shrinks as the FSDP axis grows; the memory model and report are checked
-on synthetic records."""
+and reports positive per-device memory that shrinks as the FSDP axis grows; `--execute` runs a step for real and
+compares with the cached prediction; the memory model and report are checked on synthetic records."""
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -24,7 +25,10 @@ def _run_tool(tmp_path, fsdp):
          "--out", str(tmp_path / f"fsdp{fsdp}.md")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (rec,) = json.loads(cache.read_text()).values()
+    cached = json.loads(cache.read_text())
+    (rec,) = [v for k, v in cached.items() if not k.startswith("_")]
+    (command,) = cached["_commands"]  # the command is recorded with its cases, so the report can be re-rendered
+    assert command.startswith("python -m marval_jax.tools.scale_check --devices 8")
     return rec, (tmp_path / f"fsdp{fsdp}.md").read_text()
 
 
@@ -81,3 +85,73 @@ def test_render_table_and_parsers():
         sc.parse_mesh("dp=4")
     with pytest.raises(ValueError, match="unknown"):
         sc.parse_list("mar,bogus", sc.STEPS, "steps")
+
+
+def _tool(*args, timeout=900):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["JAX_PLATFORMS"] = "cpu"
+    proc = subprocess.run([sys.executable, "-m", "marval_jax.tools.scale_check", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
+    """The H200 validation path at tiny size on CPU: compile N = 1 at two batches (the prediction), run the step for
+    real at one of them, record the result in the report. On CPU the device compiler is the one that made the
+    prediction, so its compiled peak matches it; CPU keeps no allocator statistics (peak n/a)."""
+    cache, report, result = tmp_path / "scale.json", tmp_path / "scale.md", tmp_path / "out" / "exec.json"
+    common = ["--devices", "1", "--models", "tiny", "--steps", "gsim", "--mesh", "data=1,fsdp=1,tensor=1",
+              "--batches", "2,4"]
+    _tool(*common, "--cache", str(cache), "--out", str(report))
+    proc = _tool("--execute", *common, "--execute_batch", "4", "--execute_steps", "3", "--cache", str(cache),
+                 "--out", str(result))
+    rec = json.loads(result.read_text())
+    assert rec["mode"] == "execute" and rec["platform"] == "cpu" and rec["per_device_batch"] == 4
+    assert len(rec["step_s"]) == 3 and all(math.isfinite(x) for x in rec["loss"])
+    assert rec["memory"] is None and "rel_diff" not in rec          # CPU: no memory_stats
+    pred = rec["prediction"]
+    assert pred["key"] == "n=1|mesh=data=1,fsdp=1,tensor=1|tiny|gsim|b=2,4"
+    assert pred["predicted_peak"] == pytest.approx(pred["probe_peak"], rel=1e-9)  # b = 4 is a probe
+    assert rec["compiled"]["peak"] == pytest.approx(pred["predicted_peak"], rel=0.02)
+    assert abs(rec["compiled_rel_diff"]) < 0.02
+    # jit prunes state the step never reads (the fake score's EMA copy: its ema_decay is 0): one params copy
+    assert rec["state_not_read"] == pytest.approx(rec["state"]["frozen"], rel=0.01)
+    assert "[scale_check --execute] cpu x1 tiny gsim b=4 (3 steps): peak_bytes_in_use n/a" in proc.stdout
+    _tool("--record", str(result), "--cache", str(cache), "--out", str(report))
+    text = report.read_text()
+    assert "## N = 1 device (one H200; mesh data=1,fsdp=1,tensor=1)" in text
+    assert "| cpu x1 | " in text and "MARVAL-tiny GSIM | 4 |" in text and "Not run yet." not in text
+    assert sc.H200_COMMAND in text
+
+
+def test_find_prediction_and_execute_summary():
+    rec = dict(_record(), devices=1, mesh={"data": 1, "fsdp": 1, "tensor": 1}, batch_shards=1)
+    cache = {"_commands": {}, "n=1|x|b=2,4": rec, "n=1|y|b=2,4": dict(rec, model="base"),
+             "bad": dict(rec, error="exit 1")}
+    pred = sc.find_prediction(cache, 1, {"data": 1, "fsdp": 1, "tensor": 1}, "huge", "gsim", None, 16, [2, 4])
+    assert pred["key"] == "n=1|x|b=2,4" and pred["predicted_peak"] == pytest.approx(10 * GB + 16 * 2 * GB)
+    assert pred["probe_peak"] is None
+    assert sc.find_prediction(cache, 1, {"data": 1, "fsdp": 1, "tensor": 1}, "large", "gsim", None, 16) is None
+    m = dict(mode="execute", device_kind="NVIDIA H200", devices=1, model="huge", step="gsim", per_device_batch=16,
+             step_s=[1.0, 0.5, 0.5], memory={"peak_bytes_in_use": int(46 * GB)}, compiled={"peak": int(40 * GB)},
+             prediction=pred, rel_diff=(46 - 42) / 42, within_15pct=True, compiled_rel_diff=(40 - 42) / 42)
+    line = sc.execute_summary(m)
+    assert "NVIDIA H200 x1 huge gsim b=16 (3 steps): peak_bytes_in_use 46.00 GB" in line
+    assert "CPU prediction 42.00 GB" in line and "+9.5% (within 15%)" in line and "compiled vs prediction -4.8%" in line
+
+
+def test_command_key_and_findings_state_the_code_they_describe():
+    assert sc._command_key(["--devices", "1", "--date", "2026-01-01", "--report_only", "--recompile"]) == (
+        "python -m marval_jax.tools.scale_check --devices 1")
+    legacy_mar = dict(_record("mar", per=7 * GB))
+    fix = dict(_record("mar_fix", per=1 * GB))
+    text = " ".join(sc._findings([legacy_mar, fix]))
+    assert "predates the fix" in text and sc.LEGACY in text
+    now = " ".join(sc._findings([dict(_record("mar", per=1.05 * GB), commit="abc1234"), fix]))
+    assert "agree" in now and "predates" not in now
+    err = dict(devices=64, model="huge", step="rl", remat=False,
+               error="exit 1: flax.errors.TraceContextError: Cannot mutate Param from a different trace level")
+    (f,) = sc._error_findings([err])
+    assert "Fixed since" in f
+    assert "Fixed since" not in sc._error_findings([dict(err, commit="abc1234")])[0]
