@@ -396,6 +396,14 @@ def run_case(devices: int, model: str, step: str, mesh_spec: dict | None, remat:
                 jax=jax.__version__, xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
+def _outside_steps(path: str) -> bool:
+    """Files no train step imports (benchmarks, evaluation, CLI entry points, other tools): edits there leave the
+    compiled programs unchanged, so they do not make a stamp dirty."""
+    return (path.startswith(("marval_jax/benchmarks/", "marval_jax/evaluation/", "marval_jax/main.py",
+                             "marval_jax/demo.py")) or
+            (path.startswith("marval_jax/tools/") and path != "marval_jax/tools/scale_check.py"))
+
+
 def _commit() -> str | None:
     """The repository's short commit, with "+dirty" when the code differs from it (None outside a git checkout)."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -404,8 +412,9 @@ def _commit() -> str | None:
                               timeout=30)
         if head.returncode:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "marval_jax", "configs"], cwd=root,
-                               capture_output=True, text=True, timeout=30).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--", "marval_jax", "configs"], cwd=root,
+                                capture_output=True, text=True, timeout=30).stdout.splitlines()
+        dirty = [line[3:] for line in status if not line.startswith("??") and not _outside_steps(line[3:])]
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
