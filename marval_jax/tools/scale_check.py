@@ -28,7 +28,8 @@ sharded, no host copy), run a few steps on a fixed random batch and compare the 
 N = 1 CPU prediction; `--record FILE` adds the result JSON to the report:
 
     python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim \
-        --mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 --out $OUT/h200_gsim.json
+        --mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 \
+        --compile_options xla_gpu_autotune_level=0 --out $OUT/h200_gsim.json
     python -m marval_jax.tools.scale_check --record h200_gsim.json --out docs/scale.md
 
 Each compiled program is also checked for batch sharding: the report flags a step whose arrays lead with the
@@ -94,6 +95,29 @@ def parse_hbm(spec: str) -> dict[str, float]:
         if not name or not value:
             raise ValueError(f"--hbm: expected name=GB,... (e.g. {HBM_DEFAULT}), got {spec!r}")
         out[name.strip()] = float(value)
+    return out
+
+
+def parse_options(spec: str) -> dict[str, Any]:
+    """"xla_gpu_autotune_level=0,xla_foo=true" -> {"xla_gpu_autotune_level": 0, "xla_foo": True}."""
+    out: dict[str, Any] = {}
+    for part in (spec or "").split(","):
+        if not part.strip():
+            continue
+        name, _, value = part.partition("=")
+        if not name.strip() or not value.strip():
+            raise ValueError(f"--compile_options: expected name=value,..., got {spec!r}")
+        v = value.strip()
+        if v.lower() in ("true", "false"):
+            out[name.strip()] = v.lower() == "true"
+        else:
+            try:
+                out[name.strip()] = int(v)
+            except ValueError:
+                try:
+                    out[name.strip()] = float(v)
+                except ValueError:
+                    out[name.strip()] = v
     return out
 
 
@@ -483,7 +507,7 @@ def _write_json(path: str, obj: dict) -> None:
 
 def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | None, batch: int, num_steps: int,
                  rl_num_iter: int, devices: int, cache: dict, batches: list[int] | None, out: str = "",
-                 seed: int = 0) -> dict:
+                 seed: int = 0, compile_options: dict | None = None) -> dict:
     """Runs the train step for real on the first `devices` accelerators and measures its memory.
 
     The same task, shardings and jit as the compile-only cases (and as `marval_jax.train.loop`): the step is
@@ -493,7 +517,9 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
     with the state donated. Reports the compiled program's memory_analysis on this backend, the allocator's
     `peak_bytes_in_use` (None where the backend keeps no statistics, e.g. CPU) and the cached CPU prediction
     (fixed + batch x per_example of the matching compile-only case) with the relative difference. The JSON at
-    `out` is rewritten after each phase, so a run cut short still leaves what it measured.
+    `out` is rewritten after each phase, so a run cut short still leaves what it measured. `compile_options`
+    (XLA debug options, e.g. {"xla_gpu_autotune_level": 0}) go to the step's compile; one this XLA rejects is
+    dropped (noted in the JSON) and the step compiled with the defaults.
     """
     import jax
     import jax.numpy as jnp
@@ -538,7 +564,13 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
     extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
                      for e in built.extra)
     t0 = time.time()
-    compiled = jitted.lower(state_in, batch_in, *extra_in).compile()
+    lowered = jitted.lower(state_in, batch_in, *extra_in)
+    rec["compile_options"] = dict(compile_options or {})
+    try:
+        compiled = lowered.compile(compiler_options=compile_options or None)
+    except Exception as e:  # noqa: BLE001  (an option this XLA does not know: compile with its defaults)
+        rec["compile_options_error"], rec["compile_options"] = f"{type(e).__name__}: {str(e)[:300]}", {}
+        compiled = lowered.compile()
     rec["compile_s"] = round(time.time() - t0, 1)
     rec["compiled"] = _memory_analysis(compiled)
     if rec["compiled"]:  # state leaves the step never reads (jit prunes them) stay allocated but are not arguments
@@ -658,7 +690,7 @@ def _step_label(rec: dict) -> str:
 LEGACY = "before 5998cc3"  # cases cached before records carried their commit (the table of 2026-11-29)
 H200_COMMAND = ("python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim "
                 "--mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 "
-                "--out $OUT/h200_gsim.json")
+                "--compile_options xla_gpu_autotune_level=0 --out $OUT/h200_gsim.json")
 RECORD_COMMAND = "python -m marval_jax.tools.scale_check --record h200_gsim.json --out docs/scale.md"
 
 
@@ -813,7 +845,9 @@ def _validation_section(measured: list[dict]) -> list[str]:
              "batch is counted in both; cuBLAS / autotuning workspace, allocator rounding and the init program are",
              "not in the prediction), and so do state leaves the step never reads: jit prunes them from the program",
              "(GSIM: the fake score's EMA copy, ema_decay 0; 0.83 GB for B, `state_not_read` in the JSON) but they stay",
-             "allocated on the device. The comparison is reported as it comes out.", ""]
+             "allocated on the device. The command compiles without GEMM autotuning (`xla_gpu_autotune_level=0`, to",
+             "keep the GPU compile short); autotuning chooses kernels and their workspace, not the program's buffers.",
+             "The comparison is reported as it comes out.", ""]
     if not measured:
         return lines + ["Not run yet.", ""]
     lines += ["| device | jax | step | b | steps (s each) | peak_bytes_in_use | device compiled peak | "
@@ -992,7 +1026,8 @@ def _execute_main(args) -> int:
             cache = json.load(f)
     batches = [int(b) for b in args.batches.split(",")] if args.batches else None
     rec = execute_case(model, step, parse_mesh(args.mesh), remat, args.execute_batch, args.execute_steps,
-                       args.rl_num_iter, devices, cache, batches, out=args.out)
+                       args.rl_num_iter, devices, cache, batches, out=args.out,
+                       compile_options=parse_options(args.compile_options))
     rec["command"] = _command_key([a for a in (args.argv or [])])
     _write_json(args.out, rec)
     return 0
@@ -1025,6 +1060,9 @@ def main(argv=None) -> int:
                         "writes the JSON to --out")
     p.add_argument("--execute_batch", type=int, default=16, help="per-device batch of --execute")
     p.add_argument("--execute_steps", type=int, default=3, help="train steps of --execute")
+    p.add_argument("--compile_options", default="",
+                   help="--execute: XLA options for the step's compile, name=value,... (e.g. "
+                        "xla_gpu_autotune_level=0: no GEMM autotuning, a shorter GPU compile)")
     p.add_argument("--record", default="", help="an --execute JSON to add to the cache's measurements; rewrites "
                                                 "--out from the recorded commands (compiles nothing)")
     p.add_argument("--_worker", action="store_true", help=argparse.SUPPRESS)

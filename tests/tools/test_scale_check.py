@@ -105,8 +105,9 @@ def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
               "--batches", "2,4"]
     _tool(*common, "--cache", str(cache), "--out", str(report))
     proc = _tool("--execute", *common, "--execute_batch", "4", "--execute_steps", "3", "--cache", str(cache),
-                 "--out", str(result))
+                 "--compile_options", "xla_no_such_option_zz=1", "--out", str(result))
     rec = json.loads(result.read_text())
+    assert "No such compile option" in rec["compile_options_error"] and rec["compile_options"] == {}  # fell back
     assert rec["mode"] == "execute" and rec["platform"] == "cpu" and rec["per_device_batch"] == 4
     assert len(rec["step_s"]) == 3 and all(math.isfinite(x) for x in rec["loss"])
     assert rec["memory"] is None and "rel_diff" not in rec          # CPU: no memory_stats
@@ -139,6 +140,14 @@ def test_find_prediction_and_execute_summary():
     line = sc.execute_summary(m)
     assert "NVIDIA H200 x1 huge gsim b=16 (3 steps): peak_bytes_in_use 46.00 GB" in line
     assert "CPU prediction 42.00 GB" in line and "+9.5% (within 15%)" in line and "compiled vs prediction -4.8%" in line
+
+
+def test_parse_options():
+    assert sc.parse_options("xla_gpu_autotune_level=0, a=true,b=0.5,c=x") == {
+        "xla_gpu_autotune_level": 0, "a": True, "b": 0.5, "c": "x"}
+    assert sc.parse_options("") == {}
+    with pytest.raises(ValueError, match="name=value"):
+        sc.parse_options("xla_gpu_autotune_level")
 
 
 def test_command_key_and_findings_state_the_code_they_describe():
