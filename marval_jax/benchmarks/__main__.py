@@ -1,14 +1,18 @@
 """Benchmark suite CLI (docs/benchmarks.md).
 
-  python -m marval_jax.benchmarks --models base --what sample,train,breakdown --batch 1,256 \
-      --out docs/benchmarks/h200.json --table docs/benchmarks.md
+  python -m marval_jax.benchmarks --models base --batch 1,256 --out docs/benchmarks/h200.json \
+      --table docs/benchmarks.md --time-budget 480      # bash launch/h200_bench.sh does this on a GPU machine
   python -m marval_jax.benchmarks --quick --out /tmp/bench.json --table /tmp/bench.md   # tiny shapes, CPU, < 60 s
   python -m marval_jax.benchmarks --from-json docs/benchmarks/h200.json --table docs/benchmarks.md  # re-render
+  python -m marval_jax.benchmarks --from-json a.json,b.json --table docs/benchmarks.md  # two runs in one table
 
---what: sample (MAR teacher + MARVAL one-step samplers at each --batch), train (MAR, GSIM and RL steps; pick with
---train-steps), breakdown (the samplers' transformer loop and head loop timed apart, at the largest batch).
+--what: sample (MAR teacher + MARVAL one-step samplers at each --batch), train (MAR, GSIM and RL steps, the RL
+step with and without remat; pick with --train-steps), kv (KV-cached samplers: the approximate cache of the
+bidirectional model, and the exact cache of the attention="causal" model with its uncached sampler, at each
+--kv-batch), breakdown (the samplers' transformer loop and head loop timed apart, at the largest batch).
 --out defaults to docs/benchmarks/<device>.json. --time-budget S skips what would not finish within S seconds
-(recorded as skipped). The JSON is rewritten after every measurement.
+(recorded as skipped). The JSON (and --table) is rewritten after every measurement. Out-of-memory failures are
+recorded as status "oom" (a training step is retried at half the batch) and do not make the exit status nonzero.
 """
 from __future__ import annotations
 
@@ -16,6 +20,8 @@ import argparse
 import json
 import os
 import sys
+
+from marval_jax.benchmarks.defaults import GSIM_BATCH, KV_APPROX, RL_BATCH, TRAIN_STEPS, WHAT
 
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -27,16 +33,22 @@ def _list(s: str) -> list[str]:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m marval_jax.benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="base", help="comma list of base, large, huge")
-    p.add_argument("--what", default="sample,train,breakdown", help="comma list of sample, train, breakdown")
+    p.add_argument("--what", default="sample,train,kv,breakdown",
+                   help="comma list of sample, train, kv, breakdown")
     p.add_argument("--batch", default="1,256", help="sampler batch sizes")
     p.add_argument("--out", default=None, help="JSON path (default docs/benchmarks/<device>.json)")
     p.add_argument("--table", default=None, help="markdown file whose generated section is (re)written")
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU smoke run)")
-    p.add_argument("--from-json", default=None, help="only render --table from an existing JSON")
-    p.add_argument("--train-steps", default="mar,gsim,rl")
+    p.add_argument("--from-json", default=None,
+                   help="only render --table from existing JSON files (a comma list: the runs' rows together)")
+    p.add_argument("--train-steps", default=",".join(TRAIN_STEPS),
+                   help="comma list of mar, gsim, rl (rl.remat on), rl_noremat (rl.remat off)")
     p.add_argument("--train-batch", type=int, default=256)
-    p.add_argument("--gsim-batch", type=int, default=256)
-    p.add_argument("--rl-batch", type=int, default=32)
+    p.add_argument("--gsim-batch", type=int, default=GSIM_BATCH)
+    p.add_argument("--rl-batch", type=int, default=RL_BATCH, help="batch of both RL steps (remat on and off)")
+    p.add_argument("--kv-batch", default=None, help="batch sizes of the kv rows (default: --batch)")
+    p.add_argument("--kv-approx", default=",".join(map(str, KV_APPROX)),
+                   help="r,R of the approximate cache policy: recompute the last r steps' tokens, refresh every R")
     p.add_argument("--num-iter", type=int, default=64, help="AR iterations of the samplers")
     p.add_argument("--head-steps", default="100", help="teacher head respacing")
     p.add_argument("--t-init", type=int, default=760)
@@ -55,23 +67,46 @@ def main(argv=None) -> int:
     if a.from_json:
         if not a.table:
             raise SystemExit("--from-json needs --table")
-        with open(a.from_json) as f:
-            suite.write_table(json.load(f), a.table)
+        reports = []
+        for path in _list(a.from_json):
+            with open(path) as f:
+                reports.append(json.load(f))
+        suite.write_table(suite.merge_reports(reports), a.table)
         return 0
-    common = dict(what=_list(a.what), out=a.out, table=a.table, train_steps=tuple(_list(a.train_steps)),
-                  time_budget_s=a.time_budget, t_init=a.t_init)
+    what, steps = _list(a.what), tuple(_list(a.train_steps))
+    for x in what:
+        if x not in WHAT:
+            raise SystemExit(f"--what takes {', '.join(WHAT)}, got {x!r}")
+    for x in steps:
+        if x not in TRAIN_STEPS:
+            raise SystemExit(f"--train-steps takes {', '.join(TRAIN_STEPS)}, got {x!r}")
+    kv_approx = tuple(int(x) for x in _list(a.kv_approx))
+    if len(kv_approx) != 2 or kv_approx[0] < 0 or kv_approx[1] < 1:
+        raise SystemExit(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
+    common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
+                  t_init=a.t_init, kv_approx=kv_approx)
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)
     else:
+        kv_batches = [int(b) for b in _list(a.kv_batch)] if a.kv_batch else None
         settings = suite.Settings(models=_list(a.models), batches=batches, num_iter=a.num_iter,
                                   head_steps=a.head_steps, train_batch=a.train_batch, gsim_batch=a.gsim_batch,
-                                  rl_batch=a.rl_batch, min_reps=a.min_reps, target_s=a.target_s, **common)
+                                  rl_batch=a.rl_batch, kv_batches=kv_batches, min_reps=a.min_reps,
+                                  target_s=a.target_s, **common)
     report = suite.main_run(settings)
-    bad = [r for r in report["results"] if r["status"] == "error"]
-    for r in bad:
-        print(f"ERROR {r['model']} {r['name']} b={r.get('batch')}: {r['error']}", file=sys.stderr)
-    return 1 if bad else 0
+    for r in report["results"]:
+        if r["status"] == "oom":
+            print(f"OOM {r['model']} {r['name']} b={r.get('batch')}: {r['error'][:500]}", file=sys.stderr)
+    for r in report["results"]:
+        if r["status"] == "error":
+            print(f"ERROR {r['model']} {r['name']} b={r.get('batch')}: {r['error']}", file=sys.stderr)
+    return exit_code(report)
+
+
+def exit_code(report: dict) -> int:
+    """1 if a measurement failed; out-of-memory rows ("oom") and rows skipped for time are results, not failures."""
+    return 1 if any(r["status"] == "error" for r in report["results"]) else 0
 
 
 if __name__ == "__main__":

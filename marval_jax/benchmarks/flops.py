@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from marval_jax.models.diffusion_head import FREQ_DIM
 from marval_jax.models.mar import MARConfig
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -138,3 +140,43 @@ def rl_step_flops(cfg: MARConfig, *, batch: int, num_iter: int, backprop_steps: 
         grad_fwd += max(0, seg.stop - max(seg.start, boundary)) * per_step
     total = fwd + 2 * grad_fwd + (grad_fwd if remat else 0)
     return dict(forward=fwd, total=total)
+
+
+def cached_sampler_flops(cfg: MARConfig, *, batch: int, num_iter: int, cfg_scale: float, head_calls: int,
+                         num_buckets: int = 4, policy="exact") -> dict:
+    """FLOPs of one compiled KV-cached sampler call (marval_jax.sampling.cached_sampler.make_cached_sampler), with
+    the static shapes it runs: per step either a refresh (the uncached pass at the segment's encoder length; policy
+    ("approx", r, R) at step % R == 0) or an incremental step: the segment's ingest cap W of new token rows through
+    every block and the P predicted rows through the decoder blocks, each query over all L = buffer + S + 1 cache
+    rows; the exact policy first ingests the buffer rows. The head is counted as in `sampler_flops`."""
+    from marval_jax.sampling.cached_sampler import CachePolicy, _window_counts, cache_len
+    pol = CachePolicy.parse(policy)
+    sched = ar_schedule(cfg.seq_len, num_iter)
+    segments = plan_segments(sched, cfg.buffer_size, num_buckets)
+    rows = (2 if cfg_scale != 1.0 else 1) * batch
+    win = _window_counts(sched.masked_before, pol.window)
+    refresh = (np.arange(num_iter) % pol.refresh_every == 0) if pol.kind == "approx" else np.zeros(num_iter, bool)
+    n_keys = cache_len(cfg)
+    de, dd, c, r = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.token_dim, cfg.mlp_ratio
+
+    def through_blocks(n: int) -> int:  # n query rows through encoder and decoder against the caches
+        return (linear(n, c, de) + cfg.encoder_depth * block_flops(n, de, r, key_tokens=n_keys)
+                + linear(n, de, dd) + cfg.decoder_depth * block_flops(n, dd, r, key_tokens=n_keys))
+
+    hf = head_flops(cfg)
+    out = {"transformer": 0, "head": 0, "refresh_steps": int(refresh.sum()), "segments": []}
+    if pol.kind == "exact":
+        out["transformer"] += rows * (through_blocks(cfg.buffer_size) - linear(cfg.buffer_size, c, de))
+    for seg in segments:
+        caps = [int(win[k]) for k in range(seg.start, seg.stop) if not refresh[k]]
+        w = max(caps + [1])
+        incremental = through_blocks(w) + cfg.decoder_depth * block_flops(seg.pred_cap, dd, r, key_tokens=n_keys)
+        tr = sum(condition_flops(cfg, seg.enc_len) if refresh[k] else incremental for k in range(seg.start, seg.stop))
+        tr *= rows
+        hd = (seg.stop - seg.start) * rows * seg.pred_cap * head_calls * hf
+        out["segments"].append(dict(start=seg.start, stop=seg.stop, enc_len=seg.enc_len, pred_cap=seg.pred_cap,
+                                    ingest_cap=w, transformer=tr, head=hd))
+        out["transformer"] += tr
+        out["head"] += hd
+    out["total"] = out["transformer"] + out["head"]
+    return out

@@ -13,8 +13,16 @@ Measurements (per model):
   train/gsim       one generator update + one fake-score update (marval_jax.losses.gsim, default settings:
                    teacher CFG 1.2, pseudo-Huber), three MAR states (teacher frozen).
   train/rl         the RL loss (marval_jax.losses.rl) backpropagated through the one-step generator's 64-iteration
-                   AR loop (rl.remat on, all iterations carry gradient); the tokenizer decode and the reward model are
-                   replaced by a reshape and a closed-form reward, so only the generator is timed.
+                   AR loop (rl.remat on: jax.checkpoint per AR iteration, all iterations carry gradient); the tokenizer
+                   decode and the reward model are replaced by a reshape and a closed-form reward, so only the
+                   generator is timed.
+  train/rl_noremat the same step with rl.remat off (every iteration's activations kept for the backward pass), at the
+                   same batch; an out-of-memory failure is recorded as status "oom" and the step is retried at half
+                   the batch (down to 1), then train/rl is measured again at the batch that fitted.
+  kv/<s>/approx    the KV-cached sampler (marval_jax.sampling.cached_sampler) of the bidirectional model with the
+                   approximate policy ("approx", r, R); speed-up against sample/<s> at the same batch.
+  kv/<s>/causal    the uncached sampler of the same weights with attention="causal" (the exact cache's reference).
+  kv/<s>/causal_exact  the exact KV-cached sampler (attention="causal"); speed-up against kv/<s>/causal.
   breakdown/*      the sampler with the predictor replaced by a slice of z (transformer passes + token gathers and
                    scatters of the AR loop) and the predictor calls alone on fixed conditions (head loop), each one
                    compiled loop over the same segments, so that transformer + head + rest = sampler.
@@ -23,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import json
 import os
 import platform
@@ -38,10 +47,13 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.benchmarks import flops as F
-from marval_jax.benchmarks.timing import Deadline, compile_timed, device_memory, matmul_tflops, time_calls, time_steps
+from marval_jax.benchmarks.defaults import GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH, TRAIN_STEPS
+from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed, device_memory, matmul_tflops,
+                                          time_calls, time_steps)
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
+from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
 IMAGENET = mar_lib.IMAGENET_256  # the released MAR-B/L/H (configs/mar.py uses the same table)
@@ -87,10 +99,12 @@ class Settings:
     t_init: int = 760
     num_buckets: int = 4
     train_batch: int = 256
-    gsim_batch: int = 256
-    rl_batch: int = 32
+    gsim_batch: int = GSIM_BATCH
+    rl_batch: int = RL_BATCH
     rl_num_iter: int = 64
-    train_steps: tuple[str, ...] = ("mar", "gsim", "rl")
+    train_steps: tuple[str, ...] = TRAIN_STEPS
+    kv_batches: list[int] | None = None  # batches of the kv/* rows (default: `batches`)
+    kv_approx: tuple[int, int] = KV_APPROX  # (r, R) of the approximate cache policy
     breakdown_batch: int | None = None
     time_budget_s: float | None = None
     min_reps: int = 2
@@ -104,6 +118,7 @@ class Settings:
                     rl_batch=2, rl_num_iter=2, min_reps=1, target_s=0.0, quick=True)
         base.update(kw)
         base["batches"] = [2]  # one batch size: every code path once
+        base["kv_batches"] = [2]
         return cls(**base)
 
 
@@ -162,6 +177,21 @@ def _lookup(table: dict, kind: str):
     return None
 
 
+# Compile-time guesses (s, one H200) before anything was measured; once a program of the same family compiled, 1.25 x
+# the largest measured compile time of that family is used, else the guess scaled by the measured sampler compiles.
+COMPILE_GUESS_S = {"sample": 60.0, "kv": 90.0, "mar": 90.0, "gsim": 180.0, "rl": 150.0, "breakdown": 45.0}
+ASSUMED_MFU = 0.3          # run-time estimates before a measurement exists: this fraction of the dense peak
+CPU_FLOPS = 5e10           # ... or this rate when the peak is unknown (CPU)
+MARGIN_S = 10.0            # added to every estimate (tracing, transfers)
+PREDICT_SLACK = 1.05       # a halved batch is skipped as out of memory only if its scaled need exceeds the limit by 5%
+
+
+def is_oom(e: BaseException) -> bool:
+    """An allocation failure of the device (XLA's RESOURCE_EXHAUSTED / 'Out of memory ...')."""
+    msg = f"{type(e).__name__}: {e}"
+    return "RESOURCE_EXHAUSTED" in msg or "out of memory" in msg.lower()
+
+
 class Suite:
     def __init__(self, settings: Settings):
         self.s = settings
@@ -169,6 +199,7 @@ class Suite:
         kind = jax.devices()[0].device_kind
         self.peak = _lookup(PEAK_TFLOPS, kind)
         self.matmul_ref = _lookup(MATMUL_REF_TFLOPS, kind)
+        self.compiles: dict[str, list[float]] = {}
         self.report: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": _device_info(), "versions": _versions(), "argv": sys.argv,
@@ -179,15 +210,28 @@ class Suite:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------------
     def write(self) -> None:
+        """Rewrites the JSON (and the table, if asked for) so that a run cut short keeps what it measured."""
         if self.s.out:
             os.makedirs(os.path.dirname(os.path.abspath(self.s.out)), exist_ok=True)
             tmp = self.s.out + ".tmp"
             with open(tmp, "w") as f:
                 json.dump(self.report, f, indent=1, default=_json_default)
             os.replace(tmp, self.s.out)
+        if self.s.table:
+            try:
+                write_table(self.report, self.s.table)
+            except Exception as e:  # noqa: BLE001 - the table is re-rendered at the end; never lose the JSON for it
+                print(f"table not written: {e!r}", file=sys.stderr, flush=True)
 
     def record(self, entry: dict) -> dict:
         entry["device_memory_after"] = device_memory()
+        before = entry.get("device_memory_before") or {}
+        after = entry["device_memory_after"] or {}
+        if "peak_bytes_in_use" in after:
+            # the allocator's peak is a running peak of the process: it is this measurement's own peak when it rose
+            # during the measurement, else an upper bound of it
+            entry["allocator_peak_bytes"] = after["peak_bytes_in_use"]
+            entry["allocator_peak_is_own"] = after["peak_bytes_in_use"] > before.get("peak_bytes_in_use", -1)
         entry["elapsed_s"] = round(self.deadline.elapsed(), 2)
         self.report["results"].append(entry)
         self.write()
@@ -195,7 +239,10 @@ class Suite:
         print(f"[{entry['elapsed_s']:7.1f}s] {entry['model']:5s} {entry['name']:34s} b={entry.get('batch')!s:4s} "
               f"{entry['status']:8s} " + (f"time {t:.4g}s" if t is not None else "") +
               (f" compile {entry['compile']['total_s']:.1f}s" if entry.get("compile") else "") +
-              (f" MFU {entry['mfu_peak']:.1%}" if entry.get("mfu_peak") else ""), flush=True)
+              (f" MFU {entry['mfu_peak']:.1%}" if entry.get("mfu_peak") else "") +
+              (f" x{entry['speedup']:.2f} vs {entry['baseline']}" if entry.get("speedup") else "") +
+              (f" ({entry.get('reason') or entry.get('error', '')[:300]})" if entry["status"] != "ok" else ""),
+              flush=True)
         return entry
 
     def _mfu(self, entry: dict, flops: float, seconds: float) -> None:
@@ -204,21 +251,92 @@ class Suite:
         entry["mfu_peak"] = flops / seconds / (self.peak * 1e12) if self.peak else None
         entry["mfu_matmul_ref"] = flops / seconds / (self.matmul_ref * 1e12) if self.matmul_ref else None
 
+    # -- time estimates (what --time-budget compares against) -------------------------------------------------------
+    def flop_rate(self) -> float:
+        return ASSUMED_MFU * self.peak * 1e12 if self.peak else CPU_FLOPS
+
+    def est_compile(self, family: str) -> float:
+        seen = self.compiles.get(family)
+        if seen:
+            return 1.25 * max(seen)
+        ref = self.compiles.get("sample")
+        if ref:
+            return 1.25 * max(ref) * COMPILE_GUESS_S[family] / COMPILE_GUESS_S["sample"]
+        return COMPILE_GUESS_S[family]
+
+    def find(self, model: str, name: str, batch: int | None, status: str = "ok") -> dict | None:
+        for e in reversed(self.report["results"]):
+            if e["model"] == model and e["name"] == name and e.get("batch") == batch and e["status"] == status:
+                return e
+        return None
+
+    # -- guarded measurements --------------------------------------------------------------------------------------
     def guarded(self, model: str, name: str, batch: int | None, fn: Callable[[dict], None],
-                need_s: float = 30.0) -> dict:
-        entry: dict[str, Any] = {"model": model, "name": name, "batch": batch}
+                need_s: float = 30.0, family: str | None = None) -> dict:
+        """Runs fn(entry) unless the time left is below need_s (status "skipped"); a failure is recorded, never
+        raised: status "oom" for an out-of-memory error (with the allocator's message), "error" otherwise."""
+        entry: dict[str, Any] = {"model": model, "name": name, "batch": batch, "need_s": round(need_s, 1)}
         if self.deadline.remaining() < need_s:
             entry["status"] = "skipped"
             entry["reason"] = f"time budget: {self.deadline.remaining():.0f} s left, {need_s:.0f} s needed"
             return self.record(entry)
+        entry["device_memory_before"] = device_memory()
+        t0 = time.perf_counter()
         try:
             fn(entry)
             entry["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - one failed measurement must not lose the others
-            entry["status"] = "error"
-            entry["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+            msg = f"{type(e).__name__}: {e}"
+            entry["status"] = "oom" if is_oom(e) else "error"
+            entry["error"] = msg[:4000]
             entry["traceback"] = traceback.format_exc()[-4000:]
+            del e
+        entry["wall_s"] = round(time.perf_counter() - t0, 2)
+        comp = (entry.get("compile") or {}).get("total_s")
+        if family is not None and comp is not None:
+            self.compiles.setdefault(family, []).append(comp)
+        if entry["status"] != "ok":
+            gc.collect()  # the failed attempt's arrays (kept alive by its frames) before the next measurement
         return self.record(entry)
+
+    def memory_limit(self) -> int | None:
+        """The device allocator's limit in bytes (None where the backend does not report it, e.g. CPU)."""
+        return (device_memory() or {}).get("bytes_limit")
+
+    def predicted_oom(self, failed: dict, b: int) -> str | None:
+        """Why batch b cannot fit either, judged from an attempt that ran out of memory: its buffer assignment
+        (arguments + temporaries per example) scaled to b against the allocator's limit, with 5% of slack for the
+        estimate; None if b might fit, the limit is unknown, or b == 1 (always tried)."""
+        mem = (failed.get("compile") or {}).get("memory") or {}
+        limit = self.memory_limit()
+        if b <= 1 or not limit or not mem.get("program_peak_bytes"):
+            return None
+        args, peak, fb = mem["argument_size_in_bytes"], mem["program_peak_bytes"], failed["batch"]
+        need = args + (peak - args) * b / fb
+        if need <= PREDICT_SLACK * limit:
+            return None
+        return (f"predicted out of memory, not compiled: the buffer assignment at batch {fb} ({peak / 2 ** 30:.1f} "
+                f"GiB) scaled to batch {b} needs {need / 2 ** 30:.1f} GiB > {PREDICT_SLACK:g} x the allocator's limit "
+                f"{limit / 2 ** 30:.1f} GiB")
+
+    def guarded_halving(self, model: str, name: str, batch: int, fn: Callable[[dict, int], None],
+                        need_s: Callable[[int], float], family: str | None = None) -> dict:
+        """`guarded` at `batch`; after an out-of-memory failure the same measurement again at half the batch, down to
+        1, so that a number results. A halved batch that the failed attempt's buffer assignment shows cannot fit
+        either is recorded as "oom" (predicted) without compiling it, to save the compile time. Every attempt is
+        recorded; returns the last entry."""
+        b = batch
+        while True:
+            entry = self.guarded(model, name, b, lambda e, b=b: fn(e, b), need_s(b), family)
+            if entry["status"] != "oom" or b <= 1:
+                return entry
+            failed = entry
+            b //= 2
+            while (why := self.predicted_oom(failed, b)) is not None:
+                self.record({"model": model, "name": name, "batch": b, "status": "oom", "predicted": True,
+                             "error": why})
+                b //= 2
+            print(f"           {name}: out of memory at batch {failed['batch']}, retrying at batch {b}", flush=True)
 
     # -- measurements ----------------------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -239,29 +357,61 @@ class Suite:
             self.report.setdefault("params", {})[name] = nparams
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             m = ModelBench(self, name, cfg, graphdef, state)
-            # priority order (a time budget cuts from the end): samplers at the largest batch, MAR training,
-            # samplers at the other batches, the breakdown, GSIM, RL
+            # Priority order (a time budget skips what does not fit, so the first rows are the likeliest to run):
+            # the Speed issue's targets (both samplers at every batch, largest first, with their compile times; MAR
+            # training; GSIM with its MFU), then the RL step with and without remat, then the KV-cache rows (largest
+            # batch first), then the breakdown.
             batches = sorted(s.batches, reverse=True)
-            for i, b in enumerate(batches):
-                if "sample" in s.what:
+            if "sample" in s.what:
+                for b in batches:
                     for kind in ("teacher", "onestep"):
-                        self.guarded(name, f"sample/{kind}", b, lambda e, k=kind, b=b: m.sampler(e, k, b))
-                if i == 0 and "train" in s.what and "mar" in s.train_steps:
-                    self.guarded(name, "train/mar", s.train_batch, m.train_mar)
+                        self.guarded(name, f"sample/{kind}", b, lambda e, k=kind, b=b: m.sampler(e, k, b),
+                                     m.need_sampler(kind, b, "sample"), "sample")
+            if "train" in s.what:
+                if "mar" in s.train_steps:
+                    self.guarded_halving(name, "train/mar", s.train_batch, m.train_mar, m.need_train("mar"), "mar")
+                if "gsim" in s.train_steps:
+                    self.guarded_halving(name, "train/gsim", s.gsim_batch, m.train_gsim, m.need_train("gsim"),
+                                         "gsim")
+                self.run_rl(m, name)
+            if "kv" in s.what:
+                for b in sorted(s.kv_batches or s.batches, reverse=True):
+                    for kind in ("onestep", "teacher"):
+                        for variant in KV_VARIANTS:
+                            fam = "sample" if variant == "causal" else "kv"
+                            self.guarded(name, f"kv/{kind}/{variant}", b,
+                                         lambda e, k=kind, b=b, v=variant: m.kv_sampler(e, k, b, v),
+                                         m.need_sampler(kind, b, fam), fam)
             if "breakdown" in s.what:
                 bb = s.breakdown_batch or max(s.batches)
                 for kind in ("teacher", "onestep"):
+                    need = m.need_sampler(kind, bb, "breakdown")
                     self.guarded(name, f"breakdown/{kind}/transformer_loop", bb,
-                                 lambda e, k=kind: m.transformer_loop(e, k, bb))
-                    self.guarded(name, f"breakdown/{kind}/head_loop", bb, lambda e, k=kind: m.head_loop(e, k, bb))
-            if "train" in s.what and "gsim" in s.train_steps:
-                self.guarded(name, "train/gsim", s.gsim_batch, m.train_gsim)
-            if "train" in s.what and "rl" in s.train_steps:
-                self.guarded(name, "train/rl", s.rl_batch, m.train_rl)
+                                 lambda e, k=kind: m.transformer_loop(e, k, bb), need, "breakdown")
+                    self.guarded(name, f"breakdown/{kind}/head_loop", bb, lambda e, k=kind: m.head_loop(e, k, bb),
+                                 need, "breakdown")
             del m, state
         self.report["total_s"] = self.deadline.elapsed()
         self.write()
         return self.report
+
+    def run_rl(self, m: "ModelBench", name: str) -> None:
+        """train/rl (remat on) at --rl-batch, then train/rl_noremat at the same batch, halving it after an
+        out-of-memory failure; if remat off only fitted a smaller batch, train/rl again at that batch (a like-for-like
+        pair)."""
+        s = self.s
+        on = off = None
+        if "rl" in s.train_steps:
+            on = self.guarded_halving(name, "train/rl", s.rl_batch, lambda e, b: m.train_rl(e, b, remat=True),
+                                      m.need_train("rl", remat=True), "rl")
+        if "rl_noremat" in s.train_steps:
+            off = self.guarded_halving(name, "train/rl_noremat", s.rl_batch,
+                                       lambda e, b: m.train_rl(e, b, remat=False),
+                                       m.need_train("rl", remat=False), "rl")
+        if on is not None and off is not None and off["status"] == "ok" and off["batch"] != on["batch"] \
+                and self.find(name, "train/rl", off["batch"]) is None:
+            self.guarded_halving(name, "train/rl", off["batch"], lambda e, b: m.train_rl(e, b, remat=True),
+                                 m.need_train("rl", remat=True), "rl")
 
 
 def _json_default(o):
@@ -287,6 +437,53 @@ class ModelBench:
         self.graphdef, self.state = graphdef, state
         self.cfg_scale = SAMPLE_CFG[name]
         self.key = jax.random.key(self.s.seed + 7)
+        self.first_outputs: dict[tuple[str, int], jax.Array] = {}  # sampler outputs of the first key, to compare
+        self._causal_graphdef = None
+
+    @property
+    def causal_graphdef(self):
+        """The same parameters with attention="causal" (the causal model has the same parameter tree)."""
+        if self._causal_graphdef is None:
+            ccfg = dataclasses.replace(self.cfg, attention="causal")
+            self._causal_graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAR(ccfg, rngs=nnx.Rngs(self.s.seed))))
+        return self._causal_graphdef
+
+    # -- time estimates ------------------------------------------------------------------------------------------
+    def est_sampler_call(self, kind: str, b: int) -> float:
+        """One sampler call: the measured uncached sampler at this batch if any, else its FLOPs at the assumed rate
+        plus a latency floor (per block ~50 us, per head call ~150 us of kernel launches in the sequential chain)."""
+        done = self.suite.find(self.name, f"sample/{kind}", b)
+        if done is not None:
+            return done["time_s"]
+        fl = F.sampler_flops(self.cfg, batch=b, num_iter=self.s.num_iter, cfg_scale=self.spec(kind).cfg,
+                             head_calls=self.head_calls(kind), num_buckets=self.s.num_buckets)["total"]
+        depth = self.cfg.encoder_depth + self.cfg.decoder_depth
+        latency = self.s.num_iter * (depth * 50e-6 + self.head_calls(kind) * 150e-6)
+        return fl / self.suite.flop_rate() + latency
+
+    def need_sampler(self, kind: str, b: int, family: str) -> float:
+        """Seconds a sampler row needs: compile + warm-up + repeats up to --target-s (at least --min-reps)."""
+        call = self.est_sampler_call(kind, b)
+        run = max((1 + self.s.min_reps) * call, self.s.target_s + 2 * call)
+        return self.suite.est_compile(family) + run + MARGIN_S
+
+    def need_train(self, step: str, remat: bool = True) -> Callable[[int], float]:
+        """Seconds a training row at batch b needs: compile + (warm-up + timed) steps at the measured MAR step's
+        rate (or the assumed one)."""
+        def need(b: int) -> float:
+            cfg, s = self.cfg, self.s
+            if step == "mar":
+                fl, n = F.mar_train_flops(cfg, batch=b)["total"], 2 + 3 * 5
+            elif step == "gsim":
+                fl, n = F.gsim_step_flops(cfg, batch=b)["total"], 2 + 3 * 3
+            else:
+                fl = F.rl_step_flops(cfg, batch=b, num_iter=s.rl_num_iter, remat=remat,
+                                     num_buckets=s.num_buckets)["total"]
+                n = 2 + 3 * 2
+            mar = self.suite.find(self.name, "train/mar", s.train_batch)
+            rate = 0.8 * mar["tflops_per_s"] * 1e12 if mar and mar.get("tflops_per_s") else self.suite.flop_rate()
+            return self.suite.est_compile(step) + n * fl / rate + MARGIN_S
+        return need
 
     # -- samplers ------------------------------------------------------------------------------------------------
     def spec(self, kind: str) -> SamplerSpec:
@@ -317,19 +514,24 @@ class ModelBench:
         keys = jax.random.split(self.key, 64)
         compiled, comp = compile_timed(jitted, *args_fn(keys[0]))
         entry["compile"] = comp
-        counter = iter(range(1, 10 ** 9))
-        last = {}
+        counter = iter(range(10 ** 9))
+        outs = {}
 
         def call():
-            last["out"] = compiled(*args_fn(keys[next(counter) % 64]))
-            return last["out"]
+            i = next(counter)
+            out = compiled(*args_fn(keys[i % 64]))
+            outs["first" if i == 0 else "last"] = out  # the warm-up call draws keys[0]: comparable across samplers
+            return out
 
-        t = time_calls(call, min_reps=self.s.min_reps, target_s=self.s.target_s, deadline=self.suite.deadline)
+        with MemoryPoller() as poll:
+            t = time_calls(call, min_reps=self.s.min_reps, target_s=self.s.target_s, deadline=self.suite.deadline)
+        entry["allocator_sampled"] = poll.result()
         entry["timing"] = t
         entry["time_s"] = t["median_s"]
         entry["per_image_s"] = t["median_s"] / b
         entry["images_per_s"] = b / t["median_s"]
-        return last["out"]
+        self._first = outs["first"]
+        return outs.get("last", outs["first"])
 
     def sampler(self, entry: dict, kind: str, b: int) -> None:
         fn = make_sampler(self.graphdef, self.spec(kind), self.predictor(kind), seq_len=self.cfg.seq_len,
@@ -337,9 +539,55 @@ class ModelBench:
         labels = self.labels(b)
         out = self._time_program(entry, fn, lambda k: (self.state, labels, k), b)
         entry["output_finite_fraction"] = float(jnp.mean(jnp.isfinite(out)))
+        self.first_outputs[(f"sample/{kind}", b)] = self._first
         entry["settings"] = self.sampler_settings(kind)
         fl = F.sampler_flops(self.cfg, batch=b, num_iter=self.s.num_iter, cfg_scale=self.spec(kind).cfg,
                              head_calls=self.head_calls(kind), num_buckets=self.s.num_buckets)
+        entry["flops_detail"] = fl
+        self.suite._mfu(entry, fl["total"], entry["time_s"])
+
+    def kv_sampler(self, entry: dict, kind: str, b: int, variant: str) -> None:
+        """kv/<kind>/approx: the approximate KV cache of the bidirectional model, against sample/<kind>;
+        kv/<kind>/causal: the uncached sampler with attention="causal"; kv/<kind>/causal_exact: the exact KV cache of
+        the causal model, against kv/<kind>/causal. Same weights, labels and keys as the uncached rows (the first
+        timed call draws the same key, so the outputs are compared too)."""
+        kw = dict(seq_len=self.cfg.seq_len, buffer_size=self.cfg.buffer_size, token_dim=self.cfg.token_dim)
+        spec, predictor = self.spec(kind), self.predictor(kind)
+        flop_kw = dict(batch=b, num_iter=self.s.num_iter, cfg_scale=spec.cfg, head_calls=self.head_calls(kind),
+                       num_buckets=self.s.num_buckets)
+        if variant == "approx":
+            policy = ("approx",) + tuple(int(x) for x in self.s.kv_approx)
+            fn = make_cached_sampler(self.graphdef, spec, predictor, policy=policy, **kw)
+            attention, cache, baseline = "bidirectional", "approx r={} R={}".format(*policy[1:]), f"sample/{kind}"
+            fl = F.cached_sampler_flops(self.cfg, policy=policy, **flop_kw)
+        elif variant == "causal":
+            fn = make_sampler(self.causal_graphdef, spec, predictor, **kw)
+            attention, cache, baseline = "causal", "none", f"sample/{kind}"
+            fl = F.sampler_flops(self.cfg, **flop_kw)
+        elif variant == "causal_exact":
+            fn = make_cached_sampler(self.causal_graphdef, spec, predictor, policy="exact", **kw)
+            attention, cache, baseline = "causal", "exact", f"kv/{kind}/causal"
+            fl = F.cached_sampler_flops(self.cfg, policy="exact", **flop_kw)
+        else:
+            raise ValueError(f"unknown kv variant {variant!r}")
+        entry.update(sampler=kind, attention=attention, cache=cache, baseline=baseline)
+        labels = self.labels(b)
+        out = self._time_program(entry, fn, lambda k: (self.state, labels, k), b)
+        entry["output_finite_fraction"] = float(jnp.mean(jnp.isfinite(out)))
+        first = self._first
+        if variant == "causal":
+            self.first_outputs[(entry["name"], b)] = first
+        ref = self.first_outputs.get((baseline, b)) if variant != "causal" else None  # causal: another model
+        if ref is not None:
+            a, r = np.asarray(first, np.float64), np.asarray(ref, np.float64)
+            # max |cached - uncached| / max |uncached| on the same key, bf16 (exact: summation order only; approx: the
+            # approximation's error, on random weights)
+            entry["max_rel_diff_vs_baseline"] = float(np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30))
+        base = self.suite.find(self.name, baseline, b)
+        if base is not None:
+            entry["baseline_time_s"] = base["time_s"]
+            entry["speedup"] = base["time_s"] / entry["time_s"]
+        entry["settings"] = dict(self.sampler_settings(kind), policy=cache, attention=attention)
         entry["flops_detail"] = fl
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 
@@ -401,18 +649,20 @@ class ModelBench:
     def _train_timing(self, entry: dict, jitted, state, extra_args: tuple, b: int, steps: int) -> None:
         compiled, comp = compile_timed(jitted, state, *extra_args)
         entry["compile"] = comp
-        t, _ = time_steps(lambda st: compiled(st, *extra_args), state, warmup=2 if not self.s.quick else 1,
-                          steps=steps, rounds=3 if not self.s.quick else 1, deadline=self.suite.deadline)
+        with MemoryPoller() as poll:
+            t, _ = time_steps(lambda st: compiled(st, *extra_args), state, warmup=2 if not self.s.quick else 1,
+                              steps=steps, rounds=3 if not self.s.quick else 1, deadline=self.suite.deadline)
+        entry["allocator_sampled"] = poll.result()
         entry["timing"] = t
         entry["time_s"] = t["median_s"]
         entry["images_per_s"] = b / t["median_s"]
         entry["finite_loss"] = t["finite_loss"]
 
-    def train_mar(self, entry: dict) -> None:
+    def train_mar(self, entry: dict, b: int) -> None:
         import optax
         from marval_jax.losses.mar_loss import mar_loss
         from marval_jax.train.optimizer import ema_update, mar_optimizer
-        cfg, b, graphdef = self.cfg, self.s.train_batch, self.graphdef
+        cfg, graphdef = self.cfg, self.graphdef
         tc = _train_namespace(b)
         tx = mar_optimizer(tc, self.state)
         enc_len = train_encoder_len(cfg, 0.7)
@@ -443,11 +693,11 @@ class ModelBench:
                                  dropout=True, optimizer="adamw b2 0.95 wd 0.02 clip 3.0 + EMA", data="fixed batch")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 
-    def train_gsim(self, entry: dict) -> None:
+    def train_gsim(self, entry: dict, b: int) -> None:
         import optax
         from marval_jax.losses.gsim import make_gsim_losses
         from marval_jax.train.optimizer import make_optimizer
-        cfg, b, graphdef = self.cfg, self.s.gsim_batch, self.graphdef
+        cfg, graphdef = self.cfg, self.graphdef
         losses = make_gsim_losses(None, {"t_init": self.s.t_init, "trainable": "all"}, cfg)
         tx = make_optimizer(1e-5, warmup_steps=0, total_steps=1000, b1=0.0, b2=0.99)
         gen, fake = copy_tree(self.state), copy_tree(self.state)
@@ -478,12 +728,14 @@ class ModelBench:
                                  step="one generator update + one fake-score update", data="fixed batch")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 
-    def train_rl(self, entry: dict) -> None:
+    def train_rl(self, entry: dict, b: int, remat: bool = True) -> None:
+        """The RL step at batch b with rl.remat on (jax.checkpoint per AR iteration) or off; the model's own
+        per-block remat (model.remat) stays as configured (off for MAR-B)."""
         import optax
         from marval_jax.losses.rl import make_rl_loss
         from marval_jax.train.optimizer import make_optimizer
-        cfg, b, graphdef = self.cfg, self.s.rl_batch, self.graphdef
-        rl_cfg = SimpleNamespace(num_iter=self.s.rl_num_iter, backprop_steps=-1, remat=True, reward_scale=1.0,
+        cfg, graphdef = self.cfg, self.graphdef
+        rl_cfg = SimpleNamespace(num_iter=self.s.rl_num_iter, backprop_steps=-1, remat=remat, reward_scale=1.0,
                                  regularizer="none", reg_weight=0.0, prompt_template="a photo of a {class}",
                                  num_buckets=self.s.num_buckets)
         gen_cfg = SimpleNamespace(t_init=self.s.t_init, trainable="all")
@@ -509,10 +761,10 @@ class ModelBench:
 
         self._train_timing(entry, jax.jit(step, donate_argnums=0), state, (self.labels(b),), b,
                            steps=2 if not self.s.quick else 1)
-        fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=True,
+        fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
         entry["flops_detail"] = fl
-        entry["settings"] = dict(vars(rl_cfg), t_init=self.s.t_init,
+        entry["settings"] = dict(vars(rl_cfg), t_init=self.s.t_init, model_remat=cfg.remat,
                                  reward="stand-in (reshape decode + closed-form reward); reward model not timed")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 
@@ -529,6 +781,37 @@ def _gib(entry) -> str:
     mem = (entry.get("compile") or {}).get("memory") or {}
     b = mem.get("program_peak_bytes")
     return "-" if b is None else f"{b / 2 ** 30:.2f}"
+
+
+def _alloc_gib(entry) -> str:
+    """The row's own allocator peak: the largest bytes_in_use sampled while its compiled program ran, else the
+    process's running peak if the row raised it, else that running peak as an upper bound (<=)."""
+    sampled = (entry.get("allocator_sampled") or {}).get("max_bytes_in_use")
+    b = entry.get("allocator_peak_bytes")
+    if sampled is not None:
+        return f"{sampled / 2 ** 30:.2f}"
+    if b is None:
+        return "-"
+    return ("" if entry.get("allocator_peak_is_own") else "<= ") + f"{b / 2 ** 30:.2f}"
+
+
+def _status(entry, ok: str) -> str:
+    if entry["status"] == "ok":
+        return ok or "ok"
+    if entry["status"] == "oom":
+        return "oom (" + _short_oom(entry.get("error", "")) + ")"
+    return entry["status"]
+
+
+def _short_oom(msg: str) -> str:
+    """The allocator's sentence ('Out of memory while trying to allocate N bytes') out of XLA's long message."""
+    low = msg.lower()
+    i = low.find("out of memory")
+    text = msg[i:] if i >= 0 else msg
+    return " ".join(text.split())[:120].replace("|", "/")
+
+
+TRAIN_LABELS = {"train/rl": "rl, remat on", "train/rl_noremat": "rl, remat off"}
 
 
 def _target(entry) -> tuple[str, str]:
@@ -571,27 +854,59 @@ def render_markdown(report: dict) -> str:
                          f"{_fmt((e.get('flops') or 0) / 1e12 if e.get('flops') else None, '.1f')} | "
                          f"{_fmt(e.get('mfu_peak'), '.1%')} | {_fmt(e.get('mfu_matmul_ref'), '.1%')} | {tgt} | "
                          f"{PYTORCH_REF.get((e['model'], e['name'], e.get('batch')), '')} | "
-                         f"{e['status'] if e['status'] != 'ok' else ok or 'ok'} |")
+                         f"{_status(e, ok)} |")
         lines.append("")
 
     train = [e for e in res if e["name"].startswith("train/")]
     if train:
         lines += ["### Training steps", "",
-                  "| model | step | batch | s / step | images / s | compile s | memory GiB | TFLOP / step | "
-                  "MFU (peak) | MFU (matmul) | target | PyTorch H200 | status |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| model | step | batch | s / step | images / s | compile s | program GiB | allocator peak GiB | "
+                  "TFLOP / step | MFU (peak) | MFU (matmul) | target | PyTorch H200 | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for e in train:
             tgt, ok = _target(e)
-            lines.append(f"| {e['model']} | {e['name'][6:]} | {e.get('batch')} | {_fmt(e.get('time_s'), '.3f')} | "
-                         f"{_fmt(e.get('images_per_s'), '.0f')} | "
-                         f"{_fmt((e.get('compile') or {}).get('total_s'), '.1f')} | {_gib(e)} | "
+            lines.append(f"| {e['model']} | {TRAIN_LABELS.get(e['name'], e['name'][6:])} | {e.get('batch')} | "
+                         f"{_fmt(e.get('time_s'), '.3f')} | {_fmt(e.get('images_per_s'), '.0f')} | "
+                         f"{_fmt((e.get('compile') or {}).get('total_s'), '.1f')} | {_gib(e)} | {_alloc_gib(e)} | "
                          f"{_fmt((e.get('flops') or 0) / 1e12 if e.get('flops') else None, '.1f')} | "
                          f"{_fmt(e.get('mfu_peak'), '.1%')} | {_fmt(e.get('mfu_matmul_ref'), '.1%')} | {tgt} | "
-                         f"{PYTORCH_REF.get((e['model'], e['name'], e.get('batch')), '')} | "
-                         f"{e['status'] if e['status'] != 'ok' else ok or 'ok'} |")
-        missing = {"train/mar", "train/gsim", "train/rl"} - {e["name"] for e in train}
+                         f"{PYTORCH_REF.get((e['model'], e['name'], e.get('batch')), '')} | {_status(e, ok)} |")
+        missing = {f"train/{n}" for n in TRAIN_STEPS} - {e["name"] for e in train}
         for name in sorted(missing):
-            lines.append(f"| - | {name[6:]} | - | - | - | - | - | - | - | - | - | - | not yet measured |")
+            lines.append(f"| - | {TRAIN_LABELS.get(name, name[6:])} | - | - | - | - | - | - | - | - | - | - | - | "
+                         "not yet measured |")
+        lines += ["", "Program GiB: XLA's buffer assignment of the compiled step (also for an out-of-memory attempt: "
+                  "what it would have needed). Allocator peak: the device allocator's bytes in use at their highest "
+                  "during the row's timed steps (sampled every 2 ms; model weights and other live arrays of the "
+                  "process included), or its `peak_bytes_in_use` when the row raised that running peak; `<=` marks "
+                  "the running peak as an upper bound where neither applies.", ""]
+
+    kv = [e for e in res if e["name"].startswith("kv/")]
+    if kv:
+        lines += ["### KV cache", "",
+                  "Same weights, labels and keys as the uncached rows. `approx`: the bidirectional model with the "
+                  "approximate cache policy, against the uncached sampler (`sample/*`); `causal` / `causal exact`: "
+                  "the model with attention=\"causal\", uncached and with the exact cache; the exact row's "
+                  "speed-up is against the uncached causal row. Max rel. diff: max |output - baseline output| / "
+                  "max |baseline output| on the same key (random weights, bf16).", "",
+                  "| model | sampler | attention | cache | batch | s / batch | s / image | compile s | memory GiB "
+                  "| TFLOP | MFU (peak) | baseline | baseline s | speed-up | max rel. diff | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for e in kv:
+            _, kind, variant = e["name"].split("/")
+            base_name = e.get("baseline") or (f"kv/{kind}/causal" if variant == "causal_exact" else f"sample/{kind}")
+            base = next((x for x in res if x["model"] == e["model"] and x["name"] == base_name
+                         and x.get("batch") == e.get("batch") and x.get("status") == "ok"), None)
+            speed = base["time_s"] / e["time_s"] if base and e.get("time_s") else None
+            attention = e.get("attention") or ("bidirectional" if variant == "approx" else "causal")
+            cache = e.get("cache") or {"approx": "approx", "causal": "none", "causal_exact": "exact"}[variant]
+            lines.append(f"| {e['model']} | {kind} | {attention} | {cache} | {e.get('batch')} | "
+                         f"{_fmt(e.get('time_s'), '.3f')} | {_fmt(e.get('per_image_s'), '.4f')} | "
+                         f"{_fmt((e.get('compile') or {}).get('total_s'), '.1f')} | {_gib(e)} | "
+                         f"{_fmt((e.get('flops') or 0) / 1e12 if e.get('flops') else None, '.1f')} | "
+                         f"{_fmt(e.get('mfu_peak'), '.1%')} | {base_name} | "
+                         f"{_fmt(base['time_s'] if base else None, '.3f')} | {_fmt(speed, '.2f', 'x')} | "
+                         f"{_fmt(e.get('max_rel_diff_vs_baseline'), '.2e')} | {_status(e, '')} |")
         lines.append("")
 
     brk = [e for e in res if e["name"].startswith("breakdown/")]
@@ -618,6 +933,35 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
+
+
+def merge_reports(reports: list[dict]) -> dict:
+    """Several runs' reports as one (e.g. two calls of the suite on the same device): the first run's header, every
+    run's rows in order, a row measured (status ok) in a later run replacing a skipped or failed one of the same model,
+    name and batch; wall time summed."""
+    if len(reports) == 1:
+        return reports[0]
+    out = dict(reports[0])
+    rows: list[dict] = []
+    for rep in reports:
+        for r in rep["results"]:
+            key = (r["model"], r["name"], r.get("batch"))
+            same = [i for i, x in enumerate(rows) if (x["model"], x["name"], x.get("batch")) == key]
+            if same and r["status"] == "ok" and all(rows[i]["status"] in ("skipped", "error") for i in same):
+                for i in reversed(same):
+                    del rows[i]
+            elif same and r["status"] == "skipped":
+                continue
+            rows.append(r)
+    out["results"] = rows
+    out["total_s"] = sum(rep.get("total_s") or 0.0 for rep in reports)
+    out["merged_from"] = [rep.get("date") for rep in reports]
+    out["peaks"] = dict(reports[0].get("peaks") or {})
+    for rep in reports[1:]:
+        for k, v in (rep.get("peaks") or {}).items():
+            if out["peaks"].get(k) is None:
+                out["peaks"][k] = v
+    return out
 
 
 def write_table(report: dict, path: str) -> None:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import statistics
+import threading
 import time
 from typing import Any, Callable
 
@@ -59,6 +60,50 @@ def device_memory() -> dict | None:
     if not stats:
         return None
     return {k: int(stats[k]) for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
+
+
+class MemoryPoller:
+    """Samples the allocator's `bytes_in_use` every `interval_s` from a thread while a measurement runs; the largest
+    value seen is that measurement's own peak (with every other live array of the process: weights, earlier rows'
+    outputs). `memory_stats()["peak_bytes_in_use"]` is a running peak of the whole process that cannot be reset, so it
+    only says something about a row that raised it. XLA allocates an execution's temporaries as one buffer for the
+    whole execution, so sampling every few milliseconds sees it. A no-op where the backend reports no statistics."""
+
+    def __init__(self, interval_s: float = 0.002, stats: Callable[[], dict | None] = device_memory):
+        self.interval_s, self.stats = interval_s, stats
+        self.max_bytes: int | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        st = self.stats()
+        if st and "bytes_in_use" in st:
+            v = int(st["bytes_in_use"])
+            self.max_bytes = v if self.max_bytes is None else max(self.max_bytes, v)
+            self.samples += 1
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def __enter__(self) -> "MemoryPoller":
+        self._sample()
+        if self.max_bytes is not None:  # statistics exist: keep sampling in the background
+            self._thread = threading.Thread(target=self._loop, name="memory-poller", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def result(self) -> dict | None:
+        if self.max_bytes is None:
+            return None
+        return {"max_bytes_in_use": self.max_bytes, "samples": self.samples, "interval_s": self.interval_s}
 
 
 def compile_timed(jitted, *args, **kwargs) -> tuple[Any, dict]:

@@ -1,9 +1,4 @@
-"""Analytic FLOP counts (marval_jax/benchmarks/flops.py) against XLA's cost analysis, and the suite's quick run."""
-import json
-import os
-import subprocess
-import sys
-
+"""Analytic FLOP counts (marval_jax/benchmarks/flops.py) against XLA's cost analysis; the suite's table."""
 import jax
 import jax.numpy as jnp
 import pytest
@@ -14,9 +9,6 @@ from marval_jax.benchmarks import suite
 from marval_jax.models.diffusion_head import SimpleMLPAdaLN
 from marval_jax.models.mar import MARConfig
 from marval_jax.models.transformer import Block
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 
 def xla_flops(fn, *args) -> float:
     cost = jax.jit(fn).lower(*args).cost_analysis()
@@ -89,20 +81,4 @@ def test_table_keeps_hand_written_text(tmp_path):
     assert text.startswith("# Title\n\nintro") and text.rstrip().endswith("analysis") and "old" not in text
     assert "| base | onestep | 256 | 2.000 |" in text and "met, compile met" in text
     assert "| base | mar | 256 | 0.250 | 1024 |" in text
-    assert "| gsim | - | - | - | - | - | - | - | - | - | - | not yet measured |" in text
-
-
-def test_quick_run_end_to_end(tmp_path):
-    """`--quick` (tiny shapes) runs every measurement on CPU and writes the JSON and the tables."""
-    out, table = tmp_path / "q.json", tmp_path / "q.md"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.run([sys.executable, "-m", "marval_jax.benchmarks", "--quick", "--out", str(out),
-                           "--table", str(table)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    report = json.loads(out.read_text())
-    names = {r["name"] for r in report["results"]}
-    assert {"sample/teacher", "sample/onestep", "train/mar", "train/gsim", "train/rl",
-            "breakdown/teacher/transformer_loop", "breakdown/teacher/head_loop"} <= names
-    assert all(r["status"] == "ok" for r in report["results"]), report["results"]
-    assert all(r["time_s"] > 0 and r["flops"] > 0 for r in report["results"])
-    assert suite.BEGIN in table.read_text()
+    assert "| - | gsim | - | - | - | - | - | - | - | - | - | - | - | not yet measured |" in text

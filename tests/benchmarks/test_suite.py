@@ -1,0 +1,274 @@
+"""The benchmark suite (marval_jax/benchmarks/suite.py): one `--quick` run on CPU covers every row; the out-of-memory
+fallback, the time budget, the RL pairing and the tables are checked with stand-in measurements (no compilation)."""
+import json
+import os
+import subprocess
+import sys
+import time
+from types import SimpleNamespace
+
+import jax
+import pytest
+
+from marval_jax.benchmarks import __main__ as cli
+from marval_jax.benchmarks import defaults
+from marval_jax.benchmarks import flops as F
+from marval_jax.benchmarks import suite
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+ROWS = {"sample/teacher", "sample/onestep", "train/mar", "train/gsim", "train/rl", "train/rl_noremat",
+        "kv/onestep/approx", "kv/onestep/causal", "kv/onestep/causal_exact",
+        "kv/teacher/approx", "kv/teacher/causal", "kv/teacher/causal_exact",
+        "breakdown/teacher/transformer_loop", "breakdown/teacher/head_loop",
+        "breakdown/onestep/transformer_loop", "breakdown/onestep/head_loop"}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `--quick` run (tiny shapes, every row) shared by the tests below."""
+    tmp = tmp_path_factory.mktemp("quick")
+    out, table = tmp / "q.json", tmp / "q.md"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    proc = subprocess.run([sys.executable, "-m", "marval_jax.benchmarks", "--quick", "--out", str(out),
+                           "--table", str(table)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(out.read_text()), table.read_text()
+
+
+def test_quick_run_measures_every_row(quick):
+    report, _ = quick
+    results = report["results"]
+    names = [r["name"] for r in results]
+    assert ROWS <= set(names), sorted(ROWS - set(names))
+    assert all(r["status"] == "ok" for r in results), [(r["name"], r.get("error")) for r in results
+                                                       if r["status"] != "ok"]
+    assert all(r["time_s"] > 0 and r["flops"] > 0 and r["compile"]["total_s"] > 0 for r in results)
+    # priority order: the Speed targets, then RL, then the KV cache, then the breakdown
+    first = {n: names.index(n) for n in ROWS}
+    assert first["sample/onestep"] < first["train/mar"] < first["train/gsim"] < first["train/rl"]
+    assert first["train/rl"] < first["train/rl_noremat"] < first["kv/onestep/approx"]
+    assert max(first[n] for n in ROWS if n.startswith("kv/")) < first["breakdown/teacher/transformer_loop"]
+
+
+def test_quick_run_rl_remat_on_and_off(quick):
+    report, _ = quick
+    rl = {r["name"]: r for r in report["results"] if r["name"].startswith("train/rl")}
+    assert rl["train/rl"]["settings"]["remat"] is True and rl["train/rl_noremat"]["settings"]["remat"] is False
+    assert rl["train/rl"]["batch"] == rl["train/rl_noremat"]["batch"] == report["settings"]["rl_batch"]
+    for r in rl.values():  # compiled program's memory, plus the allocator's when the backend reports it
+        assert r["compile"]["memory"]["program_peak_bytes"] > 0 and "device_memory_after" in r
+    # the forward pass recomputed by remat is counted
+    assert rl["train/rl"]["flops"] > rl["train/rl_noremat"]["flops"]
+    gsim = next(r for r in report["results"] if r["name"] == "train/gsim")
+    assert gsim["tflops_per_s"] > 0 and "mfu_peak" in gsim  # MFU against the device's peak (None on CPU)
+
+
+def test_quick_run_kv_rows(quick):
+    report, table = quick
+    by = {r["name"]: r for r in report["results"]}
+    for kind in ("onestep", "teacher"):
+        approx, causal, exact = (by[f"kv/{kind}/{v}"] for v in ("approx", "causal", "causal_exact"))
+        assert approx["baseline"] == f"sample/{kind}" and exact["baseline"] == f"kv/{kind}/causal"
+        assert approx["attention"] == "bidirectional" and exact["attention"] == causal["attention"] == "causal"
+        assert approx["cache"] == "approx r=2 R=4" and exact["cache"] == "exact" and causal["cache"] == "none"
+        for r in (approx, causal, exact):
+            assert r["speedup"] == pytest.approx(by[r["baseline"]]["time_s"] / r["time_s"])
+            assert r["output_finite_fraction"] == 1.0
+        for r in (approx, exact):  # outputs on the same key as the baseline, compared
+            assert 0 <= r["max_rel_diff_vs_baseline"] < float("inf")
+    assert "### KV cache" in table and "| tiny | onestep | causal | exact | 2 |" in table
+    assert "| kv/onestep/causal |" in table and table.count("x |") >= 6
+    assert "| tiny | rl, remat off | 2 |" in table and "| tiny | rl, remat on | 2 |" in table
+
+
+class FakeXlaRuntimeError(RuntimeError):
+    """What jax raises when the device allocator fails."""
+
+
+OOM = ("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 19327352832 bytes.\n"
+       "BufferAssignment OOM Debugging.\nBufferAssignment stats: ...")
+
+
+def make_suite(**kw) -> suite.Suite:
+    return suite.Suite(suite.Settings.quick_settings(what=["train"], out=None, table=None, **kw))
+
+
+def test_oom_is_recorded_and_the_batch_halved():
+    s = make_suite()
+    tried = []
+
+    def step(entry, b):
+        tried.append(b)
+        entry["compile"] = {"total_s": 1.0, "memory": {"program_peak_bytes": b * 2 ** 30}}
+        if b > 2:
+            raise FakeXlaRuntimeError(OOM)
+        entry["time_s"] = 0.5
+
+    last = s.guarded_halving("base", "train/rl_noremat", 16, step, lambda b: 0.0, "rl")
+    assert tried == [16, 8, 4, 2]
+    rows = s.report["results"]
+    assert [(r["batch"], r["status"]) for r in rows] == [(16, "oom"), (8, "oom"), (4, "oom"), (2, "ok")]
+    assert "Out of memory while trying to allocate" in rows[0]["error"]
+    assert rows[0]["compile"]["memory"]["program_peak_bytes"] == 16 * 2 ** 30  # kept for the failed attempt
+    assert last is rows[-1] and last["status"] == "ok"
+    assert cli.exit_code(s.report) == 0  # out of memory is a result, not a failure of the suite
+
+    s = make_suite()
+    s.guarded_halving("base", "train/gsim", 5, lambda e, b: (_ for _ in ()).throw(FakeXlaRuntimeError(OOM)),
+                      lambda b: 0.0)
+    assert [(r["batch"], r["status"]) for r in s.report["results"]] == [(5, "oom"), (2, "oom"), (1, "oom")]
+
+    s = make_suite()  # any other failure is an error, recorded once, and makes the exit status nonzero
+    s.guarded_halving("base", "train/mar", 8, lambda e, b: 1 / 0, lambda b: 0.0)
+    assert [(r["batch"], r["status"]) for r in s.report["results"]] == [(8, "error")]
+    assert cli.exit_code(s.report) == 1
+
+
+def test_oom_fallback_skips_batches_the_buffer_assignment_rules_out():
+    s = make_suite()
+    s.memory_limit = lambda: 5 * 2 ** 30  # the allocator's limit (GPU); CPU reports none
+    tried = []
+
+    def step(entry, b):  # 1 GiB of state + 1 GiB per example
+        tried.append(b)
+        entry["compile"] = {"total_s": 1.0, "memory": {"argument_size_in_bytes": 2 ** 30,
+                                                        "program_peak_bytes": (1 + b) * 2 ** 30}}
+        if (1 + b) * 2 ** 30 > 5 * 2 ** 30:
+            raise FakeXlaRuntimeError(OOM)
+        entry["time_s"] = 0.5
+
+    s.guarded_halving("base", "train/mar", 32, step, lambda b: 0.0, "mar")
+    assert tried == [32, 4]  # 16 and 8 need 17 and 9 GiB > 1.05 x 5 GiB: recorded, not compiled
+    rows = s.report["results"]
+    assert [(r["batch"], r["status"], r.get("predicted", False)) for r in rows] == [
+        (32, "oom", False), (16, "oom", True), (8, "oom", True), (4, "ok", False)]
+    assert "predicted out of memory" in rows[1]["error"]
+
+
+def test_memory_poller_keeps_the_largest_sample():
+    from marval_jax.benchmarks.timing import MemoryPoller
+    values = iter([5, 9, 7] + [6] * 10 ** 6)
+    with MemoryPoller(interval_s=0.001, stats=lambda: {"bytes_in_use": next(values)}) as poll:
+        time.sleep(0.05)
+    assert poll.result()["max_bytes_in_use"] == 9 and poll.result()["samples"] >= 4
+    with MemoryPoller(stats=lambda: None) as poll:  # no statistics (CPU): nothing sampled, no thread
+        pass
+    assert poll.result() is None and poll._thread is None
+
+
+def test_rl_runs_remat_on_again_at_the_batch_remat_off_fitted():
+    s = make_suite(rl_batch=4)
+    calls = []
+
+    def train_rl(entry, b, remat):
+        calls.append((b, remat))
+        if not remat and b > 1:
+            raise FakeXlaRuntimeError(OOM)
+        entry["time_s"] = 1.0
+
+    m = SimpleNamespace(train_rl=train_rl, need_train=lambda step, remat=True: (lambda b: 0.0))
+    s.run_rl(m, "base")
+    assert calls == [(4, True), (4, False), (2, False), (1, False), (1, True)]
+    assert [(r["name"], r["batch"], r["status"]) for r in s.report["results"]] == [
+        ("train/rl", 4, "ok"), ("train/rl_noremat", 4, "oom"), ("train/rl_noremat", 2, "oom"),
+        ("train/rl_noremat", 1, "ok"), ("train/rl", 1, "ok")]
+
+
+def test_time_budget_skips_instead_of_running():
+    s = make_suite(time_budget_s=50.0)
+    ran = []
+    s.guarded("base", "train/mar", 256, ran.append, need_s=100.0)
+    s.guarded("base", "train/gsim", 64, lambda e: ran.append(e) or e.update(time_s=1.0), need_s=10.0)
+    rows = s.report["results"]
+    assert [r["status"] for r in rows] == ["skipped", "ok"] and len(ran) == 1
+    assert "time budget" in rows[0]["reason"]
+    # estimates: the guesses before anything compiled, then 1.25 x the family's largest measured compile time
+    assert s.est_compile("gsim") == suite.COMPILE_GUESS_S["gsim"]
+    s.compiles["sample"] = [20.0]
+    assert s.est_compile("kv") == pytest.approx(1.25 * 20.0 * 90 / 60)
+    s.compiles["kv"] = [40.0, 30.0]
+    assert s.est_compile("kv") == 50.0
+
+
+def test_tables_show_kv_speedups_rl_rows_and_oom():
+    def row(name, batch, t, **kw):
+        return dict(model="base", name=name, batch=batch, status="ok", time_s=t, per_image_s=t / batch,
+                    compile={"total_s": 30.0, "memory": {"program_peak_bytes": 3 * 2 ** 30}}, **kw)
+
+    report = {"date": "2026-11-30T00:00:00+00:00", "device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1},
+              "versions": {"jax": jax.__version__}, "peaks": {}, "total_s": 400.0, "results": [
+                  row("sample/onestep", 256, 3.0),
+                  row("kv/onestep/approx", 256, 1.0, baseline="sample/onestep", attention="bidirectional",
+                      cache="approx r=2 R=4", max_rel_diff_vs_baseline=0.25),
+                  row("kv/onestep/causal", 256, 3.3, baseline="sample/onestep", attention="causal", cache="none"),
+                  row("kv/onestep/causal_exact", 256, 0.3, baseline="kv/onestep/causal", attention="causal",
+                      cache="exact", max_rel_diff_vs_baseline=0.004),
+                  row("train/rl", 4, 2.0, images_per_s=2.0, allocator_peak_bytes=40 * 2 ** 30,
+                      allocator_peak_is_own=False),
+                  dict(model="base", name="train/rl_noremat", batch=8, status="oom", error=OOM,
+                       compile={"total_s": 50.0, "memory": {"program_peak_bytes": 150 * 2 ** 30}}),
+                  row("train/rl_noremat", 4, 1.5, images_per_s=2.7, allocator_peak_bytes=95 * 2 ** 30,
+                      allocator_peak_is_own=True, allocator_sampled={"max_bytes_in_use": 90 * 2 ** 30}),
+                  dict(model="base", name="kv/teacher/approx", batch=1, status="skipped", reason="time budget")]}
+    text = suite.render_markdown(report)
+    assert "| base | onestep | bidirectional | approx r=2 R=4 | 256 | 1.000 |" in text
+    assert "| sample/onestep | 3.000 | 3.00x | 2.50e-01 | ok |" in text
+    assert "| kv/onestep/causal | 3.300 | 11.00x | 4.00e-03 | ok |" in text
+    assert "| base | rl, remat on | 4 | 2.000 | 2 | 30.0 | 3.00 | <= 40.00 |" in text
+    assert "| base | rl, remat off | 4 | 1.500 | 3 | 30.0 | 3.00 | 90.00 |" in text
+    assert "| base | rl, remat off | 8 |" in text and "150.00" in text
+    assert "oom (Out of memory while trying to allocate 19327352832 bytes." in text
+    assert "| base | teacher | bidirectional | approx | 1 | - |" in text and "skipped |" in text
+    assert "| - | mar | - |" in text  # a step not measured at all is listed
+
+
+def test_two_runs_merge_into_one_table():
+    head = {"device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1}, "versions": {}}
+    one = dict(head, date="2026-11-30T00:00:00+00:00", total_s=480.0, peaks={"matmul_measured_tflops": None},
+               results=[dict(model="base", name="sample/onestep", batch=256, status="ok", time_s=3.0),
+                        dict(model="base", name="kv/onestep/approx", batch=256, status="skipped", reason="budget")])
+    two = dict(head, date="2026-11-30T01:00:00+00:00", total_s=300.0, peaks={"matmul_measured_tflops": 700.0},
+               results=[dict(model="base", name="sample/onestep", batch=256, status="skipped", reason="x"),
+                        dict(model="base", name="kv/onestep/approx", batch=256, status="ok", time_s=1.5)])
+    merged = suite.merge_reports([one, two])
+    assert [(r["name"], r["status"]) for r in merged["results"]] == [("sample/onestep", "ok"),
+                                                                        ("kv/onestep/approx", "ok")]
+    assert merged["total_s"] == 780.0 and merged["peaks"]["matmul_measured_tflops"] == 700.0
+    assert "| sample/onestep | 3.000 | 2.00x |" in suite.render_markdown(merged)
+
+
+def test_cached_sampler_flops():
+    cfg = suite.model_config("base")
+    kw = dict(batch=256, num_iter=64, cfg_scale=1.0, head_calls=1)
+    full = F.sampler_flops(cfg, **kw)
+    assert F.cached_sampler_flops(cfg, policy=("approx", 0, 1), **kw)["total"] == full["total"]  # refresh always
+    approx = F.cached_sampler_flops(cfg, policy=("approx", 2, 4), **kw)
+    exact = F.cached_sampler_flops(cfg, policy="exact", **kw)
+    assert approx["refresh_steps"] == 16 and exact["refresh_steps"] == 0
+    assert exact["head"] == approx["head"] == full["head"]
+    assert exact["transformer"] < approx["transformer"] < 0.3 * full["transformer"]
+    assert [s["ingest_cap"] for s in exact["segments"]] == [4, 6, 6, 7]  # docs/kv_cache.md's W at K = 64
+
+
+def test_cli_defaults_and_checks():
+    a = cli.parse([])
+    assert (a.gsim_batch, a.rl_batch, a.kv_approx) == (defaults.GSIM_BATCH, defaults.RL_BATCH, "2,4") == (64, 2, "2,4")
+    assert set(a.train_steps.split(",")) == {"mar", "gsim", "rl", "rl_noremat"}
+    assert set(a.what.split(",")) == {"sample", "train", "kv", "breakdown"}
+    with pytest.raises(SystemExit, match="--what"):
+        cli.main(["--what", "sample,cache"])
+    with pytest.raises(SystemExit, match="--kv-approx"):
+        cli.main(["--kv-approx", "2,0"])
+
+
+def test_h200_script_dry_run():
+    env = dict(os.environ, OUT="/tmp/o", BUDGET="300")
+    proc = subprocess.run(["bash", "launch/h200_bench.sh", "--dry-run", "--kv-batch", "256"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    cmd = next(line for line in proc.stdout.splitlines() if line.startswith("+ timeout"))
+    for part in ("--models base", "--batch 1\\,256", "--out /tmp/o/h200.json", "--table /tmp/o/benchmarks.md",
+                 "--time-budget 300", f"--rl-batch {defaults.RL_BATCH}", f"--gsim-batch {defaults.GSIM_BATCH}",
+                 "--kv-approx 2\\,4", "--kv-batch 256", "tee -a /tmp/o/bench.log"):
+        assert part in cmd, part
