@@ -62,6 +62,7 @@ def sample_config(**overrides) -> mlc.ConfigDict:
         cfg_schedule="linear",
         temperature=1.0,
         num_sampling_steps="100",
+        clip_denoised=False,        # teacher chain: clip x0 estimates to [-1, 1] (pixel tokens; MAR's latents: False)
         num_buckets=4,              # static encoder-length buckets of the AR loop (compiled loop bodies)
         num_images=64,
         batch_size=64,

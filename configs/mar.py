@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                         sample_num_iter=16)
         cfg.data = common.data_config(name="fashion_mnist")
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
-        cfg.sample.update(num_iter=64, cfg=1.0, num_images=100, batch_size=100, crop=28,
+        cfg.sample.update(num_iter=64, cfg=1.0, num_images=100, batch_size=100, crop=28, clip_denoised=True,
                           fid_ref="raw:fashion_mnist/test")
     else:
         # README recipe: batch 2048, lr 8e-4 (blr 1e-4), 100 warmup epochs then constant, 400-800 epochs.

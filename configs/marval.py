@@ -106,6 +106,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.train[name] = cfg.generator.get_ref(name)
     cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, num_iter=teacher.sample.num_iter,
                                       num_images=teacher.sample.num_images, batch_size=teacher.sample.batch_size,
-                                      crop=teacher.sample.crop, fid_ref=teacher.sample.fid_ref)
+                                      crop=teacher.sample.crop, fid_ref=teacher.sample.fid_ref,
+                                      clip_denoised=teacher.sample.clip_denoised)
     cfg.lock()
     return cfg

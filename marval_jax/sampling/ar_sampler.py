@@ -30,7 +30,9 @@ from marval_jax.sampling.schedule import ar_schedule, plan_segments
 Predictor = Callable[[MAR, jax.Array, jax.Array | None, jax.Array, jax.Array], jax.Array]
 
 
-def teacher_predictor(num_sampling_steps: str = "100", temperature: float = 1.0) -> Predictor:
+def teacher_predictor(num_sampling_steps: str = "100", temperature: float = 1.0,
+                      clip_denoised: bool = False) -> Predictor:
+    """MAR's head chain. clip_denoised: x0 estimates clipped to [-1, 1] (pixel tokens; see GaussianDiffusion)."""
     diffusion = GaussianDiffusion.create(num_sampling_steps)
 
     def predict(model, zc, zu, cfg_scale, rng):
@@ -48,7 +50,7 @@ def teacher_predictor(num_sampling_steps: str = "100", temperature: float = 1.0)
                 cond, uncond = jnp.split(out, 2, axis=0)
                 eps = uncond[:, :c] + cfg_scale * (cond[:, :c] - uncond[:, :c])
                 return jnp.concatenate([eps, cond[:, c:]], axis=1)
-        return diffusion.p_sample_loop(model_fn, noise, r_chain, temperature)
+        return diffusion.p_sample_loop(model_fn, noise, r_chain, temperature, clip_denoised=clip_denoised)
 
     return predict
 

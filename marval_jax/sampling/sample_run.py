@@ -19,7 +19,7 @@ from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
 def make_predictor(config):
     sc = config.sample
     if sc.sampler == "teacher":
-        return ar_sampler.teacher_predictor(sc.num_sampling_steps, sc.temperature)
+        return ar_sampler.teacher_predictor(sc.num_sampling_steps, sc.temperature, sc.clip_denoised)
     if sc.sampler == "onestep":
         t_init = sc.t_init if sc.t_init >= 0 else int(config.generator.t_init)
         return ar_sampler.onestep_predictor(t_init)

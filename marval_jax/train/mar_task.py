@@ -79,7 +79,8 @@ def make_mar_task(config) -> Task:
 
     spec = ar_sampler.SamplerSpec(num_iter=tc.sample_num_iter, cfg=tc.sample_cfg, cfg_schedule="linear",
                                   num_buckets=config.sample.num_buckets)
-    predictor = ar_sampler.teacher_predictor(config.sample.num_sampling_steps, config.sample.temperature)
+    predictor = ar_sampler.teacher_predictor(config.sample.num_sampling_steps, config.sample.temperature,
+                                             config.sample.clip_denoised)
 
     def sample_images(state, rng):
         n = tc.grid_size ** 2
