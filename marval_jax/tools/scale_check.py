@@ -1105,7 +1105,6 @@ def main(argv=None) -> int:
         cases = [(n, m, s, r) for n in devices for m in models for s in steps
                  for r in (remats if s == "rl" else [None])]
         command = _command_key(argv)
-        registry.pop(command, None)  # re-inserted last: the report lists commands in the order last run
         registry[command] = dict(date=args.date, cases=[
             [case_key(n, mesh, m, s, r, batches), f"N={n} {m} {s}{'' if r is None else (' remat on' if r else ' remat off')}"]
             for n, m, s, r in cases])
