@@ -6,6 +6,7 @@
     python -m marval_jax.main --mode=rl      --config=configs/marval_rl.py:tiny --workdir=/tmp/rl_tiny
     python -m marval_jax.main --mode=evaluate --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny \
         --config.sample.fid_ref=raw:fashion_mnist/test --config.sample.crop=28
+    python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=/tmp/marval_demo   # embedded default
 
 Configs are locked: `--config.train.num_stpes=5` is an error. All logic lives in importable modules; this file
 only parses flags.
@@ -17,7 +18,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-MODES = ("train", "distill", "rl", "sample", "evaluate")
+MODES = ("train", "distill", "rl", "sample", "evaluate", "demo")
 
 FLAGS = flags.FLAGS
 
@@ -50,6 +51,9 @@ def run(mode: str, config, workdir: str, out: str = ""):
     if mode == "evaluate":
         from marval_jax.evaluation.evaluate import evaluate
         return evaluate(config, workdir, out)
+    if mode == "demo":
+        from marval_jax.demo import run_demo
+        return run_demo(config, workdir)
     raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
 
 

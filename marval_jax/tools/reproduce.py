@@ -96,6 +96,7 @@ def main(argv=None) -> int:
     budgets = parse_budget(a.budget)
     export = a.export or os.path.join(a.workdir, "export")
     os.makedirs(export, exist_ok=True)
+    os.makedirs(a.workdir, exist_ok=True)
     overrides: dict[str, list[str]] = {s: [] for s in STAGES}
     for item in a.set:
         stage, _, kv = item.partition(":")
@@ -121,10 +122,15 @@ def main(argv=None) -> int:
         if rc != 0:
             print(f"== {stage} failed with exit code {rc} after {seconds:.0f} s (log {a.workdir}/{stage}.log)")
             return rc
-        from configs import mar, marval, marval_rl  # pylint: disable=import-outside-toplevel
-        from marval_jax.tools.export_params import export as export_params  # pylint: disable=import-outside-toplevel
-        cfg = {"teacher": mar, "student": marval, "rl": marval_rl}[stage].get_config("fmnist")
-        out = export_params(cfg, workdir, os.path.join(export, f"fmnist_{stage}"), "npz", a.dtype or None)
+        # exported in a child process on the CPU: JAX in this process would hold accelerator memory that the next
+        # stage then cannot preallocate (seen on the H200: the RL stage fell back from a 104 GiB pool)
+        out = os.path.join(export, f"fmnist_{stage}")
+        rc = subprocess.call([sys.executable, "-m", "marval_jax.tools.export_params", f"--config={config}",
+                              f"--source={workdir}", f"--out={out}", f"--dtype={a.dtype}"],
+                             env={**os.environ, "JAX_PLATFORMS": "cpu"})
+        if rc != 0:
+            print(f"== {stage}: exporting {workdir} failed with exit code {rc}")
+            return rc
         entry = record.get(stage, {"seconds": 0.0})
         entry.update(seconds=entry["seconds"] + seconds, steps=last_step(workdir), stopped_by_budget=cut,
                      command=" ".join(["python"] + cmd[1:]), export=out)

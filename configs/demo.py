@@ -1,0 +1,28 @@
+"""The embedded default: sample class-conditional Fashion-MNIST grids with the shipped MARVAL student, its MAR teacher
+and the RL-tuned student (marval_jax/assets/, trained by the reproduction of docs/results.md), on any machine.
+
+Run:
+  python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=/tmp/marval_demo
+  python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=workdirs/fmnist --config.full=True
+`full=True` first reruns the whole pipeline from data (teacher -> GSIM student -> RL student, the step counts of
+configs/{mar,marval,marval_rl}.py:fmnist; hours on a CPU, minutes on one H200) and samples from what it trained.
+Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+"""
+from __future__ import annotations
+
+import ml_collections as mlc
+
+
+def get_config(arg: str | None = None) -> mlc.ConfigDict:
+    if arg:
+        raise ValueError(f"configs/demo.py has no variants, got {arg!r}")
+    cfg = mlc.ConfigDict()
+    cfg.assets = ""             # params directories fmnist_{teacher,student,rl} ("" = the shipped marval_jax/assets)
+    cfg.full = False            # rerun the whole pipeline from data first (marval_jax.tools.reproduce)
+    cfg.per_class = 4           # grid rows: images per class (10 classes)
+    cfg.num_iter = 64           # AR iterations K of every sampler
+    cfg.teacher_cfg = -1.0      # teacher CFG scale; -1 = the best scale of the results run (assets/sampling.json)
+    cfg.teacher_steps = "100"   # teacher head respacing
+    cfg.seed = 0
+    cfg.lock()
+    return cfg

@@ -1,0 +1,87 @@
+"""`--mode=demo` (configs/demo.py): grids and seconds per image of the shipped teacher, MARVAL student and RL student.
+
+The three models are params directories under marval_jax/assets/ (model.json + float16 params.npz, 4.3 MB each),
+exported from the Fashion-MNIST reproduction (docs/results.md). Each sampler is compiled once (a warm-up call at
+the grid's batch), then timed on a second call, so the printed seconds per image exclude compilation.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+
+ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ROLES = ("student", "teacher", "rl")
+
+
+def best_teacher_cfg(assets: str) -> float:
+    path = os.path.join(assets, "sampling.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return float(json.load(f)["teacher_cfg"])
+    return 1.0
+
+
+def run_demo(config, workdir: str) -> dict:
+    import jax  # pylint: disable=import-outside-toplevel
+    from marval_jax.checkpoints.load import load_model_params
+    from marval_jax.evaluation.grid import save_grid
+    from marval_jax.sampling import ar_sampler
+    from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+    from marval_jax.tools import results
+    os.makedirs(workdir, exist_ok=True)
+    assets = config.assets or ASSETS
+    if config.full:
+        from marval_jax.tools import reproduce  # pylint: disable=import-outside-toplevel
+        assets = os.path.join(workdir, "export")
+        rc = reproduce.main([f"--workdir={workdir}", f"--export={assets}"])
+        if rc:
+            raise SystemExit(f"the pipeline failed (exit {rc}); logs in {workdir}")
+    missing = [r for r in ROLES if not os.path.exists(os.path.join(assets, f"fmnist_{r}", "model.json"))]
+    if len(missing) == len(ROLES):
+        raise FileNotFoundError(f"no fmnist_teacher / fmnist_student / fmnist_rl params directories in {assets}")
+    teacher_cfg = config.teacher_cfg if config.teacher_cfg > 0 else best_teacher_cfg(assets)
+    labels = jax.numpy.asarray(np.repeat(np.arange(10), config.per_class).reshape(10, -1).T.reshape(-1))
+    report = {"device": jax.devices()[0].device_kind, "num_iter": config.num_iter, "batch": int(labels.shape[0]),
+              "assets": assets}
+    for role in ROLES:
+        if role in missing:
+            print(f"{role}: no weights in {assets}, skipped", flush=True)
+            continue
+        run_cfg = results._config(role)  # pylint: disable=protected-access
+        cfg = model_config(run_cfg)
+        graphdef, abstract = abstract_model(cfg)
+        params = load_model_params(os.path.join(assets, f"fmnist_{role}"), abstract, run_cfg.model.to_dict())
+        if role == "teacher":
+            predictor = ar_sampler.teacher_predictor(config.teacher_steps, 1.0, run_cfg.sample.clip_denoised)
+            spec = ar_sampler.SamplerSpec(num_iter=config.num_iter, cfg=teacher_cfg)
+        else:
+            predictor = ar_sampler.onestep_predictor(int(run_cfg.generator.t_init))
+            spec = ar_sampler.SamplerSpec(num_iter=config.num_iter, cfg=1.0)
+        fn = ar_sampler.make_sampler(graphdef, spec, predictor, seq_len=cfg.seq_len, buffer_size=cfg.buffer_size,
+                                     token_dim=cfg.token_dim)
+        rng = jax.random.PRNGKey(config.seed)
+        t0 = time.time()
+        jax.block_until_ready(fn(params, labels, rng))
+        compile_s = time.time() - t0
+        t0 = time.time()
+        tokens = jax.block_until_ready(fn(params, labels, jax.random.fold_in(rng, 1)))
+        per_image = (time.time() - t0) / labels.shape[0]
+        images = np.asarray(jax.jit(decoder_fn(run_cfg, cfg))(tokens))
+        path = save_grid(os.path.join(workdir, f"{role}_grid.png"), images, ncol=10)
+        what = (f"teacher, {config.teacher_steps} head steps, CFG {teacher_cfg:g}" if role == "teacher"
+                else f"{'RL-tuned ' if role == 'rl' else ''}MARVAL student, one head call per AR step")
+        report[role] = {"seconds_per_image": per_image, "compile_and_first_call_s": compile_s, "grid": path,
+                        "sampler": what}
+        print(f"{role:8s} {what}: {per_image:.4f} s per image at batch {labels.shape[0]} "
+              f"(compile {compile_s:.0f} s) -> {path}", flush=True)
+    if "teacher" in report and "student" in report:
+        report["speedup_student_vs_teacher"] = (report["teacher"]["seconds_per_image"]
+                                                / report["student"]["seconds_per_image"])
+        print(f"one-step student is {report['speedup_student_vs_teacher']:.1f}x faster per image than the teacher "
+              f"here (K = {config.num_iter})", flush=True)
+    with open(os.path.join(workdir, "demo.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    return report

@@ -1,0 +1,240 @@
+"""The results table of the Fashion-MNIST reproduction (docs/results.md): measure on an accelerator, render here.
+
+    # on the accelerator: every setting's FID (10k samples vs the 10k test set), precision / recall, class accuracy
+    # (independent eval classifier), reward (the RL reward classifier), seconds per image at batch 1 and 256
+    python -m marval_jax.tools.results run --assets=marval_jax/assets --out=/tmp/results --num=10000
+    # anywhere: docs/results.md, docs/results.json and the plots / grids under docs/results/
+    python -m marval_jax.tools.results render --run=/tmp/results/results_run.json \
+        --stages=marval_jax/assets/stages.json --metrics=workdirs/fmnist --out=docs
+
+`run` evaluates the exported params directories `fmnist_teacher`, `fmnist_student`, `fmnist_rl` under `--assets`
+(the embedded default models). Settings run in priority order and the JSON is rewritten after each one, so a
+`--time-budget` cut keeps everything measured so far. The teacher's CFG scale is chosen by FID on `--sweep-num`
+samples at K = 64 and then used for every teacher row. Samples use class labels i % 10 (balanced, as the test set).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+FAMILY = {"teacher": "configs/mar.py", "student": "configs/marval.py", "rl": "configs/marval_rl.py"}
+
+
+def _config(role: str):
+    from configs import mar, marval, marval_rl  # pylint: disable=import-outside-toplevel
+    return {"teacher": mar, "student": marval, "rl": marval_rl}[role].get_config("fmnist")
+
+
+class Evaluator:
+    """Holds the loaded models, the FID network and the reference features; `measure` runs one setting."""
+
+    def __init__(self, assets: str, inception: str, real_spec: str = "raw:fashion_mnist/test", real_num: int = 0):
+        import jax  # pylint: disable=import-outside-toplevel
+        from marval_jax.checkpoints.load import load_model_params
+        from marval_jax.evaluation import fid as fid_lib
+        from marval_jax.evaluation.classifier_train import load_default_classifier
+        from marval_jax.evaluation.evaluate import real_images
+        from marval_jax.evaluation.inception import inception_features, load_inception
+        from marval_jax.rewards.registry import make_reward
+        from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+        self.jax = jax
+        self.fid_lib = fid_lib
+        self.features = inception_features
+        self.models = {}
+        for role in FAMILY:
+            path = os.path.join(assets, f"fmnist_{role}")
+            if not os.path.exists(path):
+                print(f"no {role} weights at {path}: its rows are skipped", flush=True)
+                continue
+            config = _config(role)
+            cfg = model_config(config)
+            graphdef, abstract = abstract_model(cfg)
+            params = load_model_params(path, abstract, config.model.to_dict())
+            self.models[role] = (config, cfg, graphdef, params)
+        if not self.models:
+            raise FileNotFoundError(f"no fmnist_teacher / fmnist_student / fmnist_rl params under {assets}")
+        some = next(iter(self.models.values()))
+        self.decode = jax.jit(decoder_fn(some[0], some[1]))
+        self.inception = load_inception(inception)
+        t0 = time.time()
+        real = real_images(real_spec)
+        real = real[:real_num] if real_num else real
+        self.real_feats = inception_features(self.inception, real)
+        self.ref = fid_lib.statistics_from_features(self.real_feats)
+        print(f"reference features of {real_spec}: {len(real)} images, {time.time() - t0:.0f} s", flush=True)
+        self.eval_clf, _ = load_default_classifier("fashion_mnist", "eval")
+        reward = make_reward("classifier_logprob", {"checkpoint": "", "dataset": "fashion_mnist"})
+        self.reward = jax.jit(reward.bind())
+        self.samplers = {}
+
+    def sampler(self, role: str, num_iter: int, cfg_scale: float, cache: str):
+        """Compiled sampler (one per role family, K, CFG and cache policy; RL shares the student's program)."""
+        from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
+        from marval_jax.sampling.cached_sampler import make_cached_sampler  # pylint: disable=import-outside-toplevel
+        from marval_jax.sampling.sample_run import make_predictor  # pylint: disable=import-outside-toplevel
+        config, cfg, graphdef, _ = self.models[role]
+        kind = "teacher" if role == "teacher" else "onestep"
+        key = (kind, num_iter, cfg_scale, cache)
+        if key not in self.samplers:
+            config.unlock()
+            config.sample.sampler, config.sample.num_iter, config.sample.cfg = kind, num_iter, cfg_scale
+            spec = ar_sampler.SamplerSpec(num_iter=num_iter, cfg=cfg_scale, cfg_schedule=config.sample.cfg_schedule,
+                                          num_buckets=config.sample.num_buckets)
+            kw = dict(seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
+            if cache == "none":
+                fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config), **kw)
+            else:
+                r, big_r = (int(x) for x in cache.split(","))
+                fn = make_cached_sampler(graphdef, spec, make_predictor(config), policy=("approx", r, big_r), **kw)
+            self.samplers[key] = fn
+        return self.samplers[key]
+
+    def _time(self, fn, params, b: int, reps: int) -> tuple[float, float]:
+        """(compile + first call s, median s per image) at batch b."""
+        jax = self.jax
+        labels = jax.numpy.arange(b) % 10
+        t0 = time.time()
+        jax.block_until_ready(fn(params, labels, jax.random.PRNGKey(1)))
+        first = time.time() - t0
+        times = []
+        for i in range(reps):
+            t0 = time.time()
+            jax.block_until_ready(fn(params, labels, jax.random.PRNGKey(2 + i)))
+            times.append(time.time() - t0)
+        return first, float(np.median(times)) / b
+
+    def measure(self, role: str, num_iter: int, cfg_scale: float, num: int, cache: str = "none",
+                batch: int = 256, timing: bool = True) -> dict:
+        from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
+        from marval_jax.evaluation.evaluate import center_crop  # pylint: disable=import-outside-toplevel
+        from marval_jax.evaluation.grid import to_uint8  # pylint: disable=import-outside-toplevel
+        from marval_jax.evaluation.precision_recall import precision_recall  # pylint: disable=import-outside-toplevel
+        jax = self.jax
+        _, _, _, params = self.models[role]
+        fn = self.sampler(role, num_iter, cfg_scale, cache)
+        row = dict(model=role, sampler="teacher" if role == "teacher" else "onestep", num_iter=num_iter,
+                   cfg=cfg_scale, cache=cache, num_images=num)
+        t_start = time.time()
+        if timing:
+            row["batch"] = batch
+            row["compile_batch_s"], row["s_per_image_batch"] = self._time(fn, params, batch, reps=2)
+        images, rewards = [], []
+        labels_all = np.arange(num) % 10
+        for i in range(0, num, batch):
+            lab = jax.numpy.asarray(np.resize(labels_all[i:i + batch], batch))  # pad the last batch to the shape
+            imgs = self.decode(fn(params, lab, jax.random.fold_in(jax.random.PRNGKey(7), i)))
+            rewards.append(np.asarray(self.reward(imgs, lab)))
+            images.append(np.asarray(imgs))
+        images = np.concatenate(images)[:num]
+        reward = np.concatenate(rewards)[:num]
+        row["generate_s"] = time.time() - t_start
+        uint8 = center_crop(to_uint8(images), 28)
+        feats = self.features(self.inception, uint8)
+        mu, sigma = self.fid_lib.statistics_from_features(feats)
+        row["fid"] = self.fid_lib.frechet_distance(mu, sigma, *self.ref)
+        row.update({k: v for k, v in precision_recall(self.real_feats, feats).items()
+                    if k in ("precision", "recall", "k")})
+        row["class_accuracy"] = class_accuracy(self.eval_clf, images, labels_all)
+        row["reward_mean"], row["reward_std"] = float(reward.mean()), float(reward.std())
+        if timing:
+            # the same jitted sampler retraces for batch 1 (its own program)
+            row["compile_b1_s"], row["s_per_image_b1"] = self._time(fn, params, 1, reps=2 if role == "teacher" else 5)
+        row["device"] = jax.devices()[0].device_kind
+        grid_idx = np.concatenate([np.where(labels_all[:1000] == c)[0][:10] for c in range(10)])
+        return row, uint8[np.sort(grid_idx)] if len(images) >= 100 else uint8[:100]
+
+
+def plan(num: int, sweep_num: int, sweep: list[float], small_k: int, cache: str) -> list[dict]:
+    """Settings in priority order; "best" is replaced by the sweep's best CFG once known."""
+    rows = [dict(role="teacher", num_iter=64, cfg=c, num=sweep_num, timing=False, sweep=True) for c in sweep]
+    rows += [dict(role="teacher", num_iter=64, cfg="best", num=num),
+             dict(role="student", num_iter=64, cfg=1.0, num=num),
+             dict(role="rl", num_iter=64, cfg=1.0, num=num),
+             dict(role="student", num_iter=small_k, cfg=1.0, num=num),
+             dict(role="teacher", num_iter=small_k, cfg="best", num=num),
+             dict(role="student", num_iter=64, cfg=1.0, num=num, cache=cache),
+             dict(role="rl", num_iter=small_k, cfg=1.0, num=num)]
+    return rows
+
+
+def run(a) -> int:
+    os.makedirs(a.out, exist_ok=True)
+    t_begin = time.time()
+    ev = Evaluator(a.assets, a.inception, real_num=a.real_num)
+    out_json = os.path.join(a.out, "results_run.json")
+    report = {"date": time.strftime("%Y-%m-%d"), "device": ev.jax.devices()[0].device_kind,
+              "jax": ev.jax.__version__, "num": a.num, "sweep_num": a.sweep_num, "rows": [], "skipped": []}
+    grids = {}
+    best = None
+    sweep = [float(x) for x in a.sweep.split(",")]
+    for item in plan(a.num, a.sweep_num, sweep, a.small_k, a.cache):
+        role = item["role"]
+        cfg_scale = item["cfg"]
+        if cfg_scale == "best":
+            cfg_scale = best if best is not None else sweep[0]
+        name = f"{role}_K{item['num_iter']}_cfg{cfg_scale:g}" + (f"_cache{item['cache']}" if item.get("cache") else "")
+        elapsed = time.time() - t_begin
+        if role not in ev.models or (a.time_budget and elapsed > a.time_budget):
+            report["skipped"].append({"name": name, "why": "no weights" if role not in ev.models else
+                                      f"time budget ({elapsed:.0f} s used)"})
+            continue
+        t0 = time.time()
+        try:
+            row, grid = ev.measure(role, item["num_iter"], cfg_scale, item["num"], item.get("cache", "none"),
+                                   batch=a.batch, timing=item.get("timing", True))
+        except Exception as e:  # pylint: disable=broad-except
+            report["skipped"].append({"name": name, "why": f"{type(e).__name__}: {e}"[:500]})
+            print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
+            continue
+        row["name"], row["sweep"], row["wall_s"] = name, bool(item.get("sweep")), time.time() - t0
+        report["rows"].append(row)
+        grids[name] = grid
+        if item.get("sweep"):
+            sweep_rows = [r for r in report["rows"] if r["sweep"]]
+            best = min(sweep_rows, key=lambda r: r["fid"])["cfg"]
+            report["best_teacher_cfg"] = best
+        print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
+        with open(out_json, "w") as f:
+            json.dump(report, f, indent=1)
+        np.savez_compressed(os.path.join(a.out, "grids.npz"), **grids)
+    report["total_s"] = time.time() - t_begin
+    with open(out_json, "w") as f:
+        json.dump(report, f, indent=1)
+    return 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m marval_jax.tools.results", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="measure every setting on this machine's accelerator")
+    r.add_argument("--assets", default="marval_jax/assets")
+    r.add_argument("--out", required=True)
+    r.add_argument("--inception", default="", help="FID Inception npz (default ~/.cache/marval_jax/...)")
+    r.add_argument("--num", type=int, default=10000)
+    r.add_argument("--real-num", type=int, default=0, help="> 0: only this many test images (smoke runs)")
+    r.add_argument("--sweep-num", type=int, default=2000)
+    r.add_argument("--sweep", default="1.0,1.5,2.0,3.0", help="teacher CFG scales tried at K = 64")
+    r.add_argument("--small-k", type=int, default=16)
+    r.add_argument("--batch", type=int, default=256, help="generation batch (also the timed large batch)")
+    r.add_argument("--cache", default="1,4", help="approximate KV-cache policy r,R of the cache row")
+    r.add_argument("--time-budget", type=float, default=0.0, help="skip settings once this many s are used")
+    d = sub.add_parser("render", help="docs/results.md, docs/results.json, plots and grids")
+    d.add_argument("--run", required=True, help="results_run.json of `run`")
+    d.add_argument("--grids", default="", help="grids.npz of `run` (default: next to --run)")
+    d.add_argument("--stages", default="", help="stages.json of marval_jax.tools.reproduce")
+    d.add_argument("--metrics", default="", help="folder with <stage>/metrics.jsonl (training curves)")
+    d.add_argument("--out", default="docs")
+    a = p.parse_args(argv)
+    if a.cmd == "run":
+        return run(a)
+    from marval_jax.tools.results_render import render  # pylint: disable=import-outside-toplevel
+    return render(a)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
