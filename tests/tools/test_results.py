@@ -1,0 +1,118 @@
+"""The results tool's plan and run loop (settings order, the teacher's best-CFG substitution, skips for missing
+weights, failures and the time budget, the JSON rewritten after each row), with a stub evaluator: the measurement
+itself (samplers, FID, classifiers) is tested with those modules."""
+import json
+import types
+
+import numpy as np
+import pytest
+
+from marval_jax.tools import results
+
+
+def test_plan_order_and_content():
+    rows = results.plan(num=100, sweep_num=20, sweep=[1.0, 2.0, 3.0], small_k=8, cache="1,4")
+    assert rows[:3] == [dict(role="teacher", num_iter=64, cfg=c, num=20, timing=False, sweep=True)
+                        for c in (1.0, 2.0, 3.0)]
+    rest = rows[3:]
+    assert [(r["role"], r["num_iter"], r["cfg"], r.get("cache")) for r in rest] == [
+        ("teacher", 64, "best", None), ("student", 64, 1.0, None), ("rl", 64, 1.0, None),
+        ("student", 8, 1.0, None), ("teacher", 8, "best", None), ("student", 64, 1.0, "1,4"), ("rl", 8, 1.0, None)]
+    assert all(r["num"] == 100 and not r.get("sweep") and r.get("timing", True) for r in rest)
+    assert [r["cfg"] for r in rows if r["role"] != "teacher"] == [1.0] * 5  # students never use CFG
+
+
+class FakeClock:
+    """results.time stand-in: time() advances only when a measurement says so."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def time(self):
+        return self.now
+
+    @staticmethod
+    def strftime(fmt):
+        return "2026-01-01"
+
+
+def _fake_evaluator(clock, roles, fid_by_cfg, fail=lambda call: False, seconds=10.0):
+    calls = []
+
+    class FakeEvaluator:
+        def __init__(self, assets, inception, real_num=0):
+            self.models = {r: None for r in roles}
+            self.jax = types.SimpleNamespace(devices=lambda: [types.SimpleNamespace(device_kind="cpu")],
+                                             __version__="0.test")
+
+        def measure(self, role, num_iter, cfg_scale, num, cache="none", batch=256, timing=True):
+            calls.append(dict(role=role, num_iter=num_iter, cfg=cfg_scale, num=num, cache=cache, batch=batch,
+                              timing=timing))
+            clock.now += seconds
+            if fail(calls[-1]):
+                raise RuntimeError("out of memory")
+            fid = fid_by_cfg[cfg_scale] if role == "teacher" else 7.0
+            row = dict(model=role, num_iter=num_iter, cfg=cfg_scale, cache=cache, num_images=num, fid=fid)
+            return row, np.full((2, 4, 4, 1), len(calls), np.uint8)
+
+    return FakeEvaluator, calls
+
+
+def _run(tmp_path, *extra):
+    return results.main(["run", "--assets=unused", f"--out={tmp_path}", "--num=50", "--sweep-num=10",
+                         "--sweep=1.0,2.0,3.0", "--small-k=8", "--batch=5", *extra])
+
+
+def test_run_uses_the_sweeps_best_cfg_and_skips_missing_weights_and_failures(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("teacher", "student"), {1.0: 9.0, 2.0: 4.0, 3.0: 6.0},
+                                  fail=lambda c: (c["role"], c["num_iter"]) == ("student", 8))
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path) == 0
+    assert [(c["role"], c["num_iter"], c["cfg"], c["cache"], c["num"], c["timing"]) for c in calls] == [
+        ("teacher", 64, 1.0, "none", 10, False), ("teacher", 64, 2.0, "none", 10, False),
+        ("teacher", 64, 3.0, "none", 10, False), ("teacher", 64, 2.0, "none", 50, True),
+        ("student", 64, 1.0, "none", 50, True), ("student", 8, 1.0, "none", 50, True),
+        ("teacher", 8, 2.0, "none", 50, True), ("student", 64, 1.0, "1,4", 50, True)]
+    assert {c["batch"] for c in calls} == {5}
+    with open(tmp_path / "results_run.json") as f:
+        report = json.load(f)
+    assert report["best_teacher_cfg"] == 2.0 and report["device"] == "cpu" and report["jax"] == "0.test"
+    assert [r["name"] for r in report["rows"]] == [
+        "teacher_K64_cfg1", "teacher_K64_cfg2", "teacher_K64_cfg3", "teacher_K64_cfg2", "student_K64_cfg1",
+        "teacher_K8_cfg2", "student_K64_cfg1_cache1,4"]
+    assert [r["sweep"] for r in report["rows"]] == [True] * 3 + [False] * 4
+    assert all(r["wall_s"] == 10.0 for r in report["rows"])
+    assert report["skipped"] == [
+        {"name": "rl_K64_cfg1", "why": "no weights"},
+        {"name": "student_K8_cfg1", "why": "RuntimeError: out of memory"},
+        {"name": "rl_K8_cfg1", "why": "no weights"}]
+    assert report["total_s"] == 80.0
+    with np.load(tmp_path / "grids.npz") as z:
+        assert sorted(z.files) == sorted({r["name"] for r in report["rows"]})
+
+
+def test_run_falls_back_to_the_first_scale_and_stops_at_the_time_budget(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("teacher", "student", "rl"), {1.0: 5.0}, fail=lambda c: not c["timing"],
+                                  seconds=100.0)
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path, "--time-budget=350") == 0
+    # 3 failed sweep rows (300 s), then the best-CFG row at the first scale (400 s used): the rest is over budget
+    assert [(c["role"], c["cfg"], c["num"]) for c in calls] == [
+        ("teacher", 1.0, 10), ("teacher", 2.0, 10), ("teacher", 3.0, 10), ("teacher", 1.0, 50)]
+    with open(tmp_path / "results_run.json") as f:
+        report = json.load(f)
+    assert "best_teacher_cfg" not in report and [r["name"] for r in report["rows"]] == ["teacher_K64_cfg1"]
+    failed, over = report["skipped"][:3], report["skipped"][3:]
+    assert failed == [{"name": f"teacher_K64_cfg{c}", "why": "RuntimeError: out of memory"} for c in (1, 2, 3)]
+    assert [s["name"] for s in over] == ["student_K64_cfg1", "rl_K64_cfg1", "student_K8_cfg1", "teacher_K8_cfg1",
+                                         "student_K64_cfg1_cache1,4", "rl_K8_cfg1"]
+    assert {s["why"] for s in over} == {"time budget (400 s used)"}
+
+
+def test_evaluator_without_any_weights_is_an_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no fmnist_teacher"):
+        results.Evaluator(str(tmp_path), inception="")
