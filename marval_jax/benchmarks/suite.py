@@ -1,8 +1,9 @@
 """The benchmark suite: samplers, training steps and a time breakdown of the samplers, on whatever device JAX finds.
 
 Each measurement becomes one result dict (see `Suite.record`); the JSON file is rewritten after every result, so a
-run cut short keeps what it measured. Models use random weights (MAR's init plus N(0, 0.02^2) on every parameter,
-so the zero-initialised head layers do no zero arithmetic), bfloat16 compute and float32 parameters.
+run cut short keeps what it measured. Models use random weights (`random_state`: every parameter N(0, 0.02^2),
+LayerNorm scales 1 + N(0, 0.02^2), drawn on the host leaf by leaf, so no initialiser is compiled and no layer is
+zero), bfloat16 compute and float32 parameters.
 
 Measurements (per model):
   sample/teacher   MAR's sampler: 64 AR iterations, CFG (2.9 linear for MAR-B) fused into 2B rows, the head's
@@ -47,6 +48,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.benchmarks import flops as F
+from marval_jax.benchmarks import random_init
 from marval_jax.benchmarks.defaults import GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH, TRAIN_STEPS
 from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed, device_memory, matmul_tflops,
                                           time_calls, time_steps)
@@ -132,20 +134,12 @@ def model_config(name: str) -> MARConfig:
 
 
 def random_state(cfg: MARConfig, seed: int = 0):
-    """(graphdef, state): MAR's init (one jitted program, so the arrays are made on the default device), then
-    N(0, 0.02^2) added to every floating parameter."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(seed))))
-
-    @jax.jit
-    def init(key):
-        state = nnx.state(MAR(cfg, rngs=nnx.Rngs(seed)))
-        leaves, treedef = jax.tree_util.tree_flatten(state)
-        keys = jax.random.split(key, len(leaves))
-        new = [x + 0.02 * jax.random.normal(k, x.shape, x.dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
-               for x, k in zip(leaves, keys)]
-        return jax.tree_util.tree_unflatten(treedef, new)
-
-    return graphdef, init(jax.random.key(seed + 1))
+    """(graphdef, state) of a MAR with random weights: the shapes from `nnx.eval_shape` (nothing runs), every
+    parameter drawn on the host (`random_init.param_rule`: N(0, 0.02^2), LayerNorm scales 1 + N(0, 0.02^2)) and
+    copied to the default device leaf by leaf. No initialiser is compiled: jitting MAR's own init as one program
+    did not finish compiling for MAR-B within the H200 call's 435 s (2026-11-29)."""
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(seed))))
+    return graphdef, random_init.random_like(abstract, seed=seed + 1, rule=random_init.param_rule)
 
 
 def copy_tree(tree):
@@ -344,6 +338,8 @@ class Suite:
         if jax.devices()[0].platform == "gpu":
             try:
                 self.report["peaks"]["matmul_measured_tflops"] = matmul_tflops()
+                print(f"[{self.deadline.elapsed():7.1f}s] bf16 matmul 8192^3: "
+                      f"{self.report['peaks']['matmul_measured_tflops']:.1f} TFLOP/s", flush=True)
             except Exception as e:  # noqa: BLE001
                 self.report["peaks"]["matmul_measured_error"] = repr(e)
         self.write()
@@ -354,6 +350,9 @@ class Suite:
             jax.block_until_ready(state)
             self.report.setdefault("init_s", {})[name] = time.perf_counter() - t0
             nparams = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state))
+            print(f"[{self.deadline.elapsed():7.1f}s] {name}: random state, {nparams / 1e6:.1f}M parameters in "
+                  f"{self.report['init_s'][name]:.1f}s (drawn on the host leaf by leaf, no initialiser compiled)",
+                  flush=True)
             self.report.setdefault("params", {})[name] = nparams
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             m = ModelBench(self, name, cfg, graphdef, state)
