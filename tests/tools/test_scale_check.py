@@ -87,10 +87,11 @@ def test_render_table_and_parsers():
         sc.parse_list("mar,bogus", sc.STEPS, "steps")
 
 
-def _tool(*args, timeout=900):
+def _tool(*args, timeout=900, cwd=ROOT):
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    proc = subprocess.run([sys.executable, "-m", "marval_jax.tools.scale_check", *args], cwd=ROOT, env=env,
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "marval_jax.tools.scale_check", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
@@ -99,14 +100,22 @@ def _tool(*args, timeout=900):
 def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
     """The H200 validation path at tiny size on CPU: compile N = 1 at two batches (the prediction), run the step for
     real at one of them, record the result in the report. On CPU the device compiler is the one that made the
-    prediction, so its compiled peak matches it; CPU keeps no allocator statistics (peak n/a)."""
-    cache, report, result = tmp_path / "scale.json", tmp_path / "scale.md", tmp_path / "out" / "exec.json"
+    prediction, so its compiled peak matches it; CPU keeps no allocator statistics (peak n/a). Without --out the
+    JSON goes to the working directory under the case's name, written before the compile and after every phase."""
+    cache, report = tmp_path / "scale.json", tmp_path / "scale.md"
+    result = tmp_path / sc.default_execute_out("tiny", "gsim", 4)
     common = ["--devices", "1", "--models", "tiny", "--steps", "gsim", "--mesh", "data=1,fsdp=1,tensor=1",
               "--batches", "2,4"]
     _tool(*common, "--cache", str(cache), "--out", str(report))
     proc = _tool("--execute", *common, "--execute_batch", "4", "--execute_steps", "3", "--cache", str(cache),
-                 "--compile_options", "xla_no_such_option_zz=1", "--out", str(result))
+                 "--compile_options", "xla_no_such_option_zz=1", cwd=tmp_path)
+    assert f"writing {result.name}" in proc.stderr
     rec = json.loads(result.read_text())
+    assert rec["phase"] == "done" and rec["command"].startswith("python -m marval_jax.tools.scale_check --execute")
+    started = rec["phase_started_s"]
+    assert list(started) == ["compile", "init", "step 1/3", "step 2/3", "step 3/3"]
+    assert started["compile"] <= started["init"] <= started["step 1/3"]
+    assert "no compiled initialiser" in rec["init"] and rec["init_s"] < 60
     assert "No such compile option" in rec["compile_options_error"] and rec["compile_options"] == {}  # fell back
     assert rec["mode"] == "execute" and rec["platform"] == "cpu" and rec["per_device_batch"] == 4
     assert len(rec["step_s"]) == 3 and all(math.isfinite(x) for x in rec["loss"])
@@ -122,8 +131,8 @@ def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
     _tool("--record", str(result), "--cache", str(cache), "--out", str(report))
     text = report.read_text()
     assert "## N = 1 device (one H200; mesh data=1,fsdp=1,tensor=1)" in text
-    assert "| cpu x1 | " in text and "MARVAL-tiny GSIM | 4 |" in text and "Not run yet." not in text
-    assert sc.H200_COMMAND in text
+    assert "| cpu x1 | " in text and "MARVAL-tiny GSIM | 4 | 3: " in text and "Not run yet." not in text
+    assert sc.H200_COMMAND in text and "**not measured**" not in text and "Next call" not in text
 
 
 def test_find_prediction_and_execute_summary():
@@ -164,3 +173,42 @@ def test_command_key_and_findings_state_the_code_they_describe():
     (f,) = sc._error_findings([err])
     assert "Fixed since" in f
     assert "Fixed since" not in sc._error_findings([dict(err, commit="abc1234")])[0]
+
+
+def test_a_run_cut_short_after_its_compile_is_recorded_with_its_compiled_peak(tmp_path):
+    """The H200 run of 2026-11-29 in miniature: the step compiled (memory_analysis in the JSON), then the run was
+    killed before any step; --record compares the compiled peak, marks the executed peak as not measured (with the
+    --note and what the JSON shows) and says what the next call should do."""
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    case = dict(_record(), devices=1, model="base", mesh=mesh, batch_shards=1, config_global_batch=512)
+    case["probes"] = [dict(p, per_device_batch=b, global_batch=b, argument=int(6.65 * GB), output=int(7.49 * GB),
+                           alias=int(6.65 * GB), temp=int(t * GB), peak=int((6.65 + 7.49 - 6.65 + t) * GB))
+                      for p, b, t in zip(case["probes"], (8, 16), (12.0, 24.25))]
+    key = sc.case_key(1, mesh, "base", "gsim", None, [8, 16])
+    cache = tmp_path / "scale.json"
+    cache.write_text(json.dumps({"_commands": {"python -m marval_jax.tools.scale_check --devices 1": {
+        "date": "2026-11-29", "cases": [[key, "N=1 base gsim"]]}}, key: case}))
+    pred = sc.find_prediction(json.loads(cache.read_text()), 1, mesh, "base", "gsim", None, 16, [8, 16])
+    run = dict(mode="execute", device_kind="NVIDIA H200", devices=1, model="base", step="gsim", remat=None,
+               mesh=mesh, per_device_batch=16, num_steps=3, jax="0.11.2", date="2026-11-29", commit="abc1234",
+               compile_s=94.8, compile_options={"xla_gpu_autotune_level": 0}, prediction=pred,
+               compiled=dict(argument=int(6.65 * GB), output=int(7.49 * GB), alias=int(6.65 * GB),
+                             temp=int(12.32 * GB), peak=int(19.81 * GB)),
+               state_not_read=0.83 * GB)  # no phase, init_s, step_s or memory: written before those
+    path = tmp_path / "h200_gsim.json"
+    path.write_text(json.dumps(run))
+    assert sc.not_executed_reason(run) == (
+        "the run ended after the step's compile, before the state was initialised and any step ran")
+    report = tmp_path / "scale.md"
+    assert sc.main(["--record", str(path), "--note", "killed by an outer timeout 130", "--cache", str(cache),
+                    "--out", str(report)]) == 0
+    text = report.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| NVIDIA H200 x1 |"))
+    assert "| 16 | none | not measured | 19.81 | 31.74 (7.24 + 16 x 1.53) | n/a | n/a | -37.6% |" in row
+    assert ("executed peak **not measured**: killed by an outer timeout 130; the run ended after the step's "
+            "compile") in text
+    assert "the whole difference is in the temporaries (-49.2%)" in text
+    assert "over-predicts this step's memory on the device by 38%" in text and "conservative for GPUs" in text
+    assert "Next call" in text and "correction factor" in text
+    measured = json.loads(cache.read_text())["_measured"]
+    assert list(measured) == ["NVIDIA H200|n=1|base|gsim|b=16|2026-11-29|compile-only"]
