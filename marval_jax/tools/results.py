@@ -172,12 +172,15 @@ def run(a) -> int:
     grids = {}
     best = None
     sweep = [float(x) for x in a.sweep.split(",")]
+    only = [t for t in a.only.split(",") if t]
     for item in plan(a.num, a.sweep_num, sweep, a.small_k, a.cache):
         role = item["role"]
         cfg_scale = item["cfg"]
         if cfg_scale == "best":
             cfg_scale = best if best is not None else sweep[0]
         name = f"{role}_K{item['num_iter']}_cfg{cfg_scale:g}" + (f"_cache{item['cache']}" if item.get("cache") else "")
+        if only and not any(tok in name for tok in only):
+            continue  # not asked for (a follow-up run of rows an earlier run skipped)
         elapsed = time.time() - t_begin
         if role not in ev.models or (a.time_budget and elapsed > a.time_budget):
             report["skipped"].append({"name": name, "why": "no weights" if role not in ev.models else
@@ -223,6 +226,8 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=256, help="generation batch (also the timed large batch)")
     r.add_argument("--cache", default="1,4", help="approximate KV-cache policy r,R of the cache row")
     r.add_argument("--time-budget", type=float, default=0.0, help="skip settings once this many s are used")
+    r.add_argument("--only", default="", help="comma list: run only rows whose name contains one of these, e.g. "
+                   "'_cache,rl_K16' (teacher 'best' rows then use the first --sweep scale: pass --sweep=2.5)")
     d = sub.add_parser("render", help="docs/results.md, docs/results.json, plots and grids")
     d.add_argument("--run", required=True, help="results_run.json of `run`")
     d.add_argument("--grids", default="", help="grids.npz of `run` (default: next to --run)")

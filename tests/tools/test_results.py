@@ -113,6 +113,15 @@ def test_run_falls_back_to_the_first_scale_and_stops_at_the_time_budget(tmp_path
     assert {s["why"] for s in over} == {"time budget (400 s used)"}
 
 
+def test_only_runs_the_named_rows(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("teacher", "student", "rl"), {2.5: 5.0})
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path, "--sweep=2.5", "--only=_cache,rl_K8") == 0
+    assert [(c["role"], c["num_iter"], c["cache"]) for c in calls] == [("student", 64, "1,4"), ("rl", 8, "none")]
+
+
 def test_evaluator_without_any_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fmnist_teacher"):
         results.Evaluator(str(tmp_path), inception="")
