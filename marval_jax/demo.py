@@ -26,11 +26,11 @@ def best_teacher_cfg(assets: str) -> float:
 
 def run_demo(config, workdir: str) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
-    from marval_jax.checkpoints.load import load_model_params
     from marval_jax.evaluation.grid import save_grid
     from marval_jax.sampling import ar_sampler
-    from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
-    from marval_jax.tools import results
+    from marval_jax.sampling.sample_run import make_predictor
+    from marval_jax.train.mar_task import decoder_fn
+    from marval_jax.tools.results import load_role
     os.makedirs(workdir, exist_ok=True)
     assets = config.assets or ASSETS
     if config.full:
@@ -50,18 +50,15 @@ def run_demo(config, workdir: str) -> dict:
         if role in missing:
             print(f"{role}: no weights in {assets}, skipped", flush=True)
             continue
-        run_cfg = results._config(role)  # pylint: disable=protected-access
-        cfg = model_config(run_cfg)
-        graphdef, abstract = abstract_model(cfg)
-        params = load_model_params(os.path.join(assets, f"fmnist_{role}"), abstract, run_cfg.model.to_dict())
-        if role == "teacher":
-            predictor = ar_sampler.teacher_predictor(config.teacher_steps, 1.0, run_cfg.sample.clip_denoised)
-            spec = ar_sampler.SamplerSpec(num_iter=config.num_iter, cfg=teacher_cfg)
-        else:
-            predictor = ar_sampler.onestep_predictor(int(run_cfg.generator.t_init))
-            spec = ar_sampler.SamplerSpec(num_iter=config.num_iter, cfg=1.0)
-        fn = ar_sampler.make_sampler(graphdef, spec, predictor, seq_len=cfg.seq_len, buffer_size=cfg.buffer_size,
-                                     token_dim=cfg.token_dim)
+        run_cfg, cfg, graphdef, params = load_role(assets, role)
+        sc = run_cfg.sample  # the role's own sampling settings (clip_denoised, t_init), with the demo's K / CFG
+        sc.sampler, sc.num_iter, sc.num_sampling_steps = ("teacher" if role == "teacher" else "onestep",
+                                                          config.num_iter, config.teacher_steps)
+        sc.cfg = teacher_cfg if role == "teacher" else 1.0
+        spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
+                                      num_buckets=sc.num_buckets)
+        fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(run_cfg), seq_len=cfg.seq_len,
+                                     buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         rng = jax.random.PRNGKey(config.seed)
         t0 = time.time()
         compiled = fn.lower(params, labels, rng).compile()  # ahead of time: the timed call is the only run

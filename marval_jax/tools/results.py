@@ -25,9 +25,24 @@ import numpy as np
 FAMILY = {"teacher": "configs/mar.py", "student": "configs/marval.py", "rl": "configs/marval_rl.py"}
 
 
-def _config(role: str):
+def role_config(role: str):
+    """The fmnist config of a pipeline role (teacher / student / rl)."""
     from configs import mar, marval, marval_rl  # pylint: disable=import-outside-toplevel
     return {"teacher": mar, "student": marval, "rl": marval_rl}[role].get_config("fmnist")
+
+
+def load_role(assets: str, role: str):
+    """(config, MARConfig, graphdef, params) of `<assets>/fmnist_<role>`, or None when that directory is absent.
+    Shared by the results run and `--mode=demo`."""
+    from marval_jax.checkpoints.load import load_model_params  # pylint: disable=import-outside-toplevel
+    from marval_jax.train.mar_task import abstract_model, model_config  # pylint: disable=import-outside-toplevel
+    path = os.path.join(assets, f"fmnist_{role}")
+    if not os.path.exists(path):
+        return None
+    config = role_config(role)
+    cfg = model_config(config)
+    graphdef, abstract = abstract_model(cfg)
+    return config, cfg, graphdef, load_model_params(path, abstract, config.model.to_dict())
 
 
 class Evaluator:
@@ -35,27 +50,22 @@ class Evaluator:
 
     def __init__(self, assets: str, inception: str, real_spec: str = "raw:fashion_mnist/test", real_num: int = 0):
         import jax  # pylint: disable=import-outside-toplevel
-        from marval_jax.checkpoints.load import load_model_params
         from marval_jax.evaluation import fid as fid_lib
         from marval_jax.evaluation.classifier_train import load_default_classifier
         from marval_jax.evaluation.evaluate import real_images
         from marval_jax.evaluation.inception import inception_features, load_inception
         from marval_jax.rewards.registry import make_reward
-        from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+        from marval_jax.train.mar_task import decoder_fn
         self.jax = jax
         self.fid_lib = fid_lib
         self.features = inception_features
         self.models = {}
         for role in FAMILY:
-            path = os.path.join(assets, f"fmnist_{role}")
-            if not os.path.exists(path):
-                print(f"no {role} weights at {path}: its rows are skipped", flush=True)
+            loaded = load_role(assets, role)
+            if loaded is None:
+                print(f"no {role} weights under {assets}: its rows are skipped", flush=True)
                 continue
-            config = _config(role)
-            cfg = model_config(config)
-            graphdef, abstract = abstract_model(cfg)
-            params = load_model_params(path, abstract, config.model.to_dict())
-            self.models[role] = (config, cfg, graphdef, params)
+            self.models[role] = loaded
         if not self.models:
             raise FileNotFoundError(f"no fmnist_teacher / fmnist_student / fmnist_rl params under {assets}")
         some = next(iter(self.models.values()))
@@ -81,7 +91,6 @@ class Evaluator:
         kind = "teacher" if role == "teacher" else "onestep"
         key = (kind, num_iter, cfg_scale, cache)
         if key not in self.samplers:
-            config.unlock()
             config.sample.sampler, config.sample.num_iter, config.sample.cfg = kind, num_iter, cfg_scale
             spec = ar_sampler.SamplerSpec(num_iter=num_iter, cfg=cfg_scale, cfg_schedule=config.sample.cfg_schedule,
                                           num_buckets=config.sample.num_buckets)
