@@ -66,6 +66,13 @@ def sweep_table(rows: list[dict]) -> str:
     return out
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plots(rows: list[dict], metrics: dict[str, list[dict]], out_dir: str) -> list[str]:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
@@ -82,11 +89,7 @@ def plots(rows: list[dict], metrics: dict[str, list[dict]], out_dir: str) -> lis
             ax.set_title(title, fontsize=10)
             ax.set_xlabel("step")
             ax.grid(alpha=0.3)
-        fig.tight_layout()
-        path = os.path.join(out_dir, "training_curves.png")
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(plt, fig, os.path.join(out_dir, "training_curves.png")))
     main = [r for r in rows if not r.get("sweep") and r.get("cache", "none") == "none"]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9, 3.4))
     for model in ("teacher", "student", "rl"):
@@ -109,11 +112,7 @@ def plots(rows: list[dict], metrics: dict[str, list[dict]], out_dir: str) -> lis
     for ax in (a1, a2):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "fid_vs_k_and_time.png")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+    written.append(_save(plt, fig, os.path.join(out_dir, "fid_vs_k_and_time.png")))
     return written
 
 

@@ -125,3 +125,22 @@ def test_only_runs_the_named_rows(tmp_path, monkeypatch):
 def test_evaluator_without_any_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fmnist_teacher"):
         results.Evaluator(str(tmp_path), inception="")
+
+
+def test_render_checks_come_from_the_committed_rows():
+    """docs/results.md's criteria are computed from docs/results/results_run.json, not typed in."""
+    import os
+    from marval_jax.tools import results_render
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    with open(os.path.join(root, "docs", "results", "results_run.json")) as f:
+        rows = json.load(f)["rows"]
+    c = results_render.checks(rows)
+    t, s, rl = ({r["model"]: r for r in rows if not r["sweep"] and r["num_iter"] == 64}[m]
+                for m in ("teacher", "student", "rl"))
+    assert c["student_fid_over_teacher_fid_K64"] == pytest.approx(s["fid"] / t["fid"])
+    assert c["speedup_batch1_K64"] == pytest.approx(t["s_per_image_b1"] / s["s_per_image_b1"])
+    assert c["rl_class_accuracy_gain"] == pytest.approx(rl["class_accuracy"] - s["class_accuracy"])
+    assert c["rl_fid_over_student_fid"] == pytest.approx(rl["fid"] / s["fid"])
+    table = results_render.table(rows)
+    assert table.count("\n") == 2 + sum(not r["sweep"] for r in rows)
+    assert results_render.checks([]) == {}
