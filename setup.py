@@ -30,5 +30,7 @@ setup(
         "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.45,<6"],
         # Reading .pth checkpoints (trusted files only) and TorchScript weights for conversion.
         "torch": ["torch>=2.6"],
+        # `python -m marval_jax.tools.results render`: the plots of docs/results.md.
+        "docs": ["matplotlib>=3.8"],
     },
 )

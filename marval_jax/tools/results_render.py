@@ -1,5 +1,6 @@
 """`python -m marval_jax.tools.results render`: docs/results.md, docs/results.json, plots and sample grids from the
-JSON of `results run`, the stage record of `tools.reproduce` and the runs' metrics.jsonl (needs matplotlib)."""
+JSON of `results run`, the stage record of `tools.reproduce` and the runs' metrics.jsonl (plots need matplotlib:
+pip install -e .[docs])."""
 from __future__ import annotations
 
 import json
