@@ -4,7 +4,8 @@
       --table docs/benchmarks.md --time-budget 480      # bash launch/h200_bench.sh does this on a GPU machine
   python -m marval_jax.benchmarks --quick --out /tmp/bench.json --table /tmp/bench.md   # tiny shapes, CPU, < 60 s
   python -m marval_jax.benchmarks --from-json docs/benchmarks/h200.json --table docs/benchmarks.md  # re-render
-  python -m marval_jax.benchmarks --from-json a.json,b.json --table docs/benchmarks.md  # two runs in one table
+  python -m marval_jax.benchmarks --from-json a.json,b.json --table docs/benchmarks.md \
+      --out docs/benchmarks/h200.json                   # several runs in one table (and one merged JSON)
 
 --what: sample (MAR teacher + MARVAL one-step samplers at each --batch), train (MAR, GSIM and RL steps, the RL
 step with and without remat; pick with --train-steps), kv (KV-cached samplers: the approximate cache of the
@@ -71,7 +72,12 @@ def main(argv=None) -> int:
         for path in _list(a.from_json):
             with open(path) as f:
                 reports.append(json.load(f))
-        suite.write_table(suite.merge_reports(reports), a.table)
+        merged = suite.merge_reports(reports)
+        if a.out:  # the merged report as one JSON (what docs/benchmarks/<device>.json holds)
+            os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+            with open(a.out, "w") as f:
+                json.dump(merged, f, indent=1, default=suite._json_default)
+        suite.write_table(merged, a.table)
         return 0
     what, steps = _list(a.what), tuple(_list(a.train_steps))
     for x in what:

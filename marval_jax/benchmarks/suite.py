@@ -936,8 +936,8 @@ def render_markdown(report: dict) -> str:
 
 def merge_reports(reports: list[dict]) -> dict:
     """Several runs' reports as one (e.g. two calls of the suite on the same device): the first run's header, every
-    run's rows in order, a row measured (status ok) in a later run replacing a skipped or failed one of the same model,
-    name and batch; wall time summed."""
+    run's rows in order, a row measured (status ok) in a later run replacing, in its place, a skipped or failed one of
+    the same model, name and batch; wall time summed."""
     if len(reports) == 1:
         return reports[0]
     out = dict(reports[0])
@@ -947,9 +947,11 @@ def merge_reports(reports: list[dict]) -> dict:
             key = (r["model"], r["name"], r.get("batch"))
             same = [i for i, x in enumerate(rows) if (x["model"], x["name"], x.get("batch")) == key]
             if same and r["status"] == "ok" and all(rows[i]["status"] in ("skipped", "error") for i in same):
-                for i in reversed(same):
+                rows[same[0]] = r
+                for i in reversed(same[1:]):
                     del rows[i]
-            elif same and r["status"] == "skipped":
+                continue
+            if same and r["status"] == "skipped":
                 continue
             rows.append(r)
     out["results"] = rows

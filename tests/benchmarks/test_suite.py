@@ -227,15 +227,33 @@ def test_two_runs_merge_into_one_table():
     head = {"device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1}, "versions": {}}
     one = dict(head, date="2026-11-30T00:00:00+00:00", total_s=480.0, peaks={"matmul_measured_tflops": None},
                results=[dict(model="base", name="sample/onestep", batch=256, status="ok", time_s=3.0),
-                        dict(model="base", name="kv/onestep/approx", batch=256, status="skipped", reason="budget")])
+                        dict(model="base", name="kv/onestep/approx", batch=256, status="skipped", reason="budget"),
+                        dict(model="base", name="train/rl", batch=2, status="ok", time_s=0.5)])
     two = dict(head, date="2026-11-30T01:00:00+00:00", total_s=300.0, peaks={"matmul_measured_tflops": 700.0},
                results=[dict(model="base", name="sample/onestep", batch=256, status="skipped", reason="x"),
                         dict(model="base", name="kv/onestep/approx", batch=256, status="ok", time_s=1.5)])
     merged = suite.merge_reports([one, two])
+    # the measured row takes the skipped row's place, so the table keeps the suite's order
     assert [(r["name"], r["status"]) for r in merged["results"]] == [("sample/onestep", "ok"),
-                                                                        ("kv/onestep/approx", "ok")]
+                                                                        ("kv/onestep/approx", "ok"),
+                                                                        ("train/rl", "ok")]
     assert merged["total_s"] == 780.0 and merged["peaks"]["matmul_measured_tflops"] == 700.0
     assert "| sample/onestep | 3.000 | 2.00x |" in suite.render_markdown(merged)
+
+
+def test_from_json_writes_the_merged_report(tmp_path):
+    head = {"device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1}, "versions": {}, "peaks": {}}
+    paths = []
+    for i, status in enumerate(("skipped", "ok")):
+        rep = dict(head, date=f"2026-11-30T0{i}:00:00+00:00", total_s=10.0,
+                   results=[dict(model="base", name="sample/onestep", batch=256, status=status, time_s=3.0)])
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps(rep))
+    out, table = tmp_path / "merged.json", tmp_path / "t.md"
+    assert cli.main(["--from-json", f"{paths[0]},{paths[1]}", "--table", str(table), "--out", str(out)]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["status"] for r in merged["results"]] == ["ok"] and merged["total_s"] == 20.0
+    assert "| base | onestep | 256 | 3.000 |" in table.read_text()
 
 
 def test_cached_sampler_flops():
