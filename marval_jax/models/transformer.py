@@ -53,6 +53,22 @@ def _split_rng(rng, n):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
+def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                   attn_drop: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+    """softmax(q k^T / sqrt(hd)) v per head: queries (B, T, H, hd), keys and values (B, L, H, hd) -> (B, T, H, hd).
+
+    Logits and softmax in float32, the probabilities (after dropout) cast to v's dtype for p.v; masked logits
+    (mask False) set to float32's minimum. The part of `Attention` between the qkv and output projections (also timed
+    on its own by the benchmark suite's block/attention_core row)."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    logits = logits * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1)
+    probs = dropout(probs, attn_drop, rng).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
 class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, attn_drop: float, proj_drop: float, rngs: nnx.Rngs,
                  dtype: Any = jnp.float32):
@@ -79,13 +95,7 @@ class Attention(nnx.Module):
         elif return_kv:
             cache = {"k": k, "v": v}
         r_attn, r_proj = _split_rng(rng, 2)
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        logits = logits * (self.head_dim ** -0.5)
-        if mask is not None:
-            logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(logits, axis=-1)
-        probs = dropout(probs, self.attn_drop, r_attn).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, t, d)
+        out = attention_core(q, k, v, mask=mask, attn_drop=self.attn_drop, rng=r_attn).reshape(b, t, d)
         return dropout(self.proj(out), self.proj_drop, r_proj), cache
 
 
