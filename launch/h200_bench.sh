@@ -3,6 +3,7 @@
 #
 #   OUT=/path/to/results bash launch/h200_bench.sh            # BUDGET=480 by default
 #   BUDGET=300 WHAT=kv,breakdown OUT=/tmp/b bash launch/h200_bench.sh --kv-batch 256
+#   BUDGET=300 WHAT=block OUT=/tmp/b bash launch/h200_bench.sh       # the transformer block breakdown only
 #   bash launch/h200_bench.sh --dry-run                         # print the commands, run nothing
 #
 # Writes $OUT/h200.json (rewritten after every measurement), $OUT/benchmarks.md (a copy of docs/benchmarks.md whose
@@ -16,7 +17,9 @@
 #   BUDGET      seconds for the suite's measurements (--time-budget, default 480); rows that would not fit are skipped
 #   HARD_LIMIT  seconds after which the suite is killed whatever it is doing (default BUDGET + 45); the JSON and table
 #               then hold every row finished before
-#   WHAT        --what (default sample,train,kv,breakdown)
+#   WHAT        --what (default sample,train,kv,breakdown); WHAT=block runs the block/* rows (one transformer block
+#               and its parts, each called 24 times in one compiled loop, at --block-batch 256, T = 320; not in the
+#               default), e.g. with --block-batch / --block-calls passed through as extra arguments
 #   GSIM_BATCH, RL_BATCH, KV_APPROX   --gsim-batch (64), --rl-batch (2), --kv-approx (2,4)
 #   XLA_PYTHON_CLIENT_MEM_FRACTION    GPU memory XLA may take (default 0.9 here; XLA's own default 0.75 would leave
 #               a quarter of the H200 unused and make the remat-off RL step fail earlier)

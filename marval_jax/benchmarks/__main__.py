@@ -10,7 +10,10 @@
 --what: sample (MAR teacher + MARVAL one-step samplers at each --batch), train (MAR, GSIM and RL steps, the RL
 step with and without remat; pick with --train-steps), kv (KV-cached samplers: the approximate cache of the
 bidirectional model, and the exact cache of the attention="causal" model with its uncached sampler, at each
---kv-batch), breakdown (the samplers' transformer loop and head loop timed apart, at the largest batch).
+--kv-batch), breakdown (the samplers' transformer loop and head loop timed apart, at the largest batch), block (not
+in the default: one transformer block and its parts - attention, the attention core unfused and through
+jax.nn.dot_product_attention, the four matmuls, the MLP - each called --block-calls times in one compiled loop, at
+--block-batch over the decoder's positions).
 --out defaults to docs/benchmarks/<device>.json. --time-budget S skips what would not finish within S seconds
 (recorded as skipped). The JSON (and --table) is rewritten after every measurement. Out-of-memory failures are
 recorded as status "oom" (a training step is retried at half the batch) and do not make the exit status nonzero.
@@ -22,7 +25,8 @@ import json
 import os
 import sys
 
-from marval_jax.benchmarks.defaults import GSIM_BATCH, KV_APPROX, RL_BATCH, TRAIN_STEPS, WHAT
+from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, DEFAULT_WHAT, GSIM_BATCH, KV_APPROX, RL_BATCH,
+                                            TRAIN_STEPS, WHAT)
 
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -34,8 +38,8 @@ def _list(s: str) -> list[str]:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m marval_jax.benchmarks", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="base", help="comma list of base, large, huge")
-    p.add_argument("--what", default="sample,train,kv,breakdown",
-                   help="comma list of sample, train, kv, breakdown")
+    p.add_argument("--what", default=",".join(DEFAULT_WHAT),
+                   help="comma list of " + ", ".join(WHAT) + " (block only when named)")
     p.add_argument("--batch", default="1,256", help="sampler batch sizes")
     p.add_argument("--out", default=None, help="JSON path (default docs/benchmarks/<device>.json)")
     p.add_argument("--table", default=None, help="markdown file whose generated section is (re)written")
@@ -50,6 +54,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-batch", default=None, help="batch sizes of the kv rows (default: --batch)")
     p.add_argument("--kv-approx", default=",".join(map(str, KV_APPROX)),
                    help="r,R of the approximate cache policy: recompute the last r steps' tokens, refresh every R")
+    p.add_argument("--block-batch", type=int, default=BLOCK_BATCH, help="batch of the block/* rows")
+    p.add_argument("--block-calls", type=int, default=BLOCK_CALLS,
+                   help="calls of the block part in each block/* row's compiled loop")
     p.add_argument("--num-iter", type=int, default=64, help="AR iterations of the samplers")
     p.add_argument("--head-steps", default="100", help="teacher head respacing")
     p.add_argument("--t-init", type=int, default=760)
@@ -86,6 +93,9 @@ def main(argv=None) -> int:
     for x in steps:
         if x not in TRAIN_STEPS:
             raise SystemExit(f"--train-steps takes {', '.join(TRAIN_STEPS)}, got {x!r}")
+    if a.block_batch < 1 or a.block_calls < 1:
+        raise SystemExit(f"--block-batch and --block-calls take positive integers, got {a.block_batch}, "
+                         f"{a.block_calls}")
     kv_approx = tuple(int(x) for x in _list(a.kv_approx))
     if len(kv_approx) != 2 or kv_approx[0] < 0 or kv_approx[1] < 1:
         raise SystemExit(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
@@ -98,7 +108,8 @@ def main(argv=None) -> int:
         kv_batches = [int(b) for b in _list(a.kv_batch)] if a.kv_batch else None
         settings = suite.Settings(models=_list(a.models), batches=batches, num_iter=a.num_iter,
                                   head_steps=a.head_steps, train_batch=a.train_batch, gsim_batch=a.gsim_batch,
-                                  rl_batch=a.rl_batch, kv_batches=kv_batches, min_reps=a.min_reps,
+                                  rl_batch=a.rl_batch, kv_batches=kv_batches, block_batch=a.block_batch,
+                                  block_calls=a.block_calls, min_reps=a.min_reps,
                                   target_s=a.target_s, **common)
     report = suite.main_run(settings)
     for r in report["results"]:

@@ -2,7 +2,14 @@
 first), with the estimates behind the batch sizes."""
 
 TRAIN_STEPS = ("mar", "gsim", "rl", "rl_noremat")
-WHAT = ("sample", "train", "kv", "breakdown")
+WHAT = ("sample", "train", "kv", "breakdown", "block")
+DEFAULT_WHAT = ("sample", "train", "kv", "breakdown")  # block runs only when asked for
+
+# The block/* rows: one transformer block of the model (and its parts) at this batch over the decoder's positions
+# (buffer + tokens: 320 for ImageNet-256), each part called BLOCK_CALLS times in one compiled loop (24: the blocks
+# of MAR-B's encoder and decoder).
+BLOCK_BATCH = 256
+BLOCK_CALLS = 24
 KV_VARIANTS = ("approx", "causal", "causal_exact")
 
 # The approximate cache policy ("approx", r, R) of the kv/*/approx rows: the tokens generated in the last r = 2 steps

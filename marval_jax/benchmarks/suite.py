@@ -27,6 +27,12 @@ Measurements (per model):
   breakdown/*      the sampler with the predictor replaced by a slice of z (transformer passes + token gathers and
                    scatters of the AR loop) and the predictor calls alone on fixed conditions (head loop), each one
                    compiled loop over the same segments, so that transformer + head + rest = sampler.
+  block/*          (--what block only) one decoder block of the model at --block-batch over the decoder's positions
+                   (buffer + tokens, 320 for ImageNet-256), and its parts: full (Block), attention (norm1 + Attention
+                   + residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
+                   attention_core_dpa (the same through jax.nn.dot_product_attention, cuDNN on GPU), matmuls (qkv,
+                   proj, fc1, fc2 alone), mlp (norm2 + Mlp + residual); each part called --block-calls (24) times in
+                   one compiled fori_loop with its output fed back.
 """
 from __future__ import annotations
 
@@ -49,11 +55,14 @@ from flax import nnx
 
 from marval_jax.benchmarks import flops as F
 from marval_jax.benchmarks import random_init
-from marval_jax.benchmarks.defaults import GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH, TRAIN_STEPS
+from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH,
+                                            TRAIN_STEPS)
+from marval_jax.benchmarks.flops import BLOCK_PARTS
 from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed, device_memory, matmul_tflops,
                                           time_calls, time_steps)
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
+from marval_jax.models.transformer import Block, attention_core
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -108,6 +117,8 @@ class Settings:
     kv_batches: list[int] | None = None  # batches of the kv/* rows (default: `batches`)
     kv_approx: tuple[int, int] = KV_APPROX  # (r, R) of the approximate cache policy
     breakdown_batch: int | None = None
+    block_batch: int = BLOCK_BATCH  # batch of the block/* rows
+    block_calls: int = BLOCK_CALLS  # calls of the part in each block/* row's compiled loop
     time_budget_s: float | None = None
     min_reps: int = 2
     target_s: float = 3.0
@@ -117,7 +128,8 @@ class Settings:
     def quick_settings(cls, **kw) -> "Settings":
         """Tiny shapes for a CPU smoke run (tests): every code path, seconds of compute."""
         base = dict(models=["tiny"], num_iter=2, head_steps="2", num_buckets=1, train_batch=2, gsim_batch=2,
-                    rl_batch=2, rl_num_iter=2, min_reps=1, target_s=0.0, quick=True)
+                    rl_batch=2, rl_num_iter=2, block_batch=2, block_calls=2, min_reps=1, target_s=0.0,
+                    quick=True)
         base.update(kw)
         base["batches"] = [2]  # one batch size: every code path once
         base["kv_batches"] = [2]
@@ -173,7 +185,8 @@ def _lookup(table: dict, kind: str):
 
 # Compile-time guesses (s, one H200) before anything was measured; once a program of the same family compiled, 1.25 x
 # the largest measured compile time of that family is used, else the guess scaled by the measured sampler compiles.
-COMPILE_GUESS_S = {"sample": 60.0, "kv": 90.0, "mar": 90.0, "gsim": 180.0, "rl": 150.0, "breakdown": 45.0}
+COMPILE_GUESS_S = {"sample": 60.0, "kv": 90.0, "mar": 90.0, "gsim": 180.0, "rl": 150.0, "breakdown": 45.0,
+                   "block": 20.0}
 ASSUMED_MFU = 0.3          # run-time estimates before a measurement exists: this fraction of the dense peak
 CPU_FLOPS = 5e10           # ... or this rate when the peak is unknown (CPU)
 MARGIN_S = 10.0            # added to every estimate (tracing, transfers)
@@ -389,6 +402,10 @@ class Suite:
                                  lambda e, k=kind: m.transformer_loop(e, k, bb), need, "breakdown")
                     self.guarded(name, f"breakdown/{kind}/head_loop", bb, lambda e, k=kind: m.head_loop(e, k, bb),
                                  need, "breakdown")
+            if "block" in s.what:
+                for part in BLOCK_PARTS:
+                    self.guarded(name, f"block/{part}", s.block_batch, lambda e, p=part: m.block_part(e, p),
+                                 m.need_block(part), "block")
             del m, state
         self.report["total_s"] = self.deadline.elapsed()
         self.write()
@@ -438,6 +455,7 @@ class ModelBench:
         self.key = jax.random.key(self.s.seed + 7)
         self.first_outputs: dict[tuple[str, int], jax.Array] = {}  # sampler outputs of the first key, to compare
         self._causal_graphdef = None
+        self._block = None  # (graphdef, state) of the block/* rows' Block
 
     @property
     def causal_graphdef(self):
@@ -639,6 +657,104 @@ class ModelBench:
         entry["flops_detail"] = {k: fl[k] for k in ("head", "head_useful")}
         self.suite._mfu(entry, fl["head"], entry["time_s"])
 
+    # -- one transformer block and its parts -----------------------------------------------------------------------
+    def block_shapes(self) -> dict:
+        """The block/* rows' shapes: the decoder's width and heads over its positions (buffer + tokens)."""
+        cfg = self.cfg
+        d, heads = cfg.decoder_embed_dim, cfg.decoder_num_heads
+        return dict(batch=self.s.block_batch, seq_len=cfg.buffer_size + cfg.seq_len, dim=d, heads=heads,
+                    head_dim=d // heads, mlp_hidden=int(d * cfg.mlp_ratio), calls=self.s.block_calls,
+                    dtype=cfg.dtype)
+
+    def block_state(self):
+        """(graphdef, state) of one decoder Block as the model builds it (its module, dtype and dropout rates; no
+        dropout runs, as rng is None), random weights drawn on the host like `random_state`'s."""
+        if self._block is None:
+            cfg = self.cfg
+            graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(
+                cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, attn_drop=cfg.attn_dropout,
+                proj_drop=cfg.proj_dropout, rngs=nnx.Rngs(self.s.seed), dtype=cfg.jnp_dtype)))
+            state = random_init.random_like(abstract, seed=self.s.seed + 21, rule=random_init.param_rule)
+            self._block = graphdef, state
+        return self._block
+
+    def need_block(self, part: str) -> float:
+        """Seconds a block/* row needs: compile + warm-up + repeats, the loop's FLOPs at the assumed rate plus ~30 us
+        per call of the part."""
+        sh = self.block_shapes()
+        fl = sh["calls"] * sh["batch"] * F.block_part_flops(part, sh["seq_len"], sh["dim"], self.cfg.mlp_ratio)
+        call = fl / self.suite.flop_rate() + sh["calls"] * 30e-6
+        run = max((1 + self.s.min_reps) * call, self.s.target_s + 2 * call)
+        return self.suite.est_compile("block") + run + MARGIN_S
+
+    def block_part(self, entry: dict, part: str) -> None:
+        """block/<part>: the part called `calls` times in one jitted fori_loop, each call's output the next call's
+        input (so the launches are amortised and nothing can be hoisted out of the loop), bf16 inputs drawn on the
+        host, no mask. The attention cores take q, k, v (B, T, H, hd) and feed their output back as q; the others
+        take x (B, T, D). attention and mlp include their residual add, as in Block; matmuls chains qkv (its three
+        outputs summed), proj, fc1 and fc2 with nothing in between."""
+        sh = self.block_shapes()
+        b, t, d, heads, hd, n = sh["batch"], sh["seq_len"], sh["dim"], sh["heads"], sh["head_dim"], sh["calls"]
+        dt = self.cfg.jnp_dtype
+        impl = None
+        if part == "attention_core_dpa":
+            impl = "cudnn" if jax.devices()[0].platform == "gpu" else None
+            entry["implementation"] = impl or "default (implementation=None)"
+
+        def one(blk, y, *consts):
+            if part == "full":
+                return blk(y)[0]
+            if part == "attention":
+                return y + blk.attn(blk.norm1(y))[0].astype(y.dtype)
+            if part == "mlp":
+                return y + blk.mlp(blk.norm2(y)).astype(y.dtype)
+            if part == "matmuls":
+                a = blk.attn.qkv(y).reshape(b, t, 3, d).sum(axis=2)
+                return blk.mlp.fc2(blk.mlp.fc1(blk.attn.proj(a)))
+            if part == "attention_core":
+                return attention_core(y, *consts)
+            if part == "attention_core_dpa":
+                return jax.nn.dot_product_attention(y, *consts, scale=hd ** -0.5, implementation=impl)
+            raise ValueError(f"unknown block part {part!r}")
+
+        if part.startswith("attention_core"):
+            graphdef, params = None, None
+            shape = jax.ShapeDtypeStruct((b, t, heads, hd), dt)
+            y, *consts = random_init.random_like((shape,) * 3, seed=self.s.seed + 22, rule=random_init.data_rule)
+        else:
+            graphdef, params = self.block_state()
+            y = random_init.random_like(jax.ShapeDtypeStruct((b, t, d), dt), seed=self.s.seed + 23,
+                                        rule=random_init.data_rule)
+            consts = []
+
+        def single(params, y, *consts):
+            return one(None if params is None else nnx.merge(graphdef, params), y, *consts)
+
+        @jax.jit
+        def loop(params, y, *consts):
+            blk = None if params is None else nnx.merge(graphdef, params)
+            return jax.lax.fori_loop(0, n, lambda i, z: one(blk, z, *consts), y)
+
+        args = (params, y, *consts)
+        out = self._time_program(entry, loop, lambda k: args, b)
+        for k in ("per_image_s", "images_per_s"):
+            entry.pop(k, None)
+        entry["output_finite_fraction"] = float(jnp.mean(jnp.isfinite(out)))
+        try:  # XLA's count for one call of the part (the loop's cost analysis counts a loop body once)
+            cost = jax.jit(single).lower(*args).cost_analysis()
+            cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+            entry["xla_flops_per_call"] = float(cost["flops"])
+        except Exception as e:  # noqa: BLE001 - not every backend / version implements it
+            entry["xla_flops_per_call_error"] = repr(e)[:300]
+        if part == "attention_core_dpa":  # one call of each core on the same inputs (the unfused core's own inputs)
+            a = np.asarray(jax.jit(single)(*args), np.float64)
+            r = np.asarray(jax.jit(attention_core)(y, *consts), np.float64)
+            entry["max_rel_diff_vs_attention_core"] = float(np.max(np.abs(a - r)) / max(np.max(np.abs(r)), 1e-30))
+        per_call = b * F.block_part_flops(part, t, d, self.cfg.mlp_ratio)
+        entry.update(part=part, seq_len=t, calls=n, shapes=sh, flops_per_call=per_call,
+                     time_per_call_s=entry["time_s"] / n)
+        self.suite._mfu(entry, n * per_call, entry["time_s"])
+
     # -- training ------------------------------------------------------------------------------------------------
     def _batch(self, b: int) -> dict:
         k1, k2 = jax.random.split(jax.random.key(11))
@@ -810,6 +926,12 @@ def _short_oom(msg: str) -> str:
     return " ".join(text.split())[:120].replace("|", "/")
 
 
+def _short_error(entry) -> str:
+    """An error row's message, first line, shortened for a table cell."""
+    msg = (entry.get("error") or "").strip().splitlines()
+    return " ".join((msg[0] if msg else "").split())[:120].replace("|", "/")
+
+
 TRAIN_LABELS = {"train/rl": "rl, remat on", "train/rl_noremat": "rl, remat off"}
 
 
@@ -929,6 +1051,59 @@ def render_markdown(report: dict) -> str:
                 rest = e["time_s"] - sum(x["time_s"] for x in parts)
                 lines.append(f"| {e['model']} | {e['name'][7:]} | {e.get('batch')} | rest (sampler - both) | "
                              f"{rest:.3f} | {rest / e['time_s']:.0%} | | | |")
+        lines.append("")
+
+    blk = [e for e in res if e["name"].startswith("block/")]
+    if blk:
+        lines += ["### Where a transformer block's time goes", "",
+                  "One decoder block of the model at the row's batch over T positions (buffer + tokens), each part "
+                  "called `calls` times in one compiled loop with its output fed back; ms / block call = time / "
+                  "calls. `attention` and `mlp` include their LayerNorm and residual add; `matmuls` is the four "
+                  "Linear layers alone (qkv, proj, fc1, fc2); `attention core` is q·kᵀ in f32, softmax in f32 and "
+                  "p·v in bf16, unfused, as the model runs it; `attention core dpa` the same through "
+                  "`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU), its max rel. diff against the "
+                  "unfused core's output on the same inputs. Rest = full - matmuls - attention core: LayerNorms, "
+                  "GELU, residual adds and layout changes.", "",
+                  "| model | part | batch | T | calls | ms / block call | share of full block | TFLOP/s | MFU (peak) "
+                  "| max rel. diff | status |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        groups: list[tuple[str, Any]] = []
+        for e in blk:
+            if (e["model"], e.get("batch")) not in groups:
+                groups.append((e["model"], e.get("batch")))
+
+        def ms(e):
+            return None if e is None or e.get("time_per_call_s") is None else 1e3 * e["time_per_call_s"]
+
+        for model, batch in groups:
+            rows = [e for e in blk if e["model"] == model and e.get("batch") == batch]
+            by: dict[str, dict] = {}
+            for e in rows:  # a measured row wins over a skipped or failed one of the same part
+                part = e["name"][len("block/"):]
+                if part not in by or e["status"] == "ok" or by[part]["status"] != "ok":
+                    by[part] = e
+            t_len = next((e["seq_len"] for e in rows if e.get("seq_len")), None)
+            full = ms(by.get("full")) if (by.get("full") or {}).get("status") == "ok" else None
+            for part in BLOCK_PARTS:
+                e = by.get(part)
+                label = part.replace("_", " ")
+                if e is None:
+                    lines.append(f"| {model} | {label} | {batch} | {_fmt(t_len, 'd')} | - | - | - | - | - | - | "
+                                 "not yet measured |")
+                    continue
+                t = ms(e) if e["status"] == "ok" else None
+                share = t / full if t is not None and full else None
+                lines.append(f"| {model} | {label} | {batch} | {_fmt(e.get('seq_len') or t_len, 'd')} | "
+                             f"{_fmt(e.get('calls'), 'd')} | {_fmt(t, '.3f')} | {_fmt(share, '.0%')} | "
+                             f"{_fmt(e.get('tflops_per_s'), '.0f')} | {_fmt(e.get('mfu_peak'), '.1%')} | "
+                             f"{_fmt(e.get('max_rel_diff_vs_attention_core'), '.2e')} | "
+                             f"{_status(e, '') if e['status'] != 'error' else 'error: ' + _short_error(e)} |")
+            parts = [ms(by[p]) if (by.get(p) or {}).get("status") == "ok" else None
+                     for p in ("full", "matmuls", "attention_core")]
+            if None not in parts:
+                rest = parts[0] - parts[1] - parts[2]
+                lines.append(f"| {model} | rest (full - matmuls - attention core) | {batch} | {_fmt(t_len, 'd')} | "
+                             f"| {rest:.3f} | {rest / parts[0]:.0%} | | | | |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)

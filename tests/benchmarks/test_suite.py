@@ -24,16 +24,22 @@ ROWS = {"sample/teacher", "sample/onestep", "train/mar", "train/gsim", "train/rl
         "breakdown/onestep/transformer_loop", "breakdown/onestep/head_loop"}
 
 
-@pytest.fixture(scope="module")
-def quick(tmp_path_factory):
-    """One `--quick` run (tiny shapes, every row) shared by the tests below."""
-    tmp = tmp_path_factory.mktemp("quick")
+def run_quick(tmp, *args: str) -> tuple[dict, str]:
+    """`python -m marval_jax.benchmarks --quick` (tiny shapes, CPU) in a fresh process (--quick sets XLA_FLAGS before
+    jax is imported): its JSON report and rendered table."""
     out, table = tmp / "q.json", tmp / "q.md"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run([sys.executable, "-m", "marval_jax.benchmarks", "--quick", "--out", str(out),
-                           "--table", str(table)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           "--table", str(table), *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(out.read_text()), table.read_text()
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One `--quick` run (tiny shapes, every row of the default --what) shared by the tests below."""
+    return run_quick(tmp_path_factory.mktemp("quick"))
 
 
 def test_quick_run_measures_every_row(quick):
@@ -41,6 +47,7 @@ def test_quick_run_measures_every_row(quick):
     results = report["results"]
     names = [r["name"] for r in results]
     assert ROWS <= set(names), sorted(ROWS - set(names))
+    assert not any(n.startswith("block/") for n in names)  # the block rows run only when asked for
     assert all(r["status"] == "ok" for r in results), [(r["name"], r.get("error")) for r in results
                                                        if r["status"] != "ok"]
     assert all(r["time_s"] > 0 and r["flops"] > 0 and r["compile"]["total_s"] > 0 for r in results)
@@ -80,6 +87,61 @@ def test_quick_run_kv_rows(quick):
     assert "### KV cache" in table and "| tiny | onestep | causal | exact | 2 |" in table
     assert "| kv/onestep/causal |" in table and table.count("x |") >= 6
     assert "| tiny | rl, remat off | 2 |" in table and "| tiny | rl, remat on | 2 |" in table
+
+
+def test_quick_block_rows(tmp_path):
+    """--what block on tiny shapes: every part measured, FLOPs against XLA's count, the fused core's error, the
+    table."""
+    t0 = time.perf_counter()
+    report, table = run_quick(tmp_path, "--what", "block")
+    wall = time.perf_counter() - t0
+    rows = {r["name"]: r for r in report["results"]}
+    assert list(rows) == [f"block/{p}" for p in F.BLOCK_PARTS]
+    assert all(r["status"] == "ok" for r in rows.values()), [(n, r.get("error")) for n, r in rows.items()
+                                                             if r["status"] != "ok"]
+    cfg = suite.model_config("tiny")
+    t, d = cfg.buffer_size + cfg.seq_len, cfg.decoder_embed_dim
+    for part in F.BLOCK_PARTS:
+        r = rows[f"block/{part}"]
+        assert (r["batch"], r["seq_len"], r["calls"]) == (2, t, 2)
+        assert r["flops_per_call"] == 2 * F.block_part_flops(part, t, d, cfg.mlp_ratio) > 0
+        assert r["flops"] == r["calls"] * r["flops_per_call"]
+        assert r["time_s"] > 0 and r["time_per_call_s"] == pytest.approx(r["time_s"] / r["calls"])
+        assert r["compile"]["total_s"] > 0 and r["compile"]["memory"]["program_peak_bytes"] > 0
+        assert r["output_finite_fraction"] == 1.0 and r["tflops_per_s"] > 0
+        assert r["xla_flops_per_call"] >= r["flops_per_call"]  # XLA also counts norms, softmax, GELU, biases
+    mm = rows["block/matmuls"]  # the four Linear layers: XLA's count is the matmuls plus bias adds
+    assert mm["xla_flops_per_call"] / mm["flops_per_call"] - 1 < 0.05, mm
+    assert F.block_part_flops("full", t, d) == F.block_flops(t, d)
+    dpa = rows["block/attention_core_dpa"]
+    assert dpa["implementation"] == "default (implementation=None)"  # CPU: the XLA implementation
+    assert 0 <= dpa["max_rel_diff_vs_attention_core"] < 2e-2
+    assert "### Where a transformer block's time goes" in table
+    for label in ("full", "attention", "attention core", "attention core dpa", "matmuls", "mlp"):
+        assert f"| tiny | {label} | 2 | {t} | 2 | " in table, label
+    assert "| tiny | full | 2 | 68 | 2 | " in table and " | 100% | " in table
+    assert "| tiny | rest (full - matmuls - attention core) | 2 | 68 |" in table
+    assert wall < 60, wall  # ~10 s on a shared 2-core CPU
+
+
+def test_block_table_lists_missing_and_failed_parts():
+    def row(part, ms, **kw):
+        return dict(model="base", name=f"block/{part}", batch=256, status="ok", seq_len=320, calls=24,
+                    time_s=24 * ms / 1e3, time_per_call_s=ms / 1e3, tflops_per_s=300.0, mfu_peak=0.3, **kw)
+
+    report = {"date": "2026-11-30T00:00:00+00:00", "device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1},
+              "versions": {"jax": jax.__version__}, "peaks": {}, "total_s": 100.0, "results": [
+                  row("full", 4.0), row("attention", 2.0), row("attention_core", 1.0),
+                  dict(model="base", name="block/attention_core_dpa", batch=256, status="error",
+                       error="ValueError: cuDNN does not support | this\nsecond line"),
+                  row("matmuls", 2.5)]}
+    text = suite.render_markdown(report)
+    assert "| base | full | 256 | 320 | 24 | 4.000 | 100% | 300 | 30.0% | - | ok |" in text
+    assert "| base | attention core | 256 | 320 | 24 | 1.000 | 25% |" in text
+    assert "| base | attention core dpa | 256 | 320 | - | - | - | - | - | - | error: ValueError: cuDNN does not " \
+           "support / this" in text
+    assert "| base | mlp | 256 | 320 | - | - | - | - | - | - | not yet measured |" in text
+    assert "| base | rest (full - matmuls - attention core) | 256 | 320 | | 0.500 | 12% |" in text
 
 
 class FakeXlaRuntimeError(RuntimeError):
@@ -273,7 +335,10 @@ def test_cli_defaults_and_checks():
     a = cli.parse([])
     assert (a.gsim_batch, a.rl_batch, a.kv_approx) == (defaults.GSIM_BATCH, defaults.RL_BATCH, "2,4") == (64, 2, "2,4")
     assert set(a.train_steps.split(",")) == {"mar", "gsim", "rl", "rl_noremat"}
-    assert set(a.what.split(",")) == {"sample", "train", "kv", "breakdown"}
+    assert set(a.what.split(",")) == {"sample", "train", "kv", "breakdown"}  # block only when named
+    assert "block" in defaults.WHAT and (a.block_batch, a.block_calls) == (256, 24)
+    with pytest.raises(SystemExit, match="--block-batch"):
+        cli.main(["--what", "block", "--block-calls", "0"])
     with pytest.raises(SystemExit, match="--what"):
         cli.main(["--what", "sample,cache"])
     with pytest.raises(SystemExit, match="--kv-approx"):
