@@ -27,10 +27,12 @@ same case with random state (shapes from `jax.eval_shape(init_state)`, each leaf
 `marval_jax.benchmarks.random_init`: no initialiser is compiled), run a few steps on a fixed random batch and compare
 the allocator's peak with the cached N = 1 CPU prediction; the JSON (default `scale_execute_<model>_<step>_b<b>.json`)
 is written before the compile and after every phase. `--record FILE` adds the result to the report, also a run cut
-short after its compile (its compiled peak is compared, the executed peak marked as not measured, `--note` says why):
+short after its compile (its compiled peak is compared, the executed peak marked as not measured, `--note` says why).
+`--device_probes 8,16` first compiles the step on the device at those batches (not run): the device-compiled
+prediction of the executed batch's peak, since the CPU compiler holds bf16 activations at f32 size (docs/scale.md):
 
     python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim \
-        --mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 \
+        --mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 32 --device_probes 8,16 --execute_steps 3 \
         --compile_options xla_gpu_autotune_level=0 --out $OUT/h200_gsim.json
     python -m marval_jax.tools.scale_check --record $OUT/h200_gsim.json --out docs/scale.md
 
@@ -509,8 +511,15 @@ def _write_json(path: str, obj: dict) -> None:
 
 def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | None, batch: int, num_steps: int,
                  rl_num_iter: int, devices: int, cache: dict, batches: list[int] | None, out: str = "",
-                 seed: int = 0, compile_options: dict | None = None, command: str | None = None) -> dict:
+                 seed: int = 0, compile_options: dict | None = None, command: str | None = None,
+                 device_probes: list[int] | None = None) -> dict:
     """Runs the train step for real on the first `devices` accelerators and measures its memory.
+
+    `device_probes` (e.g. [8, 16]): before that, the same step is compiled (not run) on this backend at each of
+    these per-device batches, and the device's own fit fixed + b x per_example of their compiled peaks, plus the
+    state the step does not read but the device holds (`state_not_read`), is the device-compiled prediction of the
+    allocator's peak at `batch`. With `batch` outside the probes that is a prediction in the proper sense (no
+    number of the executed program enters it), the way the table's GPU rows would be made on the target compiler.
 
     The same task, shardings and jit as the compile-only cases (and as `marval_jax.train.loop`): the step is
     compiled first (on abstract shapes, so compile-time allocations do not add to the peak), then the state is made
@@ -572,28 +581,45 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
         _write_json(out, rec)
         print(f"[scale_check --execute] {phases[name]:7.1f}s {name}", file=sys.stderr, flush=True)
 
-    phase("compile")
-
     jitted = jax.jit(built.train_step, in_shardings=(shardings, batch_shd) + (repl,) * len(built.extra),
                      out_shardings=(shardings, None), donate_argnums=0)
     state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)
-    batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
-                                      batch_abstract)
     extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
                      for e in built.extra)
-    t0 = time.time()
-    lowered = jitted.lower(state_in, batch_in, *extra_in)
     rec["compile_options"] = dict(compile_options or {})
-    try:
-        compiled = lowered.compile(compiler_options=compile_options or None)
-    except Exception as e:  # noqa: BLE001  (an option this XLA does not know: compile with its defaults)
-        rec["compile_options_error"], rec["compile_options"] = f"{type(e).__name__}: {str(e)[:300]}", {}
-        compiled = lowered.compile()
-    rec["compile_s"] = round(time.time() - t0, 1)
+
+    def compile_at(b: int):
+        nonlocal compile_options
+        batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
+                                          built.batch_fn(b * shards))
+        t0 = time.time()
+        lowered = jitted.lower(state_in, batch_in, *extra_in)
+        try:
+            compiled = lowered.compile(compiler_options=compile_options or None)
+        except Exception as e:  # noqa: BLE001  (an option this XLA does not know: compile with its defaults)
+            if not compile_options:
+                raise
+            rec["compile_options_error"], rec["compile_options"] = f"{type(e).__name__}: {str(e)[:300]}", {}
+            compile_options = None
+            compiled = lowered.compile()
+        return compiled, round(time.time() - t0, 1)
+
+    probes_b = [b for b in (device_probes or []) if b != batch]
+    if probes_b:
+        rec["device_probes"] = []
+        for b in probes_b:
+            phase(f"probe b={b}")
+            compiled, secs = compile_at(b)
+            rec["device_probes"].append(dict(per_device_batch=b, compile_s=secs, **(_memory_analysis(compiled) or {})))
+            del compiled
+            _write_json(out, rec)
+    phase("compile")
+    compiled, rec["compile_s"] = compile_at(batch)
     rec["compiled"] = _memory_analysis(compiled)
     if rec["compiled"]:  # state leaves the step never reads (jit prunes them) stay allocated but are not arguments
         rec["state_not_read"] = max(0.0, rec["state_total"] + rec["batch_bytes"] - rec["compiled"]["argument"])
+    rec["device_prediction"] = device_prediction(rec)
     rec["memory_after_compile"] = _memory_stats(devs[0])
     if pred is not None and rec["compiled"]:
         rec["compiled_rel_diff"] = (rec["compiled"]["peak"] - pred["predicted_peak"]) / pred["predicted_peak"]
@@ -632,11 +658,32 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
     if pred is not None and measured is not None:
         rec["rel_diff"] = (measured - pred["predicted_peak"]) / pred["predicted_peak"]
         rec["within_15pct"] = abs(rec["rel_diff"]) <= 0.15
+    dpred = rec.get("device_prediction")
+    if dpred is not None and measured is not None:
+        rec["device_rel_diff"] = (measured - dpred["predicted_peak"]) / dpred["predicted_peak"]
+        rec["device_within_15pct"] = abs(rec["device_rel_diff"]) <= 0.15
     rec["total_s"] = round(time.time() - t_start, 1)
     rec["phase"] = "done"
     _write_json(out, rec)
     print(execute_summary(rec), flush=True)
     return rec
+
+
+def device_prediction(rec: dict) -> dict | None:
+    """The device-compiled prediction of an --execute run with --device_probes: fixed + b x per_example fitted to
+    the device's compiled peaks at the probe batches, evaluated at the run's batch, plus the state the device holds
+    but the program does not read (None without two distinct probes)."""
+    probes = [p for p in rec.get("device_probes") or [] if "peak" in p]
+    f = fit({"probes": probes})
+    if f is None:
+        return None
+    fixed, per = f
+    b = rec["per_device_batch"]
+    unread = rec.get("state_not_read") or 0.0
+    return dict(fixed=fixed, per_example=per, state_not_read=unread, predicted_peak=fixed + b * per + unread,
+                probe_batches=sorted(p["per_device_batch"] for p in probes),
+                interpolated=min(p["per_device_batch"] for p in probes) <= b <= max(p["per_device_batch"]
+                                                                                     for p in probes))
 
 
 def _frozen_input_rule(names, leaf):
@@ -688,6 +735,13 @@ def execute_summary(rec: dict) -> str:
                  f"({'within' if rec['within_15pct'] else 'NOT within'} 15%)")
     if rec.get("compiled_rel_diff") is not None:
         text += f"; compiled vs prediction {100 * rec['compiled_rel_diff']:+.1f}%"
+    dpred = rec.get("device_prediction")
+    if dpred is not None:
+        text += (f"; device-compiled prediction {gb(dpred['predicted_peak'])} (fit of b="
+                 f"{','.join(map(str, dpred['probe_batches']))})")
+        if rec.get("device_rel_diff") is not None:
+            text += (f", measured vs it {100 * rec['device_rel_diff']:+.1f}% "
+                     f"({'within' if rec['device_within_15pct'] else 'NOT within'} 15%)")
     return text
 
 
@@ -731,8 +785,8 @@ def _step_label(rec: dict) -> str:
 
 LEGACY = "before 5998cc3"  # cases cached before records carried their commit (the table of 2026-11-29)
 H200_COMMAND = ("python -m marval_jax.tools.scale_check --execute --devices 1 --models base --steps gsim "
-                "--mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 16 --execute_steps 3 "
-                "--compile_options xla_gpu_autotune_level=0 --out $OUT/h200_gsim.json")
+                "--mesh data=1,fsdp=1,tensor=1 --batches 8,16 --execute_batch 32 --device_probes 8,16 "
+                "--execute_steps 3 --compile_options xla_gpu_autotune_level=0 --out $OUT/h200_gsim.json")
 RECORD_COMMAND = "python -m marval_jax.tools.scale_check --record $OUT/h200_gsim.json --out docs/scale.md"
 
 
@@ -893,6 +947,8 @@ def _validation_notes(m: dict, records: list[dict]) -> list[str]:
     why = not_executed_reason(m)
     if why:
         out.append(f"{run}: executed peak **not measured**: {why}. Only the compiled program's memory is compared.")
+    elif m.get("note"):
+        out.append(f"{run}: {m['note'].rstrip('.')}.")
     comp, pred = m.get("compiled"), m.get("prediction")
     if comp:
         opts = m.get("compile_options") or {}
@@ -932,6 +988,18 @@ def _validation_notes(m: dict, records: list[dict]) -> list[str]:
     if m.get("rel_diff") is not None:
         out.append(f"Allocator peak vs the CPU prediction: {_pct(m['rel_diff'])} "
                    f"({'within' if m.get('within_15pct') else 'not within'} 15%).")
+    dpred = m.get("device_prediction")
+    if dpred:
+        probes = ", ".join(f"b = {p['per_device_batch']}: {_gb(p['peak'])} GB ({p['compile_s']:.0f} s)"
+                           for p in m.get("device_probes", []) if "peak" in p)
+        text = (f"Device-compiled prediction: the step compiled on the device (not run) at {probes}; fit "
+                f"{_gb(dpred['fixed'])} + b x {_gb(dpred['per_example'])} GB, at b = {m['per_device_batch']} "
+                f"({'inside' if dpred['interpolated'] else 'outside'} the probes) plus {_gb(dpred['state_not_read'])}"
+                f" GB of state not read: {_gb(dpred['predicted_peak'])} GB")
+        if m.get("device_rel_diff") is not None:
+            text += (f"; the allocator's peak is {_pct(m['device_rel_diff'])} from it "
+                     f"({'within' if m.get('device_within_15pct') else 'not within'} 15%)")
+        out.append(text + ".")
     return out
 
 
@@ -946,7 +1014,12 @@ def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[
              "compiler's own memory_analysis beside it. Agreement within 15% validates the table for GPUs. Its JSON",
              "is written before the compile and after every phase (`phase`: the one in progress), so a run cut short",
              "can still be recorded: its compiled peak is compared and its executed peak marked as not measured",
-             "(`--note` says why). Command (on one H200, from the repository root), then record its JSON here:", "",
+             "(`--note` says why). With `--device_probes 8,16` the step is first compiled (not run) on the device at",
+             "those batches; their compiled peaks fitted as fixed + b x per_example, evaluated at the executed batch",
+             "(32: outside the probes, so nothing of the executed program enters it) plus the state the device holds",
+             "but the step does not read, make the device-compiled prediction, compared with the allocator's peak",
+             "too. Command (on one H200, from the repository root, ~7 min: three compiles of ~2 min), then record",
+             "its JSON here:", "",
              f"    {H200_COMMAND}", f"    {RECORD_COMMAND}", "",
              "Expected differences, stated before the run: the CPU compiler runs bf16 dots and elementwise ops in f32",
              "(so some bf16 activations get f32 copies) and fuses less than the GPU compiler, which points to a",
@@ -962,7 +1035,7 @@ def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[
     names = {"base": "B", "large": "L", "huge": "H"}
     lines += ["| device | jax | step | b | steps run (s each) | peak_bytes_in_use | device compiled peak | "
               "CPU prediction (fixed + b x per ex.) | allocator vs prediction | within 15% | compiled vs prediction "
-              "| run |", "|" + "---|" * 12]
+              "| device-compiled prediction | allocator vs it | run |", "|" + "---|" * 14]
     for m in sorted(measured, key=lambda m: (m.get("date", ""), executed_steps(m))):
         mem = (m.get("memory") or {}).get("peak_bytes_in_use")
         comp = (m.get("compiled") or {}).get("peak")
@@ -978,12 +1051,18 @@ def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[
             peak = "not measured"
         pred_s = ("n/a" if not pred else f"{_gb(pred['predicted_peak'])} ({_gb(pred['fixed'])} + "
                   f"{m['per_device_batch']} x {_gb(pred['per_example'])})")
+        dpred, drel = m.get("device_prediction"), m.get("device_rel_diff")
+        dpred_s = ("n/a" if not dpred else f"{_gb(dpred['predicted_peak'])} ({_gb(dpred['fixed'])} + "
+                   f"{m['per_device_batch']} x {_gb(dpred['per_example'])} + {_gb(dpred['state_not_read'])}; "
+                   f"fit of b = {', '.join(map(str, dpred['probe_batches']))})")
+        drel_s = "n/a" if drel is None else f"{_pct(drel)} ({'within' if m.get('device_within_15pct') else 'not within'} 15%)"
         lines.append(
             f"| {m['device_kind']} x{m['devices']} | {m['jax']} | {step} | {m['per_device_batch']} | {steps} | "
             f"{peak} | {'n/a' if comp is None else _gb(comp)} | {pred_s} | "
             f"{'n/a' if rel is None else _pct(rel)} | "
             f"{'n/a' if rel is None else ('yes' if m.get('within_15pct') else 'no')} | "
-            f"{'n/a' if crel is None else _pct(crel)} | {m.get('date', '?')}, {m.get('commit') or '?'} |")
+            f"{'n/a' if crel is None else _pct(crel)} | {dpred_s} | {drel_s} | "
+            f"{m.get('date', '?')}, {m.get('commit') or '?'} |")
     lines.append("")
     for m in sorted(measured, key=lambda m: (m.get("date", ""), executed_steps(m))):
         lines += [f"- {t}" for t in _validation_notes(m, records)]
@@ -1162,9 +1241,13 @@ def _execute_main(args) -> int:
     out = args.out or default_execute_out(model, step, args.execute_batch)
     print(f"[scale_check --execute] writing {out} (before the compile and after every phase)", file=sys.stderr,
           flush=True)
+    probes = [int(b) for b in args.device_probes.split(",") if b.strip()]
+    if probes and len(set(probes) - {args.execute_batch}) < 2:
+        raise SystemExit(f"--device_probes needs two batches other than --execute_batch, got {args.device_probes!r}")
     execute_case(model, step, parse_mesh(args.mesh), remat, args.execute_batch, args.execute_steps,
                  args.rl_num_iter, devices, cache, batches, out=out,
-                 compile_options=parse_options(args.compile_options), command=_command_key(list(args.argv or [])))
+                 compile_options=parse_options(args.compile_options), command=_command_key(list(args.argv or [])),
+                 device_probes=probes)
     return 0
 
 
@@ -1200,6 +1283,8 @@ def main(argv=None) -> int:
                         "writes the JSON to --out")
     p.add_argument("--execute_batch", type=int, default=16, help="per-device batch of --execute")
     p.add_argument("--execute_steps", type=int, default=3, help="train steps of --execute")
+    p.add_argument("--device_probes", default="", help="--execute: per-device batches at which the step is first "
+                   "compiled (not run) on the device, for the device-compiled prediction, e.g. 8,16")
     p.add_argument("--compile_options", default="",
                    help="--execute: XLA options for the step's compile, name=value,... (e.g. "
                         "xla_gpu_autotune_level=0: no GEMM autotuning, a shorter GPU compile)")

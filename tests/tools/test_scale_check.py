@@ -108,13 +108,23 @@ def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
               "--batches", "2,4"]
     _tool(*common, "--cache", str(cache), "--out", str(report))
     proc = _tool("--execute", *common, "--execute_batch", "4", "--execute_steps", "3", "--cache", str(cache),
-                 "--compile_options", "xla_no_such_option_zz=1", cwd=tmp_path)
+                 "--compile_options", "xla_no_such_option_zz=1", "--device_probes", "1,2", cwd=tmp_path)
     assert f"writing {result.name}" in proc.stderr
     rec = json.loads(result.read_text())
     assert rec["phase"] == "done" and rec["command"].startswith("python -m marval_jax.tools.scale_check --execute")
     started = rec["phase_started_s"]
-    assert list(started) == ["compile", "init", "step 1/3", "step 2/3", "step 3/3"]
+    assert sorted(started, key=started.get) == ["probe b=1", "probe b=2", "compile", "init", "step 1/3",
+                                                 "step 2/3", "step 3/3"]
     assert started["compile"] <= started["init"] <= started["step 1/3"]
+    # the device-compiled prediction: the step compiled on this backend at b = 1, 2 (not run), fitted, evaluated
+    # at the executed b = 4 outside the probes, plus the state the device holds but the step does not read
+    assert [p["per_device_batch"] for p in rec["device_probes"]] == [1, 2]
+    dpred = rec["device_prediction"]
+    assert dpred["probe_batches"] == [1, 2] and not dpred["interpolated"]
+    p1, p2 = (p["peak"] for p in rec["device_probes"])
+    assert dpred["per_example"] == pytest.approx(p2 - p1) and dpred["state_not_read"] == rec["state_not_read"]
+    assert dpred["predicted_peak"] == pytest.approx(p1 + 3 * (p2 - p1) + rec["state_not_read"])  # b = 4
+    assert dpred["predicted_peak"] - dpred["state_not_read"] == pytest.approx(rec["compiled"]["peak"], rel=0.1)
     assert "no compiled initialiser" in rec["init"] and rec["init_s"] < 60
     assert "No such compile option" in rec["compile_options_error"] and rec["compile_options"] == {}  # fell back
     assert rec["mode"] == "execute" and rec["platform"] == "cpu" and rec["per_device_batch"] == 4
@@ -132,6 +142,8 @@ def test_execute_runs_the_step_and_compares_with_the_cpu_prediction(tmp_path):
     text = report.read_text()
     assert "## N = 1 device (one H200; mesh data=1,fsdp=1,tensor=1)" in text
     assert "| cpu x1 | " in text and "MARVAL-tiny GSIM | 4 | 3: " in text and "Not run yet." not in text
+    assert "Device-compiled prediction: the step compiled on the device (not run) at b = 1: " in text
+    assert "fit of b = 1, 2)" in text
     assert sc.H200_COMMAND in text and "**not measured**" not in text and "Next call" not in text
 
 
