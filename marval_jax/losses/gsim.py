@@ -32,7 +32,7 @@ from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
 from marval_jax.models.generator import one_step, t_init_for_alpha_bar
-from marval_jax.models.mar import MARConfig, train_encoder_len
+from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
 NORM_AXES = ("token", "image")
@@ -152,15 +152,21 @@ def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
     return r * 0.25 + 1.0
 
 
-def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float) -> tuple[jax.Array, jax.Array]:
-    """One mask ratio per batch, a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ())."""
+def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float, *,
+                   return_gen_rank: bool = False):
+    """One mask ratio per batch, a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ()),
+    and with `return_gen_rank` also each position's generation rank (B, S) int32 in that order
+    (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
     ratio = sample_mask_ratio(r_ratio, mask_ratio_min)
     lo = int(math.ceil(seq_len * mask_ratio_min))
     num_masked = jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
     orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
     rank = jnp.argsort(orders, axis=1)
-    return (rank < num_masked).astype(jnp.float32), num_masked
+    mask = (rank < num_masked).astype(jnp.float32)
+    if return_gen_rank:
+        return mask, num_masked, gen_rank_from_orders(orders)
+    return mask, num_masked
 
 
 def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: int) -> jax.Array:
@@ -266,6 +272,7 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     s, c = model_cfg.seq_len, model_cfg.token_dim
     enc_len = train_encoder_len(model_cfg, st.mask_ratio_min)
     use_guidance = st.guidance_scale != 1.0
+    causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
 
     def contexts(batch, rng):
         tokens = jnp.asarray(batch["tokens"], jnp.float32)
@@ -274,13 +281,13 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
             raise ValueError(f"batch['tokens'] must be (B, {s}, {c}), got {tokens.shape}")
         if labels.shape != tokens.shape[:1]:
             raise ValueError(f"batch['labels'] must be ({tokens.shape[0]},), got {labels.shape}")
-        mask, num_masked = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min)
-        return tokens, labels, mask, num_masked
+        mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True)
+        return tokens, labels, mask, num_masked, rank if causal else None
 
-    def generate(gen, tokens, labels, mask, rng):
+    def generate(gen, tokens, labels, mask, rank, rng):
         """Generator's one-step tokens for every position (only masked ones are used) and x0."""
         b = tokens.shape[0]
-        z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len)
+        z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         if st.trainable == "head_only":
             z = jax.lax.stop_gradient(z)
         noise = jax.random.normal(rng, (b * s, c), jnp.float32)
@@ -293,9 +300,9 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         fake = nnx.merge(graphdef, jax.lax.stop_gradient(fake_params))
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
         r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
-        tokens, labels, mask, num_masked = contexts(batch, r_ctx)
+        tokens, labels, mask, num_masked, rank = contexts(batch, r_ctx)
         b = tokens.shape[0]
-        x_gen, x0 = generate(gen, tokens, labels, mask, r_gen)
+        x_gen, x0 = generate(gen, tokens, labels, mask, rank, r_gen)
 
         t = sample_timesteps(r_t, (b,), st.t_min, st.t_max)          # one t per sample
         t_tok = jnp.broadcast_to(t[:, None], (b, s))
@@ -310,15 +317,15 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         if use_guidance:
             zt = teacher.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
                                    jnp.concatenate([teacher.class_embedding(labels), teacher.class_embedding(None, b)]),
-                                   enc_len=enc_len)
+                                   enc_len=enc_len, gen_rank=None if rank is None else jnp.concatenate([rank, rank]))
             out = teacher.head(jnp.concatenate([rows(xt)] * 2), jnp.concatenate([t_rows] * 2),
                                zt.reshape(2 * b * s, -1))
             eps_c, eps_u = jnp.split(out[:, :c], 2, axis=0)
             eps_p = eps_u + w * (eps_c - eps_u)
         else:
-            zt = teacher.condition(tokens, mask, teacher.class_embedding(labels), enc_len=enc_len)
+            zt = teacher.condition(tokens, mask, teacher.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
             eps_p = teacher.head(rows(xt), t_rows, rows(zt))[:, :c]
-        zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len)
+        zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
         eps_p, eps_f = eps_p.reshape(b, s, c), eps_f.reshape(b, s, c)
 
@@ -347,15 +354,15 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         gen = nnx.merge(graphdef, jax.lax.stop_gradient(gen_params))
         fake = nnx.merge(graphdef, fake_params)
         r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
-        tokens, labels, mask, _ = contexts(batch, r_ctx)
+        tokens, labels, mask, _, rank = contexts(batch, r_ctx)
         b = tokens.shape[0]
-        _, x0 = generate(gen, tokens, labels, mask, r_gen)
+        _, x0 = generate(gen, tokens, labels, mask, rank, r_gen)
         x0 = jax.lax.stop_gradient(x0)
         t = sample_timesteps(r_t, (b * s,), 0, NUM_TRAIN_TIMESTEPS - 1)   # per token, as MAR
         eps = jax.random.normal(r_eps, (b * s, c), jnp.float32)
         x0r = x0.reshape(b * s, c)
         xt = chain.q_sample(x0r, t, eps)
-        z = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len)
+        z = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         out = fake.head(xt, t, z.reshape(b * s, -1))
         terms = chain.training_losses(out, x0r, xt, t, eps)
         mrow = mask.reshape(-1)

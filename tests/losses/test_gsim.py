@@ -391,3 +391,44 @@ def test_marval_configs_build_the_losses_with_the_documented_defaults(variant):
     assert cfg.generator.ema_decay == 0.999 and cfg.teacher_ckpt == ""
     with pytest.raises(AttributeError):
         cfg.gsim.distanse = "l2"     # locked: typos are errors
+
+
+def test_causal_mar_roles_condition_in_the_contexts_generation_order(tiny):
+    """attention="causal": the context's generation rank (masked positions last) reaches every role's condition, so
+    GSIM runs on a causal MAR (it raised for a missing gen_rank before) and equals the hand computation with that
+    rank; the bidirectional loss on the same weights differs."""
+    import dataclasses
+    from marval_jax.models.generator import one_step
+    _, gen, fake, tch, batch = tiny
+    ccfg = dataclasses.replace(CFG, attention="causal")
+    graphdef = nnx.split(MAR(ccfg, rngs=nnx.Rngs(0)))[0]
+    b, s, c = batch["tokens"].shape
+    r_ctx = jax.random.PRNGKey(5)
+    mask, n, rank = sample_context(r_ctx, b, s, 0.7, return_gen_rank=True)
+    np.testing.assert_array_equal(mask, sample_context(r_ctx, b, s, 0.7)[0])
+    for i in range(b):  # the visible positions were generated before every masked one
+        assert int(rank[i][mask[i] < 0.5].max(initial=-1)) < int(rank[i][mask[i] > 0.5].min())
+        assert sorted(np.asarray(rank[i]).tolist()) == list(range(s))
+
+    losses = make_gsim_losses(UNGUIDED, {"t_init": 700}, ccfg)
+    rng = jax.random.PRNGKey(3)
+    loss, _ = losses.fake_score_loss(graphdef, fake, gen, batch, rng)
+    r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
+    mask, _, rank = sample_context(r_ctx, b, s, 0.7, return_gen_rank=True)
+    g, f = nnx.merge(graphdef, gen), nnx.merge(graphdef, fake)
+    zg = g.condition(batch["tokens"], mask, g.class_embedding(batch["labels"]), enc_len=losses.enc_len,
+                     gen_rank=rank)
+    x_gen = one_step(g.head, jax.random.normal(r_gen, (b * s, c)), zg.reshape(b * s, -1), 700)
+    t = jax.random.randint(r_t, (b * s,), 0, 1000)
+    eps = jax.random.normal(r_eps, (b * s, c))
+    xt = CHAIN.q_sample(x_gen, t, eps)
+    zf = f.condition(batch["tokens"], mask, f.class_embedding(batch["labels"]), enc_len=losses.enc_len,
+                     gen_rank=rank)
+    per = CHAIN.training_losses(f.head(xt, t, zf.reshape(b * s, -1)), x_gen, xt, t, eps)["loss"]
+    np.testing.assert_allclose(loss, jnp.sum(per * mask.reshape(-1)) / mask.sum(), rtol=1e-5)
+    bidir, _ = make_gsim_losses(UNGUIDED, {"t_init": 700}, CFG).fake_score_loss(tiny[0], fake, gen, batch, rng)
+    assert abs(float(bidir) - float(loss)) > 1e-6
+
+    guided = make_gsim_losses({"guidance_scale": 2.0}, {}, ccfg)
+    gl, metrics = guided.generator_loss(graphdef, gen, fake, tch, batch, jax.random.PRNGKey(4))
+    assert np.isfinite(float(gl)) and float(metrics["guidance"]) == 2.0
