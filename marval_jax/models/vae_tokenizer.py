@@ -10,18 +10,27 @@ from flax import nnx
 from marval_jax.models.mar import MARConfig, unpatchify
 
 
-def make_vae_decoder(tok_cfg, mar_cfg: MARConfig):
-    """tok_cfg: tokenizer config (vae_ckpt: kl16.ckpt / .safetensors / .npz; scale)."""
+def vae_decoder_parts(tok_cfg, mar_cfg: MARConfig):
+    """(decode(params, tokens) -> NHWC images, params): the KL-16 decoder as a pure function of its weights, for jitted
+    steps that take the weights as an argument (closed over, they would be baked into the program as constants).
+    tok_cfg: tokenizer config (vae_ckpt: kl16.ckpt / .safetensors / .npz; scale)."""
     if not tok_cfg.vae_ckpt:
         raise ValueError("tokenizer.kind='vae' needs tokenizer.vae_ckpt (MAR's kl16.ckpt or a converted .npz)")
     from marval_jax.checkpoints.convert_vae import load_vae
-    vae = load_vae(tok_cfg.vae_ckpt)
-    graphdef, state = nnx.split(vae)
-    scale = float(tok_cfg.scale)
+    graphdef, state = nnx.split(load_vae(tok_cfg.vae_ckpt))
+    return vae_decode_fn(graphdef, float(tok_cfg.scale), mar_cfg), state
 
-    def decode(tokens):
+
+def vae_decode_fn(graphdef, scale: float, mar_cfg: MARConfig):
+    """decode(params, tokens (B, S, C)) -> images NHWC: unpatchify, unscale, the VAE's decoder."""
+    def decode(params, tokens):
         latents = unpatchify(tokens, mar_cfg.patch_size, mar_cfg.vae_embed_dim)  # NCHW
         z = jnp.transpose(latents, (0, 2, 3, 1)) / scale
-        return nnx.merge(graphdef, state).decode(z)
-
+        return nnx.merge(graphdef, params).decode(z)
     return decode
+
+
+def make_vae_decoder(tok_cfg, mar_cfg: MARConfig):
+    """tokens -> images with the weights closed over (grids and small programs)."""
+    decode, params = vae_decoder_parts(tok_cfg, mar_cfg)
+    return lambda tokens: decode(params, tokens)

@@ -190,10 +190,10 @@ def _patched(obj, name, value):
 
 def _no_grid_decoder():
     """The tasks build a VAE decoder for sample grids (it loads tokenizer.vae_ckpt); no train step uses it."""
-    from marval_jax.train import distill_task, mar_task, rl_task
+    from marval_jax.train import distill_task, mar_task
     stub = lambda config, cfg: (lambda tokens: tokens)  # noqa: E731
     stack = contextlib.ExitStack()
-    for mod in (mar_task, distill_task, rl_task):
+    for mod in (mar_task, distill_task):
         stack.enter_context(_patched(mod, "decoder_fn", stub))
     return stack
 
@@ -283,67 +283,49 @@ def diffusion_loss_rows_sharded(model, z, target, mask, rng, diffusion_batch_mul
 
 
 def _build_rl(config, cfg) -> Built:
-    """make_rl_task's own train step, with the frozen reward / VAE decoder parameters (and the class prompts'
-    text embeddings) passed through the jit boundary instead of closed over. The task is built inside the traced
-    function so its reward and decoder close over the traced frozen arguments."""
+    """make_rl_task's own train step; its frozen weights (reward, class prompts' text embeddings, VAE decoder: the
+    task's `frozen`) are the step's extra argument, as in the training loop. CLIP-H and the VAE are built abstract
+    (shapes only, nothing allocated, no text tower run)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from marval_jax.models.mar import unpatchify
     from marval_jax.models.vae import AutoencoderKL
+    from marval_jax.models.vae_tokenizer import vae_decode_fn
     from marval_jax.rewards import clip as clip_lib
     from marval_jax.rewards import registry
     from marval_jax.train import rl_task
 
     tok = config.tokenizer
     reward_name = config.rl.reward
-    frozen: dict[str, Any] = {}
-    reward_fn = None
+    patches = contextlib.ExitStack()
     if reward_name in ("pickscore", "clip_score") and tok.kind == "vae":
         def abstract_clip(cc, seed=0):  # stands in for clip.random_params: shapes only, nothing allocated
             return nnx.split(nnx.eval_shape(lambda: clip_lib.CLIP(cc, rngs=nnx.Rngs(0))))[1]
-        with _patched(clip_lib, "random_params", abstract_clip):
-            reward = registry.make_reward(reward_name, {"clip_config": VIT_H_14, "seed": 0,
-                                                         "dtype": config.rl.reward_config.dtype})
-        frozen["reward"] = reward.params
-        frozen["prompts"] = jax.ShapeDtypeStruct((cfg.class_num, VIT_H_14["projection_dim"]), jnp.float32)
-        reward_fn = reward.fn
-        vae = nnx.eval_shape(lambda: AutoencoderKL(ch=tok.vae_ch, ch_mult=tuple(tok.vae_ch_mult),
-                                                   embed_dim=cfg.vae_embed_dim, rngs=nnx.Rngs(0)))
-        vae_graphdef, frozen["vae"] = nnx.split(vae)
-        scale = float(tok.scale)
+        real_make_reward = registry.make_reward
+        emb = jax.ShapeDtypeStruct((cfg.class_num, VIT_H_14["projection_dim"]), jnp.float32)
+
+        def make_reward(name, _cfg=None):  # CLIP-H (PickScore's size), prompt embeddings as shapes
+            r = real_make_reward(name, {"clip_config": VIT_H_14, "seed": 0, "dtype": config.rl.reward_config.dtype})
+            return dataclasses.replace(r, prepare_fn=lambda params, prompts: emb)
+
+        def decoder_parts(_config, cfg_):
+            vae = nnx.eval_shape(lambda: AutoencoderKL(ch=tok.vae_ch, ch_mult=tuple(tok.vae_ch_mult),
+                                                       embed_dim=cfg_.vae_embed_dim, rngs=nnx.Rngs(0)))
+            graphdef, state = nnx.split(vae)
+            return vae_decode_fn(graphdef, float(tok.scale), cfg_), state
+
+        patches.enter_context(_patched(clip_lib, "random_params", abstract_clip))
+        patches.enter_context(_patched(registry, "make_reward", make_reward))
+        patches.enter_context(_patched(rl_task, "decoder_parts", decoder_parts))
+        patches.enter_context(_patched(rl_task, "class_names", lambda c: [str(i) for i in range(cfg.class_num)]))
     elif tok.kind != "pixel_patch":
         raise ValueError(f"scale check: RL with reward {reward_name!r} and tokenizer {tok.kind!r} is not modelled")
-
-    def make_task(fz):
-        if not fz:  # pixel tokens and a small reward: the real task as configured
-            return rl_task.make_rl_task(config)
-
-        def decoder(config_, cfg_):
-            def decode(tokens):  # models/vae_tokenizer.make_vae_decoder with the parameters as an argument
-                latents = unpatchify(tokens, cfg_.patch_size, cfg_.vae_embed_dim)
-                z = jnp.transpose(latents, (0, 2, 3, 1)) / scale
-                return nnx.merge(vae_graphdef, fz["vae"]).decode(z)
-            return decode
-
-        fn = lambda p, images, labels, _emb: reward_fn(p, images, labels, fz["prompts"])  # noqa: E731
-        fake_make_reward = lambda name, cfg_=None: registry.Reward(reward_name, fn, fz["reward"])  # noqa: E731
-        with _patched(registry, "make_reward", fake_make_reward), _patched(rl_task, "decoder_fn", decoder):
-            return rl_task.make_rl_task(config)
-
+    with patches:
+        task = rl_task.make_rl_task(config)
     labels_batch = lambda b: {"labels": jax.ShapeDtypeStruct((b,), jnp.int32)}  # noqa: E731
-    if not frozen:
-        task = make_task(None)
-        return Built(task.init_state, task.train_step, task.logical_axes, labels_batch)
-    outer = make_task({"reward": frozen["reward"], "prompts": None, "vae": frozen["vae"]})
-
-    def train_step(state, batch, fz):
-        return make_task(fz).train_step(state, batch)
-
-    extra_bytes = {"reward": _nbytes(frozen["reward"]), "vae": _nbytes(frozen["vae"]),
-                   "prompts": _nbytes(frozen["prompts"])}
-    return Built(outer.init_state, train_step, outer.logical_axes, labels_batch, (frozen,), extra_bytes)
+    extra_bytes = {k: _nbytes(v) for k, v in task.frozen.items()}
+    return Built(task.init_state, task.train_step, task.logical_axes, labels_batch, (task.frozen,), extra_bytes)
 
 
 def _nbytes(tree) -> float:

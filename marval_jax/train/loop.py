@@ -40,6 +40,11 @@ class Task:
     uses_data: bool = True
     post_init: Callable[[Any], Any] | None = None   # host-side hook after a fresh init (e.g. load a teacher)
     loss_key: str = "loss"
+    # Frozen weights the step reads but never changes (RL: the reward model, prompt embeddings, the tokenizer's
+    # decoder). With `frozen` set, train_step and sample_images take it as their last argument: it is put on the
+    # devices once (replicated) and passed through the jit boundary, not closed over, which would bake it into the
+    # compiled programs as constants (a CLIP-H reward: ~1B parameters). Not checkpointed: rebuilt from the config.
+    frozen: Any = None
 
 
 def state_shardings(abstract_state, task: Task, mesh, rules):
@@ -120,8 +125,12 @@ def train(config, workdir: str, task: Task) -> Any:
         start = int(latest)
         print(f"{task.name}: resumed from step {start} in {workdir}", flush=True)
 
-    step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_shd), out_shardings=(shardings, None),
-                      donate_argnums=0)
+    extra, extra_shd = (), ()
+    if task.frozen is not None:
+        extra_shd = (shd.replicated(mesh),)
+        extra = (jax.device_put(task.frozen, extra_shd[0]),)
+    step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_shd) + extra_shd,
+                      out_shardings=(shardings, None), donate_argnums=0)
     sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
     dummy_batch = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
     last_good = start if latest is not None else None
@@ -142,7 +151,7 @@ def train(config, workdir: str, task: Task) -> Any:
                 batch = make_global_batch(next(data_iter), batch_shd)
             else:
                 batch = jax.device_put(dummy_batch, batch_shd)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, *extra)
             if window is None:
                 window = WindowAverage([k for k, v in metrics.items() if jnp.ndim(v) == 0])
             window.add(metrics)
@@ -163,7 +172,7 @@ def train(config, workdir: str, task: Task) -> Any:
                 writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
                 t0, seen = time.time(), 0
             if tc.sample_every and done % tc.sample_every == 0 and sample_fn is not None and jax.process_index() == 0:
-                images = sample_fn(state, jax.random.fold_in(rng, 10_000 + done))
+                images = sample_fn(state, jax.random.fold_in(rng, 10_000 + done), *extra)
                 save_grid(os.path.join(workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
             if must_save:
                 save(done, force=True)

@@ -24,17 +24,26 @@ def abstract_model(cfg: MARConfig):
     return nnx.split(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(0))))
 
 
-def decoder_fn(config, cfg: MARConfig):
-    """tokens (B, S, C) -> images NHWC in [-1, 1] for grids and rewards (pixel patches; VAE for latents)."""
+def decoder_parts(config, cfg: MARConfig):
+    """(decode(params, tokens (B, S, C)) -> images NHWC in [-1, 1], params): the tokenizer's decoder as a pure function
+    of its weights (None for pixel patches; the KL-16 VAE's for latents), so a jitted step can take them as an
+    argument."""
     tok = config.tokenizer
     if tok.kind == "pixel_patch":
         from marval_jax.data.tokenizers import PixelPatchTokenizer
         size = cfg.grid * tok.patch_size
-        return PixelPatchTokenizer(tok.patch_size, tok.channels, size, size).decode
+        patches = PixelPatchTokenizer(tok.patch_size, tok.channels, size, size)
+        return (lambda params, tokens: patches.decode(tokens)), None
     if tok.kind == "vae":
-        from marval_jax.models.vae_tokenizer import make_vae_decoder
-        return make_vae_decoder(tok, cfg)
+        from marval_jax.models.vae_tokenizer import vae_decoder_parts
+        return vae_decoder_parts(tok, cfg)
     raise ValueError(f"tokenizer.kind must be 'pixel_patch' or 'vae', got {tok.kind!r}")
+
+
+def decoder_fn(config, cfg: MARConfig):
+    """tokens (B, S, C) -> images NHWC in [-1, 1] for grids (the decoder's weights closed over)."""
+    decode, params = decoder_parts(config, cfg)
+    return lambda tokens: decode(params, tokens)
 
 
 def grid_labels(n: int, class_num: int) -> jax.Array:

@@ -1,6 +1,8 @@
 """MARVAL-RL as a Task: reward backpropagation through K AR iterations of the one-step generator.
 
-Labels are drawn uniformly per step from the step key (no images are read); the reward is frozen and closed over.
+Labels are drawn uniformly per step from the step key (no images are read). The reward's weights, the prompt
+embeddings and the tokenizer decoder's weights are the task's `frozen` pytree: arguments of the jitted step, not
+constants baked into it.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
 from marval_jax.train.distill_task import role_optimizer
 from marval_jax.train.loop import Task
-from marval_jax.train.mar_task import abstract_model, decoder_fn, grid_labels, model_config
+from marval_jax.train.mar_task import abstract_model, decoder_parts, grid_labels, model_config
 from marval_jax.train.optimizer import ema_update
 from marval_jax.train.state import RLState
 
@@ -40,14 +42,21 @@ def make_rl_task(config) -> Task:
     from marval_jax.rewards.registry import make_reward
     cfg = model_config(config)
     graphdef, abstract_params = abstract_model(cfg)
-    decode = decoder_fn(config, cfg)
+    decode_with, decoder_params = decoder_parts(config, cfg)
     reward = make_reward(config.rl.reward, config.rl.reward_config.to_dict())
     prompt_emb = None
     if reward.prepare_fn is not None:  # text rewards: prompt embeddings computed once per run
         prompts = format_prompts(config.rl.prompt_template, class_names(config))
         prompt_emb = reward.prepare(reward.params, prompts)
-    reward_fn = reward.bind(prompt_embeddings=prompt_emb)
-    loss_fn = make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn)
+    frozen = {"reward": reward.params, "prompts": prompt_emb, "decoder": decoder_params}
+
+    def loss_with(fz):
+        """The RL loss over the frozen weights `fz` (traced arguments inside the step)."""
+        decode = lambda tokens: decode_with(fz["decoder"], tokens)  # noqa: E731
+        reward_fn = lambda images, labels=None: reward.fn(fz["reward"], images, labels, fz["prompts"])  # noqa: E731
+        return make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn)
+
+    loss_with(frozen)  # config errors now, not at the first step's trace
     tx = role_optimizer(config.generator, config.train,
                         trainable_mask(abstract_params, config.generator.trainable)
                         if config.generator.trainable != "all" else None)
@@ -63,7 +72,8 @@ def make_rl_task(config) -> Task:
         ref = load_model_params(config.ref_ckpt, state.params, config.model.to_dict()) if config.ref_ckpt else student
         return state.replace(params=student, opt_state=tx.init(student), ema_params=student, ref_params=ref)
 
-    def train_step(state: RLState, batch):
+    def train_step(state: RLState, batch, fz):
+        loss_fn = loss_with(fz)
         key = jax.random.fold_in(state.rng, state.step)
         r_lab, r_loss = jax.random.split(key)
         # derived from the batch-sharded input so the trajectory stays batch-sharded (a fresh randint array is
@@ -79,10 +89,10 @@ def make_rl_task(config) -> Task:
 
     spec = ar_sampler.SamplerSpec(num_iter=config.rl.num_iter, num_buckets=config.rl.num_buckets)
 
-    def sample_images(state, rng):
+    def sample_images(state, rng, fz):
         fn = ar_sampler.make_sampler(graphdef, spec, ar_sampler.onestep_predictor(int(config.generator.t_init)),
                                      seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
-        return decode(fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
+        return decode_with(fz["decoder"], fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
 
     return Task(name="rl", init_state=init_state, train_step=train_step, logical_axes=mar_lib.LOGICAL_AXES,
-                sample_images=sample_images, post_init=post_init, uses_data=False)
+                sample_images=sample_images, post_init=post_init, uses_data=False, frozen=frozen)
