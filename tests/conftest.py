@@ -1,8 +1,20 @@
-"""Shared test fixtures: the reference fixture kept in the repository (tests run without ../shared)."""
+"""Shared test fixtures: the reference fixture kept in the repository (tests run without ../shared).
+
+Compile options: the suite's programs are tiny, so on a CPU compiling them costs far more than running them. XLA's
+cheaper LLVM optimisation (the flags of `python -m marval_jax.benchmarks --quick`) is set here, before jax starts a
+backend, for the test process and the CLI subprocesses it starts (they inherit the environment); a run that sets
+its own xla_backend_optimization_level keeps it. A test whose comparison is tighter than what the optimisation
+level changes pins XLA's default level in its jits' compiler_options (tests/models/test_transformer_remat.py).
+"""
+import os
 import pathlib
 
 import numpy as np
 import pytest
+
+QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAGS).strip()
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mar_reference_tiny.npz"
 

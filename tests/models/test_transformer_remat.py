@@ -10,6 +10,9 @@ from flax import nnx
 from marval_jax.models.transformer import Block, init_kv_cache, run_blocks
 
 DIM, HEADS, DEPTH = 16, 2, 2
+# The plain and the rematerialised loss are two compiled programs. At the suite's LLVM -O0 (tests/conftest.py) their
+# gradients differ by up to ~1e-4 relative in single elements, beyond the 1e-5 below: these jits keep XLA's defaults.
+DEFAULT_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
 def _blocks():
@@ -33,8 +36,10 @@ def test_remat_inside_scan_closure_same_value_and_gradients(with_rng):
     graphdef, params = _blocks()
     x0 = jax.random.normal(jax.random.key(0), (2, 5, DIM))
     rng = jax.random.key(1) if with_rng else None
-    l0, g0 = jax.jit(jax.value_and_grad(lambda p: _scan_loss(graphdef, p, x0, False, rng)))(params)
-    l1, g1 = jax.jit(jax.value_and_grad(lambda p: _scan_loss(graphdef, p, x0, True, rng)))(params)
+    l0, g0 = jax.jit(jax.value_and_grad(lambda p: _scan_loss(graphdef, p, x0, False, rng)),
+                     compiler_options=DEFAULT_COMPILE)(params)
+    l1, g1 = jax.jit(jax.value_and_grad(lambda p: _scan_loss(graphdef, p, x0, True, rng)),
+                     compiler_options=DEFAULT_COMPILE)(params)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     flat0, flat1 = jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)
     assert len(flat0) == len(flat1) > 0
