@@ -30,12 +30,19 @@ def _setup():
     return params, batch, jax.value_and_grad(loss_fn)
 
 
-@pytest.mark.parametrize("shape", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                                   dict(data=4, fsdp=1, tensor=2), dict(data=2, fsdp=2, tensor=2)])
-def test_mesh_matches_single_device(shape):
+@pytest.fixture(scope="module")
+def single_device():
+    """(params, batch, value-and-grad function, its loss and gradients on one device): computed once for every mesh."""
     params, batch, vg = _setup()
     with jax.default_device(jax.devices()[0]):
         ref_loss, ref_grads = jax.jit(vg)(params, batch)
+    return params, batch, vg, ref_loss, ref_grads
+
+
+@pytest.mark.parametrize("shape", [dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                                   dict(data=4, fsdp=1, tensor=2), dict(data=2, fsdp=2, tensor=2)])
+def test_mesh_matches_single_device(single_device, shape):
+    params, batch, vg, ref_loss, ref_grads = single_device
     mcfg = common.mesh_config(**shape)
     mesh = mesh_lib.make_mesh(mcfg)
     specs = shd.param_specs(params, mar_lib.LOGICAL_AXES, mesh, mcfg.logical_axis_rules)
