@@ -60,16 +60,16 @@ def _params(workdir):
     return step, out
 
 
-def test_resume_gives_identical_parameters(tmp_path):
+def test_resume_gives_identical_parameters(tmp_path, copy_workdir):
+    """2n steps straight vs n steps (the session's tiny teacher: n = 2, checkpoint at n) then resumed to 2n."""
     from marval_jax.train.loop import train
     from marval_jax.train.mar_task import make_mar_task
-    n = 4
+    n = 2
     straight = str(tmp_path / "straight")
     cfg = tiny_config(num_steps=2 * n, ckpt_every=n, sample_every=0, log_every=n)
     train(cfg, straight, make_mar_task(cfg))
-    resumed = str(tmp_path / "resumed")
-    cfg_half = tiny_config(num_steps=n, ckpt_every=n, sample_every=0, log_every=n)
-    train(cfg_half, resumed, make_mar_task(cfg_half))
+    resumed = copy_workdir("resumed")
+    assert _params(resumed)[0] == n
     train(cfg, resumed, make_mar_task(cfg))
     (s1, a), (s2, b) = _params(straight), _params(resumed)
     assert s1 == s2 == 2 * n
@@ -77,29 +77,28 @@ def test_resume_gives_identical_parameters(tmp_path):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_checkpoint_from_another_config_is_refused(tmp_path):
+def test_checkpoint_from_another_config_is_refused(copy_workdir):
     from marval_jax.checkpoints.manager import ConfigMismatchError
     from marval_jax.train.loop import train
     from marval_jax.train.mar_task import make_mar_task
-    cfg = tiny_config(num_steps=2, ckpt_every=2, sample_every=0, log_every=2)
-    train(cfg, str(tmp_path), make_mar_task(cfg))
+    workdir = copy_workdir()  # the tiny config trained to step 2
     other = tiny_config(num_steps=4, ckpt_every=2, sample_every=0, log_every=2)
     other.unlock()
     other.model.encoder_embed_dim = 64
     other.lock()
     with pytest.raises(ConfigMismatchError, match="encoder_embed_dim"):
-        train(other, str(tmp_path), make_mar_task(other))
+        train(other, workdir, make_mar_task(other))
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(copy_workdir):
     from marval_jax.train.loop import NonFiniteLossError, train
     from marval_jax.train.mar_task import make_mar_task
-    cfg = tiny_config(num_steps=2, ckpt_every=2, sample_every=0, log_every=1)
-    train(cfg, str(tmp_path), make_mar_task(cfg))
+    workdir = copy_workdir()  # the tiny config trained to step 2
+    assert _params(workdir)[0] == 2
     bad = tiny_config(num_steps=6, ckpt_every=2, sample_every=0, log_every=1, lr=1e30)
     with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
-        train(bad, str(tmp_path), make_mar_task(bad))
-    assert _params(str(tmp_path))[0] == 2
+        train(bad, workdir, make_mar_task(bad))
+    assert _params(workdir)[0] == 2
 
 
 def test_cli_sigterm_saves_and_resumes(tmp_path):

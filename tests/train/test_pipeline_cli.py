@@ -5,7 +5,7 @@ import os
 import numpy as np
 import pytest
 
-from configs import mar as mar_configs, marval as marval_configs, marval_rl as rl_configs
+from configs import marval as marval_configs, marval_rl as rl_configs
 
 
 def _cfg(module, variant="tiny", **fields):
@@ -21,11 +21,10 @@ def _cfg(module, variant="tiny", **fields):
     return cfg
 
 
-def test_distill_then_rl_resume(tmp_path):
+def test_distill_then_rl_resume(tmp_path, tiny_teacher):
     from marval_jax.main import run
     quiet = {"train.sample_every": 0, "train.log_every": 1}
-    teacher = str(tmp_path / "teacher")
-    run("train", _cfg(mar_configs, **{"train.num_steps": 2, "train.ckpt_every": 2, **quiet}), teacher)
+    teacher = tiny_teacher  # `run("train", ...)` of the tiny MAR: 2 steps, checkpoint at 2 (tests/train/conftest.py)
 
     student = str(tmp_path / "student")
     d = lambda n: _cfg(marval_configs, **{"train.num_steps": n, "train.ckpt_every": 2, "teacher_ckpt": teacher,
