@@ -36,6 +36,7 @@ def _perturbed_state():
         for p, x in flat])
 
 
+@functools.lru_cache(maxsize=None)
 def tiny(attention: str):
     """(graphdef, perturbed state) of the tiny MAR; the same parameters for both attention modes."""
     graphdef = nnx.split(nnx.eval_shape(lambda: MAR(dataclasses.replace(CFG, attention=attention),
@@ -53,33 +54,45 @@ def bidirectional():
     return tiny("bidirectional")
 
 
-def both(model, predictor, k, guidance, policy):
-    graphdef, state = model
+SPEC_KW = dict(seq_len=CFG.seq_len, buffer_size=CFG.buffer_size, token_dim=CFG.token_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def uncached(attention, predictor, k, guidance):
+    """The uncached sampler's samples (the reference), compiled once per setting for every test that compares."""
+    graphdef, state = tiny(attention)
     spec = SamplerSpec(num_iter=k, cfg=guidance, num_buckets=2)
-    kw = dict(seq_len=CFG.seq_len, buffer_size=CFG.buffer_size, token_dim=CFG.token_dim)
-    rng = jax.random.PRNGKey(5)
-    ref = make_sampler(graphdef, spec, PREDICTORS[predictor](), **kw)(state, LABELS, rng)
-    got = cs.make_cached_sampler(graphdef, spec, PREDICTORS[predictor](), policy=policy, **kw)(state, LABELS, rng)
-    return np.asarray(ref), np.asarray(got)
+    out = make_sampler(graphdef, spec, PREDICTORS[predictor](), **SPEC_KW)(state, LABELS, jax.random.PRNGKey(5))
+    return np.asarray(out)
+
+
+def both(attention, predictor, k, guidance, policy):
+    """(uncached, cached) samples of the tiny model with `attention` (the module's fixtures' parameters)."""
+    graphdef, state = tiny(attention)
+    spec = SamplerSpec(num_iter=k, cfg=guidance, num_buckets=2)
+    ref = uncached(attention, predictor, k, guidance)
+    got = cs.make_cached_sampler(graphdef, spec, PREDICTORS[predictor](), policy=policy, **SPEC_KW)(
+        state, LABELS, jax.random.PRNGKey(5))
+    return ref, np.asarray(got)
 
 
 # Each predictor, guidance on/off and K in {4, 7} appear, not every combination (CPU compile time). Guidance is
 # tested with the teacher: the one-step predictor ignores the unconditional half.
 @pytest.mark.parametrize("predictor,k,guidance", [("teacher", 7, 3.0), ("teacher", 4, 1.0), ("onestep", 4, 1.0)])
-def test_exact_cache_equals_uncached_causal_sampler(causal, predictor, k, guidance):
-    ref, got = both(causal, predictor, k, guidance, "exact")
+def test_exact_cache_equals_uncached_causal_sampler(predictor, k, guidance):
+    ref, got = both("causal", predictor, k, guidance, "exact")
     assert np.isfinite(ref).all() and np.abs(ref).max() > 1.0
     assert rel_err(got, ref) < 1e-5
 
 
 @pytest.mark.parametrize("predictor,k,guidance", [("teacher", 4, 3.0), ("onestep", 7, 1.0)])
-def test_refresh_every_step_equals_uncached_bidirectional_sampler(bidirectional, predictor, k, guidance):
-    ref, got = both(bidirectional, predictor, k, guidance, ("approx", 0, 1))
+def test_refresh_every_step_equals_uncached_bidirectional_sampler(predictor, k, guidance):
+    ref, got = both("bidirectional", predictor, k, guidance, ("approx", 0, 1))
     assert rel_err(got, ref) < 1e-5
 
 
-def test_approximate_cache_runs_and_reuses(bidirectional):
-    ref, got = both(bidirectional, "onestep", 7, 1.0, ("approx", 2, 3))
+def test_approximate_cache_runs_and_reuses():
+    ref, got = both("bidirectional", "onestep", 7, 1.0, ("approx", 2, 3))
     assert np.isfinite(got).all()
     err = rel_err(got, ref)
     assert 1e-7 < err < 0.2, err  # stale keys/values change the samples a little; not a quality measurement
