@@ -11,6 +11,7 @@ The teacher's multi-step samples come from direct head calls: an ancestral chain
 (abar down to 2e-9) need an epsilon accurate to ~1e-4, which a teacher trained for a few hundred steps does not
 have; N(0, I) is within 3% of q_980 here.
 """
+import functools
 import time
 
 import jax
@@ -38,6 +39,9 @@ TEACHER_STEPS, TEACHER_BATCH, DIFFUSION_MUL = 300, 128, 4
 DISTILL_STEPS, DISTILL_BATCH = 200, 128
 N_EVAL = 500    # samples per class
 CHAIN = GaussianDiffusion.create("")
+# Running (hundreds of training steps), not compiling, is this test's cost: its three programs keep XLA's default
+# optimisation rather than the suite's LLVM -O0 (tests/conftest.py), with which they run slower.
+DEFAULT_COMPILE = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
 
 
 def sample_data(rng, n, labels=None):
@@ -90,7 +94,7 @@ def test_gsim_distills_a_toy_teacher_to_one_step():
 
     opt = optax.adam(2e-3)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=DEFAULT_COMPILE)
     def train_teacher(p, rng):
         def step(i, carry):
             p, o, _ = carry
@@ -114,7 +118,7 @@ def test_gsim_distills_a_toy_teacher_to_one_step():
                         enc_len=enc_len)
         return z.reshape(2 * N_EVAL * S, -1)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=DEFAULT_COMPILE)
     def sample(p, rng):
         """(multi-step samples of the head's chain, one-step samples at T_INIT) from the same params."""
         m = nnx.merge(graphdef, p)
@@ -134,7 +138,7 @@ def test_gsim_distills_a_toy_teacher_to_one_step():
     opt_g = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-4, b1=0.0, b2=0.999))
     opt_f = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(1e-3, b1=0.0, b2=0.999))
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=DEFAULT_COMPILE)
     def distill(gen, fake, rng):
         def step(i, carry):
             gen, fake, og, of, _ = carry
