@@ -848,9 +848,13 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
         meshes = sorted({",".join(f"{k}={v}" for k, v in r["mesh"].items()) for r in rows})
         title = "1 device (one H200" if n == 1 else f"{n} devices ("
         lines += [f"## N = {title}{'; ' if n == 1 else ''}mesh {'; '.join(meshes)})", ""]
+        dev_rows = [(m, _cpu_case(ok, m)) for m in _device_compiled_runs(measured) if m["devices"] == n]
         if n == 1:
-            lines += ["The single-device program that a real run on one accelerator executes; its GSIM row is the",
-                      "prediction the `H200 validation` section compares with.", ""]
+            lines += ["The single-device program that a real run on one accelerator executes; its CPU-compiled GSIM",
+                      "row is the CPU prediction the `H200 validation` section compares with."]
+        lines += _device_rows_intro([m for m, _ in dev_rows], [m for m in measured if m.get("devices") == n])
+        if n == 1 or dev_rows:
+            lines.append("")
         head = ("| model | step | params | opt | EMA | frozen | state | fixed | per ex. | probes b: peak | cfg b | "
                 + " | ".join(f"{k} {v:g} GB" for k, v in hbm.items()) + " |")
         lines += [head, "|" + "---|" * (11 + len(hbm))]
@@ -872,6 +876,8 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
                 f"| {model} | {_step_label(r)} | {_gb(s['params'])} | {_gb(s['optimizer'])} | "
                 f"{_gb(s['ema'])} | {_gb(frozen)} | {_gb(r['state_total'] + _frozen_args(r))} | "
                 f"{fixed_s} | {per_s} | {probes} | {cfg_b:g} | " + " | ".join(fits) + " |")
+        for m, cpu in dev_rows:
+            lines.append(_device_compiled_row(m, cpu, hbm, fraction))
         lines.append("")
     lines += _validation_section(measured, ok)
     cfg_rows = [r for r in ok if r.get("config_mesh_state") and "error" not in r["config_mesh_state"]]
@@ -907,15 +913,159 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
     return "\n".join(lines)
 
 
+def _cpu_cases(records: list[dict], m: dict) -> list[dict]:
+    """The compile-only CPU cases of a recorded run's device count, model, step, remat and mesh."""
+    return [r for r in records if (r.get("devices"), r.get("model"), r.get("step"), r.get("remat"), r.get("mesh"))
+            == (m["devices"], m["model"], m["step"], m.get("remat"), m.get("mesh"))]
+
+
+def _cpu_case(records: list[dict], m: dict) -> dict | None:
+    """The CPU case whose row a recorded run's device-compiled row stands beside (the one its prediction used)."""
+    cases = _cpu_cases(records, m)
+    key = (m.get("prediction") or {}).get("key", "")
+    keyed = [r for r in cases if key.endswith("|b=" + ",".join(str(p["per_device_batch"]) for p in r["probes"]))]
+    return (keyed or cases or [None])[0]
+
+
 def _cpu_probe(records: list[dict], m: dict) -> dict | None:
     """The compile-only CPU probe of the run's case at the run's per-device batch (its prediction's source)."""
-    for r in records:
-        if (r.get("devices"), r.get("model"), r.get("step"), r.get("remat"), r.get("mesh")) == (
-                m["devices"], m["model"], m["step"], m.get("remat"), m.get("mesh")):
-            for p in r.get("probes", []):
-                if p["per_device_batch"] == m["per_device_batch"]:
-                    return p
+    for r in _cpu_cases(records, m):
+        for p in r.get("probes", []):
+            if p["per_device_batch"] == m["per_device_batch"]:
+                return p
     return None
+
+
+def _device_name(kind: str) -> str:
+    """A recorded run's device_kind as the tables name it: 'NVIDIA H200' -> 'H200'."""
+    return re.sub(r"^(NVIDIA|AMD)\s+", "", kind or "?")
+
+
+def _device_compiled_runs(measured) -> list[dict]:
+    """The recorded --execute runs with a device-compiled prediction (--device_probes), the newest per device and
+    case (by date, then executed steps, then the order they were recorded in)."""
+    newest: dict[tuple, dict] = {}
+    for m in sorted(measured, key=lambda m: (m.get("date", ""), executed_steps(m))):
+        if device_prediction(m) is not None:
+            mesh = tuple(sorted((m.get("mesh") or {}).items()))
+            newest[(m["device_kind"], m["devices"], m["model"], m["step"], m.get("remat"), mesh)] = m
+    return list(newest.values())
+
+
+def _device_row_label(m: dict) -> str:
+    d = device_prediction(m)
+    return (f"{_step_label(m)}, {_device_name(m['device_kind'])}-compiled "
+            f"(b={','.join(map(str, d['probe_batches']))})")
+
+
+def _device_allocator_diff(m: dict) -> float | None:
+    """The allocator's peak of an executed run relative to its device-compiled prediction (None if not measured)."""
+    mem = (m.get("memory") or {}).get("peak_bytes_in_use")
+    d = device_prediction(m)
+    if mem is None or d is None or not executed_steps(m):
+        return None
+    return (mem - d["predicted_peak"]) / d["predicted_peak"]
+
+
+def _device_compiled_row(m: dict, cpu: dict | None, hbm: dict[str, float], fraction: float) -> str:
+    """The table row of a recorded run's device-compiled fit (`device_prediction`): `fixed` includes the state the
+    device holds but the step does not read, so fixed + b x per_example is the device-compiled prediction; the
+    state columns are the run's (the CPU case's where the run lacks them), `cfg b` the CPU case's."""
+    names = {"base": "B", "large": "L", "huge": "H"}
+    d = device_prediction(m)
+    fixed, per = d["fixed"] + d["state_not_read"], d["per_example"]
+    src = m if m.get("state") else (cpu or {})
+    s = src.get("state")
+    frozen_args = _frozen_args(cpu) if cpu else 0.0
+    if s:
+        state_s = (f"{_gb(s['params'])} | {_gb(s['optimizer'])} | {_gb(s['ema'])} | {_gb(s['frozen'] + frozen_args)}"
+                   f" | {_gb(src['state_total'] + frozen_args)}")
+    else:
+        state_s = " | ".join(["?"] * 5)
+    cfg_b = f"{cpu['config_global_batch'] / cpu['batch_shards']:g}" if cpu else "?"
+    probes = ", ".join(f"{p['per_device_batch']}: {_gb(p['peak'])}"
+                       for p in sorted(m["device_probes"], key=lambda p: p["per_device_batch"]) if "peak" in p)
+    fits = [str(max_batch(fixed, per, h, fraction)) for h in hbm.values()]
+    model = f"MAR{'VAL' if m['step'] in ('gsim', 'rl') else ''}-{names.get(m['model'], m['model'])}"
+    return (f"| {model} | {_device_row_label(m)} | {state_s} | {_gb(fixed)} | {_gb(per)} | {probes} | {cfg_b} | "
+            + " | ".join(fits) + " |")
+
+
+def _cpu_vs_device(measured: list[dict], kind: str) -> list[float]:
+    """Recorded runs on `kind`: their allocator and compiled peaks relative to the CPU prediction."""
+    out = []
+    for m in measured:
+        if m.get("device_kind") != kind or not m.get("prediction"):
+            continue
+        pred = m["prediction"]["predicted_peak"]
+        if m.get("rel_diff") is not None and executed_steps(m):
+            out.append(m["rel_diff"])
+        if (m.get("compiled") or {}).get("peak"):
+            out.append((m["compiled"]["peak"] - pred) / pred)
+    return out
+
+
+def _range(lo: float, hi: float, sign: str = "") -> str:
+    """Percentages rounded to integers as 'lo% to hi' (the caller appends the last '%'); one number where both
+    round alike."""
+    a, b = f"{lo:{sign}.0f}", f"{hi:{sign}.0f}"
+    return a if a == b else f"{a}% to {b}"
+
+
+def _device_rows_intro(runs: list[dict], measured: list[dict]) -> list[str]:
+    """Sentences above a table with device-compiled rows: what the CPU rows are on that device (from the recorded
+    runs) and which row the executed run validates."""
+    out = []
+    for m in runs:
+        dev, d = _device_name(m["device_kind"]), device_prediction(m)
+        rels = _cpu_vs_device(measured, m["device_kind"])
+        if rels and max(rels) < 0:
+            where = "GPUs" if m.get("platform") == "gpu" else f"the {dev}"
+            out.append(f"The CPU-compiled rows are upper bounds on {where}: XLA's CPU compiler holds the bf16 "
+                       f"activations at near-f32 size, and the {dev} runs recorded in `H200 validation` peak "
+                       f"{_range(-100 * max(rels), -100 * min(rels))}% below their CPU prediction (allocator and "
+                       "compiled peaks).")
+        elif rels:
+            out.append(f"The {dev} runs recorded in `H200 validation` peak "
+                       f"{_range(100 * min(rels), 100 * max(rels), '+')}% from their CPU prediction (allocator and "
+                       "compiled peaks).")
+        text = (f"The `{_device_row_label(m)}` row fits the step compiled on the {dev} (not run) at b = "
+                f"{', '.join(map(str, d['probe_batches']))}; its `fixed` includes the {_gb(d['state_not_read'])} GB "
+                "of state the device holds but the step does not read")
+        rel = _device_allocator_diff(m)
+        if rel is None:
+            text += "; no allocator peak has been measured against it yet."
+        else:
+            mem = m["memory"]["peak_bytes_in_use"]
+            text += (f". It is the row validated against the executed run ({m.get('date', '?')}, "
+                     f"{m.get('commit') or '?'}): {_gb(d['predicted_peak'])} GB at b = {m['per_device_batch']}, "
+                     f"the allocator's peak {_gb(mem)} GB is {_pct(rel)} from it "
+                     f"({'within' if abs(rel) <= 0.15 else 'not within'} 15%).")
+        out.append(text)
+    return ["", " ".join(out)] if out else []
+
+
+def _validation_summary(measured: list[dict]) -> list[str]:
+    """Per device and case, the newest executed run with a device-compiled prediction: which prediction its
+    allocator peak is within 15% of (computed from the run's JSON)."""
+    out = []
+    for m in _device_compiled_runs(measured):
+        rel = _device_allocator_diff(m)
+        if rel is None:
+            continue
+        d, mem, pred = device_prediction(m), m["memory"]["peak_bytes_in_use"], m.get("prediction")
+        dev = _device_name(m["device_kind"])
+        text = (f"**Which prediction holds** ({m['device_kind']} x{m['devices']}, b = {m['per_device_batch']}, run "
+                f"of {m.get('date', '?')}, {m.get('commit') or '?'}): the allocator's peak {_gb(mem)} GB is "
+                f"**{'within' if abs(rel) <= 0.15 else 'not within'} 15% of the {dev}-compiled prediction** "
+                f"{_gb(d['predicted_peak'])} GB ({_pct(rel)}; the `{_device_row_label(m)}` row of the N = "
+                f"{m['devices']} table)")
+        if pred:
+            crel = (mem - pred["predicted_peak"]) / pred["predicted_peak"]
+            text += (f" and **{'within' if abs(crel) <= 0.15 else 'not within'} 15% of the CPU-compiled "
+                     f"prediction** {_gb(pred['predicted_peak'])} GB ({_pct(crel)}; the CPU `{_step_label(m)}` row)")
+        out.append(text + ".")
+    return out
 
 
 def _pct(x: float) -> str:
@@ -1046,6 +1196,9 @@ def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[
             f"{'n/a' if crel is None else _pct(crel)} | {dpred_s} | {drel_s} | "
             f"{m.get('date', '?')}, {m.get('commit') or '?'} |")
     lines.append("")
+    summary = _validation_summary(measured)
+    if summary:
+        lines += [*summary, ""]
     for m in sorted(measured, key=lambda m: (m.get("date", ""), executed_steps(m))):
         lines += [f"- {t}" for t in _validation_notes(m, records)]
     lines.append("")

@@ -224,3 +224,50 @@ def test_a_run_cut_short_after_its_compile_is_recorded_with_its_compiled_peak(tm
     assert "Next call" in text and "correction factor" in text
     measured = json.loads(cache.read_text())["_measured"]
     assert list(measured) == ["NVIDIA H200|n=1|base|gsim|b=16|2026-11-29|compile-only"]
+
+
+def test_device_compiled_row_is_the_fit_of_the_device_probes():
+    """A recorded --execute run with --device_probes adds a row to its N section beside the CPU-compiled one: fixed
+    (with the state the device holds but the step does not read) and per example from the device's compiled peaks,
+    the batch limits from that fit; the newest run per device and case is the one shown; the validation section
+    says which prediction the allocator's peak is within 15% of."""
+    mesh = {"data": 1, "fsdp": 1, "tensor": 1}
+    case = dict(_record(), devices=1, model="base", mesh=mesh, batch_shards=1, config_global_batch=512)  # 10 + 2b
+    key = sc.case_key(1, mesh, "base", "gsim", None, [2, 4])
+    pred = sc.find_prediction({key: case}, 1, mesh, "base", "gsim", None, 8, [2, 4])  # CPU: 10 + 8 x 2 = 26 GB
+
+    def run(date, peaks, allocator, **kw):
+        probes = [dict(per_device_batch=b, peak=int(p * GB), compile_s=1.0) for b, p in zip((2, 4), peaks)]
+        return dict(**kw, mode="execute", device_kind="NVIDIA H200", devices=1, model="base", step="gsim", remat=None,
+                    mesh=mesh, per_device_batch=8, jax="0.11.2", date=date, commit="abc1234", prediction=pred,
+                    platform="gpu",
+                    device_probes=probes, state_not_read=1 * GB, state=case["state"], state_total=case["state_total"],
+                    step_s=[1.0, 0.5], memory={"peak_bytes_in_use": int(allocator * GB)},
+                    rel_diff=(allocator - 26) / 26)
+    old = run("2026-11-28", (20, 30), 20)                        # allocator vs the CPU prediction: -23.1%
+    new = run("2026-11-29", (13, 14), 16.5, compiled={"peak": int(16 * GB)})  # -36.5%, compiled -38.5%
+    # the newest run's device fit: 12 + 0.5 b; + 1 GB not read: 17 GB at b = 8
+    assert sc.device_prediction(new)["predicted_peak"] == pytest.approx(17 * GB)
+    text = sc.render([case], sc.parse_hbm("v5p=95,v5e=16,h200=141"), 0.9, "python -m marval_jax.tools.scale_check",
+                     "2026-11-29", measured=[old, new])
+    rows = [l for l in text.splitlines() if l.startswith("| MARVAL-B | GSIM")]
+    assert len(rows) == 2 and rows[0].startswith("| MARVAL-B | GSIM | ")  # the CPU row first, one device row
+    cells = rows[1].strip("| ").split(" | ")
+    assert cells[1] == "GSIM, H200-compiled (b=2,4)"
+    assert cells[2:7] == ["1.00", "2.00", "1.00", "1.00", "5.00"]         # the run's state
+    assert cells[7:10] == ["13.00", "0.5", "2: 13.00, 4: 14.00"]          # 12 + 1 not read; the probes' peaks
+    assert cells[10] == "512"
+    # (0.9 x H - 13) // 0.5 for H = 95, 16, 141; the CPU fit gives 37, 2, 58, the same fit without the unread
+    # state 147, 4, 229, the older run's (fixed 10 + 1 GB, 5 GB per example) 14, 0, 23
+    assert cells[11:] == ["145", "2", "227"]
+    cpu_cells = rows[0].strip("| ").split(" | ")
+    assert cpu_cells[7:9] == ["10.00", "2.00"] and cpu_cells[11:] == ["37", "2", "58"]
+    assert ("The CPU-compiled rows are upper bounds on GPUs: XLA's CPU compiler holds the bf16 activations at "
+            "near-f32 size, and the H200 runs recorded in `H200 validation` peak 23% to 38% below their CPU "
+            "prediction") in text
+    assert ("The `GSIM, H200-compiled (b=2,4)` row fits the step compiled on the H200 (not run) at b = 2, 4; its "
+            "`fixed` includes the 1.00 GB") in text
+    assert "17.00 GB at b = 8, the allocator's peak 16.50 GB is -2.9% from it (within 15%)" in text
+    assert ("the allocator's peak 16.50 GB is **within 15% of the H200-compiled prediction** 17.00 GB (-2.9%; the "
+            "`GSIM, H200-compiled (b=2,4)` row of the N = 1 table) and **not within 15% of the CPU-compiled "
+            "prediction** 26.00 GB (-36.5%; the CPU `GSIM` row)") in text
