@@ -55,7 +55,7 @@ class ConfigMismatchError(ValueError):
 
 
 # Model fields that do not change the parameters: a checkpoint may be loaded under other values.
-NON_ARCHITECTURAL = ("dtype", "remat", "attn_dropout", "proj_dropout", "label_drop_prob")
+NON_ARCHITECTURAL = ("dtype", "remat", "attn_dropout", "proj_dropout", "label_drop_prob", "attention_impl")
 
 
 def _model_defaults() -> dict:

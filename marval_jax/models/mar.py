@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.models.diffusion_head import SimpleMLPAdaLN
-from marval_jax.models.transformer import Block, dense, layer_norm, run_blocks
+from marval_jax.models.transformer import ATTENTION_IMPLS, Block, dense, layer_norm, run_blocks
 
 
 ATTENTION_MODES = ("bidirectional", "causal")
@@ -60,10 +60,15 @@ class MARConfig:
     dtype: str = "float32"
     remat: bool = False  # rematerialise each transformer block (MAR's --grad_checkpointing)
     attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
+    # how attention is computed (not what it computes): "xla" (the reference's numerics), "cudnn" (fused flash
+    # attention, GPU bf16 only) or "auto" (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
+    attention_impl: str = "auto"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"MARConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"MARConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
 
     @property
     def grid(self) -> int:
@@ -148,7 +153,7 @@ class MAR(nnx.Module):
         self.cfg = cfg
         dt = cfg.jnp_dtype
         de, dd, s, bf = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_len, cfg.buffer_size
-        drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout)
+        drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout, attention_impl=cfg.attention_impl)
         self.class_emb = nnx.Embed(cfg.class_num, de, embedding_init=nnx.initializers.normal(0.02),
                                    param_dtype=jnp.float32, rngs=rngs)
         self.fake_latent = _param(rngs, (1, de))

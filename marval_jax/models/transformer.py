@@ -44,6 +44,15 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact-erf GELU computed in float32 and rounded once to x's dtype, as PyTorch's GELU does for bf16 under
+    autocast (jax.nn.gelu on bf16 rounds after each of its ops). Identical to jax.nn.gelu for float32; on the H200
+    the same speed as jax.nn.gelu (docs/benchmarks.md, block/mlp)."""
+    if x.dtype == jnp.float32:
+        return jax.nn.gelu(x, approximate=False)
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
+
+
 def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
     shape = (batch, length, num_heads, head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
@@ -53,13 +62,29 @@ def _split_rng(rng, n):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
+ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+
+
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
-                   attn_drop: float = 0.0, rng: jax.Array | None = None) -> jax.Array:
+                   attn_drop: float = 0.0, rng: jax.Array | None = None, impl: str = "xla") -> jax.Array:
     """softmax(q k^T / sqrt(hd)) v per head: queries (B, T, H, hd), keys and values (B, L, H, hd) -> (B, T, H, hd).
 
-    Logits and softmax in float32, the probabilities (after dropout) cast to v's dtype for p.v; masked logits
-    (mask False) set to float32's minimum. The part of `Attention` between the qkv and output projections (also timed
-    on its own by the benchmark suite's block/attention_core row)."""
+    impl "xla": logits and softmax in float32, the probabilities (after dropout) cast to v's dtype for p.v; masked
+    logits (mask False) set to float32's minimum (the reference's numerics; also timed alone by the benchmark
+    suite's block/attention_core row). "cudnn": cuDNN's fused flash attention through jax.nn.dot_product_attention
+    (GPU, bf16/fp16, no attention dropout; the mask becomes an additive bias; 2.6x faster than "xla" on the H200 at
+    MAR-B's decoder shape, docs/benchmarks.md block rows); raises where it cannot run. "auto": "cudnn" where it can
+    run (`cudnn_attention_unsupported` is None), else "xla" - so CPU runs, float32 runs and training with
+    attention dropout keep the reference's numerics."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    dropping = rng is not None and attn_drop > 0.0
+    if impl != "xla":
+        why = cudnn_attention_unsupported(q, k, v, mask=mask, dropout=dropping)
+        if why is None:
+            return _attention_core_cudnn(q, k, v, mask)
+        if impl == "cudnn":
+            raise ValueError(f"attention impl 'cudnn' cannot run here: {why} (use 'auto' or 'xla')")
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (q.shape[-1] ** -0.5)
     if mask is not None:
@@ -69,13 +94,40 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
+def cudnn_attention_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                                dropout: bool = False) -> str | None:
+    """Why cuDNN's fused attention cannot take this call (None if it can): the conditions of
+    jax.nn.dot_product_attention(implementation="cudnn") that MAR's calls can meet or miss."""
+    if jax.default_backend() != "gpu":
+        return f"the backend is {jax.default_backend()!r}, not 'gpu'"
+    if not (q.dtype == k.dtype == v.dtype and q.dtype in (jnp.bfloat16, jnp.float16)):
+        return f"cuDNN attention takes bfloat16/float16 q, k, v, got {q.dtype}, {k.dtype}, {v.dtype}"
+    if dropout:
+        return "attention dropout is active (jax.nn.dot_product_attention has no dropout)"
+    hd = q.shape[-1]
+    if hd % 8 or hd > 128:
+        return f"head dim {hd} is not a multiple of 8 up to 128"
+    if mask is not None and (q.shape[1] % 2 or k.shape[1] % 2):
+        return f"a masked call needs even lengths, got {q.shape[1]} queries and {k.shape[1]} keys"
+    return None
+
+
+def _attention_core_cudnn(q, k, v, mask):
+    if mask is not None:  # cuDNN's bias needs the full (T, L) extent; batch and head dims may broadcast
+        b, t, _, _ = q.shape
+        mask = jnp.broadcast_to(mask, (b, mask.shape[1], t, k.shape[1]))
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=q.shape[-1] ** -0.5, implementation="cudnn")
+
+
 class Attention(nnx.Module):
     def __init__(self, dim: int, num_heads: int, *, attn_drop: float, proj_drop: float, rngs: nnx.Rngs,
-                 dtype: Any = jnp.float32):
+                 dtype: Any = jnp.float32, impl: str = "xla"):
+        if impl not in ATTENTION_IMPLS:
+            raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
         if dim % num_heads:
             raise ValueError(f"width {dim} is not divisible by {num_heads} heads")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
-        self.attn_drop, self.proj_drop = attn_drop, proj_drop
+        self.attn_drop, self.proj_drop, self.impl = attn_drop, proj_drop, impl
         self.qkv = dense(dim, 3 * dim, rngs=rngs, dtype=dtype)
         self.proj = dense(dim, dim, rngs=rngs, dtype=dtype)
 
@@ -95,7 +147,7 @@ class Attention(nnx.Module):
         elif return_kv:
             cache = {"k": k, "v": v}
         r_attn, r_proj = _split_rng(rng, 2)
-        out = attention_core(q, k, v, mask=mask, attn_drop=self.attn_drop, rng=r_attn).reshape(b, t, d)
+        out = attention_core(q, k, v, mask=mask, attn_drop=self.attn_drop, rng=r_attn, impl=self.impl).reshape(b, t, d)
         return dropout(self.proj(out), self.proj_drop, r_proj), cache
 
 
@@ -107,7 +159,7 @@ class Mlp(nnx.Module):
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         r1, r2 = _split_rng(rng, 2)
-        x = dropout(jax.nn.gelu(self.fc1(x), approximate=False), self.drop, r1)
+        x = dropout(gelu_erf(self.fc1(x)), self.drop, r1)
         return dropout(self.fc2(x), self.drop, r2)
 
 
@@ -115,9 +167,10 @@ class Block(nnx.Module):
     """x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
-                 proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+                 proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla"):
         self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype)
+        self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype,
+                              impl=attention_impl)
         self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype)
 
