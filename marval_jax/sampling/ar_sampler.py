@@ -24,6 +24,7 @@ from flax import nnx
 from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MAR
+from marval_jax.parallel.compiler_options import BatchJit
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
 # predictor(model, z_cond (N, D), z_uncond (N, D) | None, cfg_scale, rng) -> tokens (N, C)
@@ -138,4 +139,4 @@ def make_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Predictor
             tokens = jax.lax.fori_loop(seg.start, seg.stop, body, tokens)
         return tokens
 
-    return jax.jit(sample)
+    return BatchJit(sample, batch_of=lambda state, labels, rng: labels.shape[0])

@@ -37,6 +37,7 @@ from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig, causal_mask, kept_positions
 from marval_jax.models.transformer import init_kv_cache, run_blocks
+from marval_jax.parallel.compiler_options import BatchJit
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.ar_sampler import Predictor, SamplerSpec
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -274,4 +275,4 @@ def make_cached_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Pr
                                       lambda k, c, seg=seg, cap=cap: step_fn(k, c, seg, cap), carry)
         return carry[0]
 
-    return jax.jit(sample)
+    return BatchJit(sample, batch_of=lambda state, labels, rng: labels.shape[0])

@@ -1,0 +1,50 @@
+"""Per-program XLA compiler options that depend on the batch: cuBLAS for every GEMM of large-batch GPU programs.
+
+XLA's GPU compiler may run a matmul as a Triton GEMM fusion (elementwise neighbours fused in) instead of cuBLAS. At
+large batches cuBLAS is faster; at batch 1 the fusions win, since they save kernel launches in latency-bound loops.
+Measured on the H200 (docs/benchmarks.md), `xla_gpu_enable_triton_gemm=False`:
+  MAR-B decoder block, batch 256 x 320 positions: the four matmuls 50.9 -> 43.0 ms per 24 calls (55% -> 65% of bf16
+  peak), the whole block 87.7 -> 79.2 ms;
+  teacher sampler at batch 1: 1.12 -> 1.49 s (the 6400 small head calls pay for the extra launches).
+So the option is set per program for per-device batches >= LARGE_BATCH (32: between the measured 1 and 64/256; the
+crossover itself was not measured) and only on GPUs; elsewhere no option is passed.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+LARGE_BATCH = 32
+LARGE_BATCH_GPU_OPTIONS = {"xla_gpu_enable_triton_gemm": False}
+
+
+def gpu_compiler_options(per_device_batch: int | None, backend: str | None = None) -> dict[str, Any]:
+    """The compiler options of a program whose per-device batch is `per_device_batch` (None: unknown, none)."""
+    backend = backend or jax.default_backend()
+    if backend != "gpu" or per_device_batch is None or per_device_batch < LARGE_BATCH:
+        return {}
+    return dict(LARGE_BATCH_GPU_OPTIONS)
+
+
+class BatchJit:
+    """jax.jit of `fn` with the compiler options of the batch it is called with (`batch_of(*args)`): one jitted
+    function per distinct option set, each compiling once per shape as jax.jit does. Supports `__call__` and
+    `lower` (AOT compile, as the benchmark suite does)."""
+
+    def __init__(self, fn: Callable, batch_of: Callable[..., int], **jit_kwargs):
+        self.fn, self.batch_of, self.jit_kwargs = fn, batch_of, jit_kwargs
+        self._jits: dict[tuple, Any] = {}
+
+    def jitted_for(self, *args):
+        opts = gpu_compiler_options(self.batch_of(*args))
+        key = tuple(sorted(opts.items()))
+        if key not in self._jits:
+            self._jits[key] = jax.jit(self.fn, compiler_options=opts or None, **self.jit_kwargs)
+        return self._jits[key]
+
+    def __call__(self, *args):
+        return self.jitted_for(*args)(*args)
+
+    def lower(self, *args):
+        return self.jitted_for(*args).lower(*args)

@@ -1,0 +1,34 @@
+"""Batch-dependent compiler options: cuBLAS GEMMs (no Triton GEMM fusions) for large-batch GPU programs only."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from marval_jax.parallel import compiler_options as co
+
+
+def test_only_large_batches_on_gpu_get_the_option():
+    assert co.gpu_compiler_options(co.LARGE_BATCH, backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert co.gpu_compiler_options(256, backend="gpu") == {"xla_gpu_enable_triton_gemm": False}
+    assert co.gpu_compiler_options(co.LARGE_BATCH - 1, backend="gpu") == {}
+    assert co.gpu_compiler_options(None, backend="gpu") == {}
+    assert co.gpu_compiler_options(256, backend="cpu") == {} and co.gpu_compiler_options(256, backend="tpu") == {}
+
+
+def test_batch_jit_keeps_one_jit_per_option_set_and_lowers(monkeypatch):
+    """Each option set gets its own jax.jit (and its own compile); the same options share one; lower() works."""
+    seen = []
+
+    def options(batch, backend=None):
+        seen.append(batch)
+        return {"xla_cpu_enable_fast_math": False} if batch >= 4 else {}
+
+    monkeypatch.setattr(co, "gpu_compiler_options", options)
+    f = co.BatchJit(lambda w, x: jnp.tanh(x @ w), batch_of=lambda w, x: x.shape[0])
+    w = jnp.ones((3, 2))
+    for b in (1, 2, 4, 8):
+        x = jnp.arange(3.0 * b).reshape(b, 3)
+        np.testing.assert_allclose(f(w, x), np.tanh(np.asarray(x) @ np.asarray(w)), rtol=1e-6)
+    assert seen == [1, 2, 4, 8] and len(f._jits) == 2
+    assert f.lower(w, jnp.ones((8, 3))).compile()(w, jnp.ones((8, 3))).shape == (8, 2)
+    assert len(f._jits) == 2
+    jax.block_until_ready(f(w, jnp.ones((8, 3))))
