@@ -6,6 +6,7 @@
   python -m marval_jax.benchmarks --from-json docs/benchmarks/h200.json --table docs/benchmarks.md  # re-render
   python -m marval_jax.benchmarks --from-json a.json,b.json --table docs/benchmarks.md \
       --out docs/benchmarks/h200.json                   # several runs in one table (and one merged JSON)
+  python -m marval_jax.benchmarks --from-json old.json,new.json --newest-wins ...   # new code's rows replace old
 
 --what: sample (MAR teacher + MARVAL one-step samplers at each --batch), train (MAR, GSIM and RL steps, the RL
 step with and without remat; pick with --train-steps), kv (KV-cached samplers: the approximate cache of the
@@ -46,6 +47,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny model and shapes (CPU smoke run)")
     p.add_argument("--from-json", default=None,
                    help="only render --table from existing JSON files (a comma list: the runs' rows together)")
+    p.add_argument("--newest-wins", action="store_true",
+                   help="with --from-json: a measured row of a later file replaces the earlier rows of the same "
+                        "model, name and batch (after a code change); by default it only replaces skipped/failed ones")
     p.add_argument("--train-steps", default=",".join(TRAIN_STEPS),
                    help="comma list of mar, gsim, rl (rl.remat on), rl_noremat (rl.remat off)")
     p.add_argument("--train-batch", type=int, default=256)
@@ -79,7 +83,7 @@ def main(argv=None) -> int:
         for path in _list(a.from_json):
             with open(path) as f:
                 reports.append(json.load(f))
-        merged = suite.merge_reports(reports)
+        merged = suite.merge_reports(reports, newest_wins=a.newest_wins)
         if a.out:  # the merged report as one JSON (what docs/benchmarks/<device>.json holds)
             os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
             with open(a.out, "w") as f:

@@ -28,8 +28,9 @@ Measurements (per model):
                    scatters of the AR loop) and the predictor calls alone on fixed conditions (head loop), each one
                    compiled loop over the same segments, so that transformer + head + rest = sampler.
   block/*          (--what block only) one decoder block of the model at --block-batch over the decoder's positions
-                   (buffer + tokens, 320 for ImageNet-256), and its parts: full (Block), attention (norm1 + Attention
-                   + residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
+                   (buffer + tokens, 320 for ImageNet-256), and its parts: full (Block with the model's
+                   attention_impl, "auto": cuDNN's fused attention on GPU in bf16), full_xla (the same Block with
+                   attention_impl "xla", the reference's unfused attention), attention (norm1 + Attention + residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
                    attention_core_dpa (the same through jax.nn.dot_product_attention, cuDNN on GPU), matmuls (qkv,
                    proj, fc1, fc2 alone), mlp (norm2 + Mlp + residual); each part called --block-calls (24) times in
                    one compiled fori_loop with its output fed back.
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import os
@@ -63,6 +65,7 @@ from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed,
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.models.transformer import Block, attention_core
+from marval_jax.parallel.compiler_options import gpu_compiler_options
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -210,6 +213,7 @@ class Suite:
         self.report: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": _device_info(), "versions": _versions(), "argv": sys.argv,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "settings": dataclasses.asdict(settings),
             "peaks": {"bf16_dense_peak_tflops": self.peak, "matmul_reference_tflops": self.matmul_ref},
             "results": [],
@@ -455,7 +459,7 @@ class ModelBench:
         self.key = jax.random.key(self.s.seed + 7)
         self.first_outputs: dict[tuple[str, int], jax.Array] = {}  # sampler outputs of the first key, to compare
         self._causal_graphdef = None
-        self._block = None  # (graphdef, state) of the block/* rows' Block
+        self._block = {}  # attention_impl -> (graphdef, state) of the block/* rows' Block
 
     @property
     def causal_graphdef(self):
@@ -531,6 +535,7 @@ class ModelBench:
         keys = jax.random.split(self.key, 64)
         compiled, comp = compile_timed(jitted, *args_fn(keys[0]))
         entry["compile"] = comp
+        entry["compiler_options"] = gpu_compiler_options(b)  # what the library's BatchJit passes at this batch
         counter = iter(range(10 ** 9))
         outs = {}
 
@@ -666,17 +671,19 @@ class ModelBench:
                     head_dim=d // heads, mlp_hidden=int(d * cfg.mlp_ratio), calls=self.s.block_calls,
                     dtype=cfg.dtype)
 
-    def block_state(self):
-        """(graphdef, state) of one decoder Block as the model builds it (its module, dtype and dropout rates; no
-        dropout runs, as rng is None), random weights drawn on the host like `random_state`'s."""
-        if self._block is None:
+    def block_state(self, impl: str | None = None):
+        """(graphdef, state) of one decoder Block as the model builds it (its module, dtype, dropout rates and
+        attention_impl unless `impl` is given; no dropout runs, as rng is None), random weights drawn on the host like
+        `random_state`'s (the same weights for every impl)."""
+        impl = impl or self.cfg.attention_impl
+        if impl not in self._block:
             cfg = self.cfg
             graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(
                 cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, attn_drop=cfg.attn_dropout,
-                proj_drop=cfg.proj_dropout, rngs=nnx.Rngs(self.s.seed), dtype=cfg.jnp_dtype)))
+                proj_drop=cfg.proj_dropout, rngs=nnx.Rngs(self.s.seed), dtype=cfg.jnp_dtype, attention_impl=impl)))
             state = random_init.random_like(abstract, seed=self.s.seed + 21, rule=random_init.param_rule)
-            self._block = graphdef, state
-        return self._block
+            self._block[impl] = graphdef, state
+        return self._block[impl]
 
     def need_block(self, part: str) -> float:
         """Seconds a block/* row needs: compile + warm-up + repeats, the loop's FLOPs at the assumed rate plus ~30 us
@@ -702,7 +709,7 @@ class ModelBench:
             entry["implementation"] = impl or "default (implementation=None)"
 
         def one(blk, y, *consts):
-            if part == "full":
+            if part in ("full", "full_xla"):
                 return blk(y)[0]
             if part == "attention":
                 return y + blk.attn(blk.norm1(y))[0].astype(y.dtype)
@@ -722,7 +729,8 @@ class ModelBench:
             shape = jax.ShapeDtypeStruct((b, t, heads, hd), dt)
             y, *consts = random_init.random_like((shape,) * 3, seed=self.s.seed + 22, rule=random_init.data_rule)
         else:
-            graphdef, params = self.block_state()
+            graphdef, params = self.block_state("xla" if part == "full_xla" else None)
+            entry["attention_impl"] = "xla" if part == "full_xla" else self.cfg.attention_impl
             y = random_init.random_like(jax.ShapeDtypeStruct((b, t, d), dt), seed=self.s.seed + 23,
                                         rule=random_init.data_rule)
             consts = []
@@ -730,7 +738,7 @@ class ModelBench:
         def single(params, y, *consts):
             return one(None if params is None else nnx.merge(graphdef, params), y, *consts)
 
-        @jax.jit
+        @functools.partial(jax.jit, **_large_batch_options(b))
         def loop(params, y, *consts):
             blk = None if params is None else nnx.merge(graphdef, params)
             return jax.lax.fori_loop(0, n, lambda i, z: one(blk, z, *consts), y)
@@ -764,6 +772,7 @@ class ModelBench:
     def _train_timing(self, entry: dict, jitted, state, extra_args: tuple, b: int, steps: int) -> None:
         compiled, comp = compile_timed(jitted, state, *extra_args)
         entry["compile"] = comp
+        entry["compiler_options"] = gpu_compiler_options(b)
         with MemoryPoller() as poll:
             t, _ = time_steps(lambda st: compiled(st, *extra_args), state, warmup=2 if not self.s.quick else 1,
                               steps=steps, rounds=3 if not self.s.quick else 1, deadline=self.suite.deadline)
@@ -800,7 +809,7 @@ class ModelBench:
             metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
             return dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1), metrics
 
-        self._train_timing(entry, jax.jit(train_step, donate_argnums=0), state, (self._batch(b),), b,
+        self._train_timing(entry, jax.jit(train_step, donate_argnums=0, **_large_batch_options(b)), state, (self._batch(b),), b,
                            steps=5 if not self.s.quick else 2)
         fl = F.mar_train_flops(cfg, batch=b, mask_ratio_min=0.7, diffusion_batch_mul=4)
         entry["flops_detail"] = fl
@@ -834,7 +843,7 @@ class ModelBench:
             new = dict(state, gen=gen, fake=fake, opt_gen=opt_gen, opt_fake=opt_fake, step=state["step"] + 1)
             return new, {"loss": lg + lf, "gen_loss": lg, "fake_loss": lf}
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0), state, (teacher, self._batch(b)), b,
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)), state, (teacher, self._batch(b)), b,
                            steps=3 if not self.s.quick else 1)
         st = losses.settings
         fl = F.gsim_step_flops(cfg, batch=b, mask_ratio_min=st.mask_ratio_min, guidance=st.guidance_scale != 1.0)
@@ -874,7 +883,7 @@ class ModelBench:
             upd, opt = tx.update(g, state["opt"], state["gen"])
             return dict(state, gen=optax.apply_updates(state["gen"], upd), opt=opt, step=state["step"] + 1), m
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0), state, (self.labels(b),), b,
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)), state, (self.labels(b),), b,
                            steps=2 if not self.s.quick else 1)
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
@@ -910,9 +919,20 @@ def _alloc_gib(entry) -> str:
     return ("" if entry.get("allocator_peak_is_own") else "<= ") + f"{b / 2 ** 30:.2f}"
 
 
+def _same_run_row(report: dict, entry: dict, name: str) -> dict | None:
+    """The measured row `name` at `entry`'s model and batch to compare `entry` with: of the same run where the report
+    merges several (also a row a later run superseded), else the report's current one."""
+    rows = [x for x in report["results"] + report.get("superseded", [])
+            if x["model"] == entry["model"] and x["name"] == name and x.get("batch") == entry.get("batch")
+            and x.get("status") == "ok" and x.get("time_s")]
+    same = [x for x in rows if x.get("run_date") and x.get("run_date") == entry.get("run_date")]
+    return (same or rows or [None])[0]
+
+
 def _status(entry, ok: str) -> str:
     if entry["status"] == "ok":
-        return ok or "ok"
+        when = entry.get("run_date")
+        return (ok or "ok") + (f" (run {when[:16].replace('T', ' ')})" if when else "")
     if entry["status"] == "oom":
         return "oom (" + _short_oom(entry.get("error", "")) + ")"
     return entry["status"]
@@ -1016,8 +1036,7 @@ def render_markdown(report: dict) -> str:
         for e in kv:
             _, kind, variant = e["name"].split("/")
             base_name = e.get("baseline") or (f"kv/{kind}/causal" if variant == "causal_exact" else f"sample/{kind}")
-            base = next((x for x in res if x["model"] == e["model"] and x["name"] == base_name
-                         and x.get("batch") == e.get("batch") and x.get("status") == "ok"), None)
+            base = _same_run_row(report, e, base_name)
             speed = base["time_s"] / e["time_s"] if base and e.get("time_s") else None
             attention = e.get("attention") or ("bidirectional" if variant == "approx" else "causal")
             cache = e.get("cache") or {"approx": "approx", "causal": "none", "causal_exact": "exact"}[variant]
@@ -1037,8 +1056,7 @@ def render_markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|---|"]
         for e in brk:
             _, kind, comp = e["name"].split("/")
-            full = next((x for x in samp if x["name"] == f"sample/{kind}" and x.get("batch") == e.get("batch")
-                         and x["model"] == e["model"] and x.get("time_s")), None)
+            full = _same_run_row(report, e, f"sample/{kind}")
             share = e["time_s"] / full["time_s"] if full and e.get("time_s") else None
             lines.append(f"| {e['model']} | {kind} | {e.get('batch')} | {comp.replace('_', ' ')} | "
                          f"{_fmt(e.get('time_s'), '.3f')} | {_fmt(share, '.0%')} | "
@@ -1047,7 +1065,8 @@ def render_markdown(report: dict) -> str:
         for e in samp:
             parts = [x for x in brk if x["model"] == e["model"] and x.get("batch") == e.get("batch")
                      and x["name"].split("/")[1] == e["name"][7:] and x.get("time_s")]
-            if len(parts) == 2 and e.get("time_s"):
+            e = _same_run_row(report, parts[0], e["name"]) if len(parts) == 2 else e
+            if len(parts) == 2 and e and e.get("time_s"):
                 rest = e["time_s"] - sum(x["time_s"] for x in parts)
                 lines.append(f"| {e['model']} | {e['name'][7:]} | {e.get('batch')} | rest (sampler - both) | "
                              f"{rest:.3f} | {rest / e['time_s']:.0%} | | | |")
@@ -1058,11 +1077,13 @@ def render_markdown(report: dict) -> str:
         lines += ["### Where a transformer block's time goes", "",
                   "One decoder block of the model at the row's batch over T positions (buffer + tokens), each part "
                   "called `calls` times in one compiled loop with its output fed back; ms / block call = time / "
-                  "calls. `attention` and `mlp` include their LayerNorm and residual add; `matmuls` is the four "
+                  "calls. `full` is the block as the model runs it (its attention_impl; \"auto\": cuDNN's fused "
+                  "attention on a GPU in bf16), `full xla` the same block with the unfused XLA attention. "
+                  "`attention` (the model's attention_impl) and `mlp` include their LayerNorm and residual add; `matmuls` is the four "
                   "Linear layers alone (qkv, proj, fc1, fc2); `attention core` is q·kᵀ in f32, softmax in f32 and "
                   "p·v in bf16, unfused, as the model runs it; `attention core dpa` the same through "
                   "`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU), its max rel. diff against the "
-                  "unfused core's output on the same inputs. Rest = full - matmuls - attention core: LayerNorms, "
+                  "unfused core's output on the same inputs. Rest = full xla - matmuls - attention core: LayerNorms, "
                   "GELU, residual adds and layout changes.", "",
                   "| model | part | batch | T | calls | ms / block call | share of full block | TFLOP/s | MFU (peak) "
                   "| max rel. diff | status |",
@@ -1099,29 +1120,41 @@ def render_markdown(report: dict) -> str:
                              f"{_fmt(e.get('max_rel_diff_vs_attention_core'), '.2e')} | "
                              f"{_status(e, '') if e['status'] != 'error' else 'error: ' + _short_error(e)} |")
             parts = [ms(by[p]) if (by.get(p) or {}).get("status") == "ok" else None
-                     for p in ("full", "matmuls", "attention_core")]
+                     for p in ("full_xla", "matmuls", "attention_core")]
             if None not in parts:
                 rest = parts[0] - parts[1] - parts[2]
-                lines.append(f"| {model} | rest (full - matmuls - attention core) | {batch} | {_fmt(t_len, 'd')} | "
+                lines.append(f"| {model} | rest (full xla - matmuls - attention core) | {batch} | {_fmt(t_len, 'd')} | "
                              f"| {rest:.3f} | {rest / parts[0]:.0%} | | | | |")
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
 
 
-def merge_reports(reports: list[dict]) -> dict:
+def _large_batch_options(b: int) -> dict:
+    """jax.jit's compiler_options for a program of batch b, as the library's samplers and train loop set them."""
+    opts = gpu_compiler_options(b)
+    return {"compiler_options": opts} if opts else {}
+
+
+def merge_reports(reports: list[dict], newest_wins: bool = False) -> dict:
     """Several runs' reports as one (e.g. two calls of the suite on the same device): the first run's header, every
     run's rows in order, a row measured (status ok) in a later run replacing, in its place, a skipped or failed one of
-    the same model, name and batch; wall time summed."""
+    the same model, name and batch (with `newest_wins`, any earlier row of that key: the later run measured newer
+    code); wall time summed. Each row keeps the date of its run as `run_date` (shown in the tables' status column)."""
     if len(reports) == 1:
         return reports[0]
     out = dict(reports[0])
     rows: list[dict] = []
+    superseded: list[dict] = list(reports[0].get("superseded", []))
     for rep in reports:
         for r in rep["results"]:
+            r = dict(r, run_date=r.get("run_date") or rep.get("date"), run_xla_flags=r.get(
+                "run_xla_flags", rep.get("xla_flags")))
             key = (r["model"], r["name"], r.get("batch"))
             same = [i for i, x in enumerate(rows) if (x["model"], x["name"], x.get("batch")) == key]
-            if same and r["status"] == "ok" and all(rows[i]["status"] in ("skipped", "error") for i in same):
+            if same and r["status"] == "ok" and (newest_wins or all(rows[i]["status"] in ("skipped", "error")
+                                                                    for i in same)):
+                superseded += [rows[i] for i in same if rows[i]["status"] == "ok"]
                 rows[same[0]] = r
                 for i in reversed(same[1:]):
                     del rows[i]
@@ -1130,6 +1163,7 @@ def merge_reports(reports: list[dict]) -> dict:
                 continue
             rows.append(r)
     out["results"] = rows
+    out["superseded"] = superseded  # measured rows a later run replaced (--newest-wins): the runs' own baselines
     out["total_s"] = sum(rep.get("total_s") or 0.0 for rep in reports)
     out["merged_from"] = [rep.get("date") for rep in reports]
     out["peaks"] = dict(reports[0].get("peaks") or {})
