@@ -985,7 +985,9 @@ def _device_compiled_row(m: dict, cpu: dict | None, hbm: dict[str, float], fract
     cfg_b = f"{cpu['config_global_batch'] / cpu['batch_shards']:g}" if cpu else "?"
     probes = ", ".join(f"{p['per_device_batch']}: {_gb(p['peak'])}"
                        for p in sorted(m["device_probes"], key=lambda p: p["per_device_batch"]) if "peak" in p)
-    fits = [str(max_batch(fixed, per, h, fraction)) for h in hbm.values()]
+    # only the device's own HBM column: another chip's compiler lays the program out differently
+    dev = _device_name(m["device_kind"]).lower()
+    fits = [str(max_batch(fixed, per, h, fraction)) if dev in name.lower() else "-" for name, h in hbm.items()]
     model = f"MAR{'VAL' if m['step'] in ('gsim', 'rl') else ''}-{names.get(m['model'], m['model'])}"
     return (f"| {model} | {_device_row_label(m)} | {state_s} | {_gb(fixed)} | {_gb(per)} | {probes} | {cfg_b} | "
             + " | ".join(fits) + " |")
@@ -1031,7 +1033,8 @@ def _device_rows_intro(runs: list[dict], measured: list[dict]) -> list[str]:
                        "compiled peaks).")
         text = (f"The `{_device_row_label(m)}` row fits the step compiled on the {dev} (not run) at b = "
                 f"{', '.join(map(str, d['probe_batches']))}; its `fixed` includes the {_gb(d['state_not_read'])} GB "
-                "of state the device holds but the step does not read")
+                "of state the device holds but the step does not read; it describes the step's code at "
+                f"{m.get('commit') or '?'} and fills only the {dev}'s HBM column")
         rel = _device_allocator_diff(m)
         if rel is None:
             text += "; no allocator peak has been measured against it yet."
