@@ -64,7 +64,7 @@ from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed,
                                           time_calls, time_steps)
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
-from marval_jax.models.transformer import Block, attention_core
+from marval_jax.models.transformer import Block, attention_core, cast_linear_params
 from marval_jax.parallel.compiler_options import gpu_compiler_options
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.cached_sampler import make_cached_sampler
@@ -641,7 +641,7 @@ class ModelBench:
 
         @jax.jit
         def head_loop(state, z, rng):
-            model = nnx.merge(graphdef, state)
+            model = cast_linear_params(nnx.merge(graphdef, state))  # as the samplers do
             acc = jnp.zeros((), jnp.float32)
             for seg in segments:
                 def body(step, acc, seg=seg):
@@ -740,7 +740,7 @@ class ModelBench:
 
         @functools.partial(jax.jit, **_large_batch_options(b))
         def loop(params, y, *consts):
-            blk = None if params is None else nnx.merge(graphdef, params)
+            blk = None if params is None else cast_linear_params(nnx.merge(graphdef, params))  # as the samplers do
             return jax.lax.fori_loop(0, n, lambda i, z: one(blk, z, *consts), y)
 
         args = (params, y, *consts)

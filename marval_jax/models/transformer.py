@@ -31,6 +31,20 @@ def dense(din: int, dout: int, *, rngs: nnx.Rngs, dtype: Any, kernel_init=xavier
                       param_dtype=jnp.float32, rngs=rngs)
 
 
+def cast_linear_params(model: nnx.Module) -> nnx.Module:
+    """Casts every nnx.Linear's kernel and bias to the layer's compute dtype, in place on a merged model, and
+    returns it. The layer casts them on every call anyway (the same numbers), so an inference loop - the samplers' AR
+    loop - converts all weights once before the loop instead of at every step (XLA leaves those converts inside the
+    loop body). Inference only: a training step's gradient must reach the float32 parameters."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Linear) and node.dtype is not None:
+            for name in ("kernel", "bias"):
+                var = getattr(node, name, None)
+                if var is not None and var[...].dtype != node.dtype:
+                    var.set_value(var[...].astype(node.dtype))
+    return model
+
+
 def layer_norm(dim: int, *, rngs: nnx.Rngs, dtype: Any, affine: bool = True) -> nnx.LayerNorm:
     return nnx.LayerNorm(dim, epsilon=LN_EPS, use_bias=affine, use_scale=affine, dtype=dtype,
                          param_dtype=jnp.float32, rngs=rngs)

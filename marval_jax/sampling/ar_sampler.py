@@ -24,6 +24,7 @@ from flax import nnx
 from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MAR
+from marval_jax.models.transformer import cast_linear_params
 from marval_jax.parallel.compiler_options import BatchJit
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
@@ -126,7 +127,7 @@ def make_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Predictor
                 sched.cfg(spec.cfg, spec.cfg_schedule).astype(np.float32))
 
     def sample(state, labels, rng):
-        model = nnx.merge(graphdef, state)
+        model = cast_linear_params(nnx.merge(graphdef, state))  # weights in bf16 once, not at every AR step
         b = labels.shape[0]
         orders, rank, null, class_emb, r_loop = loop_inputs(model, labels, rng, seq_len)
         sched_arrays = tuple(jnp.asarray(a) for a in sched_np)

@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig, causal_mask, kept_positions
-from marval_jax.models.transformer import init_kv_cache, run_blocks
+from marval_jax.models.transformer import cast_linear_params, init_kv_cache, run_blocks
 from marval_jax.parallel.compiler_options import BatchJit
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.ar_sampler import Predictor, SamplerSpec
@@ -186,7 +186,7 @@ def make_cached_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Pr
                 sched.cfg(spec.cfg, spec.cfg_schedule).astype(np.float32), win)
 
     def sample(state, labels, rng):
-        model = nnx.merge(graphdef, state)
+        model = cast_linear_params(nnx.merge(graphdef, state))  # weights in bf16 once, not at every AR step
         cfg = model.cfg
         if cfg.seq_len != seq_len or cfg.buffer_size != buffer_size:
             raise ValueError(f"model has (seq_len, buffer_size) = {(cfg.seq_len, cfg.buffer_size)}, sampler was built "
