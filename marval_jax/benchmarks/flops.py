@@ -41,13 +41,14 @@ BLOCK_PARTS = ("full", "full_xla", "attention", "attention_core", "attention_cor
 
 def block_part_flops(part: str, tokens: int, dim: int, mlp_ratio: float = 4.0) -> int:
     """One call of a part of a block (the suite's block/<part> rows) over `tokens` positions of one sample: full and
-    full_xla = the block (= `block_flops`), attention = qkv + core + proj, attention_core(_dpa) = q k^T + p v, matmuls = the four
-    Linear layers (qkv, proj, fc1, fc2), mlp = fc1 + fc2."""
+    full_xla = the block (= `block_flops`), attention = qkv + core + proj, attention_core(_dpa) = q k^T + p v,
+    matmuls = the four Linear layers (qkv, proj, fc1, fc2), mlp = fc1 + fc2."""
     hidden = int(dim * mlp_ratio)
     qkv, proj = linear(tokens, dim, 3 * dim), linear(tokens, dim, dim)
     core = 2 * tokens * tokens * dim * 2
     mlp = linear(tokens, dim, hidden) + linear(tokens, hidden, dim)
-    parts = {"full": qkv + core + proj + mlp, "full_xla": qkv + core + proj + mlp, "attention": qkv + core + proj, "attention_core": core,
+    parts = {"full": qkv + core + proj + mlp, "full_xla": qkv + core + proj + mlp, "attention": qkv + core + proj,
+             "attention_core": core,
              "attention_core_dpa": core, "matmuls": qkv + proj + mlp, "mlp": mlp}
     if part not in parts:
         raise ValueError(f"unknown block part {part!r}: one of {', '.join(BLOCK_PARTS)}")

@@ -30,7 +30,8 @@ Measurements (per model):
   block/*          (--what block only) one decoder block of the model at --block-batch over the decoder's positions
                    (buffer + tokens, 320 for ImageNet-256), and its parts: full (Block with the model's
                    attention_impl, "auto": cuDNN's fused attention on GPU in bf16), full_xla (the same Block with
-                   attention_impl "xla", the reference's unfused attention), attention (norm1 + Attention + residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
+                   attention_impl "xla", the reference's unfused attention), attention (norm1 + Attention +
+                   residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
                    attention_core_dpa (the same through jax.nn.dot_product_attention, cuDNN on GPU), matmuls (qkv,
                    proj, fc1, fc2 alone), mlp (norm2 + Mlp + residual); each part called --block-calls (24) times in
                    one compiled fori_loop with its output fed back.
@@ -809,7 +810,8 @@ class ModelBench:
             metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
             return dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1), metrics
 
-        self._train_timing(entry, jax.jit(train_step, donate_argnums=0, **_large_batch_options(b)), state, (self._batch(b),), b,
+        self._train_timing(entry, jax.jit(train_step, donate_argnums=0, **_large_batch_options(b)),
+                           state, (self._batch(b),), b,
                            steps=5 if not self.s.quick else 2)
         fl = F.mar_train_flops(cfg, batch=b, mask_ratio_min=0.7, diffusion_batch_mul=4)
         entry["flops_detail"] = fl
@@ -843,7 +845,8 @@ class ModelBench:
             new = dict(state, gen=gen, fake=fake, opt_gen=opt_gen, opt_fake=opt_fake, step=state["step"] + 1)
             return new, {"loss": lg + lf, "gen_loss": lg, "fake_loss": lf}
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)), state, (teacher, self._batch(b)), b,
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)),
+                           state, (teacher, self._batch(b)), b,
                            steps=3 if not self.s.quick else 1)
         st = losses.settings
         fl = F.gsim_step_flops(cfg, batch=b, mask_ratio_min=st.mask_ratio_min, guidance=st.guidance_scale != 1.0)
@@ -883,7 +886,8 @@ class ModelBench:
             upd, opt = tx.update(g, state["opt"], state["gen"])
             return dict(state, gen=optax.apply_updates(state["gen"], upd), opt=opt, step=state["step"] + 1), m
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)), state, (self.labels(b),), b,
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)),
+                           state, (self.labels(b),), b,
                            steps=2 if not self.s.quick else 1)
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
@@ -1079,7 +1083,8 @@ def render_markdown(report: dict) -> str:
                   "called `calls` times in one compiled loop with its output fed back; ms / block call = time / "
                   "calls. `full` is the block as the model runs it (its attention_impl; \"auto\": cuDNN's fused "
                   "attention on a GPU in bf16), `full xla` the same block with the unfused XLA attention. "
-                  "`attention` (the model's attention_impl) and `mlp` include their LayerNorm and residual add; `matmuls` is the four "
+                  "`attention` (the model's attention_impl) and `mlp` include their LayerNorm and residual add; "
+                  "`matmuls` is the four "
                   "Linear layers alone (qkv, proj, fc1, fc2); `attention core` is q·kᵀ in f32, softmax in f32 and "
                   "p·v in bf16, unfused, as the model runs it; `attention core dpa` the same through "
                   "`jax.nn.dot_product_attention` (cuDNN's fused kernel on GPU), its max rel. diff against the "

@@ -161,7 +161,8 @@ class Attention(nnx.Module):
         elif return_kv:
             cache = {"k": k, "v": v}
         r_attn, r_proj = _split_rng(rng, 2)
-        out = attention_core(q, k, v, mask=mask, attn_drop=self.attn_drop, rng=r_attn, impl=self.impl).reshape(b, t, d)
+        out = attention_core(q, k, v, mask=mask, attn_drop=self.attn_drop, rng=r_attn, impl=self.impl)
+        out = out.reshape(b, t, d)
         return dropout(self.proj(out), self.proj_drop, r_proj), cache
 
 
