@@ -16,6 +16,9 @@ Run:
       --config.data.cache_dir=gs://BUCKET/imagenet_kl16_cache
   python -m marval_jax.main --mode=sample --config=configs/mar.py:fmnist --workdir=workdirs/fmnist_teacher
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+model.attention_impl: "auto" (default) runs cuDNN's fused attention where it can (GPU, bf16, no attention dropout:
+sampling, GSIM's teacher passes) and the reference's XLA attention elsewhere; "xla" keeps the reference's numerics
+everywhere (docs/benchmarks.md "Status": 2.6x faster attention core on the H200).
 """
 from __future__ import annotations
 
