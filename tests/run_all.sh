@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
-python -m pytest -q tests --ignore=tests/multidevice "$@"
+python -m pytest -q tests --ignore=tests/multidevice --durations=15 "$@"  # the slowest, for the time budget
 XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@"
