@@ -640,7 +640,7 @@ class ModelBench:
         use_cfg = spec.cfg != 1.0
         graphdef = self.graphdef
 
-        @jax.jit
+        @functools.partial(jax.jit, **_large_batch_options(b))  # the sampler's options at this batch
         def head_loop(state, z, rng):
             model = cast_linear_params(nnx.merge(graphdef, state))  # as the samplers do
             acc = jnp.zeros((), jnp.float32)
