@@ -76,6 +76,8 @@ def main(argv=None) -> int:
         # Tiny shapes compile for longer than they run: cheaper LLVM optimisation keeps the smoke run short.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAGS).strip()
     from marval_jax.benchmarks import suite
+    if a.newest_wins and not a.from_json:
+        raise SystemExit("--newest-wins merges runs: it needs --from-json a.json,b.json")
     if a.from_json:
         if not a.table:
             raise SystemExit("--from-json needs --table")

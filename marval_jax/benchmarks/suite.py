@@ -66,7 +66,7 @@ from marval_jax.benchmarks.timing import (Deadline, MemoryPoller, compile_timed,
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.models.transformer import Block, attention_core, cast_linear_params
-from marval_jax.parallel.compiler_options import gpu_compiler_options
+from marval_jax.parallel.compiler_options import gpu_compiler_options, jit_options
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -640,7 +640,7 @@ class ModelBench:
         use_cfg = spec.cfg != 1.0
         graphdef = self.graphdef
 
-        @functools.partial(jax.jit, **_large_batch_options(b))  # the sampler's options at this batch
+        @functools.partial(jax.jit, **jit_options(b))  # the sampler's options at this batch
         def head_loop(state, z, rng):
             model = cast_linear_params(nnx.merge(graphdef, state))  # as the samplers do
             acc = jnp.zeros((), jnp.float32)
@@ -739,7 +739,7 @@ class ModelBench:
         def single(params, y, *consts):
             return one(None if params is None else nnx.merge(graphdef, params), y, *consts)
 
-        @functools.partial(jax.jit, **_large_batch_options(b))
+        @functools.partial(jax.jit, **jit_options(b))
         def loop(params, y, *consts):
             blk = None if params is None else cast_linear_params(nnx.merge(graphdef, params))  # as the samplers do
             return jax.lax.fori_loop(0, n, lambda i, z: one(blk, z, *consts), y)
@@ -810,7 +810,7 @@ class ModelBench:
             metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
             return dict(state, params=params, opt_state=opt_state, ema=ema, step=state["step"] + 1), metrics
 
-        self._train_timing(entry, jax.jit(train_step, donate_argnums=0, **_large_batch_options(b)),
+        self._train_timing(entry, jax.jit(train_step, donate_argnums=0, **jit_options(b)),
                            state, (self._batch(b),), b,
                            steps=5 if not self.s.quick else 2)
         fl = F.mar_train_flops(cfg, batch=b, mask_ratio_min=0.7, diffusion_batch_mul=4)
@@ -845,7 +845,7 @@ class ModelBench:
             new = dict(state, gen=gen, fake=fake, opt_gen=opt_gen, opt_fake=opt_fake, step=state["step"] + 1)
             return new, {"loss": lg + lf, "gen_loss": lg, "fake_loss": lf}
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)),
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **jit_options(b)),
                            state, (teacher, self._batch(b)), b,
                            steps=3 if not self.s.quick else 1)
         st = losses.settings
@@ -886,7 +886,7 @@ class ModelBench:
             upd, opt = tx.update(g, state["opt"], state["gen"])
             return dict(state, gen=optax.apply_updates(state["gen"], upd), opt=opt, step=state["step"] + 1), m
 
-        self._train_timing(entry, jax.jit(step, donate_argnums=0, **_large_batch_options(b)),
+        self._train_timing(entry, jax.jit(step, donate_argnums=0, **jit_options(b)),
                            state, (self.labels(b),), b,
                            steps=2 if not self.s.quick else 1)
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
@@ -1069,8 +1069,10 @@ def render_markdown(report: dict) -> str:
         for e in samp:
             parts = [x for x in brk if x["model"] == e["model"] and x.get("batch") == e.get("batch")
                      and x["name"].split("/")[1] == e["name"][7:] and x.get("time_s")]
-            e = _same_run_row(report, parts[0], e["name"]) if len(parts) == 2 else e
-            if len(parts) == 2 and e and e.get("time_s"):
+            if len(parts) != 2:
+                continue
+            e = _same_run_row(report, parts[0], e["name"])  # the sampler row of the breakdown's own run
+            if e:
                 rest = e["time_s"] - sum(x["time_s"] for x in parts)
                 lines.append(f"| {e['model']} | {e['name'][7:]} | {e.get('batch')} | rest (sampler - both) | "
                              f"{rest:.3f} | {rest / e['time_s']:.0%} | | | |")
@@ -1133,12 +1135,6 @@ def render_markdown(report: dict) -> str:
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
-
-
-def _large_batch_options(b: int) -> dict:
-    """jax.jit's compiler_options for a program of batch b, as the library's samplers and train loop set them."""
-    opts = gpu_compiler_options(b)
-    return {"compiler_options": opts} if opts else {}
 
 
 def merge_reports(reports: list[dict], newest_wins: bool = False) -> dict:

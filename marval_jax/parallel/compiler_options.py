@@ -27,6 +27,12 @@ def gpu_compiler_options(per_device_batch: int | None, backend: str | None = Non
     return dict(LARGE_BATCH_GPU_OPTIONS)
 
 
+def jit_options(per_device_batch: int | None) -> dict[str, Any]:
+    """jax.jit keyword arguments for a program of that per-device batch: {"compiler_options": ...} or nothing."""
+    opts = gpu_compiler_options(per_device_batch)
+    return {"compiler_options": opts} if opts else {}
+
+
 class BatchJit:
     """jax.jit of `fn` with the compiler options of the batch it is called with (`batch_of(*args)`): one jitted
     function per distinct option set, each compiling once per shape as jax.jit does. Supports `__call__` and
@@ -37,10 +43,10 @@ class BatchJit:
         self._jits: dict[tuple, Any] = {}
 
     def jitted_for(self, *args):
-        opts = gpu_compiler_options(self.batch_of(*args))
-        key = tuple(sorted(opts.items()))
+        opts = jit_options(self.batch_of(*args))
+        key = tuple(sorted(opts.get("compiler_options", {}).items()))
         if key not in self._jits:
-            self._jits[key] = jax.jit(self.fn, compiler_options=opts or None, **self.jit_kwargs)
+            self._jits[key] = jax.jit(self.fn, **opts, **self.jit_kwargs)
         return self._jits[key]
 
     def __call__(self, *args):

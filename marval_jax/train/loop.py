@@ -21,7 +21,7 @@ import numpy as np
 
 from marval_jax.checkpoints import manager as ckpt
 from marval_jax.evaluation.grid import save_grid
-from marval_jax.parallel.compiler_options import gpu_compiler_options
+from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
 from marval_jax.train.writers import MultiWriter
@@ -132,7 +132,7 @@ def train(config, workdir: str, task: Task) -> Any:
         extra = (jax.device_put(task.frozen, extra_shd[0]),)
     step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_shd) + extra_shd,
                       out_shardings=(shardings, None), donate_argnums=0,
-                      compiler_options=gpu_compiler_options(tc.global_batch_size // mesh.size) or None)
+                      **jit_options(tc.global_batch_size // mesh.size))
     sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
     dummy_batch = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
     last_good = start if latest is not None else None

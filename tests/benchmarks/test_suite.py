@@ -342,6 +342,8 @@ def test_cli_defaults_and_checks():
         cli.main(["--what", "sample,cache"])
     with pytest.raises(SystemExit, match="--kv-approx"):
         cli.main(["--kv-approx", "2,0"])
+    with pytest.raises(SystemExit, match="--newest-wins merges runs"):
+        cli.main(["--newest-wins"])
 
 
 def test_h200_script_dry_run():

@@ -32,3 +32,10 @@ def test_batch_jit_keeps_one_jit_per_option_set_and_lowers(monkeypatch):
     assert f.lower(w, jnp.ones((8, 3))).compile()(w, jnp.ones((8, 3))).shape == (8, 2)
     assert len(f._jits) == 2
     jax.block_until_ready(f(w, jnp.ones((8, 3))))
+
+
+def test_jit_options_wraps_the_options_for_jax_jit(monkeypatch):
+    assert co.jit_options(256) == {}  # CPU: nothing passed
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert co.jit_options(256) == {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}
+    assert co.jit_options(1) == {} and co.jit_options(None) == {}
