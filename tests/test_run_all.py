@@ -1,0 +1,36 @@
+"""tests/run_all.sh: both parts run whatever the first gives, and the script fails if either failed.
+
+Driven with a stand-in `python` on PATH that records each pytest call and exits with a chosen status, so the
+script's own control flow is what is tested (not the suite)."""
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).parent / "run_all.sh"
+
+
+def _run(tmp_path, main_rc, multi_rc):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    log = tmp_path / "calls.log"
+    fake = bindir / "python"
+    fake.write_text(f"""#!/usr/bin/env bash
+echo "$*" >> {log}
+case "$*" in *tests/multidevice*--ignore*|*--ignore*) exit {main_rc};; *tests/multidevice*) exit {multi_rc};; esac
+exit 99
+""")
+    fake.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bindir}:{os.environ['PATH']}")
+    proc = subprocess.run(["bash", str(SCRIPT)], env=env, capture_output=True, text=True, timeout=60)
+    return proc.returncode, log.read_text().splitlines()
+
+
+@pytest.mark.parametrize("main_rc,multi_rc,ok", [(0, 0, True), (1, 0, False), (0, 1, False), (5, 0, False),
+                                                 (0, 5, False)])
+def test_both_parts_run_and_either_failure_fails(tmp_path, main_rc, multi_rc, ok):
+    rc, calls = _run(tmp_path, main_rc, multi_rc)
+    assert len(calls) == 2, calls                      # the multi-device part ran even when the main part failed
+    assert "--ignore=tests/multidevice" in calls[0] and calls[1].split()[-1] == "tests/multidevice"
+    assert (rc == 0) == ok, (rc, main_rc, multi_rc)
