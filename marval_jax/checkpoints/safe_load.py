@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import pickletools
 import re
 import zipfile
 import zlib
@@ -86,6 +87,20 @@ def _first_line(exc: BaseException) -> str:
 
 # ------------------------------------------------------------------------------------------------ PyTorch pickles
 
+def _legacy_pickles_intact(path: str) -> bool:
+    """Whether the pickles that open a legacy-format file (magic number, protocol, sys info, the object) are whole.
+    Scanned opcode by opcode (`pickletools.genops`), nothing is executed. A truncated file can end inside a global's
+    name, which weights_only then reports as an unsupported global (e.g. `collections.Ordered`)."""
+    try:
+        with open(path, "rb") as f:
+            for _ in range(4):
+                for _op, _arg, _pos in pickletools.genops(f):
+                    pass
+    except Exception:  # noqa: BLE001 - any failure to scan means the stream is damaged
+        return False
+    return True
+
+
 def _refused_globals(path: str, exc: BaseException) -> list[str]:
     """The globals a weights_only load refused: from the zip's pickle when torch can list them, else the message."""
     names = re.findall(r"GLOBAL ([\w.]+)", str(exc))
@@ -94,7 +109,7 @@ def _refused_globals(path: str, exc: BaseException) -> list[str]:
         listed = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception:  # noqa: BLE001 - legacy format or an older torch: the message's name is what we have
         listed = []
-    out = [n for n in list(listed) + names if n not in SAFE_GLOBAL_NAMES]
+    out = [n for n in (list(listed) or names) if n not in SAFE_GLOBAL_NAMES]
     return list(dict.fromkeys(out))
 
 
@@ -125,6 +140,10 @@ def torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, what: str
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        legacy_ok = head.startswith(ZIP_MAGIC) or _legacy_pickles_intact(path)
+        if not legacy_ok:
+            raise _bad(path, what, TORCH_FORMAT, "ends early or is damaged (its pickle stream is incomplete)",
+                       todo) from None
         refused = [] if trust_pickle else _refused_globals(path, e)
         if refused:
             names = ", ".join(refused)
