@@ -156,8 +156,8 @@ def torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, what: str
         if m:
             detail = " ".join(m.group(1).split())[:200]
         if not trust_pickle:
-            todo += (f"; if the file is intact and you trust its source, {trust_hint} loads it with full "
-                     f"unpickling ({TRUST_RISK})")
+            todo += (f"; if the file is intact and you trust its source, {trust_hint} reads it without the "
+                     f"safety checks ({TRUST_RISK})")
         raise _bad(path, what, TORCH_FORMAT, f"could not be unpickled ({detail})", todo) from None
     except EOFError:
         raise _bad(path, what, TORCH_FORMAT, "ends early (truncated)", todo) from None
