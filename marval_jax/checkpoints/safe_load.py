@@ -137,6 +137,9 @@ def torch_load(path: str | os.PathLike, *, trust_pickle: bool = False, what: str
     try:
         if trust_pickle:
             return torch.load(path, map_location="cpu", weights_only=False)
+        if not hasattr(torch.serialization, "safe_globals"):  # torch < 2.5: the process-wide allow-list
+            torch.serialization.add_safe_globals(SAFE_GLOBALS)
+            return torch.load(path, map_location="cpu", weights_only=True)
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
