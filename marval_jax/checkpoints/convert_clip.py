@@ -3,8 +3,9 @@
     python -m marval_jax.checkpoints.convert_clip --hf-dir /path/to/PickScore_v1 --out /path/to/pickscore_jax
 
 The input is a transformers checkpoint directory (`config.json` + `model.safetensors`, a sharded
-`model.safetensors.index.json`, or `pytorch_model.bin` (needs torch; trusted files only, loaded with
-`weights_only=True`)), or an in-memory state dict with a config. The output directory holds `params.npz`
+`model.safetensors.index.json`, or `pytorch_model.bin` (needs torch; read with `weights_only=True`, so no code
+from the file runs; `--trust_pickle` unpickles fully, for trusted files only)), or an in-memory state dict with a
+config. The output directory holds `params.npz`
 (float32, keys are '/'-joined NNX parameter paths) and `config.json` (`CLIPConfig.to_dict()`); `load_clip(out)`
 rebuilds the module.
 
@@ -24,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
 from marval_jax.rewards.clip import CLIP, CLIPConfig
+from marval_jax.user_errors import UserError, run_cli
 
 PARAMS_FILE = "params.npz"
 CONFIG_FILE = "config.json"
@@ -88,31 +91,27 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: CLIPConfig) -> nnx
     return nnx.from_flat_state(out)
 
 
-def read_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
-    """Tensors of a transformers checkpoint directory as float32 numpy arrays."""
+def read_hf_state_dict(hf_dir: str, *, trust_pickle: bool = False) -> dict[str, np.ndarray]:
+    """Tensors of a transformers checkpoint directory as float32 numpy arrays (pytorch_model.bin is unpickled
+    fully only with `trust_pickle`)."""
     if not os.path.isdir(hf_dir):
         raise FileNotFoundError(f"transformers checkpoint directory not found: {hf_dir}")
     st_file, st_index = os.path.join(hf_dir, "model.safetensors"), os.path.join(hf_dir, "model.safetensors.index.json")
     pt_file, pt_index = os.path.join(hf_dir, "pytorch_model.bin"), os.path.join(hf_dir, "pytorch_model.bin.index.json")
     if os.path.isfile(st_file) or os.path.isfile(st_index):
-        from safetensors import safe_open
         files = [st_file] if os.path.isfile(st_file) else _shards(st_index)
         out = {}
         for f in files:
-            with safe_open(f, framework="numpy") as h:
-                for k in h.keys():
-                    out[k] = _to_numpy(h.get_tensor(k))
+            out.update({k: _to_numpy(v) for k, v in load_safetensors(f, what="CLIP weights").items()})
         return out
     if os.path.isfile(pt_file) or os.path.isfile(pt_index):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"{hf_dir} holds pytorch_model.bin; reading it needs torch "
-                              "(pip install torch), or convert it to model.safetensors") from e
         files = [pt_file] if os.path.isfile(pt_file) else _shards(pt_index)
         out = {}
         for f in files:
-            out.update({k: _to_numpy(v) for k, v in torch.load(f, map_location="cpu", weights_only=True).items()})
+            sd = torch_load(f, trust_pickle=trust_pickle, what="CLIP weights")
+            if not isinstance(sd, Mapping):
+                raise UserError(f"CLIP weights {f} hold a {type(sd).__name__}, expected a state dict")
+            out.update({k: _to_numpy(v) for k, v in sd.items()})
         return out
     raise FileNotFoundError(f"no weights in {hf_dir}: expected model.safetensors, model.safetensors.index.json, "
                             f"pytorch_model.bin or pytorch_model.bin.index.json (found {sorted(os.listdir(hf_dir))})")
@@ -128,7 +127,7 @@ def _shards(index_path: str) -> list[str]:
     return files
 
 
-def convert_hf_dir(hf_dir: str) -> tuple[CLIPConfig, nnx.State]:
+def convert_hf_dir(hf_dir: str, *, trust_pickle: bool = False) -> tuple[CLIPConfig, nnx.State]:
     """A transformers CLIP directory -> (config, params); image mean / std from `preprocessor_config.json`."""
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
@@ -143,7 +142,7 @@ def convert_hf_dir(hf_dir: str) -> tuple[CLIPConfig, nnx.State]:
             if pre.get(key) is not None:
                 hf_config[key] = pre[key]
     config = CLIPConfig.from_hf_dict(hf_config)
-    return config, convert_state_dict(read_hf_state_dict(hf_dir), config)
+    return config, convert_state_dict(read_hf_state_dict(hf_dir, trust_pickle=trust_pickle), config)
 
 
 def save_clip(out_dir: str, config: CLIPConfig, params: nnx.State) -> None:
@@ -164,8 +163,7 @@ def load_clip_params(path: str) -> tuple[CLIPConfig, nnx.State]:
                                     "(write it with python -m marval_jax.checkpoints.convert_clip)")
     config = CLIPConfig.from_json(cfg_path)
     _, abstract = _abstract(config)
-    with np.load(npz_path) as z:
-        stored = {k: z[k] for k in z.files}
+    stored = load_npz(npz_path, what="converted CLIP weights")
     out, missing, bad = [], [], []
     for p, var in nnx.to_flat_state(abstract):
         key = "/".join(map(str, p))
@@ -194,8 +192,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf-dir", required=True, help="transformers CLIPModel directory (config.json + weights)")
     parser.add_argument("--out", required=True, help="output directory for params.npz + config.json")
+    parser.add_argument("--trust_pickle", action="store_true",
+                        help="unpickle pytorch_model.bin fully instead of with weights_only=True: a pickle can "
+                             "execute any code it names, so only for files from a source you trust")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of a user error")
     args = parser.parse_args(argv)
-    config, params = convert_hf_dir(args.hf_dir)
+    config, params = convert_hf_dir(args.hf_dir, trust_pickle=args.trust_pickle)
     save_clip(args.out, config, params)
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
     print(f"converted {args.hf_dir} -> {args.out}: {n / 1e6:.1f}M params, image {config.vision.image_size}px, "
@@ -203,4 +205,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,8 +1,9 @@
 """Convert reference MAR checkpoints (PyTorch state_dict layout) into our MAR parameters.
 
-Sources: a `.pth` with `model` / `model_ema` (needs torch; these pickles hold an argparse.Namespace, so they load
-with `weights_only=False`: only do this for files you trust), or the same keys in `.safetensors` / `.npz` (no
-torch). Conversion is strict: every missing, unexpected and mis-shaped key is listed in one error.
+Sources: a `.pth` with `model` / `model_ema` (needs torch; read with `torch.load(weights_only=True)` and the
+reference's pickled `argparse.Namespace` allow-listed, see `safe_load`; `trust_pickle=True` unpickles fully, for
+trusted files only), or the same keys in `.safetensors` / `.npz` (no torch). Conversion is strict: every missing,
+unexpected and mis-shaped key is listed in one error.
 
 Layout rules: Linear weight (out, in) -> kernel (in, out); LayerNorm weight -> scale; Embedding weight ->
 embedding; nn.Sequential indices become `_N` suffixes (`time_embed.mlp.0` -> `time_embed_0`,
@@ -18,10 +19,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
 from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
+from marval_jax.user_errors import UserError
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(UserError):
     """The checkpoint does not fit the model built from the config."""
 
 
@@ -59,43 +62,47 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], target: Mapping[str
         out[path] = value.astype(np.float32)
     missing = sorted(set(target) - set(out) - {p for p in target if any(m.endswith(p) for m in misshaped)})
     if missing or unexpected or misshaped:
-        lines = [f"{what} does not match the model config:"]
+        parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
             if items:
-                lines.append(f"  {len(items)} {title}: " + "; ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
-        raise CheckpointMismatchError("\n".join(lines))
+                parts.append(f"{len(items)} {title}: " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointMismatchError(f"{what} does not match the model config ({'; '.join(parts)}); use the model "
+                                      "config the checkpoint was trained with")
     return out
 
 
-def load_state_dict(path: str, which: str = "model_ema", prefix: str = "") -> dict[str, np.ndarray]:
+def load_state_dict(path: str, which: str = "model_ema", prefix: str = "", *,
+                    trust_pickle: bool = False) -> dict[str, np.ndarray]:
     """Read `which` ("model" | "model_ema") from a .pth / .safetensors / .npz reference checkpoint.
 
     For .safetensors / .npz the keys may be bare (a state_dict) or prefixed with `which.` or `which/`;
-    `prefix` selects a sub-tree (e.g. "param/" for the parity fixtures).
+    `prefix` selects a sub-tree (e.g. "param/" for the parity fixtures). A .pth is never unpickled fully unless
+    `trust_pickle` (pickles can run code).
     """
     if not os.path.exists(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     ext = os.path.splitext(path)[1].lower()
     if ext in (".pth", ".pt", ".ckpt"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError("reading .pth checkpoints needs torch: pip install '.[torch]', or convert the "
-                              "file to .safetensors / .npz elsewhere") from e
-        obj = torch.load(path, map_location="cpu", weights_only=False)  # trusted files only (pickled Namespace)
+        obj = torch_load(path, trust_pickle=trust_pickle, what="checkpoint")
         if isinstance(obj, dict) and which in obj:
             obj = obj[which]
         elif isinstance(obj, dict) and ("model" in obj or "model_ema" in obj):
-            raise KeyError(f"{path} has no {which!r}; it has {sorted(k for k in obj if isinstance(k, str))}")
+            raise UserError(f"checkpoint {path} has no {which!r}; it has "
+                            f"{sorted(k for k in obj if isinstance(k, str))}: pick another --which")
+        if not isinstance(obj, dict):
+            raise UserError(f"checkpoint {path} holds a {type(obj).__name__}, expected a state_dict or a dict with "
+                            "'model' / 'model_ema' state_dicts")
+        not_tensors = [k for k, v in obj.items() if not hasattr(v, "detach")]
+        if not_tensors:
+            raise UserError(f"checkpoint {path}: the state_dict holds non-tensor entries {not_tensors[:5]}, "
+                            "expected tensors only")
         flat = {k: v.detach().float().cpu().numpy() for k, v in obj.items()}
     elif ext == ".safetensors":
-        from safetensors.numpy import load_file
-        flat = load_file(path)
+        flat = load_safetensors(path, what="checkpoint")
     elif ext == ".npz":
-        with np.load(path) as data:
-            flat = {k: data[k] for k in data.files}
+        flat = load_npz(path, what="checkpoint")
     else:
-        raise ValueError(f"unsupported checkpoint extension {ext!r} ({path}): use .pth, .safetensors or .npz")
+        raise UserError(f"unsupported checkpoint extension {ext!r} ({path}): use .pth, .safetensors or .npz")
     if prefix:
         flat = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
     for sep in (".", "/"):

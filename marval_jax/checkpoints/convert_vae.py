@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
 from marval_jax.models.vae import AutoencoderKL
+from marval_jax.user_errors import UserError
 
 _NPZ_PREFIX = "vae_param/"
 
@@ -93,7 +95,7 @@ def convert_vae_state_dict(state_dict: Mapping[str, Any], model: AutoencoderKL) 
             hint = f" (the state_dict looks like {infer_vae_config(state_dict)})"
         except (ValueError, KeyError, IndexError):
             hint = ""
-        raise ValueError("convert_vae_state_dict: the state_dict does not fit the model "
+        raise UserError("convert_vae_state_dict: the state_dict does not fit the model "
                          f"(ch={model.ch}, ch_mult={model.ch_mult}, num_res_blocks={model.num_res_blocks}, "
                          f"embed_dim={model.embed_dim}, attn_levels={model.attn_levels}){hint}.\n"
                          + "\n".join(lines))
@@ -120,7 +122,7 @@ def infer_vae_config(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     need = ["encoder.conv_in.weight", "post_quant_conv.weight"]
     absent = [k for k in need if k not in state_dict]
     if absent:
-        raise ValueError(f"infer_vae_config: not a VAE state_dict, missing {absent}")
+        raise UserError(f"infer_vae_config: not a VAE state_dict, missing {absent}")
     ch = int(np.shape(state_dict["encoder.conv_in.weight"])[0])
     levels: dict[int, int] = {}
     blocks: set[int] = set()
@@ -162,53 +164,49 @@ def _torch_to_numpy(sd: Mapping[str, Any]) -> dict[str, np.ndarray]:
     return out
 
 
-def load_vae_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def load_vae_checkpoint(path: str | os.PathLike, *, trust_pickle: bool = False,
+                        trust_hint: str = "--trust_pickle") -> dict[str, np.ndarray]:
     """Reads a VAE state_dict as ``{PyTorch key: numpy array}``.
 
-    * ``.ckpt`` / ``.pth`` / ``.pt`` (MAR's ``kl16.ckpt``): a torch pickle; the state_dict is under ``"model"``
-      (``"state_dict"`` and a bare state_dict are accepted too). Needs torch (imported lazily). It is read with
-      ``torch.load(weights_only=False)``, which can execute code from the file: use it **only for trusted files**
-      such as the released MAR checkpoints (their pickles hold non-tensor objects that ``weights_only=True``
-      rejects).
+    * ``.ckpt`` / ``.pth`` / ``.pt`` / ``.bin`` (MAR's ``kl16.ckpt``): a torch pickle; the state_dict is under
+      ``"model"`` (``"state_dict"``, as in Lightning checkpoints, and a bare state_dict are accepted too). Needs
+      torch (imported lazily). Read with ``torch.load(weights_only=True)`` (``safe_load.torch_load``): tensors,
+      containers, primitives and the allow-listed ``safe_load.SAFE_GLOBALS`` only. ``trust_pickle=True`` unpickles
+      fully, which can execute code from the file: only for files from a source you trust. ``trust_hint`` is what
+      the refusal message tells the user to set (a tool's flag or a config field).
     * ``.safetensors``: the same keys, read with ``safetensors.numpy`` (no torch).
     * ``.npz``: the same keys; if any key starts with ``vae_param/`` (the reference fixture), only those are used,
       with the prefix removed.
     """
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise FileNotFoundError(f"load_vae_checkpoint: no such file: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext == ".safetensors":
-        from safetensors.numpy import load_file
-
-        return dict(load_file(path))
+        return load_safetensors(path, what="VAE weights")
     if ext == ".npz":
-        with np.load(path, allow_pickle=False) as data:
-            keys = list(data.files)
-            if any(k.startswith(_NPZ_PREFIX) for k in keys):
-                return {k[len(_NPZ_PREFIX):]: data[k] for k in keys if k.startswith(_NPZ_PREFIX)}
-            return {k: data[k] for k in keys}
+        data = load_npz(path, what="VAE weights")
+        if any(k.startswith(_NPZ_PREFIX) for k in data):
+            return {k[len(_NPZ_PREFIX):]: v for k, v in data.items() if k.startswith(_NPZ_PREFIX)}
+        return data
     if ext in (".ckpt", ".pth", ".pt", ".bin"):
-        try:
-            import torch
-        except ImportError as e:
-            raise ImportError(f"load_vae_checkpoint: reading {path} needs torch (pip install 'marval-jax[torch]'); "
-                              "or convert it to .safetensors / .npz elsewhere") from e
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)  # trusted files only, see docstring
+        ckpt = torch_load(path, trust_pickle=trust_pickle, what="VAE checkpoint", trust_hint=trust_hint)
         if isinstance(ckpt, Mapping):
             for key in ("model", "state_dict"):
                 if key in ckpt and isinstance(ckpt[key], Mapping):
                     return _torch_to_numpy(ckpt[key])
             return _torch_to_numpy(ckpt)
-        raise ValueError(f"load_vae_checkpoint: {path} holds a {type(ckpt).__name__}, expected a dict with a "
-                         "'model' state_dict")
-    raise ValueError(f"load_vae_checkpoint: unsupported extension {ext!r} for {path}; "
-                     "expected .ckpt/.pth/.pt/.bin, .safetensors or .npz")
+        raise UserError(f"load_vae_checkpoint: {path} holds a {type(ckpt).__name__}, expected a dict with a "
+                        "'model' state_dict")
+    raise UserError(f"load_vae_checkpoint: unsupported extension {ext!r} for {path}; "
+                    "expected .ckpt/.pth/.pt/.bin, .safetensors or .npz")
 
 
-def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, **config: Any) -> AutoencoderKL:
+def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, trust_pickle: bool = False,
+             trust_hint: str = "--trust_pickle", **config: Any) -> AutoencoderKL:
     """``build_vae(load_vae_checkpoint(path))``."""
-    return build_vae(load_vae_checkpoint(path), dtype=dtype, **config)
+    return build_vae(load_vae_checkpoint(path, trust_pickle=trust_pickle, trust_hint=trust_hint), dtype=dtype,
+                     **config)
 
 
 def _max_rel_err(a: Any, b: Any) -> float:

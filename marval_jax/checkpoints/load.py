@@ -10,6 +10,7 @@ from flax import nnx
 
 from marval_jax.checkpoints import manager as ckpt
 from marval_jax.checkpoints.params_io import load_params
+from marval_jax.user_errors import UserError
 
 # Where each run kind keeps the weights to sample with: state key path of the trained role's EMA.
 ROLE_PATHS = {"mar": ("ema_params",), "distill": ("generator", "ema_params"), "rl": ("ema_params",)}
@@ -26,7 +27,7 @@ def _unwrap(node):
 
 def load_model_params(path: str, abstract_params: nnx.State, model_config: dict, use_ema: bool = True) -> nnx.State:
     if not path:
-        raise ValueError("no checkpoint path given (set teacher_ckpt / student_ckpt / init_from)")
+        raise UserError("no checkpoint path given (set teacher_ckpt / student_ckpt / init_from)")
     if not os.path.exists(path) and "://" not in path:
         raise FileNotFoundError(f"checkpoint path {path} does not exist")
     if os.path.exists(os.path.join(path, "model.json")):
@@ -47,7 +48,8 @@ def load_model_params(path: str, abstract_params: nnx.State, model_config: dict,
         if node is not None:
             break
     if node is None:
-        raise ValueError(f"{path} step {step}: no parameters found under {list(raw)}")
+        raise UserError(f"{path} step {step}: no parameters found under {list(raw)}; expected a run workdir of "
+                        f"kind {sorted(ROLE_PATHS)} or a params checkpoint (model.json)")
     if not use_ema:
         node = raw.get("params") or raw["generator"]["params"]
     out = jax.tree_util.tree_map(lambda x: x, abstract_params)

@@ -16,7 +16,9 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from marval_jax.checkpoints.manager import check_config
+from marval_jax.checkpoints.safe_load import load_npz
 from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
+from marval_jax.user_errors import UserError
 
 
 def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None,
@@ -58,15 +60,14 @@ def load_params(directory: str, abstract_params: nnx.State, model_config: dict) 
                  where=f"(params) {directory}")
     npz = os.path.join(directory, "params.npz")
     if os.path.exists(npz):
-        with np.load(npz) as data:
-            flat = dict(data)
+        flat = load_npz(npz, what="params file")
         want = flatten_state(abstract_params)
         missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
         if missing or extra:
-            raise ValueError(f"{npz} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise UserError(f"{npz} does not match the model: missing {missing[:5]}, unexpected {extra[:5]}")
         for k, v in want.items():
             if tuple(flat[k].shape) != tuple(v.shape):
-                raise ValueError(f"{npz}: {k} has shape {flat[k].shape}, the model wants {tuple(v.shape)}")
+                raise UserError(f"{npz}: {k} has shape {flat[k].shape}, the model wants {tuple(v.shape)}")
         return unflatten_into_state(abstract_params,
                                     {k: jax.numpy.asarray(flat[k], dtype=v.dtype) for k, v in want.items()})
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))

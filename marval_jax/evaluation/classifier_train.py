@@ -31,6 +31,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.data.raw_datasets import load_raw
 from marval_jax.evaluation.class_accuracy import class_accuracy, per_class_accuracy
 from marval_jax.models.classifier import (IMAGE_SIZE, Classifier, ClassifierConfig, flatten_params,
@@ -233,7 +234,7 @@ def load_classifier(path: str, dataset: str | None = None, copy: str | None = No
                          f"expected {dataset!r}")
     if copy is not None and meta.get("copy") != copy:
         raise ValueError(f"classifier in {path} is the {meta.get('copy')!r} copy, expected {copy!r}")
-    with np.load(params_path) as z:
+    with open_npz(params_path, what="classifier weights") as z:
         flat = {k: z[k] for k in z.files}
     config = ClassifierConfig.from_dict(meta["model"]) if "model" in meta else None
     try:

@@ -19,6 +19,7 @@ import os
 import numpy as np
 from scipy import linalg
 
+from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.evaluation import inception
 from marval_jax.evaluation.inception import FEATURE_DIM, check_images
 
@@ -126,7 +127,7 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     if not os.path.exists(path):
         raise FileNotFoundError(f"statistics file {path} not found; make one with "
                                 f"`python -m marval_jax.tools.fid stats --images X --out {path}`")
-    with np.load(path, allow_pickle=False) as npz:
+    with open_npz(path, what="FID statistics") as npz:
         keys = list(npz.files)
         if "mu" not in keys or "sigma" not in keys:
             hint = (" (it holds images: compute their statistics with `python -m marval_jax.tools.fid stats "

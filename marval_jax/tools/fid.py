@@ -23,6 +23,8 @@ import sys
 
 import numpy as np
 
+from marval_jax.checkpoints.safe_load import open_npz
+
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
 
@@ -40,7 +42,7 @@ def load_images(spec: str, num: int | None = None) -> np.ndarray:
     elif spec.endswith(".npz"):
         if not os.path.exists(spec):
             raise FileNotFoundError(f"image file {spec} not found")
-        with np.load(spec, allow_pickle=False) as npz:
+        with open_npz(spec, what="image file") as npz:
             key = next((k for k in ("images", "arr_0") if k in npz.files), None)
             if key is None:
                 raise ValueError(f"{spec}: expected uint8 images under key 'images' or 'arr_0', found {npz.files}")
@@ -72,7 +74,7 @@ def _load_folder(folder: str, num: int | None) -> np.ndarray:
 def _reference_features(spec: str, params, batch_size: int, num: int | None) -> np.ndarray:
     from marval_jax.evaluation.inception import inception_features
     if spec.endswith(".npz") and os.path.exists(spec):
-        with np.load(spec, allow_pickle=False) as npz:
+        with open_npz(spec, what="reference file") as npz:
             if "features" in npz.files:
                 feats = npz["features"]
                 return feats[:num] if num is not None else feats

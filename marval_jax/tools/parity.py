@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.checkpoints.convert_mar import load_into_model
+from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.mar import MAR, MARConfig, patchify, unpatchify
 from marval_jax.sampling.schedule import ar_schedule
@@ -89,7 +90,7 @@ def _sched_results(names, ref_cfg: dict, seq_len: int) -> dict[str, np.ndarray]:
 def run_parity(path: str, tol: float = 1e-4, out=None) -> bool:
     """Prints one line per fixture tensor; returns True if all pass."""
     out = out or sys.stdout
-    with np.load(path) as data:
+    with open_npz(path, what="parity fixture") as data:
         fx = {k: data[k] for k in data.files}
     if "config_json" not in fx:
         raise ValueError(f"{path} has no config_json: not a reference fixture")

@@ -9,6 +9,8 @@ import shutil
 
 import numpy as np
 
+from marval_jax.checkpoints.safe_load import open_npz
+
 BEGIN, END = "<!-- BEGIN GENERATED RESULTS -->", "<!-- END GENERATED RESULTS -->"
 LABEL = {"teacher": "MAR teacher (100-step head)", "student": "MARVAL student (one step)",
          "rl": "MARVAL-RL student (one step)"}
@@ -123,7 +125,7 @@ def grids(grids_npz: str, out_dir: str) -> list[str]:
     written = []
     if not os.path.exists(grids_npz):
         return written
-    with np.load(grids_npz) as g:
+    with open_npz(grids_npz, what="sample grids") as g:
         for name in g.files:
             if "cfg" in name and name.startswith("teacher") and name.endswith(("cfg1", "cfg1.5")):
                 continue

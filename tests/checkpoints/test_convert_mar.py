@@ -7,6 +7,7 @@ from flax import nnx
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 from marval_jax.checkpoints.convert_mar import CheckpointMismatchError, load_into_model, load_state_dict
 from marval_jax.models.mar import MAR
+from marval_jax.user_errors import UserError
 
 
 def _sd(ref):
@@ -43,11 +44,37 @@ def test_formats_and_which(tmp_path, ref):
 
 
 def test_pth_with_namespace(tmp_path, ref):
+    """The reference checkpoint layout (Namespace under "args") converts without trusting the pickle."""
     torch = pytest.importorskip("torch")
     import argparse
     sd = {k: torch.from_numpy(np.asarray(v)) for k, v in _sd(ref).items()}
     torch.save({"model": sd, "model_ema": sd, "args": argparse.Namespace(a=1)}, tmp_path / "ck.pth")
-    assert set(load_state_dict(str(tmp_path / "ck.pth"), "model_ema")) == set(sd)
+    got = load_state_dict(str(tmp_path / "ck.pth"), "model_ema")
+    assert set(got) == set(sd)
+    np.testing.assert_array_equal(got["fake_latent"], _sd(ref)["fake_latent"])
+    torch.save({"model": sd, "args": argparse.Namespace(a=1)}, tmp_path / "raw_only.pth")
+    with pytest.raises(UserError, match=r"has no 'model_ema'; it has \['args', 'model'\]: pick another --which"):
+        load_state_dict(str(tmp_path / "raw_only.pth"), "model_ema")
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_pth_that_runs_code_needs_trust_pickle(tmp_path, ref):
+    torch = pytest.importorskip("torch")
+    sd = {k: torch.from_numpy(np.asarray(v)) for k, v in _sd(ref).items()}
+    marker = tmp_path / "marker"
+    torch.save({"model_ema": sd, "optimizer": _WritesMarker(marker)}, tmp_path / "ck.pth")
+    with pytest.raises(UserError, match="builtins.exec.*--trust_pickle") as info:
+        load_state_dict(str(tmp_path / "ck.pth"), "model_ema")
+    assert "\n" not in str(info.value) and not marker.exists()
+    assert set(load_state_dict(str(tmp_path / "ck.pth"), "model_ema", trust_pickle=True)) == set(sd)
+    assert marker.exists()
 
 
 def test_converted_params_dir_loads_and_refuses_other_config(tmp_path, ref, ref_model):

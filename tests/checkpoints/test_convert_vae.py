@@ -108,3 +108,75 @@ def test_load_torch_ckpt(sd, tmp_path):
     got = cv.load_vae_checkpoint(tmp_path / "kl16.ckpt")
     assert set(got) == set(small)
     np.testing.assert_array_equal(got["post_quant_conv.weight"], sd["post_quant_conv.weight"])
+
+
+class _WritesMarker:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (exec, (f"open({self.marker!r}, 'w').write('ran')",))
+
+
+def test_torch_ckpt_that_runs_code_needs_trust(sd, tmp_path):
+    """kl16.ckpt is read at run time when tokenizer.kind = "vae": the refusal names the config field there."""
+    torch = pytest.importorskip("torch")
+    import ml_collections as mlc
+    from marval_jax.models.mar import MARConfig
+    from marval_jax.models.vae_tokenizer import make_vae_decoder
+    from marval_jax.user_errors import UserError
+    small = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith("post_quant_conv")}
+    marker = tmp_path / "marker"
+    torch.save({"model": small, "callbacks": _WritesMarker(marker)}, tmp_path / "kl16.ckpt")
+    with pytest.raises(UserError, match=r"builtins\.exec.*pass --trust_pickle"):
+        cv.load_vae_checkpoint(tmp_path / "kl16.ckpt")
+    tok = mlc.ConfigDict(dict(vae_ckpt=str(tmp_path / "kl16.ckpt"), scale=0.2325))
+    with pytest.raises(UserError, match=r"pass tokenizer\.trust_pickle=True in the config"):
+        make_vae_decoder(tok, MARConfig())
+    assert not marker.exists()
+    assert set(cv.load_vae_checkpoint(tmp_path / "kl16.ckpt", trust_pickle=True)) == set(small)
+    assert marker.exists()
+
+
+def test_lightning_ckpt_loads_without_trust(sd, tmp_path):
+    """LDM-era Lightning checkpoints key `callbacks` by the ModelCheckpoint class; it loads as an inert stand-in."""
+    torch = pytest.importorskip("torch")
+    import sys
+    import types
+    from marval_jax.checkpoints.safe_load import LightningCheckpointCallbackKey
+
+    # A class importable under Lightning's name while the file is written (Lightning itself is not installed).
+    names = ["pytorch_lightning", "pytorch_lightning.callbacks", "pytorch_lightning.callbacks.model_checkpoint"]
+    mod = types.ModuleType(names[-1])
+    mod.ModelCheckpoint = type("ModelCheckpoint", (), {"__module__": names[-1]})
+    saved = {n: sys.modules.get(n) for n in names}
+    sys.modules.update({n: types.ModuleType(n) for n in names[:-1]}, **{names[-1]: mod})
+    try:
+        small = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith("quant_conv")}
+        torch.save({"state_dict": small, "epoch": 7, "global_step": 1000, "pytorch-lightning_version": "1.4.2",
+                    "callbacks": {mod.ModelCheckpoint: {"best_model_score": torch.tensor(0.5), "monitor": "val"}}},
+                   tmp_path / "lightning.ckpt")
+    finally:
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    from marval_jax.checkpoints.safe_load import torch_load
+    raw = torch_load(tmp_path / "lightning.ckpt")
+    assert list(raw["callbacks"]) == [LightningCheckpointCallbackKey]
+    got = cv.load_vae_checkpoint(tmp_path / "lightning.ckpt")
+    assert set(got) == set(small)
+    np.testing.assert_array_equal(got["quant_conv.weight"], sd["quant_conv.weight"])
+
+
+def test_garbage_vae_files_are_one_line(tmp_path):
+    from marval_jax.user_errors import UserError
+    noise = np.random.default_rng(0).integers(0, 256, 2048, dtype=np.uint8).tobytes()
+    for name, expected in (("kl16.ckpt", "PyTorch checkpoint"), ("vae.safetensors", ".safetensors file"),
+                           ("vae.npz", ".npz archive")):
+        (tmp_path / name).write_bytes(noise)
+        with pytest.raises(UserError) as info:
+            cv.load_vae_checkpoint(tmp_path / name)
+        msg = str(info.value)
+        assert "\n" not in msg and "allow_pickle" not in msg and str(tmp_path / name) in msg and expected in msg
