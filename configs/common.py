@@ -107,6 +107,8 @@ def data_config(**overrides) -> mlc.ConfigDict:
 def tokenizer_config(kind: str = "pixel_patch", patch_size: int = 4, channels: int = 1,
                      vae_ckpt: str = "", vae_ch: int = 128, vae_ch_mult=(1, 1, 2, 2, 4),
                      scale: float = 0.2325) -> mlc.ConfigDict:
-    """Tokens the transformer sees: pixel patches (identity 'VAE') or KL-VAE latents."""
+    """Tokens the transformer sees: pixel patches (identity 'VAE') or KL-VAE latents.
+    trust_pickle: read a `vae_ckpt` .ckpt/.pth with full unpickling, which runs any code the file holds (only for
+    files you trust; the released kl16.ckpt needs no trust, checkpoints/safe_load.py)."""
     return mlc.ConfigDict(dict(kind=kind, patch_size=patch_size, channels=channels, vae_ckpt=vae_ckpt,
-                               vae_ch=vae_ch, vae_ch_mult=list(vae_ch_mult), scale=scale))
+                               vae_ch=vae_ch, vae_ch_mult=list(vae_ch_mult), scale=scale, trust_pickle=False))
