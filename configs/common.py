@@ -45,6 +45,9 @@ def train_config(**overrides) -> mlc.ConfigDict:
         ckpt_every=500,
         keep_checkpoints=3,
         async_checkpoints=True,
+        restore_step=-1,         # resume from this checkpoint step (newer ones set aside); -1: the newest intact
+        allow_batch_change=False,  # resume a checkpoint of another global_batch_size (data order, lr schedule shift)
+        lock_stale_after_s=1800.0,  # another host's workdir.lock with no heartbeat this long is stale (> log interval)
         sample_every=0,          # > 0: write a sample grid every N steps
         sample_num_iter=16,
         sample_cfg=1.0,

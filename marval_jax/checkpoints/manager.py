@@ -2,20 +2,30 @@
 
 A run directory holds `checkpoints/<step>/{state, data, config}`: the train state as a pure-dict pytree, the
 grain iterator state (so a resumed run sees exactly the batches it would have seen) and the config as JSON (so a
-checkpoint from another model config is refused with a clear error instead of a shape failure deep in orbax).
-Saves are asynchronous; every `save_interval` steps, on preemption (SIGTERM, or orbax's multi-host preemption
-signal) and at the end. Runs always resume from the latest step in their workdir.
+checkpoint from another model config, or another global batch, is refused with a clear error instead of a shape
+failure deep in orbax). Saves are asynchronous; every `save_interval` steps, on preemption (SIGTERM, or orbax's
+multi-host preemption signal) and at the end.
+
+Runs resume from the newest intact step (`restore_run`): a step that cannot be read (a truncated or zero-byte
+manifest.ocdbt, a missing file) is named in a warning and the next older one is tried; `train.restore_step=N`
+picks a step. Steps newer than the one restored are moved to `<workdir>/checkpoints_set_aside/<step>` (kept for
+inspection, out of the manager's way: it would refuse to save a step that exists).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import signal
 import threading
+import time
 
 import grain
 import orbax.checkpoint as ocp
+from etils import epath
+
+from marval_jax.user_errors import UserError
 
 _SIGTERM = threading.Event()
 
@@ -50,7 +60,7 @@ def save(manager, step: int, state, data_iter, config_json: dict, force: bool = 
     return manager.save(step, args=ocp.args.Composite(**args), force=force)
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(UserError):
     pass
 
 
@@ -85,17 +95,34 @@ def check_config(saved: dict, current: dict, keys=("model",), where: str = "",
         raise ConfigMismatchError(f"checkpoint {where} was written by another config:\n  " + "\n  ".join(diffs))
 
 
+def check_batch(saved: dict, current: dict, where: str = "") -> None:
+    """A changed global batch is refused unless train.allow_batch_change: the data order (the iterator's position
+    counts batches) and the lr schedule (steps) assume the batch the checkpoint was trained with."""
+    a = saved.get("train", {}).get("global_batch_size")
+    b = current.get("train", {}).get("global_batch_size")
+    if a is not None and b is not None and a != b and not current["train"].get("allow_batch_change", False):
+        raise UserError(f"checkpoint {where} was trained with train.global_batch_size={a} but this run has {b}; "
+                        f"the data order and lr schedule assume one batch size: set it back to {a}, or pass "
+                        f"--config.train.allow_batch_change=True to continue with {b} anyway")
+
+
+def _storage_error(e: Exception) -> bool:
+    """tensorstore reports unreadable data as 'DATA_LOSS: ...', 'NOT_FOUND: ...' and so on."""
+    return bool(re.match(r"[A-Z_]{5,}: ", str(e)))
+
+
 def restore(manager, step: int, abstract_state, data_iter, current_config: dict):
     """Restore (state, config) of `step` into `abstract_state`'s structure; the data iterator in place."""
     saved_cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     check_config(saved_cfg, current_config, where=f"{manager.directory}/{step}")
+    check_batch(saved_cfg, current_config, where=f"{manager.directory}/{step}")
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
     try:
         out = manager.restore(step, args=ocp.args.Composite(**args))
     except ValueError as e:
-        if "tree structures do not match" in str(e) or "shape" in str(e):
+        if not _storage_error(e) and ("tree structures do not match" in str(e) or "shape" in str(e)):
             raise ConfigMismatchError(
                 f"checkpoint {manager.directory}/{step} does not fit this run's state (an optimizer or role setting "
                 f"changed since it was written?): {str(e).splitlines()[0]}") from e
@@ -106,3 +133,83 @@ def restore(manager, step: int, abstract_state, data_iter, current_config: dict)
 def read_config(ckpt_dir: str) -> dict:
     with open(os.path.join(ckpt_dir, "config", "metadata")) as f:
         return json.load(f)
+
+
+# Errors of an unreadable step (orbax/tensorstore raise ValueError, a missing file OSError); a UserError (another
+# config, another batch) is not corruption and ends the run.
+_UNREADABLE = (ValueError, OSError, KeyError)
+
+
+def _short(e: BaseException) -> str:
+    """First line of an orbax/tensorstore error, without its long tensorstore spec."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[0].split(" [tensorstore_spec=")[0]
+    return f"{type(e).__name__}: {text[:300]}"
+
+
+def _saved_restore_step(manager, step: int):
+    try:
+        cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+        return cfg.get("train", {}).get("restore_step")
+    except _UNREADABLE:
+        return None
+
+
+def _set_aside(manager, steps, reason: str) -> None:
+    """Move `steps` out of the manager's directory to <workdir>/checkpoints_set_aside/<step> (process 0)."""
+    import jax
+    if steps and jax.process_index() == 0:
+        ckpt_dir = epath.Path(manager.directory)
+        dest = ckpt_dir.parent / "checkpoints_set_aside"
+        dest.mkdir(parents=True, exist_ok=True)
+        for s in steps:
+            target = dest / str(s)
+            if target.exists():
+                target = dest / f"{s}.{int(time.time())}"
+            (ckpt_dir / str(s)).rename(target)
+            logging.warning("checkpoint step %d moved to %s (%s)", s, target, reason)
+    if steps and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("marval_jax:checkpoints_set_aside")
+    manager.reload()
+
+
+def restore_run(manager, abstract_state, data_iter, current_config: dict, restore_step: int = -1):
+    """Resume a run: (state, step) of `restore_step` (>= 0) or of the newest intact step; (None, None) if the
+    workdir has no checkpoint. Unreadable steps are skipped with a warning naming the step and its error."""
+    steps = sorted(manager.all_steps(), reverse=True)
+    where = epath.Path(manager.directory)
+    if restore_step is not None and restore_step >= 0:
+        if restore_step not in steps:
+            raise UserError(f"train.restore_step={restore_step}: no checkpoint of that step in {where}; steps there: "
+                            f"{sorted(steps) or 'none'} (-1 resumes from the newest)")
+        newer = [s for s in steps if s > restore_step]
+        if any(_saved_restore_step(manager, s) == restore_step for s in newer):
+            logging.warning("train.restore_step=%d was applied by the run that wrote step %d: resuming from the "
+                            "newest step", restore_step, newer[0])
+        else:
+            try:
+                state = restore(manager, restore_step, abstract_state, data_iter, current_config)
+            except UserError:
+                raise
+            except _UNREADABLE as e:
+                raise UserError(f"train.restore_step={restore_step}: checkpoint {where}/{restore_step} cannot be "
+                                f"read ({_short(e)}); steps there: {sorted(steps)}") from e
+            _set_aside(manager, newer, f"train.restore_step={restore_step} resumes from an older step")
+            return state, restore_step
+    if not steps:
+        return None, None
+    bad = {}
+    for step in steps:
+        try:
+            state = restore(manager, step, abstract_state, data_iter, current_config)
+        except UserError:
+            raise
+        except _UNREADABLE as e:
+            bad[step] = _short(e)
+            logging.warning("checkpoint %s/%d cannot be read (%s); trying the previous step", where, step, _short(e))
+            continue
+        _set_aside(manager, sorted(bad), "unreadable")
+        return state, step
+    named = "; ".join(f"step {s}: {err}" for s, err in sorted(bad.items()))
+    raise UserError(f"every checkpoint in {where} is unreadable ({named}): move them away to start afresh, or "
+                    f"restore a copy of the workdir")

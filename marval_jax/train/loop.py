@@ -2,14 +2,22 @@
 
 A task supplies pure functions over explicit pytrees: `init_state(rng)`, `train_step(state, batch)` and
 `sample_images(state, rng)`, plus `param_paths` for sharding. The loop builds the mesh, creates the state already
-sharded (`jax.jit(init, out_shardings=...)`), resumes from the latest checkpoint in the workdir (state + data
-iterator + config check), runs the jitted step with donated state, logs, writes grids, and saves on interval,
-preemption (SIGTERM) and at the end. Metrics come to the host only every `log_every` steps and before saves; a
-non-finite loss stops the run with an error and never overwrites the last good checkpoint.
+sharded (`jax.jit(init, out_shardings=...)`), resumes from the newest intact checkpoint in the workdir (state +
+data iterator + config and batch check; `train.restore_step` picks one), runs the jitted step with donated state,
+logs, writes grids, and saves on interval, preemption (SIGTERM) and at the end. The run holds
+`<workdir>/workdir.lock` throughout (checkpoints/workdir_lock.py: one writer per workdir).
+
+Non-finite guard: the jitted step also updates a small on-device record, `guard` (the step count and the first step
+whose loss, gradient norm or updated state had a NaN/inf), from cheap reductions over the metrics and the new
+state. It comes to the host only where the loop already syncs (log steps, and before every save), so a non-finite
+state is never saved, and the run stops with `NonFiniteLossError` naming the first bad step, the last finite step
+and the last finite checkpoint (kept). There is no tolerance: the first non-finite step ends the run (resume from
+the named checkpoint with a lower lr or a smaller grad_clip).
 """
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import os
 import time
@@ -20,15 +28,17 @@ import jax.numpy as jnp
 import numpy as np
 
 from marval_jax.checkpoints import manager as ckpt
+from marval_jax.checkpoints import workdir_lock
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
-from marval_jax.train.writers import MultiWriter
+from marval_jax.train import writers
+from marval_jax.user_errors import UserError
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(FloatingPointError, UserError):
+    """A step produced a NaN/inf loss, gradient norm or state; a user error (lr, data), printed as one line."""
 
 
 @dataclasses.dataclass
@@ -83,104 +93,182 @@ class WindowAverage:
         return {n: out[f"m{i}"] for i, n in enumerate(self.names)}
 
 
-def _finite(metrics: dict, key: str) -> bool:
-    return all(np.all(np.isfinite(np.asarray(v))) for k, v in metrics.items() if k == key or k.endswith("loss"))
+# -- the non-finite guard ------------------------------------------------------------------------------------------
+_BAD_LOSS, _BAD_GRAD, _BAD_STATE = 1, 2, 4
+NO_BAD_STEP = -1
 
 
+def init_guard(step: int) -> dict:
+    return {"step": jnp.int32(step), "first_bad": jnp.int32(NO_BAD_STEP), "what": jnp.int32(0)}
+
+
+def finite_bits(metrics: dict, state, loss_key: str = "loss") -> jax.Array:
+    """Bitmask of what is non-finite: 1 a loss metric, 2 a gradient norm, 4 any float leaf of the updated state."""
+    def all_finite(xs):
+        xs = [x for x in xs if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+        return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs])) if xs else jnp.bool_(True)
+    loss = all_finite([v for k, v in metrics.items() if k == loss_key or k.endswith("loss")])
+    grad = all_finite([v for k, v in metrics.items() if k.endswith("grad_norm")])
+    state_ok = all_finite(jax.tree_util.tree_leaves(state))
+    return (jnp.where(loss, 0, _BAD_LOSS) + jnp.where(grad, 0, _BAD_GRAD) + jnp.where(state_ok, 0, _BAD_STATE)
+            ).astype(jnp.int32)
+
+
+def guarded(train_step: Callable, loss_key: str) -> Callable:
+    """(state, guard, batch, *extra) -> (state, guard, metrics): the task's step plus the guard's update."""
+    def step(state, guard, batch, *extra):
+        state, metrics = train_step(state, batch, *extra)
+        bits = finite_bits(metrics, state, loss_key)
+        done = guard["step"] + 1
+        first = (guard["first_bad"] == NO_BAD_STEP) & (bits != 0)
+        guard = {"step": done, "first_bad": jnp.where(first, done, guard["first_bad"]),
+                 "what": jnp.where(first, bits, guard["what"])}
+        return state, guard, metrics
+    return step
+
+
+def check_finite(guard: dict, metrics: dict, *, name: str, at_step: int, last_ckpt: int | None,
+                 ckpt_dir: str) -> None:
+    """Raise NonFiniteLossError if the (host copy of the) guard saw a non-finite step."""
+    first = int(guard["first_bad"])
+    if first == NO_BAD_STEP:
+        return
+    what = [w for bit, w in ((_BAD_LOSS, "loss"), (_BAD_GRAD, "gradient norm"), (_BAD_STATE, "updated state"))
+            if int(guard["what"]) & bit]
+    values = {k: float(np.asarray(v)) for k, v in metrics.items() if np.ndim(v) == 0}
+    kept = f"step {last_ckpt} in {ckpt_dir}" if last_ckpt is not None else "none (no checkpoint of this run)"
+    raise NonFiniteLossError(
+        f"{name}: non-finite {' and '.join(what)} at step {first} (seen at the check of step {at_step}: {values}); "
+        f"stopping without saving. Last finite step: {first - 1}{' (the initial state)' if first == 1 else ''}; "
+        f"last finite checkpoint: {kept}. Resume from it with a lower train.lr or a smaller train.grad_clip")
+
+
+# -- setting up a run -------------------------------------------------------------------------------------------------
+def _data_iterator(config, global_batch: int, seed: int):
+    from marval_jax.data import pipeline, tfds_builders
+    dcfg = _data_config(config.data)
+    if dcfg["name"] in ("fashion_mnist", "mnist") and not dcfg.get("in_memory"):
+        tfds_builders.build(dcfg.get("tfds_name") or f"{dcfg['name']}_local", dcfg.get("data_dir"))
+    return pipeline.make_train_iterator(dcfg, global_batch, seed)
+
+
+def _init_or_resume(task: Task, config, workdir, manager, abstract, shardings, data_iter, rng):
+    """(state, start step): the newest intact checkpoint (or train.restore_step), else a fresh init."""
+    target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                    abstract, shardings)
+    state, step = ckpt.restore_run(manager, target, data_iter, config_json(config),
+                                   restore_step=config.train.get("restore_step", -1))
+    if step is not None:
+        print(f"{task.name}: resumed from step {step} in {workdir}", flush=True)
+        return state, int(step)
+    state = jax.jit(task.init_state, out_shardings=shardings)(rng)
+    if task.post_init is not None:
+        # roles initialised from one checkpoint share buffers: copy, since the step donates each leaf
+        state = jax.device_put(jax.tree_util.tree_map(jnp.copy, task.post_init(state)), shardings)
+    logging.info("%s: fresh start in %s", task.name, workdir)
+    return state, 0
+
+
+def _drop_metrics_after(workdir: str, step: int) -> None:
+    if jax.process_index() == 0:
+        dropped = writers.truncate_metrics(workdir, step)
+        if dropped:
+            logging.warning("metrics.jsonl: dropped %d rows past step %d (written after that checkpoint)",
+                            dropped, step)
+
+
+# -- the loop -------------------------------------------------------------------------------------------------------
 def train(config, workdir: str, task: Task) -> Any:
     """Runs `task` to config.train.num_steps (resuming if the workdir has checkpoints); returns the final state."""
     tc = config.train
     mesh_lib.maybe_initialize_distributed(config.mesh)
-    mesh = mesh_lib.make_mesh(config.mesh)
-    rules = config.mesh.logical_axis_rules
     ckpt.install_sigterm_handler()
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
-    rng = jax.random.PRNGKey(tc.seed)
+    with workdir_lock.hold(workdir, tc.get("lock_stale_after_s", workdir_lock.DEFAULT_STALE_AFTER_S)) as lock:
+        return _train_locked(config, workdir, task, lock)
 
+
+def _train_locked(config, workdir: str, task: Task, lock) -> Any:
+    tc = config.train
+    mesh = mesh_lib.make_mesh(config.mesh)
+    rules = config.mesh.logical_axis_rules
+    rng = jax.random.PRNGKey(tc.seed)
     abstract = jax.eval_shape(task.init_state, rng)
     shardings = state_shardings(abstract, task, mesh, rules)
-    batch_shd = shd.batch_sharding(mesh, rules)
+    batch_shd, replicated = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
     manager = ckpt.make_manager(workdir, save_interval=tc.ckpt_every, keep=tc.keep_checkpoints,
                                 async_save=tc.async_checkpoints)
-    data_iter = None
-    if task.uses_data:
-        from marval_jax.data import pipeline, tfds_builders
-        dcfg = _data_config(config.data)
-        if dcfg["name"] in ("fashion_mnist", "mnist") and not dcfg.get("in_memory"):
-            tfds_builders.build(dcfg.get("tfds_name") or f"{dcfg['name']}_local", dcfg.get("data_dir"))
-        data_iter = pipeline.make_train_iterator(dcfg, tc.global_batch_size, tc.seed)
-
+    data_iter = _data_iterator(config, tc.global_batch_size, tc.seed) if task.uses_data else None
     cfg_json = config_json(config)
-    latest = manager.latest_step()
-    if latest is None:
-        state = jax.jit(task.init_state, out_shardings=shardings)(rng)
-        if task.post_init is not None:
-            # roles initialised from one checkpoint share buffers: copy, since the step donates each leaf
-            state = jax.device_put(jax.tree_util.tree_map(jnp.copy, task.post_init(state)), shardings)
-        start = 0
-        logging.info("%s: fresh start in %s", task.name, workdir)
-    else:
-        target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                        abstract, shardings)
-        state = ckpt.restore(manager, latest, target, data_iter, cfg_json)
-        start = int(latest)
-        print(f"{task.name}: resumed from step {start} in {workdir}", flush=True)
+    state, start = _init_or_resume(task, config, workdir, manager, abstract, shardings, data_iter, rng)
+    _drop_metrics_after(workdir, start)
 
     extra, extra_shd = (), ()
     if task.frozen is not None:
-        extra_shd = (shd.replicated(mesh),)
-        extra = (jax.device_put(task.frozen, extra_shd[0]),)
-    step_fn = jax.jit(task.train_step, in_shardings=(shardings, batch_shd) + extra_shd,
-                      out_shardings=(shardings, None), donate_argnums=0,
+        extra_shd = (replicated,)
+        extra = (jax.device_put(task.frozen, replicated),)
+    guard_shd = jax.tree_util.tree_map(lambda _: replicated, init_guard(0))
+    step_fn = jax.jit(guarded(task.train_step, task.loss_key),
+                      in_shardings=(shardings, guard_shd, batch_shd) + extra_shd,
+                      out_shardings=(shardings, guard_shd, None), donate_argnums=(0, 1),
                       **jit_options(tc.global_batch_size // mesh.size))
-    sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
-    dummy_batch = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
-    last_good = start if latest is not None else None
+    if task.uses_data:
+        from marval_jax.data.pipeline import make_global_batch
+        batches = (make_global_batch(b, batch_shd) for b in data_iter)
+    else:
+        dummy = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
+        batches = (jax.device_put(dummy, batch_shd) for _ in itertools.count())
+    run = _Run(task, tc, workdir, manager, lock, step_fn, extra, data_iter, cfg_json, rng, last_ckpt=start or None)
+    try:
+        return run.steps(state, jax.device_put(init_guard(start), guard_shd), batches, start)
+    finally:
+        manager.wait_until_finished()  # an async save in flight completes, on success, error or preemption
 
-    def save(step, force=False):
-        nonlocal last_good
-        saved = ckpt.save(manager, step, state, data_iter, cfg_json, force=force)
-        if saved:
-            last_good = step
-        return saved
 
-    with MultiWriter(workdir) as writer:
-        t0, seen, step = time.time(), 0, start
-        window = None
-        for step in range(start, tc.num_steps):
-            if data_iter is not None:
-                from marval_jax.data.pipeline import make_global_batch
-                batch = make_global_batch(next(data_iter), batch_shd)
-            else:
-                batch = jax.device_put(dummy_batch, batch_shd)
-            state, metrics = step_fn(state, batch, *extra)
-            if window is None:
-                window = WindowAverage([k for k, v in metrics.items() if jnp.ndim(v) == 0])
-            window.add(metrics)
-            seen += tc.global_batch_size
-            done = step + 1
-            stop = ckpt.preempted(manager, done)  # read once: a signal between two reads must not skip the save
-            must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or stop
-            if done % tc.log_every == 0 or must_save:
-                m = jax.device_get(metrics)
-                if not _finite(m, task.loss_key):
-                    manager.wait_until_finished()
-                    raise NonFiniteLossError(
-                        f"{task.name}: non-finite loss at step {done} ({ {k: float(np.asarray(v)) for k, v in m.items()} }); "
-                        f"stopping. The last good checkpoint (step {last_good}) in {workdir} is kept.")
-                dt = time.time() - t0
-                rate = seen / max(dt, 1e-9)
-                eta = (tc.num_steps - done) * tc.global_batch_size / max(rate, 1e-9)
-                writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
-                t0, seen = time.time(), 0
-            if tc.sample_every and done % tc.sample_every == 0 and sample_fn is not None and jax.process_index() == 0:
-                images = sample_fn(state, jax.random.fold_in(rng, 10_000 + done), *extra)
-                save_grid(os.path.join(workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
-            if must_save:
-                save(done, force=True)
-            if stop:
-                manager.wait_until_finished()
-                print(f"{task.name}: preempted at step {done}; checkpoint saved, exiting cleanly", flush=True)
-                return state
-        manager.wait_until_finished()
-    return state
+@dataclasses.dataclass
+class _Run:
+    task: Task
+    tc: Any
+    workdir: str
+    manager: Any
+    lock: Any
+    step_fn: Callable
+    extra: tuple
+    data_iter: Any
+    cfg_json: dict
+    rng: jax.Array
+    last_ckpt: int | None
+
+    def steps(self, state, guard, batches, start: int):
+        tc, task = self.tc, self.task
+        sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
+        with writers.MultiWriter(self.workdir) as writer:
+            t0, seen, window = time.time(), 0, None
+            for step in range(start, tc.num_steps):
+                state, guard, metrics = self.step_fn(state, guard, next(batches), *self.extra)
+                if window is None:
+                    window = WindowAverage([k for k, v in metrics.items() if jnp.ndim(v) == 0])
+                window.add(metrics)
+                seen += tc.global_batch_size
+                done = step + 1
+                stop = ckpt.preempted(self.manager, done)  # read once: a signal between reads must not skip the save
+                must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or stop
+                if done % tc.log_every == 0 or must_save:
+                    m, g = jax.device_get((metrics, guard))  # the one sync point: log steps and saves
+                    check_finite(g, m, name=task.name, at_step=done, last_ckpt=self.last_ckpt,
+                                 ckpt_dir=str(self.manager.directory))
+                    rate = seen / max(time.time() - t0, 1e-9)
+                    eta = (tc.num_steps - done) * tc.global_batch_size / max(rate, 1e-9)
+                    writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
+                    self.lock.heartbeat()
+                    t0, seen = time.time(), 0
+                if tc.sample_every and done % tc.sample_every == 0 and sample_fn and jax.process_index() == 0:
+                    images = sample_fn(state, jax.random.fold_in(self.rng, 10_000 + done), *self.extra)
+                    save_grid(os.path.join(self.workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
+                if must_save and ckpt.save(self.manager, done, state, self.data_iter, self.cfg_json, force=True):
+                    self.last_ckpt = done
+                if stop:
+                    self.manager.wait_until_finished()
+                    print(f"{task.name}: preempted at step {done}; checkpoint saved, exiting cleanly", flush=True)
+                    return state
+        return state

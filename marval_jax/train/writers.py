@@ -3,6 +3,8 @@
 Decided once, here: clu's `metric_writers` import TensorFlow's SummaryWriter at module load, which we do not
 install. clu.metrics (no TensorFlow) accumulates; this module writes. The TensorBoard writer is a small
 TFRecord + Event-protobuf encoder of our own (scalars only), readable by TensorBoard. Only process 0 writes.
+A resumed run first drops the metrics.jsonl rows past its checkpoint (`truncate_metrics`), so each step is
+written once.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 
 import jax
 import numpy as np
+from etils import epath
 
 # -- TensorBoard event files -----------------------------------------------------------------------------------
 _CRC_TABLE = []
@@ -102,6 +105,28 @@ class JsonlWriter:
 
     def close(self):
         self._f.close()
+
+
+def truncate_metrics(workdir: str, step: int) -> int:
+    """Drop the rows of `<workdir>/metrics.jsonl` with step > `step` (the step a run resumes from; 0 on a fresh
+    start), and a torn last line, rewriting the file atomically (temp file + rename). Returns the rows dropped."""
+    path = epath.Path(workdir) / "metrics.jsonl"
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass  # a row cut by a kill mid-write
+    if len(keep) == len(lines):
+        return 0
+    tmp = path.with_name("metrics.jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
+    return len(lines) - len(keep)
 
 
 class StdoutWriter:

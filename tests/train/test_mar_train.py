@@ -90,15 +90,60 @@ def test_checkpoint_from_another_config_is_refused(copy_workdir):
         train(other, workdir, make_mar_task(other))
 
 
-def test_non_finite_loss_stops_and_keeps_last_checkpoint(copy_workdir):
+def _all_checkpoint_arrays(workdir):
+    """{step: [every array of its state]} of every checkpoint in the workdir."""
+    import orbax.checkpoint as ocp
+    from marval_jax.checkpoints import manager as ckpt
+    m = ckpt.make_manager(workdir, save_interval=1, keep=10, async_save=False)
+    return {s: jax.tree_util.tree_leaves(
+                m.restore(s, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"])
+            for s in m.all_steps()}
+
+
+def test_lr_1e39_saves_no_non_finite_checkpoint(copy_workdir):
+    """lr=1e39 with a checkpoint every step: step 3's update overflows, the run stops naming step 2 as the last
+    finite step and checkpoint, and no checkpoint holds a NaN/inf (step 3's state used to be saved)."""
     from marval_jax.train.loop import NonFiniteLossError, train
     from marval_jax.train.mar_task import make_mar_task
+    from marval_jax.user_errors import UserError
     workdir = copy_workdir()  # the tiny config trained to step 2
-    assert _params(workdir)[0] == 2
-    bad = tiny_config(num_steps=6, ckpt_every=2, sample_every=0, log_every=1, lr=1e30)
-    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+    bad = tiny_config(num_steps=6, ckpt_every=1, sample_every=0, log_every=1, lr=1e39)
+    with pytest.raises(NonFiniteLossError) as e:
         train(bad, workdir, make_mar_task(bad))
-    assert _params(workdir)[0] == 2
+    msg = str(e.value)
+    assert isinstance(e.value, UserError) and "non-finite" in msg and " at step 3 " in msg, msg
+    assert "Last finite step: 2;" in msg and "last finite checkpoint: step 2 in" in msg, msg
+    arrays = _all_checkpoint_arrays(workdir)
+    assert sorted(arrays) == [2]
+    assert all(np.isfinite(np.asarray(a)).all() for leaves in arrays.values() for a in leaves
+               if np.issubdtype(np.asarray(a).dtype, np.inexact))
+
+
+def test_corrupt_latest_checkpoint_resumes_from_previous_and_metrics_hold_each_step_once(copy_workdir, caplog,
+                                                                                         capsys):
+    """The copied run gets a step-3 checkpoint with a zero-byte manifest.ocdbt and metrics rows for steps 3-5
+    (as a run killed after logging past its last good save leaves them): the resume warns naming step 3, continues
+    from step 2, and metrics.jsonl ends with every step once."""
+    import json
+    import logging
+    import shutil
+    from marval_jax.train.loop import train
+    from marval_jax.train.mar_task import make_mar_task
+    workdir = copy_workdir()  # the tiny config trained to step 2
+    ckpts = os.path.join(workdir, "checkpoints")
+    shutil.copytree(os.path.join(ckpts, "2"), os.path.join(ckpts, "3"))
+    open(os.path.join(ckpts, "3", "state", "manifest.ocdbt"), "w").close()
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.writelines(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in (3, 4, 5))
+    cfg = tiny_config(num_steps=4, ckpt_every=2, sample_every=0, log_every=1)
+    with caplog.at_level(logging.WARNING):
+        train(cfg, workdir, make_mar_task(cfg))
+    assert "checkpoints/3 cannot be read (ValueError: DATA_LOSS" in caplog.text, caplog.text
+    assert "resumed from step 2" in capsys.readouterr().out
+    assert _params(workdir)[0] == 4
+    assert os.path.isdir(os.path.join(workdir, "checkpoints_set_aside", "3"))
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]
 
 
 def test_cli_sigterm_saves_and_resumes(tmp_path):
