@@ -177,3 +177,222 @@ def test_generator_loss_gradient_is_the_true_objective_gradient(w):
         assert np.all(np.abs(signal) > 20.0), (w, name, signal)   # the gradient itself is resolved: power
     # the generator does not own the null row
     np.testing.assert_array_equal(mc["mean"][:, K], 0.0)
+
+
+# -- the loss value and gradient against a reimplementation from the formulas --------------------------------------
+def reference_generator_loss(gen_mean, gen_log_scale, fake, teacher, batch, rng, *, w, weighting, distance,
+                             use_l2_term=True):
+    """generator_loss written from docs/gsim.md's equations on the closed-form roles (same random draws: the key is
+    split into context / generator noise / t / eps as the loss does; the context is `sample_context`'s)."""
+    from marval_jax.losses.gsim import sample_context
+    r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
+    tokens, labels = batch["tokens"], batch["labels"]
+    b = tokens.shape[0]
+    mask, _ = sample_context(r_ctx, b, S, 0.7)
+    ai2 = float(ABAR64[T_INIT])
+    s2 = jnp.exp(2.0 * gen_log_scale)
+    loc = (1.0 - ai2) * gen_mean / (ai2 * s2 + 1.0 - ai2)[:, None]
+    scale = np.sqrt(ai2) * s2 / (ai2 * s2 + 1.0 - ai2)
+    noise = jax.random.normal(r_gen, (b * S, C)).reshape(b, S, C)
+    x0 = jnp.where(mask[..., None] > 0.5, loc[labels][:, None] + scale[labels][:, None, None] * noise, tokens)
+    t = jax.random.randint(r_t, (b,), T_MIN, T_MAX + 1)
+    eps = jax.random.normal(r_eps, (b, S, C))
+    abar = jnp.asarray(ABAR64, jnp.float32)[t][:, None, None]
+    a, sig2 = jnp.sqrt(abar), 1.0 - abar
+    xt = a * x0 + jnp.sqrt(sig2) * eps
+
+    def score(params, k):   # exact score of N(m_k, s_k^2) diffused to t
+        m, ls = params["mean"][...][k][:, None], params["log_scale"][...][k][:, None, None]
+        return -(xt - a * m) / (abar * jnp.exp(2.0 * ls) + sig2)
+
+    null = jnp.full_like(labels, K)
+    s_p = (1.0 - w) * score(teacher, null) + w * score(teacher, labels)
+    s_phi = score(fake, labels)
+    unit = sig2 / a if weighting == "sid" else jnp.ones_like(a)    # sid: residuals in x0 units
+    y = unit * (s_phi - s_p)                                        # = f_phi - f_p for sid
+    g = unit * (s_phi + eps / jnp.sqrt(sig2))                       # s_phi - grad log q(x_t | x0); = f_phi - x0 for sid
+    sq = jnp.sum(y * y, -1)
+    if distance == "squared_l2":
+        d, dprime = sq, 2.0 * y
+    else:
+        root = jnp.sqrt(sq + HUBER_R ** 2)
+        d, dprime = root - HUBER_R, y / root[..., None]
+    per_token = -jnp.sum(dprime * g, -1) + (d if use_l2_term else 0.0)
+    if weighting == "kl":
+        per_token = per_token * jnp.asarray(BETA64, jnp.float32)[t][:, None]
+    if weighting == "sid":
+        f_p = (xt + sig2 * s_p) / a
+        norm = jnp.maximum(jnp.mean(jnp.abs(jax.lax.stop_gradient(x0 - f_p)), -1), 1e-5)
+        per_token = per_token / norm
+    return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+
+def sid_published(gen_mean, gen_log_scale, fake, teacher, batch, rng, *, w, alpha):
+    """SiD's generator loss (Zhou et al. 2024, the released sid_loss.py) in x0 units, per token here:
+    (f_p - f_phi) . ((f_p - x0) - alpha (f_p - f_phi)) / mean|x0 - f_p| (normaliser detached), mean over masked tokens.
+    """
+    from marval_jax.losses.gsim import sample_context
+    r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
+    tokens, labels = batch["tokens"], batch["labels"]
+    b = tokens.shape[0]
+    mask, _ = sample_context(r_ctx, b, S, 0.7)
+    ai2 = float(ABAR64[T_INIT])
+    s2 = jnp.exp(2.0 * gen_log_scale)
+    loc = (1.0 - ai2) * gen_mean / (ai2 * s2 + 1.0 - ai2)[:, None]
+    scale = np.sqrt(ai2) * s2 / (ai2 * s2 + 1.0 - ai2)
+    noise = jax.random.normal(r_gen, (b * S, C)).reshape(b, S, C)
+    x0 = jnp.where(mask[..., None] > 0.5, loc[labels][:, None] + scale[labels][:, None, None] * noise, tokens)
+    t = jax.random.randint(r_t, (b,), T_MIN, T_MAX + 1)
+    abar = jnp.asarray(ABAR64, jnp.float32)[t][:, None, None]
+    xt = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * jax.random.normal(r_eps, (b, S, C))
+
+    def denoiser(params, k):   # Tweedie: E[x0 | x_t] of N(m_k, s_k^2) = m + a s^2 (x_t - a m) / v
+        m, ls = params["mean"][...][k][:, None], params["log_scale"][...][k][:, None, None]
+        s2k = jnp.exp(2.0 * ls)
+        return m + jnp.sqrt(abar) * s2k * (xt - jnp.sqrt(abar) * m) / (abar * s2k + 1.0 - abar)
+
+    f_p = (1.0 - w) * denoiser(teacher, jnp.full_like(labels, K)) + w * denoiser(teacher, labels)
+    f_phi = denoiser(fake, labels)
+    norm = jnp.maximum(jnp.mean(jnp.abs(jax.lax.stop_gradient(x0 - f_p)), -1), 1e-5)
+    per_token = jnp.sum((f_p - f_phi) * ((f_p - x0) - alpha * (f_p - f_phi)), -1) / norm
+    return jnp.sum(per_token * mask) / jnp.sum(mask)
+
+
+def _gen_value_and_grad(settings, rng):
+    graphdef, gen, fake, teacher = roles()
+    losses = make_gsim_losses({"huber_r": HUBER_R, "t_min": T_MIN, "t_max": T_MAX, **settings},
+                              {"t_init": T_INIT}, CFG)
+    return jax.jit(jax.value_and_grad(
+        lambda p: losses.generator_loss(graphdef, p, fake, teacher, BATCH, rng)[0]))(gen)
+
+
+# float32 throughout, ~20 dependent operations per token, means over <= 256 tokens: rtol 1e-4 is ~100 ulp of
+# headroom; the loss terms are O(1)-O(100), so atol 1e-5 only guards near-zero gradient coordinates.
+RTOL, ATOL = 1e-4, 1e-5
+
+
+@pytest.mark.parametrize("w,weighting,distance", [
+    (1.0, "none", "pseudo_huber"), (1.2, "none", "pseudo_huber"), (1.2, "kl", "squared_l2"),
+    (1.2, "sid", "pseudo_huber"), (1.2, "sid", "squared_l2")])
+def test_generator_loss_value_and_gradient_match_the_formulas(w, weighting, distance):
+    """Value AND gradient (in the generator's mean and scale) of generator_loss equal the reimplementation for the
+    same key: the weighting's units (kl: beta_t on score units; sid: x0-unit residual / mean|x0 - f_p|), the guided
+    teacher (gradient through x_t into both branches) and d'(y) with its gradient are pinned deterministically."""
+    rng = jax.random.PRNGKey(5)
+    val, grad = _gen_value_and_grad({"guidance_scale": w, "weighting": weighting, "distance": distance}, rng)
+    _, _, fake, teacher = roles()
+    ref_val, ref_grad = jax.value_and_grad(
+        lambda m, ls: reference_generator_loss(m, ls, fake, teacher, BATCH, rng, w=w, weighting=weighting,
+                                               distance=distance), (0, 1))(
+        jnp.asarray(GEN_MEAN, jnp.float32), jnp.asarray(GEN_LOG_SCALE, jnp.float32))
+    np.testing.assert_allclose(val, ref_val, rtol=RTOL)
+    np.testing.assert_allclose(grad["mean"][...], ref_grad[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad["log_scale"][...], ref_grad[1], rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("use_l2_term,alpha", [(True, 0.5), (False, 1.0)])
+def test_sid_weighting_is_sids_published_loss(use_l2_term, alpha):
+    """weighting="sid" with squared_l2 is 2 x SiD's released generator loss with alpha = 0.5 (alpha = 1 without
+    L2): the residual in x0 units, f_phi - f_p = sigma_t^2 / sqrt(abar_t) (s_phi - s_p), and SiD's normaliser."""
+    rng = jax.random.PRNGKey(6)
+    val, grad = _gen_value_and_grad({"guidance_scale": 1.2, "weighting": "sid", "distance": "squared_l2",
+                                     "use_l2_term": use_l2_term}, rng)
+    _, _, fake, teacher = roles()
+    ref_val, ref_grad = jax.value_and_grad(
+        lambda m, ls: 2.0 * sid_published(m, ls, fake, teacher, BATCH, rng, w=1.2, alpha=alpha), (0, 1))(
+        jnp.asarray(GEN_MEAN, jnp.float32), jnp.asarray(GEN_LOG_SCALE, jnp.float32))
+    np.testing.assert_allclose(val, ref_val, rtol=RTOL)
+    np.testing.assert_allclose(grad["mean"][...], ref_grad[0], rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(grad["log_scale"][...], ref_grad[1], rtol=RTOL, atol=ATOL)
+
+
+# -- kl: the exact KL of two Gaussians -----------------------------------------------------------------------------
+def test_kl_weighting_sums_to_the_exact_kl_of_two_gaussians():
+    """With squared_l2, sum_t 1/2 gsim_weights("kl", t) E|s_q,t - s_p,t|^2 over the 1000-step chain estimates
+    KL(q_0 || p_0) = 1/2 int beta(tau) E|grad log q_tau - grad log p_tau|^2 dtau (+ KL(q_T || p_T)).
+
+    q_0 = N(1, 0.6^2), p_0 = N(-0.5, 1): KL = 1.3158; the beta_t-weighted sum is 1.3097 (the old beta_t / sigma_t^2
+    weight gave 16.9). Tolerance from the discretisation, not fitted: step t spans dlambda_t = -log(1 - beta_t) of
+    lambda = -log abar, on which the integrand moves by at most |h_t - h_{t-1}|, so
+    |sum - KL| <= sum |dlambda_t - beta_t| h_t + sum dlambda_t |h_t - h_{t-1}| + KL(q_T || p_T)   (= 0.0095 here).
+    """
+    from marval_jax.losses.gsim import gsim_weights
+    mq, sq, mp, sp = 1.0, 0.6, -0.5, 1.0
+
+    def kl(m1, s1, m2, s2):
+        return np.log(s2 / s1) + (s1 ** 2 + (m1 - m2) ** 2) / (2 * s2 ** 2) - 0.5
+
+    def half_sq_residual(abar):   # 1/2 E_{q_t} |s_q - s_p|^2, both scores affine in x_t
+        a = np.sqrt(abar)
+        v_q, v_p = abar * sq ** 2 + 1 - abar, abar * sp ** 2 + 1 - abar
+        slope, offset = -1 / v_q + 1 / v_p, a * mq / v_q - a * mp / v_p
+        return 0.5 * ((slope * a * mq + offset) ** 2 + slope ** 2 * v_q)
+
+    t = np.arange(1000)
+    h = half_sq_residual(ABAR64)
+    weight = np.asarray(gsim_weights("kl", t=jnp.asarray(t)), np.float64)
+    estimate = float(np.sum(weight * h))
+    exact = kl(mq, sq, mp, sp)
+    dlam = -np.log1p(-BETA64)
+    h_prev = np.concatenate([[half_sq_residual(1.0)], h[:-1]])
+    a_t = np.sqrt(ABAR64[-1])
+    tol = (np.sum(np.abs(dlam - BETA64) * h) + np.sum(dlam * np.abs(h - h_prev))
+           + kl(a_t * mq, np.sqrt(a_t ** 2 * sq ** 2 + 1 - a_t ** 2), a_t * mp, np.sqrt(a_t ** 2 * sp ** 2 + 1 - a_t ** 2)))
+    print(f"KL {exact:.4f} weighted sum {estimate:.4f} tolerance {tol:.4f}")
+    assert abs(estimate - exact) <= tol, (estimate, exact, tol)
+    assert tol < 0.01 * exact   # the bound is tight enough to mean something
+
+
+# -- the fake score's loss in closed form --------------------------------------------------------------------------
+FAKE_MEAN = np.array([[0.0, 0.1], [0.2, 0.0], [0.0, 0.0]])
+FAKE_LOG_SCALE = np.log([0.9, 0.7, 1.0])
+
+
+def fake_mse_closed_form(fake_mean, fake_log_scale):
+    """E over t ~ U{0..999}, x0 ~ the generator, eps of mean_c (eps - eps_phi(x_t))^2, eps_phi the head with the
+    fake's (m_f, s_f): eps - eps_phi = eps (1 - sig^2/v_f) - sig a scale n / v_f - sig a (loc - m_f) / v_f."""
+    loc, scale = generator_distribution(GEN_MEAN, GEN_LOG_SCALE)
+    abar = ABAR64[:, None]
+    a, sig = np.sqrt(abar), np.sqrt(1.0 - abar)
+    out = []
+    for c in range(K):
+        v_f = abar * np.exp(2.0 * fake_log_scale[c]) + sig ** 2
+        per_t = ((1 - sig ** 2 / v_f) ** 2 + (sig * a * scale[c] / v_f) ** 2
+                 + np.mean((sig * a * (loc[c] - fake_mean[c]) / v_f) ** 2, axis=-1, keepdims=True))
+        out.append(np.mean(per_t))
+    return float(np.mean(np.asarray(out)[LABELS]))
+
+
+def test_fake_score_loss_is_the_denoising_loss_of_the_generators_samples():
+    """fake_score_loss's epsilon-MSE and its gradient in the fake's (m, s) against the closed form over the
+    generator's distribution (MC over N_CALLS keys; |z| < 4.5 for 7 quantities). The VB term trains only the
+    variance channels, which the closed-form head does not have, so the gradient is the MSE's."""
+    graphdef, gen, _, _ = roles()
+    _, fake = nnx.split(GaussianRoles(FAKE_MEAN, FAKE_LOG_SCALE))
+    losses = make_gsim_losses({"guidance_scale": 1.0}, {"t_init": T_INIT}, CFG)
+
+    @jax.jit
+    def per_call(keys):
+        f = jax.value_and_grad(lambda p, k: losses.fake_score_loss(graphdef, p, gen, BATCH, k), has_aux=True)
+        return jax.vmap(lambda k: f(fake, k))(keys)
+
+    (_, metrics), grads = per_call(jax.random.split(jax.random.PRNGKey(9), N_CALLS))
+    mse = metrics["mse"]
+    mse = np.asarray(mse, np.float64)
+    exact = fake_mse_closed_form(FAKE_MEAN, FAKE_LOG_SCALE)
+    z = (mse.mean() - exact) / (mse.std() / math.sqrt(N_CALLS))
+    print(f"fake mse: mc {mse.mean():.5f} exact {exact:.5f} z {z:.2f}")
+    assert abs(z) < 4.5
+    h = 1e-6
+    for name, base in (("mean", FAKE_MEAN), ("log_scale", FAKE_LOG_SCALE)):
+        g = np.asarray(getattr(grads, name)[...], np.float64)
+        for idx in np.ndindex(base[:K].shape):
+            up, down = base.copy(), base.copy()
+            up[idx] += h
+            down[idx] -= h
+            args = ((up, FAKE_LOG_SCALE), (down, FAKE_LOG_SCALE)) if name == "mean" else \
+                ((FAKE_MEAN, up), (FAKE_MEAN, down))
+            exact_g = (fake_mse_closed_form(*args[0]) - fake_mse_closed_form(*args[1])) / (2 * h)
+            zg = (g[(slice(None),) + idx].mean() - exact_g) / (g[(slice(None),) + idx].std() / math.sqrt(N_CALLS))
+            print(f"  d mse / d {name}{idx}: mc {g[(slice(None),) + idx].mean():.5f} exact {exact_g:.5f} z {zg:.2f}")
+            assert abs(zg) < 4.5, (name, idx, zg)
