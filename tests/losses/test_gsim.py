@@ -168,7 +168,7 @@ def test_weightings_on_known_inputs():
     t = jnp.array([[20, 500], [760, 980]])
     np.testing.assert_array_equal(gsim_weights("none", t=t), 1.0)
     # kl: beta_t of the cosine schedule (the weight of a score-unit residual), computed here from the formula;
-    # test_gsim_weightings.py checks it against an exact KL
+    # test_gsim_gaussian.py checks it against an exact KL
     betas = cosine_betas(1000)
     np.testing.assert_allclose(gsim_weights("kl", t=t), betas[np.asarray(t)], rtol=1e-5)
     # sid: 1 / mean |x0 - x0_teacher| over the group (token: channels; image: the masked channels)
