@@ -45,7 +45,7 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
         t_min=20,                      # diffusion timesteps of L, uniform in [t_min, t_max] of the 1000-step chain
         t_max=980,
-        weighting="none",              # weight of L1+L2: "none" | "sid" 1/mean|x0-x0_teacher| | "kl" beta_t/sigma_t^2
+        weighting="none",              # "none" | "sid" x0-unit residual / mean|x0-x0_teacher| | "kl" beta_t
         guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
         guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
         mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]

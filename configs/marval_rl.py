@@ -59,6 +59,9 @@ def rl_config(variant: str) -> mlc.ConfigDict:
         class_names_file="",        # text rewards: one class name per line (ImageNet names ship in no package here)
         regularizer="none",         # "none" | "gsim" | "l2" (tokens of the frozen reference, same noise/orders)
         reg_weight=0.0,
+        # regularizer="gsim": GSIM's generator loss on real-data contexts (docs/gsim.md), frozen teacher / fake
+        # score (teacher_ckpt, fake_ckpt); fake_steps_per_generator_step is unused (the fake score is not trained)
+        gsim=marval.gsim_config(mask_ratio_min=mar.get_config(variant).diffusion.mask_ratio_min).to_dict(),
     ))
 
 
@@ -69,6 +72,8 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.model = mar.model_config(variant)
     cfg.student_ckpt = ""   # the distilled MARVAL generator's checkpoint directory (required for a real run)
     cfg.ref_ckpt = ""       # frozen reference generator for rl.regularizer = "l2" ("" = student_ckpt)
+    cfg.teacher_ckpt = ""   # rl.regularizer = "gsim": the MAR teacher's checkpoint directory (required then)
+    cfg.fake_ckpt = ""      # rl.regularizer = "gsim": frozen fake score's checkpoint ("" = the teacher)
     cfg.rl = rl_config(variant)
     cfg.generator = generator_config(lr=1e-5 if variant in ("tiny", "fmnist") else 1e-6)
     cfg.mesh = common.mesh_config()
@@ -88,7 +93,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.data = common.data_config(name="latent_cache", image_size=256, patch_size=1)
         cfg.tokenizer = common.tokenizer_config("vae", patch_size=1, channels=3)
         cfg.model.remat = variant != "base"   # per transformer block, on top of rl.remat per AR iteration
-    # `data` is informational here: the RL task reads no images and draws uniform class labels per step.
+    # `data` is read only with rl.regularizer = "gsim" (its contexts); the RL labels are drawn uniformly per step.
     # The optimizer fields of `train` follow the generator role's (one source of truth; override generator.*).
     for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
         cfg.train[name] = cfg.generator.get_ref(name)

@@ -13,12 +13,16 @@ tokens are diffused (x_t = sqrt(abar_t) x0 + sigma_t eps) and enter the loss. Wi
 
   L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)        L = weight(t) * (L1 + [use_l2_term] L2)
 
+y is in score units; gsim.weighting "sid" first scales y and the L1 residual to x0 units (`residual_scale`), "kl"
+weights the score-unit terms by beta_t (`gsim_weights`; docs/gsim.md derives both).
+
 Teacher and fake-score PARAMETERS are frozen (stop_gradient) but gradients flow through their inputs x_t, and d'(y)
 is NOT stop-gradiented: then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
 the student's score (tests/losses/test_gsim.py checks this in closed form).
 
 The core math is in small pure functions over arrays (`distance_terms`, `gsim_terms`, `gsim_weights`,
-`reduce_groups`, `guidance_weight`, `sample_context`, `sample_timesteps`) so it is testable in closed form.
+`residual_scale`, `reduce_groups`, `guidance_weight`, `sample_context`, `sample_timesteps`), testable in closed
+form.
 """
 from __future__ import annotations
 
@@ -74,16 +78,21 @@ def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
 
 def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Array, sigma: jax.Array, *,
                distance: str = "pseudo_huber", huber_r: float = 1e-5, use_l2_term: bool = True,
-               norm_axes: str = "token", mask: jax.Array | None = None) -> dict[str, jax.Array]:
+               norm_axes: str = "token", mask: jax.Array | None = None,
+               unit_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
     """Per-group GSIM terms. Arrays (B, S, C) (any (B, ..., C)); sigma broadcastable to them; mask (B, S) with
     1 = token in the loss (masked by the AR context), None = all.
+
+    `unit_scale` (broadcastable like sigma, stop-gradiented by the caller) multiplies both residuals: 1 keeps them
+    in score units; `residual_scale("sid", t)` = sigma_t^2 / sqrt(abar_t) puts them in x0 units (the distance then
+    sees f_phi - f_p, the difference of the two x0-predictions).
 
     Groups: norm_axes "token" -> one per token, outputs (B, S); "image" -> one per sample over its masked tokens'
     channels, outputs (B,). Returns y_norm = |y|, l1, l2 (zero when use_l2_term is False) and loss = l1 + l2.
     Nothing is stop-gradiented here: d'(y) keeps its gradient (see the module docstring).
     """
-    y = (eps_teacher_guided - eps_fake) / sigma
-    g = (eps - eps_fake) / sigma                     # s_phi(x_t) - grad log q(x_t | x0)
+    y = unit_scale * (eps_teacher_guided - eps_fake) / sigma
+    g = unit_scale * (eps - eps_fake) / sigma        # s_phi(x_t) - grad log q(x_t | x0)
     if mask is not None:
         m = mask.astype(y.dtype).reshape(mask.shape + (1,) * (y.ndim - mask.ndim))
         y, g = y * m, g * m
@@ -98,18 +107,19 @@ def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Arra
 def gsim_weights(weighting: str, *, t: jax.Array, x0: jax.Array | None = None,
                  x0_teacher: jax.Array | None = None, norm_axes: str = "token",
                  mask: jax.Array | None = None) -> jax.Array:
-    """Per-group weight of L1 + L2, stop-gradiented.
+    """Per-group weight of L1 + L2, stop-gradiented (docs/gsim.md "Weightings" derives each one).
 
-    none: 1;  kl: beta_t / sigma_t^2 of the 1000-step chain;
-    sid:  1 / max(mean |x0 - x0_teacher|, 1e-5), the mean over the group's (masked) channels (SiD / DMD).
+    none: 1 (terms in score units).
+    kl:   beta_t of the 1000-step chain, on the score-unit residual y: with squared_l2,
+          sum_t 1/2 beta_t E|y_t|^2 is the discrete path-KL estimate of KL(q_0 || p_0).
+    sid:  1 / max(mean |x0 - x0_teacher|, 1e-5), the mean over the group's (masked) channels: SiD's normaliser, an
+          x0-unit quantity, so it weights terms whose residuals are in x0 units (`residual_scale("sid", t)`).
     t: int chain indices shaped like a group (B, S) for token, (B,) for image.
     """
     if weighting == "none":
         return jnp.ones(t.shape, jnp.float32)
     if weighting == "kl":
-        chain = _chain()
-        beta = jnp.asarray(chain.betas, jnp.float32)[t]
-        return beta / jnp.asarray(1.0 - chain.alphas_cumprod, jnp.float32)[t]
+        return jnp.asarray(_chain().betas, jnp.float32)[t]
     if weighting == "sid":
         diff = jnp.abs(jax.lax.stop_gradient(x0 - x0_teacher))
         axes = _group_axes(diff.ndim, norm_axes)
@@ -120,6 +130,20 @@ def gsim_weights(weighting: str, *, t: jax.Array, x0: jax.Array | None = None,
             count = jnp.maximum(jnp.sum(jnp.broadcast_to(m, diff.shape), axis=axes), 1.0)
             mean = jnp.sum(diff * m, axis=axes) / count
         return 1.0 / jnp.maximum(mean, _SID_MIN)
+    raise ValueError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def residual_scale(weighting: str, t: jax.Array) -> jax.Array:
+    """Units of the residuals the distance sees, as a factor on the score-unit y and g (shaped like t).
+
+    none, kl: 1 (score units). sid: sigma_t^2 / sqrt(abar_t): by Tweedie x0_hat = (x_t + sigma_t^2 s) / sqrt(abar_t),
+    so sigma_t^2 / sqrt(abar_t) * (s_phi - s_p) = f_phi - f_p, the x0-prediction residual SiD's loss is written in.
+    """
+    if weighting in ("none", "kl"):
+        return jnp.ones(t.shape, jnp.float32)
+    if weighting == "sid":
+        abar = jnp.asarray(_chain().alphas_cumprod, jnp.float32)[t]
+        return (1.0 - abar) / jnp.sqrt(abar)
     raise ValueError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
@@ -329,8 +353,9 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
         eps_p, eps_f = eps_p.reshape(b, s, c), eps_f.reshape(b, s, c)
 
+        unit = jax.lax.stop_gradient(residual_scale(st.weighting, t))[:, None, None]
         terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=st.huber_r,
-                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask)
+                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit)
         t_group = t_tok if st.norm_axes == "token" else t
         x0_teacher = chain.predict_xstart_from_eps(xt, t, eps_p) if st.weighting == "sid" else None
         weight = jax.lax.stop_gradient(gsim_weights(st.weighting, t=t_group, x0=x0, x0_teacher=x0_teacher,

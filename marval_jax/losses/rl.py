@@ -20,7 +20,8 @@ over its steps (one compiled body per segment). Switches (docs/rl.md):
   rl.reward_scale    multiplies the mean reward.
   rl.regularizer     none | l2 (mean squared difference between the generator's tokens and a frozen reference
                      generator's tokens on the same orders and noise) | gsim (a caller-supplied
-                     `reg_fn(graphdef, gen_params, labels, rng) -> scalar`), times rl.reg_weight.
+                     `reg_fn(graphdef, gen_params, labels, rng) -> scalar`; train/rl_task.py builds it from GSIM's
+                     generator loss), times rl.reg_weight.
   rl.prompt_template stored for the reward's prompt preparation (`format_prompts`); the loss itself only sees
                      `reward_fn(images, labels)`.
   generator.trainable all | head_only: frozen parameters enter under stop_gradient, so their gradient is exactly 0

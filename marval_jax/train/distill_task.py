@@ -21,7 +21,7 @@ from marval_jax.train.state import DistillState, RoleState
 def role_optimizer(role_cfg, train_cfg, trainable=None):
     return make_optimizer(role_cfg.lr, warmup_steps=train_cfg.warmup_steps, total_steps=train_cfg.num_steps,
                           schedule=train_cfg.lr_schedule, min_lr=train_cfg.min_lr, b1=role_cfg.b1, b2=role_cfg.b2,
-                          weight_decay=role_cfg.weight_decay, grad_clip=role_cfg.grad_clip,
+                          eps=role_cfg.eps, weight_decay=role_cfg.weight_decay, grad_clip=role_cfg.grad_clip,
                           trainable_mask=trainable)
 
 

@@ -1,8 +1,13 @@
 """MARVAL-RL as a Task: reward backpropagation through K AR iterations of the one-step generator.
 
-Labels are drawn uniformly per step from the step key (no images are read). The reward's weights, the prompt
-embeddings and the tokenizer decoder's weights are the task's `frozen` pytree: arguments of the jitted step, not
-constants baked into it.
+Labels are drawn uniformly per step from the step key. The reward's weights, the prompt embeddings and the
+tokenizer decoder's weights are the task's `frozen` pytree: arguments of the jitted step, not constants baked
+into it.
+
+rl.regularizer = "gsim": the regulariser is GSIM's generator loss (`make_gsim_losses(config.rl.gsim, ...)`) on
+real-data contexts, against the frozen teacher (`teacher_ckpt`) and a frozen fake score (`fake_ckpt`, "" = the
+teacher); both go into `frozen["gsim"]`. Only then does the task read data (uses_data): the batch's tokens and
+labels are the contexts; the RL labels are still drawn per step.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import optax
 from flax import nnx
 
 from marval_jax.checkpoints.load import load_model_params
-from marval_jax.losses.gsim import trainable_mask
+from marval_jax.losses.gsim import make_gsim_losses, trainable_mask
 from marval_jax.losses.rl import format_prompts, make_rl_loss
 from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
@@ -21,6 +26,7 @@ from marval_jax.train.loop import Task
 from marval_jax.train.mar_task import abstract_model, decoder_parts, grid_labels, model_config
 from marval_jax.train.optimizer import ema_update
 from marval_jax.train.state import RLState
+from marval_jax.user_errors import UserError
 
 
 def class_names(config) -> list[str]:
@@ -49,12 +55,29 @@ def make_rl_task(config) -> Task:
         prompts = format_prompts(config.rl.prompt_template, class_names(config))
         prompt_emb = reward.prepare(reward.params, prompts)
     frozen = {"reward": reward.params, "prompts": prompt_emb, "decoder": decoder_params}
+    use_gsim = config.rl.regularizer == "gsim"
+    gsim = None
+    if use_gsim:
+        gsim = make_gsim_losses(config.rl.gsim, config.generator, cfg)
+        if not config.teacher_ckpt:
+            raise UserError("rl.regularizer='gsim' needs teacher_ckpt: the MAR teacher's checkpoint directory "
+                            "(set --config.teacher_ckpt=DIR)")
+        teacher = load_model_params(config.teacher_ckpt, abstract_params, config.model.to_dict())
+        fake = (load_model_params(config.fake_ckpt, abstract_params, config.model.to_dict())
+                if config.fake_ckpt else teacher)
+        frozen["gsim"] = {"teacher": teacher, "fake": fake}
 
-    def loss_with(fz):
-        """The RL loss over the frozen weights `fz` (traced arguments inside the step)."""
+    def loss_with(fz, batch=None):
+        """The RL loss over the frozen weights `fz` (traced arguments inside the step); `batch` holds the GSIM
+        regulariser's contexts."""
         decode = lambda tokens: decode_with(fz["decoder"], tokens)  # noqa: E731
         reward_fn = lambda images, labels=None: reward.fn(fz["reward"], images, labels, fz["prompts"])  # noqa: E731
-        return make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn)
+        reg_fn = None
+        if use_gsim:
+            def reg_fn(gd, params, labels, rng):   # labels: the RL step's; GSIM uses the batch's own with its tokens
+                ctx = {"tokens": batch["tokens"], "labels": batch["labels"]}
+                return gsim.generator_loss(gd, params, fz["gsim"]["fake"], fz["gsim"]["teacher"], ctx, rng)[0]
+        return make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn, reg_fn=reg_fn)
 
     loss_with(frozen)  # config errors now, not at the first step's trace
     tx = role_optimizer(config.generator, config.train,
@@ -73,7 +96,7 @@ def make_rl_task(config) -> Task:
         return state.replace(params=student, opt_state=tx.init(student), ema_params=student, ref_params=ref)
 
     def train_step(state: RLState, batch, fz):
-        loss_fn = loss_with(fz)
+        loss_fn = loss_with(fz, batch)
         key = jax.random.fold_in(state.rng, state.step)
         r_lab, r_loss = jax.random.split(key)
         # derived from the batch-sharded input so the trajectory stays batch-sharded (a fresh randint array is
@@ -95,4 +118,4 @@ def make_rl_task(config) -> Task:
         return decode_with(fz["decoder"], fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
 
     return Task(name="rl", init_state=init_state, train_step=train_step, logical_axes=mar_lib.LOGICAL_AXES,
-                sample_images=sample_images, post_init=post_init, uses_data=False, frozen=frozen)
+                sample_images=sample_images, post_init=post_init, uses_data=use_gsim, frozen=frozen)
