@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
+
+from marval_jax.user_errors import add_verbose_flag, run_cli
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -84,6 +85,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
+    add_verbose_flag(common)
     common.add_argument("--images", required=True, help="image source (see below)")
     common.add_argument("--num", type=int, default=None, help="use the first NUM images only")
     common.add_argument("--batch-size", type=int, default=200)
@@ -124,4 +126,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -62,6 +62,8 @@ import sys
 import time
 from typing import Any
 
+from marval_jax.user_errors import add_verbose_flag, run_cli
+
 HBM_DEFAULT = "v5p=95,v5e=16,v4=32,h200=141"
 STEPS = ("mar", "mar_fix", "gsim", "rl")
 CONFIG_FILES = {"mar": "configs/mar.py", "mar_fix": "configs/mar.py", "gsim": "configs/marval.py",
@@ -1397,6 +1399,7 @@ def default_execute_out(model: str, step: str, batch: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(p)
     p.add_argument("--devices", default="64", help="comma-separated simulated device counts, e.g. 64,256")
     p.add_argument("--models", default="base,large,huge", help="config variants")
     p.add_argument("--steps", default="mar,gsim,rl", help=f"any of {','.join(STEPS)}")
@@ -1512,4 +1515,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)
