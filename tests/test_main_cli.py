@@ -85,3 +85,20 @@ def test_cli_process_exit_2_one_line_fast(tmp_path, args, env, needles):
 def test_cli_process_verbose_prints_the_traceback(tmp_path):
     proc, _ = _main(TINY, f"--workdir={tmp_path}", "--config.train.log_every=0", "--verbose")
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "train.log_every=0" in proc.stderr
+
+
+def test_checkpoint_mismatch_is_a_one_line_user_error(capsys):
+    """The checkpoint manager's ConfigMismatchError (another module's ValueError) is a user error: call_cli, which
+    cli and every tool's run_cli go through, prints its multi-line message as one line and returns 2."""
+    from marval_jax.checkpoints.manager import ConfigMismatchError, check_config
+    from marval_jax.user_errors import call_cli
+
+    def resume():
+        check_config({"model": {"encoder_depth": 1}}, {"model": {"encoder_depth": 2}}, where="wd/checkpoints/2")
+    assert call_cli(resume, ["prog"]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "model.encoder_depth: checkpoint 1 vs config 2" in line
+    with pytest.raises(ConfigMismatchError):
+        call_cli(resume, ["prog", "--verbose"])
+    with pytest.raises(KeyError):  # a bug keeps its traceback
+        call_cli(lambda: {}["x"], ["prog"])
