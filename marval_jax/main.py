@@ -8,31 +8,44 @@
         --config.sample.fid_ref=raw:fashion_mnist/test --config.sample.crop=28
     python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=/tmp/marval_demo   # embedded default
 
-Configs are locked: `--config.train.num_stpes=5` is an error. All logic lives in importable modules; this file
-only parses flags.
+Configs are locked: `--config.train.num_stpes=5` is an error naming the nearest valid fields. The whole config is
+validated (`marval_jax.config_checks`) before anything is compiled or read. User errors (a bad flag, config field,
+path, checkpoint) print one line `error: ...` and exit 2; `--verbose` adds the traceback. All logic lives in
+importable modules; this file parses flags. `cli(argv)` runs the command line in-process and returns the exit code.
 """
 from __future__ import annotations
 
+import difflib
+import os
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
+
+from marval_jax.user_errors import UserError, call_cli, one_line, report, verbose_requested
 
 MODES = ("train", "distill", "rl", "sample", "evaluate", "demo")
 
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
-    """Defined on demand: importing this module from tests or other tools must not register flags."""
+def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None = None) -> flags.FlagValues:
+    """Defined on demand: importing this module from tests or other tools must not register flags. `argv` is the
+    command line the config overrides (--config.a.b=v) are read from (None: sys.argv)."""
     config_flags.DEFINE_config_file("config", None, "A configs/*.py file with its variant: configs/mar.py:tiny.",
-                                    lock_config=True)
-    flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...): checkpoints, metrics, samples.")
-    flags.DEFINE_enum("mode", "train", MODES, "What to run.")
-    flags.DEFINE_string("out", "", "sample: output directory (default <workdir>/samples_final).")
+                                    flag_values=flag_values, lock_config=True, sys_argv=argv)
+    flags.DEFINE_string("workdir", None, "Run directory (local path or gs://...): checkpoints, metrics, samples.",
+                        flag_values=flag_values)
+    flags.DEFINE_enum("mode", "train", MODES, "What to run.", flag_values=flag_values)
+    flags.DEFINE_string("out", "", "sample: output directory (default <workdir>/samples_final).",
+                        flag_values=flag_values)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of user errors too.", flag_values=flag_values)
+    return flag_values
 
 
 def run(mode: str, config, workdir: str, out: str = ""):
+    from marval_jax import config_checks
+    config_checks.validate(mode, config, workdir, out)  # before any compile or data read
     if mode == "train":
         from marval_jax.train.loop import train
         from marval_jax.train.mar_task import make_mar_task
@@ -54,17 +67,116 @@ def run(mode: str, config, workdir: str, out: str = ""):
     if mode == "demo":
         from marval_jax.demo import run_demo
         return run_demo(config, workdir)
-    raise ValueError(f"unknown mode {mode!r}; choose one of {MODES}")
+    raise UserError(f"unknown mode {mode!r}; choose one of {MODES}")
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    if FLAGS.config is None or FLAGS.workdir is None:
-        raise app.UsageError("--config and --workdir are required")
-    run(FLAGS.mode, FLAGS.config, FLAGS.workdir, FLAGS.out)
+# ---------------------------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------------------------
+def _config_arg(argv: list[str]) -> str | None:
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            return a.split("=", 1)[1]
+        if a == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    while exc.__cause__ is not None or (exc.__context__ is not None and not exc.__suppress_context__):
+        exc = exc.__cause__ or exc.__context__
+    return exc
+
+
+def _unknown_field(argv: list[str]) -> str | None:
+    """'--config.a.b: no field b in a; nearest: a.c' for the first override naming a field the config lacks."""
+    spec = _config_arg(argv)
+    base_fv = flags.FlagValues()
+    base_argv = [argv[0], f"--config={spec}"]
+    config_flags.DEFINE_config_file("config", None, "", flag_values=base_fv, lock_config=True, sys_argv=base_argv)
+    try:
+        base_fv(base_argv)
+        config = base_fv.config
+    except Exception:  # noqa: BLE001 - the config itself does not load: reported by the caller
+        return None
+    for a in argv[1:]:
+        if not a.startswith("--config."):
+            continue
+        path = a.split("=", 1)[0][len("--config."):]
+        node, done = config, []
+        for part in path.split("."):
+            keys = list(node.keys()) if hasattr(node, "keys") else []
+            if part not in keys:
+                prefix = ".".join(done)
+                nearest = difflib.get_close_matches(part, [str(k) for k in keys], n=3, cutoff=0.6)
+                full = [f"{prefix}.{k}" if prefix else k for k in (nearest or keys)]
+                hint = "nearest: " if nearest else f"valid fields of {prefix or 'the config'}: "
+                if not keys:
+                    return (f"unknown config field {path!r} (--config.{path}; {prefix} is a value, not a section) in "
+                            f"{spec}")
+                return f"unknown config field {path!r} (--config.{path}) in {spec}; {hint}{', '.join(full[:12])}"
+            node = node[part]
+            done.append(part)
+    return None
+
+
+def _flag_error_line(exc: BaseException, argv: list[str]) -> str | None:
+    """One line for a command-line error (bad flag, config file, variant, override), or None for a bug (a config
+    file that raises TypeError, NameError, ... keeps its traceback)."""
+    spec = _config_arg(argv)
+    cause = _root_cause(exc)
+    if isinstance(exc, (KeyError, AttributeError)) or isinstance(cause, KeyError):
+        line = _unknown_field(argv)   # a typo'd override: the field and its nearest valid names
+        if line is not None:
+            return line
+    if spec and isinstance(cause, OSError) and not os.path.isfile(spec.split(":", 1)[0]):
+        return (f"config file {spec.split(':', 1)[0]} not found (--config={spec}); give a configs/*.py file with "
+                f"its variant, e.g. --config=configs/mar.py:tiny")
+    user_cause = isinstance(cause, (ValueError, KeyError, OSError, ImportError))
+    if isinstance(exc, flags.IllegalFlagValueError) and str(exc).startswith("flag --config="):
+        # the config file's get_config raised: its message (e.g. an unknown variant), not the quoted traceback
+        return f"--config={spec}: {one_line(cause)}" if user_cause else None
+    if isinstance(exc, flags.Error):
+        return one_line(exc)
+    return f"--config={spec}: {one_line(cause)}" if user_cause else None
+
+
+def _main(fv: flags.FlagValues, rest: list[str]):
+    if len(rest) > 1:
+        raise UserError(f"unexpected arguments: {rest[1:]} (flags are --name=value)")
+    if fv.config is None or fv.workdir is None:
+        raise UserError("--config and --workdir are required, e.g. --config=configs/mar.py:tiny --workdir=/tmp/run")
+    return run(fv.mode, fv.config, fv.workdir, fv.out)
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The command line `argv` (argv[0] the program), in-process; returns the exit code (2: user error)."""
+    argv = list(sys.argv if argv is None else argv)
+    fv = define_flags(flags.FlagValues(), argv)
+    if any(a in ("--help", "-h", "--helpfull", "--helpshort") for a in argv[1:]):
+        print(__doc__ + "\n" + fv.get_help(), flush=True)
+        return 0
+    try:
+        rest = fv(argv)
+        if fv.config is not None:
+            fv.config.keys()  # a config file that failed to load raises only when first used
+    except Exception as exc:  # noqa: BLE001 - sorted into a one-line user error or a bug below
+        line = _flag_error_line(exc, argv)
+        if line is None or verbose_requested(argv):
+            raise
+        return report(UserError(line))
+    if not FLAGS.is_parsed():  # libraries that read absl flags (grain's workers) see the defaults
+        FLAGS.mark_as_parsed()
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.INFO)
+    result = call_cli(lambda: _main(fv, rest), argv)
+    return result if isinstance(result, int) and not isinstance(result, bool) else 0
+
+
+def main() -> None:
+    sys.exit(cli(sys.argv))
 
 
 if __name__ == "__main__":
-    define_flags()
-    app.run(main)
+    main()

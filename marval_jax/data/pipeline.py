@@ -35,6 +35,12 @@ Data config (`default_config`), an ``ml_collections.ConfigDict``:
   (`marval_jax.data.raw_datasets`, folder ``raw_dir``) into host memory and batched with one vectorised NumPy map
   per batch (`GatherSmallBatch`; ~2 ms per 256 images instead of ~250 ms through per-record tfds reads on two
   cores). Same stream semantics and checkpointable state; splits ``"train"`` or ``"train[a:b]"``. False: tfds.
+  The in-memory path reads ``raw_dir`` only, never ``data_dir`` (the tfds records): a run config that sets
+  ``data.data_dir`` with ``data.in_memory=True`` is refused before the run starts (`marval_jax.config_checks`),
+  naming ``data.raw_dir`` as the field this path reads.
+
+Bad inputs (unknown ``name``, a missing ``cache_dir``, a split the in-memory path cannot slice, fewer examples than
+the global batch) are `marval_jax.user_errors.UserError`s that name the ``data.*`` field.
 """
 from __future__ import annotations
 
@@ -51,6 +57,7 @@ import numpy as np
 
 from marval_jax.data import latent_cache, preprocess
 from marval_jax.data.tokenizers import patchify_np
+from marval_jax.user_errors import UserError
 
 KNOWN_NAMES = ("fashion_mnist", "mnist", "imagenet2012", "latent_cache")
 _SMALL_DEFAULT_SIZE = {"fashion_mnist": 28, "mnist": 28}
@@ -158,16 +165,20 @@ class GatherSmallBatch(grain.transforms.Map):
 _SLICE = re.compile(r"^(\w+)(?:\[(-?\d*):(-?\d*)\])?$")
 
 
+def parse_in_memory_split(split: str) -> tuple[str, int | None, int | None]:
+    """"train" / "train[a:b]" -> ("train", a, b); anything else is a UserError naming data.split."""
+    m = _SLICE.match(split.replace(" ", ""))
+    if not m:
+        raise UserError(f"data.split={split!r}: the in-memory split must look like 'train' or 'train[:512]' "
+                        f"(integer slices only; set data.in_memory=False for tfds slicing syntax)")
+    return m.group(1), int(m.group(2)) if m.group(2) else None, int(m.group(3)) if m.group(3) else None
+
+
 def load_small_split(name: str, split: str, data_dir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Raw arrays of "train", "test" or "train[a:b]" (integer slices only) of a small data set."""
     from marval_jax.data.raw_datasets import load_raw  # pylint: disable=import-outside-toplevel
-    m = _SLICE.match(split.replace(" ", ""))
-    if not m:
-        raise ValueError(f"in-memory split must look like 'train' or 'train[:512]', got {split!r} "
-                         f"(set data.in_memory=False for tfds slicing syntax)")
-    images, labels = load_raw(name, m.group(1), data_dir)
-    lo = int(m.group(2)) if m.group(2) else None
-    hi = int(m.group(3)) if m.group(3) else None
+    base, lo, hi = parse_in_memory_split(split)
+    images, labels = load_raw(name, base, data_dir)
     return images[lo:hi], labels[lo:hi]
 
 
@@ -193,11 +204,12 @@ def make_source(config: Any, *, train: bool = True) -> tuple[Any, grain.transfor
     if name == "latent_cache":
         cache_dir = _get(config, "cache_dir")
         if not cache_dir:
-            raise ValueError("data config name='latent_cache' needs cache_dir")
+            raise UserError("data.name='latent_cache' needs cache_dir: set data.cache_dir to the latent cache "
+                            "folder written by python -m marval_jax.tools.cache_latents")
         source, _ = latent_cache.open_latent_cache(os.path.expanduser(cache_dir), split)
         return source, latent_cache.SampleLatents(scale=float(_get(config, "latent_scale", 0.2325)),
                                                   flip_prob=0.5 if flip else 0.0, patch_size=patch_size)
-    raise ValueError(f"unknown data set name {name!r} in the data config; known: {', '.join(KNOWN_NAMES)}")
+    raise UserError(f"unknown data set name {name!r} (data.name); known: {', '.join(KNOWN_NAMES)}")
 
 
 def derive_seeds(seed: int, n: int = 2) -> list[int]:
@@ -207,8 +219,8 @@ def derive_seeds(seed: int, n: int = 2) -> list[int]:
 
 def host_batch_size(global_batch_size: int, process_count: int) -> int:
     if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(f"global_batch_size {global_batch_size} must be a positive multiple of the process "
-                         f"count {process_count}")
+        raise UserError(f"train.global_batch_size={global_batch_size} must be a positive multiple of the process "
+                        f"count {process_count}")
     return global_batch_size // process_count
 
 
@@ -239,8 +251,8 @@ def make_train_dataset(config: Any, global_batch_size: int, seed: int, process_i
         return _small_in_memory_dataset(config, local, global_batch_size, seed, process_index, process_count)
     source, transform = make_source(config, train=True)
     if len(source) < global_batch_size:
-        raise ValueError(f"data set {_get(config, 'name')!r} split {_get(config, 'split')!r} has {len(source)} "
-                         f"examples, fewer than the global batch {global_batch_size}")
+        raise UserError(f"data.split={_get(config, 'split')!r} of {_get(config, 'name')!r} has {len(source)} "
+                        f"examples, fewer than the global batch {global_batch_size} (train.global_batch_size)")
     shuffle_seed, map_seed = derive_seeds(seed)
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.random_map(transform, seed=map_seed)
@@ -255,8 +267,8 @@ def _small_in_memory_dataset(config: Any, local: int, global_batch_size: int, se
     name = _get(config, "name")
     images, labels = load_small_split(name, _get(config, "split", "train"), _get(config, "raw_dir"))
     if len(images) < global_batch_size:
-        raise ValueError(f"data set {name!r} split {_get(config, 'split')!r} has {len(images)} examples, fewer "
-                         f"than the global batch {global_batch_size}")
+        raise UserError(f"data.split={_get(config, 'split')!r} of {name!r} has {len(images)} examples, fewer "
+                        f"than the global batch {global_batch_size} (train.global_batch_size)")
     shuffle_seed, map_seed = derive_seeds(seed)
     ds = grain.MapDataset.range(len(images)).shuffle(seed=shuffle_seed).repeat(None)
     if _get(config, "flip", False):

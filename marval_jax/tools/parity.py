@@ -23,6 +23,7 @@ from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.mar import MAR, MARConfig, patchify, unpatchify
 from marval_jax.sampling.schedule import ar_schedule
+from marval_jax.user_errors import add_verbose_flag, one_line, run_cli
 
 EXACT = "exact"
 
@@ -138,16 +139,19 @@ def run_parity(path: str, tol: float = 1e-4, out=None) -> bool:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(ap)
     ap.add_argument("--fixture", required=True)
     ap.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
     try:
         ok = run_parity(args.fixture, args.tol)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"parity: cannot use {args.fixture}: {e}", file=sys.stderr)
+    except (OSError, ValueError, KeyError) as e:  # a fixture that is missing or not a parity fixture
+        if args.verbose:
+            raise
+        print(f"error: parity: cannot use --fixture={args.fixture}: {one_line(e)}", file=sys.stderr)
         return 2
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 
+from marval_jax.user_errors import add_verbose_flag, run_cli
+
 STAGES = {  # stage -> (mode, config, flag naming the previous stage's weights, previous stage)
     "teacher": ("train", "configs/mar.py:fmnist", None, None),
     "student": ("distill", "configs/marval.py:fmnist", "teacher_ckpt", "teacher"),
@@ -79,6 +81,7 @@ def last_step(workdir: str) -> int | None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m marval_jax.tools.reproduce", description=__doc__.split("\n")[0])
+    add_verbose_flag(p)
     p.add_argument("--workdir", required=True, help="run directories <workdir>/<stage>")
     p.add_argument("--stages", default="teacher,student,rl")
     p.add_argument("--budget", default="", help="seconds per stage, e.g. teacher=240,student=300 (SIGTERM after)")
@@ -143,4 +146,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

@@ -17,10 +17,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 
 import numpy as np
+
+from marval_jax.user_errors import add_verbose_flag, run_cli
 
 FAMILY = {"teacher": "configs/mar.py", "student": "configs/marval.py", "rl": "configs/marval_rl.py"}
 
@@ -222,6 +223,7 @@ def run(a) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m marval_jax.tools.results", description=__doc__.split("\n")[0])
+    add_verbose_flag(p)
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run", help="measure every setting on this machine's accelerator")
     r.add_argument("--assets", default="marval_jax/assets")
@@ -251,4 +253,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

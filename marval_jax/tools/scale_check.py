@@ -62,6 +62,8 @@ import sys
 import time
 from typing import Any
 
+from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
+
 HBM_DEFAULT = "v5p=95,v5e=16,v4=32,h200=141"
 STEPS = ("mar", "mar_fix", "gsim", "rl")
 CONFIG_FILES = {"mar": "configs/mar.py", "mar_fix": "configs/mar.py", "gsim": "configs/marval.py",
@@ -87,7 +89,7 @@ def parse_mesh(spec: str | None) -> dict[str, int] | None:
     for part in spec.split(","):
         name, _, value = part.partition("=")
         if name.strip() not in out or not value:
-            raise ValueError(f"--mesh: expected data=D,fsdp=F,tensor=T (-1 = remaining devices), got {spec!r}")
+            raise UserError(f"--mesh: expected data=D,fsdp=F,tensor=T (-1 = remaining devices), got {spec!r}")
         out[name.strip()] = int(value)
     return out
 
@@ -97,7 +99,7 @@ def parse_hbm(spec: str) -> dict[str, float]:
     for part in spec.split(","):
         name, _, value = part.partition("=")
         if not name or not value:
-            raise ValueError(f"--hbm: expected name=GB,... (e.g. {HBM_DEFAULT}), got {spec!r}")
+            raise UserError(f"--hbm: expected name=GB,... (e.g. {HBM_DEFAULT}), got {spec!r}")
         out[name.strip()] = float(value)
     return out
 
@@ -110,7 +112,7 @@ def parse_options(spec: str) -> dict[str, Any]:
             continue
         name, _, value = part.partition("=")
         if not name.strip() or not value.strip():
-            raise ValueError(f"--compile_options: expected name=value,..., got {spec!r}")
+            raise UserError(f"--compile_options: expected name=value,..., got {spec!r}")
         v = value.strip()
         if v.lower() in ("true", "false"):
             out[name.strip()] = v.lower() == "true"
@@ -129,7 +131,7 @@ def parse_list(spec: str, allowed: tuple[str, ...] | None, what: str) -> list[st
     items = [s.strip() for s in spec.split(",") if s.strip()]
     bad = [s for s in items if allowed is not None and s not in allowed]
     if bad or not items:
-        raise ValueError(f"--{what}: unknown {bad or spec!r}; choose from {', '.join(allowed or ())}")
+        raise UserError(f"--{what}: unknown {bad or spec!r}; choose from {', '.join(allowed or ())}")
     return items
 
 
@@ -250,7 +252,7 @@ def build_case(step: str, config) -> Built:
             task = make_distill_task(config)
         return Built(task.init_state, task.train_step, task.logical_axes, tokens_batch)
     if step != "rl":
-        raise ValueError(f"unknown step {step!r}; choose one of {STEPS}")
+        raise UserError(f"unknown step {step!r}; choose one of {STEPS}")
     return _build_rl(config, cfg)
 
 
@@ -1381,7 +1383,7 @@ def _execute_main(args) -> int:
           flush=True)
     probes = [int(b) for b in args.device_probes.split(",") if b.strip()]
     if probes and len(set(probes) - {args.execute_batch}) < 2:
-        raise SystemExit(f"--device_probes needs two batches other than --execute_batch, got {args.device_probes!r}")
+        raise UserError(f"--device_probes needs two batches other than --execute_batch, got {args.device_probes!r}")
     execute_case(model, step, parse_mesh(args.mesh), remat, args.execute_batch, args.execute_steps,
                  args.rl_num_iter, devices, cache, batches, out=out,
                  compile_options=parse_options(args.compile_options), command=_command_key(list(args.argv or [])),
@@ -1397,6 +1399,7 @@ def default_execute_out(model: str, step: str, batch: int) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(p)
     p.add_argument("--devices", default="64", help="comma-separated simulated device counts, e.g. 64,256")
     p.add_argument("--models", default="base,large,huge", help="config variants")
     p.add_argument("--steps", default="mar,gsim,rl", help=f"any of {','.join(STEPS)}")
@@ -1512,4 +1515,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

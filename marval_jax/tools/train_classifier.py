@@ -18,10 +18,12 @@ import jax
 
 from marval_jax.evaluation.classifier_train import (COPIES, DATASETS, DEFAULT_EPOCHS, DEFAULT_SEEDS, TrainConfig,
                                                     save_classifier, train_classifier)
+from marval_jax.user_errors import add_verbose_flag, run_cli
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_verbose_flag(p)
     p.add_argument("--dataset", required=True, choices=DATASETS)
     p.add_argument("--copy", required=True, choices=COPIES)
     p.add_argument("--out", required=True, help="output directory")
@@ -60,4 +62,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -191,3 +191,33 @@ def test_make_global_batch_four_devices():
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-2000:]
+
+
+def test_in_memory_raw_dir_is_read_and_named_when_files_are_missing(tmp_path):
+    """The in-memory path reads data.raw_dir: a folder without the raw files is an error naming the field and the
+    missing file; MNIST's raw_dir may be the pickle's folder or the pickle itself."""
+    import gzip
+    import pickle
+    from marval_jax.data import raw_datasets
+    from marval_jax.user_errors import is_user_error
+    cfg = pipeline.default_config(name="fashion_mnist", in_memory=True, raw_dir=str(tmp_path), read_threads=1)
+    with pytest.raises(FileNotFoundError) as info:
+        pipeline.make_train_iterator(cfg, GLOBAL, seed=0, process_index=0, process_count=1)
+    msg = str(info.value)
+    assert is_user_error(info.value)
+    assert "data.raw_dir=" in msg and os.path.join(str(tmp_path), "train-images-idx3-ubyte.gz") in msg
+
+    rng = np.random.default_rng(0)
+    part = lambda n: (rng.random((n, 784), dtype=np.float32), rng.integers(0, 10, n))  # noqa: E731
+    parts = (part(GLOBAL), part(3), part(2))
+    with gzip.open(tmp_path / raw_datasets.MNIST_FILE, "wb") as f:
+        pickle.dump(parts, f)
+    for raw_dir in (str(tmp_path), str(tmp_path / raw_datasets.MNIST_FILE)):
+        images, labels = pipeline.load_small_split("mnist", "train", raw_dir)
+        assert images.shape == (GLOBAL, 28, 28) and images.dtype == np.uint8
+        np.testing.assert_array_equal(labels, parts[0][1])
+        mcfg = pipeline.default_config(name="mnist", in_memory=True, raw_dir=raw_dir, read_threads=1)
+        batch = next(pipeline.make_train_iterator(mcfg, GLOBAL, seed=0, process_index=0, process_count=1))
+        assert batch["images"].shape == (GLOBAL, 32, 32, 1)
+    with pytest.raises(FileNotFoundError, match="data.raw_dir="):
+        pipeline.load_small_split("mnist", "train", str(tmp_path / "none" / raw_datasets.MNIST_FILE))

@@ -50,3 +50,29 @@ def test_evaluate_needs_a_reference(tmp_path):
     from marval_jax.evaluation.evaluate import evaluate
     with pytest.raises(ValueError, match="fid_ref"):
         evaluate(mar_configs.get_config("tiny"), str(tmp_path))
+
+
+def test_missing_inception_weights_fail_before_sampling(tmp_path):
+    """evaluate() checks what it reads after sampling (reference, Inception weights) before it samples: a missing
+    Inception file is a UserError naming sample.inception while nothing has been traced or compiled yet."""
+    import jax
+    from marval_jax.evaluation.evaluate import evaluate
+    from marval_jax.user_errors import UserError
+    events, recording = [], [True]
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda e, *a, **k: events.append(e) if recording[0] and e.startswith("/jax/core/compile/") else None)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "model.json").write_text(json.dumps(mar_configs.get_config("tiny").model.to_dict()))
+    cfg = mar_configs.get_config("tiny")
+    cfg.unlock()
+    cfg.sample.update(fid_ref="raw:fashion_mnist/test", inception=str(tmp_path / "missing.npz"))
+    cfg.lock()
+    try:
+        with pytest.raises(UserError, match="sample.inception="):
+            evaluate(cfg, str(tmp_path), ckpt=str(ckpt))
+        assert events == []
+        jax.jit(lambda x: x - 1)(1.0)   # the listener does see a compile
+        assert events
+    finally:
+        recording[0] = False
