@@ -22,6 +22,7 @@ from scipy import linalg
 from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.evaluation import inception
 from marval_jax.evaluation.inception import FEATURE_DIM, check_images
+from marval_jax.user_errors import UserError
 
 
 class StatsAccumulator:
@@ -106,11 +107,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 # ----------------------------------------------------------------------------------------------------------------
 def _check_stats(mu, sigma, where: str):
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
-        raise ValueError(f"{where}: expected TF-FID Inception pool_3 statistics mu ({FEATURE_DIM},) and sigma "
+        raise UserError(f"{where}: expected TF-FID Inception pool_3 statistics mu ({FEATURE_DIM},) and sigma "
                          f"({FEATURE_DIM}, {FEATURE_DIM}), got mu {mu.shape} and sigma {sigma.shape} "
                          f"(statistics of another feature space cannot be compared)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise ValueError(f"{where}: statistics contain NaN or inf")
+        raise UserError(f"{where}: statistics contain NaN or inf")
 
 
 def save_statistics(path: str, mu, sigma) -> str:
@@ -132,7 +133,7 @@ def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
         if "mu" not in keys or "sigma" not in keys:
             hint = (" (it holds images: compute their statistics with `python -m marval_jax.tools.fid stats "
                     f"--images {path} --out stats.npz`)") if ("arr_0" in keys or "images" in keys) else ""
-            raise ValueError(f"{path}: expected keys 'mu' and 'sigma', found {keys}{hint}")
+            raise UserError(f"{path}: expected keys 'mu' and 'sigma', found {keys}{hint}")
         mu, sigma = np.asarray(npz["mu"], np.float64), np.asarray(npz["sigma"], np.float64)
     _check_stats(mu, sigma, path)
     return mu, sigma

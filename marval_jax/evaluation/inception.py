@@ -42,6 +42,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.checkpoints.safe_load import open_npz
+from marval_jax.user_errors import UserError
 
 FEATURE_DIM = 2048
 INPUT_SIZE = 299
@@ -258,14 +259,14 @@ def load_inception(path: str | None = None, *, dtype=jnp.float32,
             key = f"{name}.{arr}"
             expected.add(key)
             if key not in arrays:
-                raise ValueError(f"{path}: missing key {key!r}; re-run `{CONVERT_COMMAND}`")
+                raise UserError(f"{path}: missing key {key!r}; re-run `{CONVERT_COMMAND}`")
             var = getattr(unit, arr)
             if arrays[key].shape != var[...].shape:
-                raise ValueError(f"{path}: {key} has shape {arrays[key].shape}, expected {var[...].shape}")
+                raise UserError(f"{path}: {key} has shape {arrays[key].shape}, expected {var[...].shape}")
             var[...] = jnp.asarray(arrays[key], jnp.float32)
     extra = sorted(k for k in arrays if k not in expected and not k.startswith("__"))
     if extra:
-        raise ValueError(f"{path}: unexpected keys {extra[:5]} (not an FID Inception .npz?)")
+        raise UserError(f"{path}: unexpected keys {extra[:5]} (not an FID Inception .npz?)")
     graphdef, state = nnx.split(model)
     return InceptionParams(graphdef, state)
 

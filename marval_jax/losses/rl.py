@@ -43,6 +43,7 @@ from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-
 from marval_jax.models.mar import MARConfig
 from marval_jax.sampling.ar_sampler import ar_step, onestep_predictor, random_orders
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
+from marval_jax.user_errors import UserError
 
 REGULARIZERS = ("none", "gsim", "l2")
 
@@ -81,18 +82,18 @@ class RLSettings:
 
     def validate(self, seq_len: int | None = None) -> None:
         if self.trainable not in TRAINABLE:
-            raise ValueError(f"generator.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
+            raise UserError(f"generator.trainable must be one of {TRAINABLE}, got {self.trainable!r}")
         if self.regularizer not in REGULARIZERS:
-            raise ValueError(f"rl.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
+            raise UserError(f"rl.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
-            raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+            raise UserError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
         if seq_len is not None and not 1 <= self.num_iter <= seq_len:
-            raise ValueError(f"rl.num_iter must be in [1, seq_len={seq_len}], got {self.num_iter}")
+            raise UserError(f"rl.num_iter must be in [1, seq_len={seq_len}], got {self.num_iter}")
         if self.backprop_steps != -1 and not 1 <= self.backprop_steps <= self.num_iter:
-            raise ValueError(f"rl.backprop_steps must be -1 (all) or in [1, num_iter={self.num_iter}], "
+            raise UserError(f"rl.backprop_steps must be -1 (all) or in [1, num_iter={self.num_iter}], "
                              f"got {self.backprop_steps}")
         if self.num_buckets < 1:
-            raise ValueError(f"rl.num_buckets must be >= 1, got {self.num_buckets}")
+            raise UserError(f"rl.num_buckets must be >= 1, got {self.num_buckets}")
 
     @property
     def grad_start(self) -> int:
@@ -117,7 +118,7 @@ def freeze(params, trainable: str):
 def format_prompts(template: str, class_names: Sequence[str]) -> list[str]:
     """One prompt per class: `template` with "{class}" replaced by the class name (rl.prompt_template)."""
     if "{class}" not in template:
-        raise ValueError(f"rl.prompt_template must contain '{{class}}', got {template!r}")
+        raise UserError(f"rl.prompt_template must contain '{{class}}', got {template!r}")
     return [template.replace("{class}", name) for name in class_names]
 
 

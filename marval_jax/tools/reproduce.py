@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from marval_jax.user_errors import add_verbose_flag, run_cli
+from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
 
 STAGES = {  # stage -> (mode, config, flag naming the previous stage's weights, previous stage)
     "teacher": ("train", "configs/mar.py:fmnist", None, None),
@@ -37,7 +37,7 @@ def parse_budget(text: str) -> dict[str, float]:
     for item in filter(None, (t.strip() for t in text.split(","))):
         name, _, seconds = item.partition("=")
         if name not in STAGES or not seconds:
-            raise ValueError(f"--budget items look like teacher=240 with a stage in {list(STAGES)}, got {item!r}")
+            raise UserError(f"--budget items look like teacher=240 with a stage in {list(STAGES)}, got {item!r}")
         out[name] = float(seconds)
     return out
 
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     stages = [s.strip() for s in a.stages.split(",") if s.strip()]
     bad = [s for s in stages if s not in STAGES]
     if bad:
-        raise SystemExit(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
+        raise UserError(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
     budgets = parse_budget(a.budget)
     export = a.export or os.path.join(a.workdir, "export")
     os.makedirs(export, exist_ok=True)
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
     for item in a.set:
         stage, _, kv = item.partition(":")
         if stage not in STAGES or "=" not in kv:
-            raise SystemExit(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
+            raise UserError(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
         overrides[stage].append(f"--config.{kv}")
     given = {"teacher": a.teacher, "student": a.student}
     record_path = os.path.join(export, "stages.json")
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         if weights_flag:
             source = given.get(prev) or os.path.join(export, f"fmnist_{prev}")
             if not os.path.exists(source):
-                raise SystemExit(f"stage {stage} needs the {prev} weights: {source} does not exist "
+                raise UserError(f"stage {stage} needs the {prev} weights: {source} does not exist "
                                  f"(run --stages={prev} first or pass --{prev}=DIR)")
             cmd.append(f"--config.{weights_flag}={source}")
         print(f"== {stage}: {' '.join(cmd[1:])}", flush=True)

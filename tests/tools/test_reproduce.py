@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from marval_jax.user_errors import UserError
+
 from marval_jax.tools import reproduce
 
 
@@ -30,7 +32,7 @@ def test_main_refuses_bad_arguments_before_running_anything(tmp_path, monkeypatc
     def never(*a, **k):
         raise AssertionError("no stage may run")
     monkeypatch.setattr(reproduce, "run_stage", never)
-    with pytest.raises(SystemExit, match=message):
+    with pytest.raises(UserError, match=message):  # one `error:` line and exit 2 through run_cli
         reproduce.main([f"--workdir={tmp_path / 'w'}", *args])
 
 
