@@ -4,6 +4,7 @@ import pytest
 from scipy import linalg
 
 from marval_jax.evaluation import fid
+from marval_jax.user_errors import UserError
 
 D = fid.FEATURE_DIM
 
@@ -101,11 +102,11 @@ def test_statistics_file_errors(tmp_path):
         fid.load_statistics(str(tmp_path / "missing.npz"))
     wrong = str(tmp_path / "wrong.npz")
     np.savez(wrong, mu=np.zeros(64), sigma=np.eye(64))
-    with pytest.raises(ValueError, match="2048"):
+    with pytest.raises(UserError, match="2048"):      # a user's file: one `error:` line through run_cli
         fid.load_statistics(wrong)
     images_only = str(tmp_path / "images.npz")
     np.savez(images_only, arr_0=np.zeros((2, 8, 8, 3), np.uint8))
-    with pytest.raises(ValueError, match="holds images"):
+    with pytest.raises(UserError, match="holds images"):
         fid.load_statistics(images_only)
     with pytest.raises(ValueError, match="2048"):
         fid.save_statistics(str(tmp_path / "x.npz"), np.zeros(10), np.eye(10))
