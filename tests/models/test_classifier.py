@@ -8,8 +8,12 @@ from flax import nnx
 from marval_jax.models.classifier import (Classifier, ClassifierConfig, classifier_log_probs, classifier_logits,
                                           config_from_params, flatten_params, params_to_state, prepare_images,
                                           uint8_to_model_input)
+from tolerances import (EPS16, ULP_TRANSCENDENTAL, assert_close_to_scale, classifier_depth, max_abs,
+                        reassociation_atol, worst_case_atol)
 
 TINY = ClassifierConfig(channels=(4, 8, 8), hidden=16, num_classes=10)
+# Roundings on the tiny classifier's chain (tests/tolerances.py): what two evaluations of it may differ by
+TINY_DEPTH = classifier_depth(TINY.channels, TINY.hidden)
 
 
 def _np_forward(flat, x):
@@ -54,7 +58,7 @@ def test_logits_match_numpy_reference(tiny):
     logits = nnx.merge(graphdef, state)(x)
     assert logits.shape == (3, 10) and logits.dtype == jnp.float32
     ref = _np_forward(flatten_params(state), x)
-    np.testing.assert_allclose(np.asarray(logits), ref, rtol=1e-4, atol=1e-5)
+    assert_close_to_scale(logits, ref, TINY_DEPTH)  # NumPy vs XLA: on the logits' scale
 
 
 def test_default_architecture_param_count_and_dtype():
@@ -73,6 +77,7 @@ def test_32px_input_is_centre_cropped(tiny):
     x = _images(2)
     padded = jnp.pad(x, ((0, 0), (2, 2), (2, 2), (0, 0)), constant_values=-1.0)
     model = nnx.merge(graphdef, state)
+    # eager op-by-op calls: after the crop the same ops run on bit-identical 28x28 inputs, so bit-identical logits
     np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(padded)))
     # The border of a 32x32 image is ignored.
     noisy_border = padded.at[:, :2].set(1.0)
@@ -92,12 +97,17 @@ def test_functional_forms_agree(tiny):
     graphdef, state = tiny
     x = _images(3)
     ref = nnx.merge(graphdef, state)(x)
-    np.testing.assert_array_equal(np.asarray(classifier_logits(state, x)), np.asarray(ref))
+    np.testing.assert_array_equal(np.asarray(classifier_logits(state, x)), np.asarray(ref))  # the same eager ops
     pure = nnx.to_pure_dict(state)
-    np.testing.assert_array_equal(np.asarray(jax.jit(classifier_logits)(pure, x)), np.asarray(ref))
+    # one fused jit vs eager ops: two programs, the chain's reassociation bound
+    assert_close_to_scale(jax.jit(classifier_logits)(pure, x), ref, TINY_DEPTH)
     lp = classifier_log_probs(state, x)
-    np.testing.assert_allclose(np.asarray(lp), np.asarray(jax.nn.log_softmax(ref)), rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.exp(np.asarray(lp)).sum(-1), 1.0, rtol=1e-5)
+    ls_depth = classifier_depth(TINY.channels, TINY.hidden, log_softmax=True)
+    assert_close_to_scale(lp, jax.nn.log_softmax(ref), ls_depth)
+    # lp's error (at most the bound above, on its scale) is a relative error of exp(lp); then exp (4 ulp) and a
+    # sum of 10 terms in [0, 1]: worst case (4 + 10) eps of the sum 1
+    atol = reassociation_atol(ls_depth, max_abs(lp)) + worst_case_atol(ULP_TRANSCENDENTAL + TINY.num_classes, 1.0)
+    np.testing.assert_allclose(np.exp(np.asarray(lp)).sum(-1), 1.0, rtol=0, atol=atol)
 
 
 def test_bfloat16_compute_close_to_float32(tiny):
@@ -106,13 +116,16 @@ def test_bfloat16_compute_close_to_float32(tiny):
     f32 = classifier_logits(state, x)
     bf16 = classifier_logits(state, x, dtype=jnp.bfloat16)
     assert bf16.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), atol=0.05 * float(jnp.abs(f32).max()) + 1e-2)
+    # bf16 rounds each layer's input, weights and output (3 roundings of u = 2^-8) in 5 layers, accumulating in
+    # float32: the worst case 15 u of the logits' scale, against float32's negligible error
+    np.testing.assert_allclose(np.asarray(bf16), np.asarray(f32), rtol=0,
+                               atol=worst_case_atol(15, max_abs(f32), eps=EPS16 / 2))
 
 
 def test_dropout_only_with_key():
     model = Classifier(ClassifierConfig(channels=(4, 8, 8), hidden=16, dropout=0.5), rngs=nnx.Rngs(0))
     x = _images(5)
-    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, rng=None)))
+    np.testing.assert_array_equal(np.asarray(model(x)), np.asarray(model(x, rng=None)))  # the same eager ops
     a = model(x, rng=jax.random.PRNGKey(0))
     b = model(x, rng=jax.random.PRNGKey(1))
     assert not np.allclose(np.asarray(a), np.asarray(b))

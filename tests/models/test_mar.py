@@ -6,6 +6,7 @@ import pytest
 
 from marval_jax.models.mar import MAR, MARConfig, kept_positions, patchify, unpatchify
 from marval_jax.tools.parity import rel_err
+from tolerances import mar_depth, reassociation_atol
 
 
 def test_patchify_matches_reference_and_inverts(ref):
@@ -32,15 +33,18 @@ def test_encoder_decoder_match_reference(ref, ref_model, null):
     for enc_len in (n_kept, n_kept + 3, cfg.buffer_size + cfg.seq_len):
         enc, keep, valid = model.encode(tokens, mask, ce, enc_len=enc_len)
         assert int(valid.sum(1).min()) == n_kept
-        assert rel_err(enc[:, :n_kept], ref[f"io/enc_out{sfx}"]) < 1e-5
-        assert rel_err(model.decode(enc, keep), ref[f"io/dec_out{sfx}"]) < 1e-5
+        # torch vs XLA (and padded vs not): rel_err is max|a-b| / max|ref|, the MAR chain's reassociation bound
+        # (tests/tolerances.py; the whole model's depth bounds the encoder's and the decoder's)
+        assert rel_err(enc[:, :n_kept], ref[f"io/enc_out{sfx}"]) < reassociation_atol(mar_depth(cfg), 1.0)
+        assert rel_err(model.decode(enc, keep), ref[f"io/dec_out{sfx}"]) < reassociation_atol(mar_depth(cfg), 1.0)
 
 
 def test_head_and_cfg_match_reference(ref, ref_model):
-    model, _ = ref_model
+    model, cfg = ref_model
     x, t, c = (jnp.asarray(ref[f"io/net_{n}"]) for n in "xtc")
-    assert rel_err(model.head(x, t.astype(jnp.int32), c), ref["io/net_out"]) < 1e-5
-    assert rel_err(model.diffloss_net.forward_with_cfg(x, t.astype(jnp.int32), c, 3.0), ref["io/cfg_out"]) < 1e-5
+    tol = reassociation_atol(mar_depth(cfg), 1.0)  # as above; the head's chain is part of the model's
+    assert rel_err(model.head(x, t.astype(jnp.int32), c), ref["io/net_out"]) < tol
+    assert rel_err(model.diffloss_net.forward_with_cfg(x, t.astype(jnp.int32), c, 3.0), ref["io/cfg_out"]) < tol
 
 
 def test_kept_positions_order_and_padding():
@@ -62,7 +66,7 @@ def test_dropout_and_label_drop_only_with_rng(ref_model):
     a = m.condition(tok, mask, ce, enc_len=cfg.buffer_size + cfg.seq_len)
     b = m.condition(tok, mask, ce, enc_len=cfg.buffer_size + cfg.seq_len)
     c = m.condition(tok, mask, ce, enc_len=cfg.buffer_size + cfg.seq_len, rng=jax.random.PRNGKey(2))
-    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(a, b)  # the same eager ops on the same inputs: bit equal
     assert float(jnp.abs(a - c).max()) > 1e-3
     dropped = m.drop_labels(jnp.zeros((4000, cfg.encoder_embed_dim)), jax.random.PRNGKey(0))
     frac = float((jnp.abs(dropped).sum(1) > 0).mean())

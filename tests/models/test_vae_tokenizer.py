@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from marval_jax.models.mar import MARConfig, patchify
 from marval_jax.models.vae_tokenizer import make_vae_decoder
 from marval_jax.tools.parity import rel_err
+from tolerances import reassociation_atol, vae_depth
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
 
 
@@ -16,7 +17,9 @@ def test_tokens_decode_like_reference(ref):
     decode = make_vae_decoder(tok, cfg)
     tokens = patchify(jnp.asarray(ref["vae_io/z"]) * 0.2325, 1)
     images = decode(tokens)
-    assert rel_err(np.transpose(np.asarray(images), (0, 3, 1, 2)), ref["vae_io/decoded"]) < 1e-4
+    # torch vs XLA: the decoder's chain to the reassociation bound (tests/tolerances.py) on the image's scale
+    tol = reassociation_atol(vae_depth(32, (1, 1, 2, 2, 4), 64, decoder=True), 1.0)
+    assert rel_err(np.transpose(np.asarray(images), (0, 3, 1, 2)), ref["vae_io/decoded"]) < tol
 
 
 def test_missing_vae_ckpt_is_clear():

@@ -11,13 +11,18 @@ from marval_jax.losses.mar_loss import mar_loss
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len
 from marval_jax.parallel import mesh as mesh_lib, sharding as shd
+from tolerances import assert_close_to_scale, assert_trees_close, mar_depth
 
 pytestmark = pytest.mark.skipif(jax.device_count() < 8, reason="needs 8 devices (run via tests/run_all.sh)")
 
 
+def _config():
+    return MARConfig(**dict(mar_configs.get_config("tiny").model.to_dict(), encoder_embed_dim=64,
+                            decoder_embed_dim=64, encoder_num_heads=4, decoder_num_heads=4, diffloss_w=64))
+
+
 def _setup():
-    cfg = MARConfig(**dict(mar_configs.get_config("tiny").model.to_dict(), encoder_embed_dim=64,
-                           decoder_embed_dim=64, encoder_num_heads=4, decoder_num_heads=4, diffloss_w=64))
+    cfg = _config()
     graphdef, params = nnx.split(MAR(cfg, rngs=nnx.Rngs(0)))
     batch = {"tokens": jax.random.normal(jax.random.PRNGKey(1), (16, cfg.seq_len, cfg.token_dim)),
              "labels": jnp.arange(16) % cfg.class_num}
@@ -54,9 +59,13 @@ def test_mesh_matches_single_device(single_device, shape):
                    for x in jax.tree_util.tree_leaves(sharded_params))
     loss, grads = jax.jit(vg, in_shardings=(p_shd, b_shd), out_shardings=(None, p_shd))(
         sharded_params, jax.device_put(batch, b_shd))
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    for a, b in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(ref_grads)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-4, atol=2e-6)
+    # The sharded program sums the batch (and FSDP / tensor-split contractions) in per-device partial sums plus an
+    # all-reduce: another order than one device's, so the two agree to the reassociation bound (tests/tolerances.py)
+    # of the MAR forward (+ backward) chain, the loss's mean / the weight gradients' sum over the batch's tokens.
+    cfg = _config()
+    tokens = batch["tokens"].shape[0] * cfg.seq_len * 2  # diffusion_batch_mul=2
+    assert_close_to_scale(float(loss), float(ref_loss), mar_depth(cfg) + tokens)
+    assert_trees_close(jax.device_get(grads), jax.device_get(ref_grads), mar_depth(cfg, grad=True, tokens=tokens))
 
 
 def test_bad_mesh_is_a_clear_error():
