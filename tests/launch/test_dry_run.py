@@ -20,7 +20,8 @@ MAIN_EXTRA = ["--", "--config.teacher_ckpt=gs://bucket/mar_huge"]
 @pytest.fixture()
 def fake_gcloud(tmp_path):
     """PATH with a `gcloud` (and `xpk`) that appends its arguments to calls.txt. Describes answer with the resource's
-    state: $FAKE_STATE at first, empty (absent) after a delete, $FAKE_CREATED (default ACTIVE) after a create."""
+    state: $FAKE_STATE at first, empty (absent) after a delete, $FAKE_CREATED (default ACTIVE) after a create;
+    `xpk workload list` answers the same way."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     calls = tmp_path / "calls.txt"
@@ -28,7 +29,7 @@ def fake_gcloud(tmp_path):
     state = tmp_path / "state"
     script.write_text('#!/usr/bin/env bash\necho "$*" >> "%s"\n'
                       '[ -n "${FAKE_STATE:-}" ] && [ ! -e "%s" ] && echo "$FAKE_STATE" > "%s"\n'
-                      'case "$*" in *describe*) [ -s "%s" ] && cat "%s" && exit 0; exit 1;;\n'
+                      'case "$*" in *describe*|"workload list "*) [ -s "%s" ] && cat "%s" && exit 0; exit 1;;\n'
                       '  *" delete "*) : > "%s";; *" create "*) echo "${FAKE_CREATED:-ACTIVE}" > "%s";;\n'
                       'esac\n' % ((calls,) + (state,) * 6))
     script.chmod(0o755)
@@ -268,3 +269,61 @@ def test_batch_template_is_json_and_fully_filled():
     runnable = doc["taskGroups"][0]["taskSpec"]["runnables"][0]
     assert runnable["container"]["imageUri"] == "us-docker.pkg.dev/p/r/marval:1"
     assert runnable["container"]["commands"][:2] == ["-m", "marval_jax.main"]
+
+
+XPK = ["--cluster=marval-v5p", "--zone=us-east5-a", "--project=my-proj", "--tpu_type=v5p-256", "--mode=distill",
+       "--config=configs/marval.py:huge", "--workdir=gs://bucket/marval_huge"]
+
+
+def test_gke_xpk_dry_run(fake_gcloud):
+    """xpk: list before create, the same entry point with distributed_init, a JobSet that restarts, wait, delete."""
+    env, calls = fake_gcloud
+    cmds = commands(run("gke_xpk.sh", ["--dry-run", *XPK, "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=true",
+                                       *MAIN_EXTRA], env).stdout)
+    assert not calls.exists(), "a dry run called xpk"
+    where = ["--cluster=marval-v5p", "--zone=us-east5-a", "--project=my-proj"]
+    i_list = index(cmds, lambda c: c[:3] == ["xpk", "workload", "list"] and any("--filter-by-job" in a for a in c),
+                   "listing the workload")
+    i_create = index(cmds, lambda c: c[:3] == ["xpk", "workload", "create"], "creating the workload")
+    create = cmds[i_create]
+    workload = next(a for a in create if a.startswith("--workload=")).split("=", 1)[1]
+    assert workload.startswith("marval-distill-huge-")
+    for flag in [*where, "--tpu-type=v5p-256", "--num-slices=1", "--max-restarts=3", "--base-docker-image=python:3.11-slim",
+                 "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=true"]:
+        assert flag in create, (flag, create)
+    src = next(a for a in create if a.startswith("--script-dir=")).split("=", 1)[1]
+    i_pack = index(cmds, lambda c: c[:2] == ["git", "-C"] and "archive" in c and c[-1] == src, "packing the code")
+    command = shlex.split(next(a for a in create if a.startswith("--command=")).split("=", 1)[1])
+    assert command[:5] == ["MARVAL_VENV=/opt/marval_venv", "bash", "launch/worker_setup.sh", "tpu", "&&"]
+    assert command[5:8] == ["/opt/marval_venv/bin/python", "-m", "marval_jax.main"]
+    for flag in ["--mode=distill", "--config=configs/marval.py:huge", "--workdir=gs://bucket/marval_huge",
+                 "--config.mesh.distributed_init=True", "--config.teacher_ckpt=gs://bucket/mar_huge"]:
+        assert flag in command, (flag, command)
+    i_wait = index(cmds, lambda c: c[:3] == ["xpk", "workload", "list"] and
+                   f"--wait-for-job-completion={workload}" in c, "waiting for the workload")
+    i_del = index(cmds, lambda c: c[:3] == ["xpk", "workload", "delete"], "deleting the workload")
+    assert {f"--workload={workload}", "--force", *where} <= set(cmds[i_del])
+    assert i_pack < i_list < i_create < i_wait < i_del == len(cmds) - 1
+
+    # a set-up image: no build, no setup in the command; multi-slice
+    cmds = commands(run("gke_xpk.sh", ["--dry-run", *XPK, "--docker_image=img:1", "--num_slices=2",
+                                       "--steps=create"], env).stdout)
+    create = cmds[-1]
+    assert "--docker-image=img:1" in create and "--num-slices=2" in create
+    assert not any(a.startswith(("--script-dir", "--base-docker-image")) for a in create)
+    command = shlex.split(next(a for a in create if a.startswith("--command=")).split("=", 1)[1])
+    assert command[:3] == ["python", "-m", "marval_jax.main"] and "--config.mesh.distributed_init=True" in command
+
+
+def test_gke_xpk_existing_workload_and_bad_arguments(fake_gcloud):
+    env, calls = fake_gcloud
+    # the fake xpk answers no list -> created; FAKE_STATE makes every list print it, as xpk lists a running job
+    wl = "--workload=w1"
+    proc = run("gke_xpk.sh", [*XPK, "--docker_image=img:1", wl, "--steps=create"], dict(env, FAKE_STATE="w1 Running"))
+    made = calls.read_text().splitlines()
+    assert made[0].startswith("workload list --cluster=marval-v5p") and len(made) == 1, made
+    assert "not created again" in proc.stdout
+    for bad, msg in [(["--num_slices=0"], "--num_slices"), (["--workload=Bad_Name!"], "--workload"),
+                     (["--workdir=/tmp/w"], "gs://"), (["--steps=create,logs"], "unknown step logs")]:
+        proc = run("gke_xpk.sh", ["--dry-run", *XPK, *bad], env, check=False)
+        assert proc.returncode == 2 and msg in proc.stderr, (bad, proc.stderr)
