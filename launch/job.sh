@@ -65,7 +65,7 @@ case $ACTION in
   logs)
     [ -f "$LOG" ] || { echo "$(hostname) $RUN: no log yet" >&2; exit 1; }
     tail -n +1 -F "$LOG" 2>/dev/null & t=$!
-    while running; do sleep 5; done   # a systemd job keeps its log across restarts: follow it until the unit is done
+    while running; do sleep 1; done   # a systemd job keeps its log across restarts: follow it until the unit is done
     sleep 1; kill "$t" 2>/dev/null || true
     rc=$(cat "$RCF" 2>/dev/null || echo 1)
     echo "$(hostname) $RUN: $(state)"; exit "$rc" ;;
@@ -77,7 +77,8 @@ case $ACTION in
       *) run mkdir -p "$DEST" && run cp "$LOG" "$DEST/$(hostname).log" ;;
     esac ;;
   stop)
-    [ -d "$JOBS" ] && $SUDO touch "$STOPF"   # also keeps the boot script from starting it again
+    # the mark also keeps the boot script from starting it again (a systemd job's files are root's)
+    if [ -w "$JOBS" ]; then touch "$STOPF"; elif [ -d "$JOBS" ]; then $SUDO touch "$STOPF"; fi
     us=$(unit_state)
     if [ -n "$us" ] && [ "$us" != inactive ]; then
       run $SUDO systemctl stop "$UNIT"; echo "$(hostname) $RUN: stopped ($UNIT)"
