@@ -95,7 +95,7 @@ if [ -z "$VERSION" ]; then
   esac
 fi
 case $CODE in scp) ;; git) need_value --repo "$REPO" ;; *) die "--code must be scp or git" ;; esac
-if [ "$START" = boot ]; then
+if [ "$START" = boot ] && { has_step create || has_step copy || has_step run || has_step logs; }; then
   CODE_DIR=${CODE_DIR:-${WORKDIR%/}/code}
   [[ $CODE_DIR == gs://* ]] || die "--start=boot needs the code on GCS: pass --code_dir=gs://... (or a gs:// --workdir)"
   [ "$CODE" = scp ] || die "--code=git is for --start=ssh (boot ships the code through --code_dir)"
@@ -158,9 +158,11 @@ EOS
 }
 if [ "$START" = boot ]; then
   JOBSH="MARVAL_JOBS=/var/lib/marval_jobs bash /opt/marval_jax/launch/job.sh"
-  BOOT_URI=$CODE_DIR/$RUN.boot.sh
-  STARTUP=/tmp/marval-$NAME-startup.sh
-  startup_script > "$STARTUP"
+  if [ -n "$CODE_DIR" ]; then
+    BOOT_URI=$CODE_DIR/$RUN.boot.sh
+    STARTUP=/tmp/marval-$NAME-startup.sh
+    startup_script > "$STARTUP"
+  fi
 else
   JOBSH="bash marval_jax/launch/job.sh"
 fi

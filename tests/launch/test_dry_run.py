@@ -210,6 +210,13 @@ def test_tpu_bad_arguments_are_errors(fake_gcloud):
     assert proc.returncode == 2 and "--name is required" in proc.stderr
     proc = run("tpu_vm.sh", ["--dry-run", *POD, "--steps=create,launch"], env, check=False)
     assert proc.returncode == 2 and "unknown step launch" in proc.stderr
+    proc = run("tpu_vm.sh", ["--dry-run", *POD[:4], "--workdir=/tmp/w", "--mode=train",
+                             "--config=configs/mar.py:tiny"], env, check=False)
+    assert proc.returncode == 2 and "--code_dir=gs://" in proc.stderr
+    # tearing down needs only the name and zone
+    cmds = commands(run("tpu_vm.sh", ["--dry-run", "--name=marval-h", "--zone=z", "--steps=delete"], env).stdout)
+    assert cmds == [["gcloud", "compute", "tpus", "queued-resources", "delete", "marval-h", "--zone=z", "--force",
+                     "--quiet"]]
 
 
 def test_local_dry_run(fake_gcloud):
