@@ -91,7 +91,8 @@ def render(args) -> dict:
     if args.nodes < 1:
         raise SystemExit(f"--nodes must be at least 1, got {args.nodes}")
     if args.reservation and args.provisioning != "STANDARD":
-        raise SystemExit(f"--reservation takes STANDARD VMs; drop --provisioning={args.provisioning} (or the reservation)")
+        raise SystemExit(f"--reservation takes STANDARD VMs; drop --provisioning={args.provisioning} "
+                         "(or the reservation)")
     gpu_type, gpu_count = GPU_MACHINES.get(args.machine_type, (args.gpu_type, args.gpu_count))
     gpu_type, gpu_count = args.gpu_type or gpu_type, args.gpu_count or gpu_count
     if not gpu_type or not gpu_count:

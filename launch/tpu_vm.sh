@@ -11,8 +11,8 @@
 #
 # Two ways to start the job (--start):
 #   boot (default)  the job survives maintenance reboots and spot preemption. The copy step uploads the code and a
-#           job script (RUN.boot.sh: unpack the code to /opt/marval_jax, launch/worker_setup.sh tpu into /opt/marval_venv,
-#           start the job as the systemd unit marval-RUN with job.sh start --systemd) to --code_dir (default
+#           job script (RUN.boot.sh: unpack the code to /opt/marval_jax, launch/worker_setup.sh tpu into
+#           /opt/marval_venv, start the job as the systemd unit marval-RUN with job.sh start --systemd) to --code_dir (default
 #           WORKDIR/code). The TPU is created with a startup-script (metadata) that runs that job script at every
 #           boot of every worker, so a rebooted worker starts the job again; systemd restarts a crashed one. A spot TPU
 #           that was preempted (queued resource SUSPENDED/FAILED) is deleted and created again by the create step, and
@@ -66,7 +66,8 @@ while [ $# -gt 0 ]; do
     --name) NAME=$val ;; --zone) ZONE=$val ;; --project) PROJECT=$val ;; --accelerator) ACCEL=$val ;;
     --version) VERSION=$val ;; --queued) QUEUED=1 ;; --direct) QUEUED=0 ;;
     --spot) PROVISION=--spot ;; --reserved) PROVISION=--reserved ;;
-    --start) START=$val ;; --code_dir) CODE_DIR=${val%/} ;; --code) CODE=$val ;; --repo) REPO=$val ;; --ref) REF=$val ;; --run) RUN=$val ;;
+    --start) START=$val ;; --code_dir) CODE_DIR=${val%/} ;;
+    --code) CODE=$val ;; --repo) REPO=$val ;; --ref) REF=$val ;; --run) RUN=$val ;;
     --mode) MODE=$val ;; --config) CONFIG=$val ;; --workdir) WORKDIR=$val ;;
     --env) JOB_ENV+=("$val") ;; --steps) STEPS=$val ;; --keep) KEEP=1 ;; --dry-run) DRY_RUN=1 ;;
     --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
@@ -205,7 +206,8 @@ create_tpu() {  # describe; create if absent, recreate if preempted/failed; wait
   case $state in
     "") run "${CREATE[@]}" ;;
     FAILED|SUSPENDED|PREEMPTED|TERMINATED)
-      note "$NAME is $state (preempted or failed): deleting it and creating it again; the job resumes from its checkpoint"
+      note "$NAME is $state (preempted or failed): deleting it and creating it again (the job resumes from" \
+           "its checkpoint)"
       KEEP=0 delete_tpu
       [ "$DRY_RUN" = 1 ] || until [ -z "$(state_of)" ]; do sleep 30; done
       run "${CREATE[@]}" ;;

@@ -53,4 +53,4 @@ run "$PY" -m pip install -q -U pip
 run env "PIP_CONSTRAINT=$CONSTRAINTS" "$PY" -m pip install -q "jax${EXTRA}==${JAX_PIN}"
 run env "PIP_CONSTRAINT=$CONSTRAINTS" "PYTHON=$PY" bash launch/setup_env.sh
 # Version only: touching the devices here would start the TPU runtime outside the job (pods wait for all hosts).
-run "$PY" -c "import sys, jax, flax; print('worker ready: python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__)"
+run "$PY" -c "import sys, jax, flax; print('worker ready:', sys.version.split()[0], jax.__version__, flax.__version__)"

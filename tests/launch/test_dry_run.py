@@ -133,7 +133,8 @@ def test_tpu_pod_dry_run_marval_huge(fake_gcloud):
     i_logs = index(cmds, lambda c: ssh(c) and "--worker=0" in c and remote(c) == [*jobsh, "logs", "distill-huge"],
                    "streaming the log")
     i_save = index(cmds, lambda c: ssh(c) and "--worker=all" in c and "save" in remote(c), "saving the logs")
-    assert remote(cmds[i_save])[-4:] == [*jobsh[-1:], "save", "distill-huge", "gs://bucket/marval_huge/logs/distill-huge"]
+    assert remote(cmds[i_save])[-4:] == [*jobsh[-1:], "save", "distill-huge",
+                                         "gs://bucket/marval_huge/logs/distill-huge"]
     i_delete = index(cmds, lambda c: c[:5] == ["gcloud", "compute", "tpus", "queued-resources", "delete"],
                      "deleting the queued resource")
     assert {"marval-h", "--force", "--quiet", *loc} <= set(cmds[i_delete])
@@ -295,8 +296,8 @@ def test_gke_xpk_dry_run(fake_gcloud):
     create = cmds[i_create]
     workload = next(a for a in create if a.startswith("--workload=")).split("=", 1)[1]
     assert workload.startswith("marval-distill-huge-")
-    for flag in [*where, "--tpu-type=v5p-256", "--num-slices=1", "--max-restarts=3", "--base-docker-image=python:3.11-slim",
-                 "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=true"]:
+    for flag in [*where, "--tpu-type=v5p-256", "--num-slices=1", "--max-restarts=3",
+                 "--base-docker-image=python:3.11-slim", "--env=LIBTPU_INIT_ARGS=--xla_tpu_x=true"]:
         assert flag in create, (flag, create)
     src = next(a for a in create if a.startswith("--script-dir=")).split("=", 1)[1]
     i_pack = index(cmds, lambda c: c[:2] == ["git", "-C"] and "archive" in c and c[-1] == src, "packing the code")
