@@ -26,8 +26,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # Test-only: reference implementations that the parity tests compare against.
-        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.45,<6"],
+        # Test-only: reference implementations that the parity tests compare against; the Batch API's message
+        # types that tests/launch validates the rendered job specs against.
+        "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.45,<6", "google-cloud-batch>=0.17,<1"],
         # Reading .pth checkpoints (trusted files only) and TorchScript weights for conversion.
         "torch": ["torch>=2.6"],
         # `python -m marval_jax.tools.results render`: the plots of docs/results.md.

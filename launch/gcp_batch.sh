@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run any mode of marval_jax.main as a GCP Batch job on one GPU VM (default a3-ultragpu-8g: 8 x H200 141 GB).
+# Run any mode of marval_jax.main as a GCP Batch job on one or --nodes GPU VMs (default a3-ultragpu-8g: 8 x H200).
 #
 #   bash launch/gcp_batch.sh --project=PROJECT --region=us-central1 --zone=us-central1-a \
 #       --code_bucket=gs://BUCKET/code --mode=distill --config=configs/marval.py:base \
@@ -13,7 +13,9 @@
 #   logs    poll the job state every 60 s and print its new Cloud Logging lines until it succeeds or fails
 #   delete  gcloud batch jobs delete
 # Options: --job NAME (default marval-MODE-VARIANT-SHA), --machine_type, --gpu_type/--gpu_count (other machines),
-#   --spot, --image URI (a container instead of the script runnable), --max_retries N (retries resume from the
+#   --nodes N (N VMs, one jax.distributed process each: coordinator on task 0's VM, --port, process id =
+#   BATCH_TASK_INDEX; see launch/batch_spec.py), --provisioning STANDARD|SPOT (--spot = SPOT), --reservation NAME,
+#   --image URI (a container instead of the script runnable), --max_retries N (retries resume from the
 #   workdir's checkpoint), --mem_fraction; -- ARGS go to marval_jax.main.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -34,7 +36,8 @@ while [ $# -gt 0 ]; do
     --job) JOB=$val ;; --mode) MODE=$val ;; --config) CONFIG=$val ;; --workdir) WORKDIR=$val ;;
     --steps) STEPS=$val ;; --dry-run) DRY_RUN=1 ;;
     --spot) SPEC_ARGS+=(--provisioning=SPOT) ;;
-    --machine_type|--gpu_type|--gpu_count|--image|--max_retries|--mem_fraction|--max_run_duration|--disk_gb)
+    --machine_type|--gpu_type|--gpu_count|--image|--max_retries|--mem_fraction|--max_run_duration|--disk_gb|\
+    --nodes|--port|--reservation|--provisioning)
       SPEC_ARGS+=("$key=$val") ;;
     --help|-h) sed -n '2,/^set -euo/p' "$0" | sed '$d'; exit 0 ;;
     --) EXTRA=("$@"); break ;;
@@ -55,6 +58,9 @@ fi
 if has_step submit; then
   need_value --zone "$ZONE"; need_value --mode "$MODE"; need_value --config "$CONFIG"; need_value --workdir "$WORKDIR"
   [ -f "$ROOT/${CONFIG%%:*}" ] || die "config file ${CONFIG%%:*} not found under $ROOT"
+  # the spec is rendered before anything is uploaded, so a bad option fails first
+  python3 "$ROOT/launch/batch_spec.py" --code=gs://b/x.tar.gz --mode="$MODE" --config="$CONFIG" --workdir="$WORKDIR" \
+    --zone="$ZONE" "${SPEC_ARGS[@]}" > /dev/null 2>/tmp/marval-batch-spec.err || die "$(tail -n1 /tmp/marval-batch-spec.err)"
 fi
 variant=${CONFIG##*:}
 JOB=${JOB:-marval-${MODE:-job}-${variant:-run}-${SHA:0:8}}
