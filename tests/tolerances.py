@@ -48,3 +48,18 @@ def classifier_depth(channels=(32, 64, 128), hidden: int = 256, num_classes: int
     if log_softmax:
         depth += 2 * ULP_TRANSCENDENTAL + num_classes + 1
     return depth
+
+
+def clip_depth(width: int, intermediate: int, layers: int, heads: int, seq: int, embed_terms: int,
+               proj_dim: int, *, score: bool = False) -> int:
+    """Roundings on the longest chain of one CLIP tower (rewards/clip.py): the embedding (`embed_terms`: the patch
+    conv's patch*patch*3 terms for the vision tower, 1 for the text tower's lookup) plus the position add, the
+    pre-LayerNorm, `layers` pre-LN transformer blocks of `width` over `seq` tokens (transformer_depth, MLP ratio
+    intermediate / width; quick_gelu's sigmoid counted as the GELU), the final LayerNorm and the projection to
+    `proj_dim`. With score: the cosine / PickScore after it (two norms and a dot of proj_dim terms, two sqrt, two
+    divides, exp of the logit scale, the product)."""
+    depth = (embed_terms + 1 + 2 * (2 * width + 3)
+             + transformer_depth(width, seq, layers, heads=heads, mlp_ratio=intermediate / width) + width)
+    if score:
+        depth += 3 * proj_dim + 3 * ULP_TRANSCENDENTAL + 6
+    return depth
