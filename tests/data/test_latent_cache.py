@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from marval_jax.data import latent_cache as lc
+from tolerances import assert_close_to_scale
 
 H, S, C = 16, 4, 4  # image size, encoder stride, latent channels
 
@@ -41,8 +42,10 @@ def test_cache_round_trip_and_process_split(tmp_path):
     x = np.stack([e["image"] for e in examples])
     for i in (0, 5, 9):
         rec = src[i]
-        np.testing.assert_allclose(rec["moments"], enc(x[i:i + 1])[0], rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(rec["moments_flip"], enc(x[i:i + 1, :, ::-1])[0], rtol=1e-6, atol=1e-6)
+        # the cache ran the matmul on batches of 8, this on 1: BLAS may pick other kernels (blocking, FMA), so
+        # two programs over S*S*3 terms plus the shift (tests/tolerances.py)
+        assert_close_to_scale(rec["moments"], enc(x[i:i + 1])[0], S * S * 3 + 1)
+        assert_close_to_scale(rec["moments_flip"], enc(x[i:i + 1, :, ::-1])[0], S * S * 3 + 1)
         assert rec["label"] == i % 10 and rec["label"].dtype == np.int32
     # two processes writing 3 shards between them give the same records in the same order
     for p in (1, 0):

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig, causal_mask, gen_rank_from_orders, kept_positions
+from tolerances import assert_close_to_scale, mar_depth_parts
 
 CFG = MARConfig(img_size=16, vae_stride=4, vae_embed_dim=4, encoder_embed_dim=16, encoder_depth=2,
                 encoder_num_heads=2, decoder_embed_dim=16, decoder_depth=2, decoder_num_heads=2, buffer_size=2,
@@ -49,6 +50,8 @@ def test_visible_token_ignores_tokens_generated_later(setup):
     enc1, dec1 = _outputs(model, bumped, mask, ce, gen_rank)
     rows = jnp.arange(2)
     earlier = gen_rank < 4  # visible tokens generated before `late`
+    # one program on two inputs: the masked keys' softmax weights are exact zeros, so the rows of earlier tokens
+    # add the same terms in the same order and are bit equal
     for a, b in ((enc0, enc1), (dec0, dec1)):
         np.testing.assert_array_equal(jnp.where(earlier[:, :, None], a, 0), jnp.where(earlier[:, :, None], b, 0))
         assert float(jnp.abs(a[rows, late] - b[rows, late]).min()) > 1e-3      # the token itself changes
@@ -70,7 +73,9 @@ def test_padding_does_not_change_causal_outputs(setup):
     model, _, gen_rank, mask, tokens, ce = setup
     a, _, _ = model.encode(tokens, mask, ce, enc_len=BF + N_VISIBLE, gen_rank=gen_rank)
     b, _, _ = model.encode(tokens, mask, ce, enc_len=BF + S, gen_rank=gen_rank)
-    np.testing.assert_allclose(a, b[:, :BF + N_VISIBLE], atol=1e-6)
+    # two programs (other key lengths: the padded keys' zero softmax weights change the reductions' tiling):
+    # the encoder chain's float32 bound on the outputs' scale (tests/tolerances.py)
+    assert_close_to_scale(a, b[:, :BF + N_VISIBLE], mar_depth_parts(CFG)["encoder"])
 
 
 def test_mask_rule():

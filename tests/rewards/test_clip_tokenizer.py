@@ -75,5 +75,5 @@ def test_decode_roundtrip(tokenizer):
 
 
 def test_missing_vocab_message(tmp_path):
-    with pytest.raises(FileNotFoundError, match="open-clip-torch"):
+    with pytest.raises(FileNotFoundError, match="package_files fetch"):
         ct.CLIPTokenizer(bpe_path=str(tmp_path / "nope.txt.gz"))

@@ -8,6 +8,7 @@ from flax import nnx
 from marval_jax.checkpoints.convert_clip import save_clip
 from marval_jax.rewards import clip as C
 from marval_jax.rewards import registry as R
+from tolerances import assert_close_to_scale, clip_depth
 
 TINY = {
     "text_config": dict(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
@@ -16,6 +17,13 @@ TINY = {
                           image_size=16, patch_size=8, hidden_act="gelu"),
     "projection_dim": 8,
 }
+# The rewards and _direct are other programs over the same float32 expressions: TINY's towers (width 16, one
+# layer, 2 heads; vision 5 tokens after an 8x8x3 patch conv, text 77 tokens), the score's cosine after them, and
+# the antialiased resize in front (16 roundings): each result within the float32 bound of its chain on its scale
+# (tests/tolerances.py).
+TXT_DEPTH = clip_depth(16, 32, 1, 2, 77, 1, 8)
+SCORE_DEPTH = 16 + clip_depth(16, 32, 1, 2, 5, 8 * 8 * 3, 8) + clip_depth(16, 32, 1, 2, 77, 1, 8, score=True)
+
 PROMPTS = ["a photo of a cat", "a red sports car", "an astronaut riding a horse"]
 
 
@@ -81,17 +89,17 @@ def test_clip_score_reward(clip_reward):
     emb = clip_reward.prepare(clip_reward.params, PROMPTS)
     assert emb.shape == (3, 8)
     img, txt, _ = _direct(clip_reward.params, images)
-    np.testing.assert_allclose(emb, txt, rtol=1e-5, atol=1e-6)
+    assert_close_to_scale(emb, txt, TXT_DEPTH)
 
     score = jax.jit(clip_reward.fn)(clip_reward.params, images, labels, emb)
-    np.testing.assert_allclose(score, 100 * _cos(img, txt[np.asarray(labels)]), rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(score, 100 * _cos(img, txt[np.asarray(labels)]), SCORE_DEPTH)
     # differentiable w.r.t. the images
     g = jax.jit(jax.grad(lambda x: clip_reward(clip_reward.params, x, labels, emb).sum()))(images)
     assert g.shape == images.shape and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0
     # default clamps at 0
     clamped = R.make_reward("clip_score", {"clip_config": TINY, "seed": 1})
-    np.testing.assert_allclose(clamped(clamped.params, images, labels, emb), np.maximum(np.asarray(score), 0),
-                               rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(clamped(clamped.params, images, labels, emb), np.maximum(np.asarray(score), 0),
+                          SCORE_DEPTH, scale=float(np.abs(score).max()))
 
 
 def test_pickscore_reward_from_checkpoint(clip_reward, tmp_path):
@@ -102,10 +110,10 @@ def test_pickscore_reward_from_checkpoint(clip_reward, tmp_path):
     emb = reward.prepare(reward.params, PROMPTS)
     img, txt, logit_scale = _direct(clip_reward.params, images)
     expected = np.exp(logit_scale) * _cos(img, txt)
-    np.testing.assert_allclose(jax.jit(reward.fn)(reward.params, images, None, emb), expected, rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(jax.jit(reward.fn)(reward.params, images, None, emb), expected, SCORE_DEPTH)
     one = reward.prepare(reward.params, "a photo of a cat")  # one prompt broadcast over the batch
     bound = jax.jit(reward.bind(prompt_embeddings=one))  # (images, labels) -> (B,), as losses.rl expects
-    np.testing.assert_allclose(bound(images, None), np.exp(logit_scale) * _cos(img, txt[:1]), rtol=1e-4, atol=1e-4)
+    assert_close_to_scale(bound(images, None), np.exp(logit_scale) * _cos(img, txt[:1]), SCORE_DEPTH)
 
 
 def test_reward_input_errors(clip_reward, tmp_path):

@@ -22,16 +22,51 @@ def test_reference_fixture_passes(capsys):
         assert name in out
 
 
+def _line(text, name):
+    return next(l for l in text.splitlines() if l.startswith(name + " "))
+
+
 def test_corrupted_tensor_fails(tmp_path, ref):
+    """Each tensor is held to its own chain's bound: one element moved by 2x the bound fails, one moved by 0.3x
+    the bound (plus the few 1e-7 of real rounding) passes."""
+    from marval_jax.models.mar import MARConfig
+    rc = json.loads(str(ref["config_json"]))
+    depths = parity.tensor_depths(MARConfig.from_dict(dict(rc, attn_dropout=0.0, proj_dropout=0.0)), rc, 64)
+
+    def moved(name, times):
+        x = np.array(ref[name], np.float64)
+        x.flat[3] += times * parity.tensor_tolerance(name, depths) * np.abs(x).max()
+        return x.astype(ref[name].dtype)
+
     bad = dict(ref)
     bad["io/dec_out"] = ref["io/dec_out"] * (1 + 1e-3)
+    bad["io/enc_out"] = moved("io/enc_out", 2.0)
+    bad["io/net_out"] = moved("io/net_out", 0.3)
     bad["sched/iter4_n_pred"] = ref["sched/iter4_n_pred"] + np.eye(1, 4, 0, dtype=np.int64)[0]
     path = tmp_path / "bad.npz"
     np.savez(path, **bad)
     buf = io.StringIO()
     assert not parity.run_parity(str(path), out=buf)
     text = buf.getvalue()
-    assert "io/dec_out " in text and "FAIL" in text and "sched/iter4_n_pred" in text
+    for name in ("io/dec_out", "io/enc_out", "sched/iter4_n_pred"):
+        assert "FAIL" in _line(text, name), text
+    assert "ok" in _line(text, "io/net_out") and "ok" in _line(text, "io/dec_out_null"), text
+
+
+def test_tolerances_from_the_architecture():
+    """The bounds follow the depth of each chain (numerics.reassociation_atol): the VAE decoder's GroupNorm sums
+    need 3.0e-4, the MAR's decoder outputs 5.6e-5, its head 3.6e-5; --tol replaces them all."""
+    from marval_jax.models.mar import MARConfig
+    with np.load(FIXTURE) as data:
+        rc = json.loads(str(data["config_json"]))
+    depths = parity.tensor_depths(MARConfig.from_dict(dict(rc, attn_dropout=0.0, proj_dropout=0.0)), rc, 64)
+    tol = {k: parity.tensor_tolerance(k, depths) for k in ("io/enc_out_null", "io/dec_out", "io/net_out",
+                                                            "io/tl_vb", "vae_io/post_mean", "vae_io/decoded")}
+    assert tol["io/net_out"] < tol["io/tl_vb"] < tol["io/enc_out_null"] < tol["io/dec_out"] < tol["vae_io/post_mean"]
+    assert tol["vae_io/post_mean"] < tol["vae_io/decoded"]
+    np.testing.assert_allclose([tol["io/dec_out"], tol["vae_io/decoded"]], [5.6e-5, 3.0e-4], rtol=0.02)
+    assert parity.tensor_tolerance("io/dec_out", depths, 1e-4) == 1e-4
+    assert parity.tensor_tolerance("io/unknown", depths) == max(tol.values())  # the deepest chain's bound
 
 
 def test_missing_file_exit_code(tmp_path):
