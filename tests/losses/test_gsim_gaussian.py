@@ -180,11 +180,9 @@ def test_generator_loss_gradient_is_the_true_objective_gradient(w):
     np.testing.assert_array_equal(mc["mean"][:, K], 0.0)
 
 
-# -- the loss value and gradient against a reimplementation from the formulas --------------------------------------
-def reference_generator_loss(gen_mean, gen_log_scale, fake, teacher, batch, rng, *, w, weighting, distance,
-                             use_l2_term=True):
-    """generator_loss written from docs/gsim.md's equations on the closed-form roles (same random draws: the key is
-    split into context / generator noise / t / eps as the loss does; the context is `sample_context`'s)."""
+def _generator_draws(gen_mean, gen_log_scale, batch, rng):
+    """The loss's random draws, in its key order (context / generator noise / t / eps): (mask, x0, t, r_eps, b), x0
+    the closed-form one-step generator's tokens on the masked positions and the data elsewhere."""
     from marval_jax.losses.gsim import sample_context
     r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
     tokens, labels = batch["tokens"], batch["labels"]
@@ -197,6 +195,16 @@ def reference_generator_loss(gen_mean, gen_log_scale, fake, teacher, batch, rng,
     noise = jax.random.normal(r_gen, (b * S, C)).reshape(b, S, C)
     x0 = jnp.where(mask[..., None] > 0.5, loc[labels][:, None] + scale[labels][:, None, None] * noise, tokens)
     t = jax.random.randint(r_t, (b,), T_MIN, T_MAX + 1)
+    return mask, x0, t, r_eps, b
+
+
+# -- the loss value and gradient against a reimplementation from the formulas --------------------------------------
+def reference_generator_loss(gen_mean, gen_log_scale, fake, teacher, batch, rng, *, w, weighting, distance,
+                             use_l2_term=True):
+    """generator_loss written from docs/gsim.md's equations on the closed-form roles (same random draws: the key is
+    split into context / generator noise / t / eps as the loss does; the context is `sample_context`'s)."""
+    mask, x0, t, r_eps, b = _generator_draws(gen_mean, gen_log_scale, batch, rng)
+    labels = batch["labels"]
     eps = jax.random.normal(r_eps, (b, S, C))
     abar = jnp.asarray(ABAR64, jnp.float32)[t][:, None, None]
     a, sig2 = jnp.sqrt(abar), 1.0 - abar
@@ -232,18 +240,8 @@ def sid_published(gen_mean, gen_log_scale, fake, teacher, batch, rng, *, w, alph
     """SiD's generator loss (Zhou et al. 2024, the released sid_loss.py) in x0 units, per token here:
     (f_p - f_phi) . ((f_p - x0) - alpha (f_p - f_phi)) / mean|x0 - f_p| (normaliser detached), mean over masked tokens.
     """
-    from marval_jax.losses.gsim import sample_context
-    r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
-    tokens, labels = batch["tokens"], batch["labels"]
-    b = tokens.shape[0]
-    mask, _ = sample_context(r_ctx, b, S, 0.7)
-    ai2 = float(ABAR64[T_INIT])
-    s2 = jnp.exp(2.0 * gen_log_scale)
-    loc = (1.0 - ai2) * gen_mean / (ai2 * s2 + 1.0 - ai2)[:, None]
-    scale = np.sqrt(ai2) * s2 / (ai2 * s2 + 1.0 - ai2)
-    noise = jax.random.normal(r_gen, (b * S, C)).reshape(b, S, C)
-    x0 = jnp.where(mask[..., None] > 0.5, loc[labels][:, None] + scale[labels][:, None, None] * noise, tokens)
-    t = jax.random.randint(r_t, (b,), T_MIN, T_MAX + 1)
+    mask, x0, t, r_eps, b = _generator_draws(gen_mean, gen_log_scale, batch, rng)
+    labels = batch["labels"]
     abar = jnp.asarray(ABAR64, jnp.float32)[t][:, None, None]
     xt = jnp.sqrt(abar) * x0 + jnp.sqrt(1.0 - abar) * jax.random.normal(r_eps, (b, S, C))
 
