@@ -7,6 +7,12 @@ data iterator + config and batch check; `train.restore_step` picks one), runs th
 logs, writes grids, and saves on interval, preemption (SIGTERM) and at the end. The run holds
 `<workdir>/workdir.lock` throughout (checkpoints/workdir_lock.py: one writer per workdir).
 
+Several processes (a pod's hosts, or launch/run_local.sh --processes=N): every process runs every jitted call,
+grid sampling included (the state is sharded across them; the images are gathered and process 0 writes the PNG);
+only process 0 writes metrics, grids and the lock; all take part in checkpoint saves. A preemption is decided
+together (checkpoints/manager.py `preempted`): all processes stop after the same step, save it and exit 0.
+docs/multihost.md has the whole picture.
+
 Non-finite guard: the jitted step also updates a small on-device record, `guard` (the step count and the first step
 whose loss, gradient norm or updated state had a NaN/inf), from cheap reductions over the metrics and the new
 state. It comes to the host only where the loop already syncs (log steps, and before every save), so a non-finite
