@@ -124,12 +124,14 @@ if [ "$PROCESSES" -gt 1 ]; then
       FIRST_RC=$rc
       if [ ${#LIVE[@]} -gt 0 ]; then
         note "process $i failed: the others (${LIVE[*]}) are killed in ${GRACE}s unless they exit"
-        (sleep "$GRACE"; kill -KILL "${LIVE[@]}" 2>/dev/null) &
+        (exec >/dev/null 2>&1; sleep "$GRACE" & s=$!; trap 'kill $s; exit 0' TERM; wait $s
+         kill -KILL "${LIVE[@]}") &
         KILLER=$!
       fi
     fi
   done
-  wait 2>/dev/null  # the output prefixers flush
+  if [ -n "$KILLER" ]; then kill "$KILLER" 2>/dev/null || true; KILLER=""; fi
+  wait 2>/dev/null || true  # the output prefixers flush
   exit "$FIRST_RC"
 fi
 CMD=(env "${ENVV[@]}" "$PY" -m marval_jax.main "--mode=$MODE" "--config=$CONFIG" "--workdir=$WORKDIR" "${EXTRA[@]}")

@@ -36,12 +36,12 @@ class Launch:
 
 
 def launch(mode: str, config: str, workdir, overrides: list[str], *, processes: int = 2, devices: int = 4,
-           on_line: Callable[[str, dict], None] | None = None) -> Launch:
+           on_line: Callable[[str, dict], None] | None = None, launcher_args: tuple[str, ...] = ()) -> Launch:
     """bash launch/run_local.sh --processes=P --devices_per_process=D ...; `on_line(line, pids)` sees each line as
     it comes (to signal a process at a given step)."""
     cmd = ["bash", str(ROOT / "launch" / "run_local.sh"), f"--processes={processes}",
-           f"--devices_per_process={devices}", f"--mode={mode}", f"--config={config}", f"--workdir={workdir}",
-           "--", *overrides]
+           f"--devices_per_process={devices}", *launcher_args, f"--mode={mode}", f"--config={config}",
+           f"--workdir={workdir}", "--", *overrides]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
