@@ -116,7 +116,7 @@ if [ "$PROCESSES" -gt 1 ]; then
   while [ ${#LIVE[@]} -gt 0 ]; do
     DONE=""
     rc=0; wait -n -p DONE "${LIVE[@]}" || rc=$?
-    [ -n "$DONE" ] || continue  # a trapped signal interrupted the wait
+    [ -n "${DONE:-}" ] || continue  # a trapped signal interrupted the wait
     NEXT=(); for p in "${LIVE[@]}"; do [ "$p" = "$DONE" ] || NEXT+=("$p"); done; LIVE=("${NEXT[@]}")
     for ((i = 0; i < PROCESSES; i++)); do if [ "${PIDS[$i]}" = "$DONE" ]; then break; fi; done
     note "process $i (pid $DONE) exited with status $rc"

@@ -19,6 +19,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 # a process group that deadlocks is killed and fails the test (a hang guard, not a timing assert)
 HANG_GUARD_S = float(os.environ.get("MARVAL_MULTIPROCESS_HANG_S", 420))
 
+LAUNCHER: list = []  # the running launcher's Popen (an on_line callback may signal it)
+
 TINY = ["--config.mesh.shape.data=1", "--config.mesh.shape.fsdp=-1", "--config.train.log_every=1"]
 
 
@@ -46,6 +48,7 @@ def launch(mode: str, config: str, workdir, overrides: list[str], *, processes: 
     env.pop("XLA_FLAGS", None)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
+    LAUNCHER[:] = [proc]
     lines, pids = [], {}
     timer = _HangGuard(proc)
     try:
