@@ -116,7 +116,12 @@ if [ "$PROCESSES" -gt 1 ]; then
   while [ ${#LIVE[@]} -gt 0 ]; do
     DONE=""
     rc=0; wait -n -p DONE "${LIVE[@]}" || rc=$?
-    [ -n "${DONE:-}" ] || continue  # a trapped signal interrupted the wait
+    if [ -z "${DONE:-}" ]; then  # a trapped signal interrupted the wait; a process may have ended meanwhile
+      for p in "${LIVE[@]}"; do
+        if ! kill -0 "$p" 2>/dev/null; then DONE=$p; rc=0; wait "$p" 2>/dev/null || rc=$?; break; fi
+      done
+      [ -n "${DONE:-}" ] || continue
+    fi
     NEXT=(); for p in "${LIVE[@]}"; do [ "$p" = "$DONE" ] || NEXT+=("$p"); done; LIVE=("${NEXT[@]}")
     for ((i = 0; i < PROCESSES; i++)); do if [ "${PIDS[$i]}" = "$DONE" ]; then break; fi; done
     note "process $i (pid $DONE) exited with status $rc"
