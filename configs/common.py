@@ -22,6 +22,11 @@ def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDic
                             ["vocab", None]],
         distributed_init=False,  # jax.distributed.initialize() for multi-host (TPU pods, multi-node GPU)
         distributed_timeout_s=300,
+        # Explicit process group (launch/run_local.sh --processes=N sets them; any one set implies distributed_init).
+        # Empty / -1: JAX's own detection from the environment (TPU VMs, SLURM, ...).
+        coordinator_address="",  # "host:port" of process 0's coordination service
+        num_processes=-1,
+        process_id=-1,
     ))
 
 

@@ -27,8 +27,10 @@ What is checked (only fields the code reads, per mode):
   by `marval_jax.evaluation.evaluate.evaluate` for library callers.
 * demo: `per_class`, `num_iter` >= 1, `assets` exists when set.
 
-Device-dependent checks (mesh, batch split) come last and ask JAX for the device and process counts (after
-`jax.distributed.initialize` when `mesh.distributed_init`); they compile nothing. `num_devices` / `process_count`
+Device-dependent checks (mesh, batch split) come last and ask JAX for the device and process counts, which starts
+JAX's backend: `jax.distributed.initialize` (mesh.distributed_init, or mesh.coordinator_address / num_processes /
+process_id) must come first, so `marval_jax.main.run` runs it before calling `validate` (and `validate` calls it
+too, a no-op once done, for library callers); they compile nothing. `num_devices` / `process_count`
 may be passed to check a layout other than this machine's.
 """
 from __future__ import annotations
@@ -130,6 +132,8 @@ def check_mesh_fields(config) -> None:
             raise UserError(f"mesh.shape.{axis}={value!r} is not allowed: a mesh axis is an integer >= 1, or -1 for "
                             f"the rest of the devices")
     _choice(config, "mesh.axis_types", ("auto", "explicit"))
+    from marval_jax.parallel.mesh import distributed_args  # pylint: disable=import-outside-toplevel
+    distributed_args(config.mesh)  # coordinator_address / num_processes / process_id: all three or none
 
 
 def check_batch_split(config, field: str, num_devices: int, process_count: int) -> None:

@@ -45,6 +45,12 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None =
 
 def run(mode: str, config, workdir: str, out: str = ""):
     from marval_jax import config_checks
+    from marval_jax.parallel import mesh as mesh_lib
+    # the process group first, for every mode: validation asks JAX for device counts, which starts the backend, and
+    # jax.distributed.initialize refuses to run after that
+    mesh = config.get("mesh") if hasattr(config, "get") else None
+    if mesh is not None:
+        mesh_lib.maybe_initialize_distributed(mesh)
     config_checks.validate(mode, config, workdir, out)  # before any compile or data read
     if mode == "train":
         from marval_jax.train.loop import train

@@ -99,6 +99,19 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path):
             "mesh.shape", f"have {jax.device_count()}")
 
 
+@pytest.mark.parametrize("mode", ["train", "sample"])
+def test_partial_process_group_is_refused_before_the_backend(tmp_path, params_dir, mode):
+    """mesh.coordinator_address / num_processes / process_id: all three or none (a partial set would let JAX guess
+    the rest from the environment, or hang waiting for processes that never come); main.run checks them before
+    anything starts the process group or the backend, for every mode."""
+    for fields in ({"mesh.coordinator_address": "localhost:1234"},
+                   {"mesh.coordinator_address": "localhost:1234", "mesh.num_processes": 2, "mesh.process_id": 2},
+                   {"mesh.process_id": 0}):
+        refused(mode, cfg(mar_configs, init_from=params_dir, **fields), tmp_path / "w",
+                "mesh.coordinator_address", "mesh.num_processes", "mesh.process_id", "all three")
+    assert not jax.distributed.is_initialized()
+
+
 def test_batch_split_over_the_batch_axes_and_processes(tmp_path):
     """The global batch must split over the devices of the mesh axes that the 'batch' rule names (-1 = the rest)
     and over the processes; checked for layouts other than this machine's through num_devices / process_count."""

@@ -1,4 +1,4 @@
-"""tests/run_all.sh: both parts run whatever the first gives, and the script fails if either failed.
+"""tests/run_all.sh: all three parts run whatever the others give, and the script fails if any failed.
 
 Driven with a stand-in `python` on PATH that records each pytest call and exits with a chosen status, so the
 script's own control flow is what is tested (not the suite)."""
@@ -11,14 +11,14 @@ import pytest
 SCRIPT = pathlib.Path(__file__).parent / "run_all.sh"
 
 
-def _run(tmp_path, main_rc, multi_rc):
+def _run(tmp_path, main_rc, multi_rc, proc_rc):
     bindir = tmp_path / "bin"
     bindir.mkdir()
     log = tmp_path / "calls.log"
     fake = bindir / "python"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
-case "$*" in *tests/multidevice*--ignore*|*--ignore*) exit {main_rc};; *tests/multidevice*) exit {multi_rc};; esac
+case "$*" in *--ignore*) exit {main_rc};; *tests/multidevice*) exit {multi_rc};; *tests/multiprocess*) exit {proc_rc};; esac
 exit 99
 """)
     fake.chmod(0o755)
@@ -27,10 +27,12 @@ exit 99
     return proc.returncode, log.read_text().splitlines()
 
 
-@pytest.mark.parametrize("main_rc,multi_rc,ok", [(0, 0, True), (1, 0, False), (0, 1, False), (5, 0, False),
-                                                 (0, 5, False)])
-def test_both_parts_run_and_either_failure_fails(tmp_path, main_rc, multi_rc, ok):
-    rc, calls = _run(tmp_path, main_rc, multi_rc)
-    assert len(calls) == 2, calls                      # the multi-device part ran even when the main part failed
-    assert "--ignore=tests/multidevice" in calls[0] and calls[1].split()[-1] == "tests/multidevice"
-    assert (rc == 0) == ok, (rc, main_rc, multi_rc)
+@pytest.mark.parametrize("main_rc,multi_rc,proc_rc,ok", [
+    (0, 0, 0, True), (1, 0, 0, False), (0, 1, 0, False), (0, 0, 1, False), (5, 0, 0, False), (0, 5, 0, False),
+    (0, 0, 5, False), (1, 1, 0, False)])
+def test_every_part_runs_and_any_failure_fails(tmp_path, main_rc, multi_rc, proc_rc, ok):
+    rc, calls = _run(tmp_path, main_rc, multi_rc, proc_rc)
+    assert len(calls) == 3, calls                      # the later parts ran even when an earlier one failed
+    assert "--ignore=tests/multidevice" in calls[0] and "--ignore=tests/multiprocess" in calls[0]
+    assert calls[1].split()[-1] == "tests/multidevice" and calls[2].split()[-1] == "tests/multiprocess"
+    assert (rc == 0) == ok, (rc, main_rc, multi_rc, proc_rc)

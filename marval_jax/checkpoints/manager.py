@@ -30,17 +30,63 @@ from marval_jax.user_errors import UserError
 _SIGTERM = threading.Event()
 
 
+def preemption_service_running() -> bool:
+    """JAX's preemption service is up: `jax.distributed.initialize` ran with `jax_enable_preemption_service`. Its
+    own SIGTERM handler (installed in C++, invisible to Python's `signal.getsignal`) tells every process, and
+    `reached_preemption_sync_point(step)` turns True at the same step on all of them."""
+    from jax._src import distributed  # pylint: disable=import-outside-toplevel
+    state = distributed.global_state
+    return state.client is not None and getattr(state, "preemption_sync_manager", None) is not None
+
+
 def install_sigterm_handler() -> None:
-    """SIGTERM (preemption, `kill`) sets a flag the loop polls: it saves, waits for the save, and exits cleanly."""
+    """SIGTERM (preemption, `kill`) sets a flag the loop polls: it saves, waits for the save, and exits cleanly.
+
+    Where JAX's preemption service runs (a multi-process run) nothing is installed: a Python handler would replace
+    the service's, and then only the process that got the signal would know. Its SIGTERM reaches every process
+    through the coordination service and `preempted` reads the agreed step. Elsewhere ours chains to a previous
+    Python handler."""
+    if preemption_service_running():
+        logging.info("SIGTERM is left to JAX's preemption service (all processes stop at the same step)")
+        return
+    if threading.current_thread() is not threading.main_thread():
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+
     def handler(signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and exiting")
         _SIGTERM.set()
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        if callable(previous):
+            previous(signum, frame)
+    handler._marval_sigterm = True  # type: ignore[attr-defined]
+    if getattr(previous, "_marval_sigterm", False):
+        return  # installed by an earlier run in this process
+    signal.signal(signal.SIGTERM, handler)
 
 
-def preempted(manager: ocp.CheckpointManager, step: int) -> bool:
-    return _SIGTERM.is_set() or manager.reached_preemption(step)
+def any_process(flag: bool) -> bool:
+    """True on every process if `flag` is True on any (a collective: every process must call it at the same
+    point)."""
+    import jax  # pylint: disable=import-outside-toplevel
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([int(bool(flag))], np.int32))))
+
+
+def preempted(manager: ocp.CheckpointManager, step: int, agree: bool = True) -> bool:
+    """Whether the run stops after `step`, the same answer on every process.
+
+    One process: its SIGTERM flag. Several: JAX's preemption service's agreed step (read every step, as it
+    requires), and, at `agree` steps (the loop's sync points: every process passes the same value), any process's
+    own flag (a SIGTERM caught by our handler where the service is off), gathered from all."""
+    import jax  # pylint: disable=import-outside-toplevel
+    if jax.process_count() == 1:
+        return _SIGTERM.is_set() or manager.reached_preemption(step)
+    service = manager.reached_preemption(step)
+    local = any_process(_SIGTERM.is_set()) if agree else False
+    return service or local
 
 
 def make_manager(workdir: str, *, save_interval: int, keep: int, async_save: bool = True) -> ocp.CheckpointManager:

@@ -2,15 +2,16 @@
 
 Train pipeline (`make_train_dataset` / `make_train_iterator`), as MaxText's grain MapDataset pipeline::
 
-    source -> shuffle(seed) -> repeat(None) -> random_map(preprocess, seed') -> [process_index::process_count]
+    source -> shuffle(seed) -> repeat(None) -> random_map(preprocess, seed') -> HostRows(process block)
            -> to_iter_dataset(read threads) -> batch(global_batch_size // process_count) -> (mp_prefetch if num_workers)
 
 * ``shuffle`` before ``repeat`` reshuffles every epoch (grain seeds epoch e with ``seed + e``); batches run across
   epoch boundaries (no example is dropped, as ``tf.data`` shuffle-repeat-batch).
 * The random map (flip, posterior sample) is seeded by the global stream index, so every example of every epoch
-  has its own generator whatever the process layout; host shards are strided slices of that stream. Global step
-  ``k`` therefore always sees the stream positions ``[k * G, (k + 1) * G)`` (``G`` = global batch size), for any
-  process count: the process layout changes only which host holds which rows.
+  has its own generator whatever the process layout. Global step ``k`` always sees the stream positions
+  ``[k * G, (k + 1) * G)`` (``G`` = global batch size), for any process count; process ``p`` of ``n`` holds the
+  contiguous block ``[k * G + p * G / n, k * G + (p + 1) * G / n)`` (`HostRows`), so the assembled global batch is
+  row for row the one-process batch (per-row random draws of a step see the same images on any layout).
 * The iterator is a ``grain.DatasetIterator``: ``get_state()`` / ``set_state()`` (a small JSON-able dict) make a
   restored run see exactly the batches it would have seen. `save_iterator_state` / `restore_iterator_state` write
   it as ``process_<i>-of-<n>.json`` (grain's naming). With orbax, save it next to the model state with grain's
@@ -239,6 +240,40 @@ def _mp_prefetch(ds: grain.IterDataset, config: Any) -> grain.IterDataset:
     return ds
 
 
+class HostRows(grain.MapDataset):
+    """Process ``p``'s rows of every global batch: element ``j`` is stream position ``(j // L) * G + p * L + j % L``
+    (``G`` the global batch, ``L = G / process_count``). Each process holds one contiguous block of each global
+    batch, the block its devices hold in the batch sharding when the mesh lists devices in process order (CPU and
+    GPU hosts, `jax.make_mesh`): the global batch assembled by `make_global_batch` is then row for row the
+    one-process batch, so a run gives the same numbers whatever the process count."""
+
+    _MUTATES_ELEMENT_SPEC = False
+
+    def __init__(self, parent: grain.MapDataset, global_batch_size: int, process_index: int, process_count: int):
+        super().__init__(parent)
+        self._global = global_batch_size
+        self._local = host_batch_size(global_batch_size, process_count)
+        self._start = process_index * self._local
+        self._length = (len(parent) // global_batch_size) * self._local
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _index(self, j: int) -> int:
+        return (j // self._local) * self._global + self._start + j % self._local
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._index(index)]
+
+    def _getitems(self, indices):
+        return self._parent._getitems([self._index(j) for j in indices])  # pylint: disable=protected-access
+
+    def __str__(self) -> str:
+        return f"HostRows[block {self._start // self._local} of {self._global // self._local}]"
+
+
 def make_train_dataset(config: Any, global_batch_size: int, seed: int, process_index: int | None = None,
                        process_count: int | None = None) -> grain.IterDataset:
     """Infinite, shuffled-per-epoch, per-process dataset of host batches (see the module docstring)."""
@@ -256,14 +291,15 @@ def make_train_dataset(config: Any, global_batch_size: int, seed: int, process_i
     shuffle_seed, map_seed = derive_seeds(seed)
     ds = grain.MapDataset.source(source).shuffle(seed=shuffle_seed).repeat(None)
     ds = ds.random_map(transform, seed=map_seed)
-    ds = ds[process_index::process_count].to_iter_dataset(_read_options(config))  # threads decode examples
+    ds = HostRows(ds, global_batch_size, process_index, process_count).to_iter_dataset(
+        _read_options(config))  # threads decode examples
     return _mp_prefetch(ds.batch(local, drop_remainder=True), config)
 
 
 def _small_in_memory_dataset(config: Any, local: int, global_batch_size: int, seed: int, process_index: int,
                              process_count: int) -> grain.IterDataset:
-    """The same stream as the record pipeline (shuffle per epoch, repeat, per-position random draw, strided host
-    shard, batch), but over indices into arrays held in memory, with one vectorised map per batch."""
+    """The same stream as the record pipeline (shuffle per epoch, repeat, per-position random draw, host block of
+    each global batch, batch), but over indices into arrays held in memory, with one vectorised map per batch."""
     name = _get(config, "name")
     images, labels = load_small_split(name, _get(config, "split", "train"), _get(config, "raw_dir"))
     if len(images) < global_batch_size:
@@ -273,7 +309,7 @@ def _small_in_memory_dataset(config: Any, local: int, global_batch_size: int, se
     ds = grain.MapDataset.range(len(images)).shuffle(seed=shuffle_seed).repeat(None)
     if _get(config, "flip", False):
         ds = ds.random_map(FlipBit(flip=True), seed=map_seed)
-    ds = ds[process_index::process_count].batch(local, drop_remainder=True)
+    ds = HostRows(ds, global_batch_size, process_index, process_count).batch(local, drop_remainder=True)
     ds = ds.map(GatherSmallBatch(images, labels, pad_to=_get(config, "pad_to", 32),
                                  patch_size=int(_get(config, "patch_size", 0) or 0)))
     # threads build the next batches while the accelerator runs the current step

@@ -11,14 +11,45 @@ from marval_jax.user_errors import UserError
 AXES = ("data", "fsdp", "tensor")
 
 
+def _get(mesh_cfg, key: str, default):
+    value = mesh_cfg.get(key, default) if hasattr(mesh_cfg, "get") else getattr(mesh_cfg, key, default)
+    return default if value is None else value
+
+
+def distributed_args(mesh_cfg) -> dict | None:
+    """Keyword arguments of `jax.distributed.initialize` from `mesh.*`, or None when the run is one process.
+
+    `mesh.coordinator_address` / `mesh.num_processes` / `mesh.process_id` (launch/run_local.sh --processes=N sets
+    them) name the process group explicitly; left empty / -1 with `mesh.distributed_init=True`, JAX detects it from
+    the environment (TPU VMs, SLURM, ...)."""
+    address = str(_get(mesh_cfg, "coordinator_address", "") or "")
+    num = int(_get(mesh_cfg, "num_processes", -1))
+    pid = int(_get(mesh_cfg, "process_id", -1))
+    explicit = bool(address) or num > 0 or pid >= 0
+    if not (_get(mesh_cfg, "distributed_init", False) or explicit):
+        return None
+    if explicit and not (address and num > 0 and 0 <= pid < num):
+        raise UserError(f"mesh.coordinator_address={address!r}, mesh.num_processes={num}, mesh.process_id={pid}: "
+                        f"set all three (host:port, N >= 1, 0 <= id < N) or none (JAX's own detection)")
+    args = {"initialization_timeout": int(_get(mesh_cfg, "distributed_timeout_s", 300))}
+    if explicit:
+        args.update(coordinator_address=address, num_processes=num, process_id=pid)
+    return args
+
+
 def maybe_initialize_distributed(mesh_cfg) -> None:
-    """`jax.distributed.initialize()` behind the config switch; a no-op when already initialised or off."""
-    if not mesh_cfg.distributed_init:
+    """`jax.distributed.initialize(...)` behind the config switch; a no-op when already initialised or off.
+
+    Must run before anything starts JAX's backend (a device count, an array): `marval_jax.main.run` calls it first,
+    for every mode. CPU processes exchange their collectives through gloo (JAX's CPU default has none across
+    processes); the setting only concerns the CPU client, so it is harmless on TPU / GPU hosts."""
+    args = distributed_args(mesh_cfg)
+    if args is None or jax.distributed.is_initialized():
         return
-    if jax.distributed.is_initialized():
-        return
-    logging.info("jax.distributed.initialize (timeout %ss)", mesh_cfg.distributed_timeout_s)
-    jax.distributed.initialize(initialization_timeout=int(mesh_cfg.distributed_timeout_s))
+    if jax.config.jax_cpu_collectives_implementation in (None, "", "none"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    logging.info("jax.distributed.initialize(%s)", args)
+    jax.distributed.initialize(**args)
 
 
 def mesh_shape(mesh_cfg, num_devices: int | None = None) -> tuple[int, int, int]:

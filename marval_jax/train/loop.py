@@ -7,6 +7,12 @@ data iterator + config and batch check; `train.restore_step` picks one), runs th
 logs, writes grids, and saves on interval, preemption (SIGTERM) and at the end. The run holds
 `<workdir>/workdir.lock` throughout (checkpoints/workdir_lock.py: one writer per workdir).
 
+Several processes (a pod's hosts, or launch/run_local.sh --processes=N): every process runs every jitted call,
+grid sampling included (the state is sharded across them; the images are gathered and process 0 writes the PNG);
+only process 0 writes metrics, grids and the lock; all take part in checkpoint saves. A preemption is decided
+together (checkpoints/manager.py `preempted`): all processes stop after the same step, save it and exit 0.
+docs/multihost.md has the whole picture.
+
 Non-finite guard: the jitted step also updates a small on-device record, `guard` (the step count and the first step
 whose loss, gradient norm or updated state had a NaN/inf), from cheap reductions over the metrics and the new
 state. It comes to the host only where the loop already syncs (log steps, and before every save), so a non-finite
@@ -143,6 +149,14 @@ def check_finite(guard: dict, metrics: dict, *, name: str, at_step: int, last_ck
         f"last finite checkpoint: {kept}. Resume from it with a lower train.lr or a smaller train.grad_clip")
 
 
+def gather_to_host(x: jax.Array) -> np.ndarray:
+    """The whole of a (possibly multi-process sharded) array as NumPy on every process."""
+    if jax.process_count() == 1 or x.is_fully_addressable:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
 # -- setting up a run -------------------------------------------------------------------------------------------------
 def _data_iterator(config, global_batch: int, seed: int):
     from marval_jax.data import pipeline, tfds_builders
@@ -251,8 +265,11 @@ class _Run:
                 window.add(metrics)
                 seen += tc.global_batch_size
                 done = step + 1
-                stop = ckpt.preempted(self.manager, done)  # read once: a signal between reads must not skip the save
-                must_save = (done % tc.ckpt_every == 0) or done == tc.num_steps or stop
+                scheduled = (done % tc.ckpt_every == 0) or done == tc.num_steps
+                # read once: a signal between reads must not skip the save. Every process gets the same answer;
+                # with several, a local flag is gathered only at the steps where the loop syncs anyway
+                stop = ckpt.preempted(self.manager, done, agree=scheduled or done % tc.log_every == 0)
+                must_save = scheduled or stop
                 if done % tc.log_every == 0 or must_save:
                     m, g = jax.device_get((metrics, guard))  # the one sync point: log steps and saves
                     check_finite(g, m, name=task.name, at_step=done, last_ckpt=self.last_ckpt,
@@ -262,9 +279,12 @@ class _Run:
                     writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
                     self.lock.heartbeat()
                     t0, seen = time.time(), 0
-                if tc.sample_every and done % tc.sample_every == 0 and sample_fn and jax.process_index() == 0:
-                    images = sample_fn(state, jax.random.fold_in(self.rng, 10_000 + done), *self.extra)
-                    save_grid(os.path.join(self.workdir, "samples", f"step_{done:08d}.png"), np.asarray(images))
+                if tc.sample_every and done % tc.sample_every == 0 and sample_fn:
+                    # every process enters the jitted sampler (the state is sharded across them); process 0 writes
+                    images = gather_to_host(sample_fn(state, jax.random.fold_in(self.rng, 10_000 + done),
+                                                      *self.extra))
+                    if jax.process_index() == 0:
+                        save_grid(os.path.join(self.workdir, "samples", f"step_{done:08d}.png"), images)
                 if must_save and ckpt.save(self.manager, done, state, self.data_iter, self.cfg_json, force=True):
                     self.last_ckpt = done
                 if stop:
