@@ -42,6 +42,8 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         distance="pseudo_huber",       # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
         huber_r=1e-5,                  # r of the pseudo-Huber distance
         use_l2_term=True,              # L = L1 + L2; False drops L2 = d(y) (SiD alpha = 1 form, biased gradient)
+        l2_weight=1.0,                 # alpha in L = L1 + alpha L2 (1: the true gradient; SiD's alpha 1.2 is -0.4)
+        stop_grad_dprime=False,        # True: d'(y) in L1 under stop_gradient (the SIM paper's form, biased)
         norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
         t_min=20,                      # diffusion timesteps of L, uniform in [t_min, t_max] of the 1000-step chain
         t_max=980,

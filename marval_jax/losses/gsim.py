@@ -11,13 +11,14 @@ per sample; the generator predicts ALL masked tokens with one head call at t_ini
 ground-truth visible tokens and the class. x0 = visible ground truth + generated masked tokens; only the masked
 tokens are diffused (x_t = sqrt(abar_t) x0 + sigma_t eps) and enter the loss. With y = (eps_p^w - eps_phi) / sigma_t:
 
-  L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)        L = weight(t) * (L1 + [use_l2_term] L2)
+  L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)
+  L = weight(t) * (L1 + alpha L2),  alpha = gsim.l2_weight (1), 0 when gsim.use_l2_term is False
 
 y is in score units; gsim.weighting "sid" first scales y and the L1 residual to x0 units (`residual_scale`), "kl"
 weights the score-unit terms by beta_t (`gsim_weights`; docs/gsim.md derives both).
 
 Teacher and fake-score PARAMETERS are frozen (stop_gradient) but gradients flow through their inputs x_t, and d'(y)
-is NOT stop-gradiented: then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
+is NOT stop-gradiented (`gsim.stop_grad_dprime` = True is the ablation that does): then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
 the student's score (tests/losses/test_gsim.py checks this in closed form).
 
 The core math is in small pure functions over arrays (`distance_terms`, `gsim_terms`, `gsim_weights`,
@@ -79,7 +80,8 @@ def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
 def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Array, sigma: jax.Array, *,
                distance: str = "pseudo_huber", huber_r: float = 1e-5, use_l2_term: bool = True,
                norm_axes: str = "token", mask: jax.Array | None = None,
-               unit_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+               unit_scale: jax.Array | float = 1.0, l2_weight: float = 1.0,
+               stop_grad_dprime: bool = False) -> dict[str, jax.Array]:
     """Per-group GSIM terms. Arrays (B, S, C) (any (B, ..., C)); sigma broadcastable to them; mask (B, S) with
     1 = token in the loss (masked by the AR context), None = all.
 
@@ -88,8 +90,9 @@ def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Arra
     sees f_phi - f_p, the difference of the two x0-predictions).
 
     Groups: norm_axes "token" -> one per token, outputs (B, S); "image" -> one per sample over its masked tokens'
-    channels, outputs (B,). Returns y_norm = |y|, l1, l2 (zero when use_l2_term is False) and loss = l1 + l2.
-    Nothing is stop-gradiented here: d'(y) keeps its gradient (see the module docstring).
+    channels, outputs (B,). Returns y_norm = |y|, l1, l2 = l2_weight * d(y) (zero when use_l2_term is False) and
+    loss = l1 + l2. By default nothing is stop-gradiented: d'(y) keeps its gradient (see the module docstring);
+    `stop_grad_dprime` puts d'(y) in L1 under stop_gradient (the SIM paper's form: same value, other gradient).
     """
     y = unit_scale * (eps_teacher_guided - eps_fake) / sigma
     g = unit_scale * (eps - eps_fake) / sigma        # s_phi(x_t) - grad log q(x_t | x0)
@@ -99,8 +102,11 @@ def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Arra
     axes = _group_axes(y.ndim, norm_axes)
     sq = jnp.sum(y * y, axis=axes)
     d, c = distance_terms(sq, distance, huber_r)
-    l1 = -c * jnp.sum(y * g, axis=axes)
-    l2 = d if use_l2_term else jnp.zeros_like(d)
+    if stop_grad_dprime:
+        l1 = -jnp.sum(jax.lax.stop_gradient(jnp.expand_dims(c, axes) * y) * g, axis=axes)
+    else:
+        l1 = -c * jnp.sum(y * g, axis=axes)
+    l2 = l2_weight * d if use_l2_term else jnp.zeros_like(d)
     return {"y_norm": jnp.sqrt(sq), "l1": l1, "l2": l2, "loss": l1 + l2}
 
 
@@ -233,6 +239,8 @@ class GSIMSettings:
     guidance_scale: float = 1.2
     guidance_schedule: str = "constant"
     mask_ratio_min: float = 0.7
+    stop_grad_dprime: bool = False
+    l2_weight: float = 1.0
     t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
     trainable: str = "all"
 
@@ -248,6 +256,8 @@ class GSIMSettings:
             raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
         if not 0.0 < self.mask_ratio_min <= 1.0:
             raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if not math.isfinite(self.l2_weight):
+            raise ValueError(f"gsim.l2_weight must be a finite float, got {self.l2_weight}")
         if self.huber_r <= 0 and self.distance == "pseudo_huber":
             raise ValueError(f"gsim.huber_r must be > 0, got {self.huber_r}")
 
@@ -290,7 +300,8 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     kw["trainable"] = _get(generator_cfg, "trainable", defaults.trainable)
     st = GSIMSettings(**{**kw, "t_min": int(kw["t_min"]), "t_max": int(kw["t_max"]),
                          "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
-                         "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"])})
+                         "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"]),
+                         "stop_grad_dprime": bool(kw["stop_grad_dprime"]), "l2_weight": float(kw["l2_weight"])})
     st.validate(model_cfg)
     chain = _chain()
     s, c = model_cfg.seq_len, model_cfg.token_dim
@@ -355,7 +366,8 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
 
         unit = jax.lax.stop_gradient(residual_scale(st.weighting, t))[:, None, None]
         terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=st.huber_r,
-                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit)
+                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit,
+                           l2_weight=st.l2_weight, stop_grad_dprime=st.stop_grad_dprime)
         t_group = t_tok if st.norm_axes == "token" else t
         x0_teacher = chain.predict_xstart_from_eps(xt, t, eps_p) if st.weighting == "sid" else None
         weight = jax.lax.stop_gradient(gsim_weights(st.weighting, t=t_group, x0=x0, x0_teacher=x0_teacher,

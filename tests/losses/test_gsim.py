@@ -434,3 +434,60 @@ def test_causal_mar_roles_condition_in_the_contexts_generation_order(tiny):
     guided = make_gsim_losses({"guidance_scale": 2.0}, {}, ccfg)
     gl, metrics = guided.generator_loss(graphdef, gen, fake, tch, batch, jax.random.PRNGKey(4))
     assert np.isfinite(float(gl)) and float(metrics["guidance"]) == 2.0
+
+
+@pytest.mark.parametrize("norm_axes", ["token", "image"])
+def test_stop_grad_dprime_keeps_the_value_and_drops_the_dprime_gradient(norm_axes):
+    """squared_l2: L1 = -2 y.g with y = (eps_p - eps_f)/sigma, g = (eps - eps_f)/sigma. d L1 / d eps_f is
+    2 (y + g)/sigma with d'(y) = 2y differentiated and 2 y/sigma with it held (only g moves); same value."""
+    b, s, c = 2, 3, 4
+    sig = jnp.asarray([[[0.3]], [[0.9]]], jnp.float32)
+    eps_p, eps_f, eps = (_rand((b, s, c), 10 + i) for i in range(3))
+    y, g = (eps_p - eps_f) / sig, (eps - eps_f) / sig
+
+    def l1(ef, stop):
+        return jnp.sum(gsim_terms(eps_p, ef, eps, sig, distance="squared_l2", norm_axes=norm_axes,
+                                  stop_grad_dprime=stop)["l1"])
+
+    np.testing.assert_allclose(l1(eps_f, True), l1(eps_f, False), rtol=1e-6)
+    # float32 sums of 24 products of O(1 / 0.3^2) terms: relative error ~ 24 * 6e-8
+    np.testing.assert_allclose(jax.grad(l1)(eps_f, True), 2 * y / sig, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(l1)(eps_f, False), 2 * (y + g) / sig, rtol=1e-5, atol=1e-5)
+
+
+def test_l2_weight_is_alpha_and_sids_alpha_maps_to_it():
+    """L = L1 + alpha L2; with squared_l2, L1 + alpha L2 = 2 SiD(1 - alpha / 2), so SiD's alpha 1.2 is alpha -0.4."""
+    b, s, c = 3, 5, 4
+    t = jnp.array([100, 500, 900])
+    a = jnp.sqrt(jnp.asarray(ABAR, jnp.float32)[t])[:, None, None]
+    sig = jnp.sqrt(1.0 - a ** 2)
+    x0, eps, f_p, f_phi = (_rand((b, s, c), i) for i in range(4))
+    xt = a * x0 + sig * eps
+    eps_p, eps_phi = (xt - a * f_p) / sig, (xt - a * f_phi) / sig
+    sid = lambda alpha: ((1 - alpha) * jnp.sum((f_p - f_phi) ** 2, -1) + jnp.sum((f_p - f_phi) * (f_phi - x0), -1)) \
+        * (a[..., 0] ** 2 / sig[..., 0] ** 4)
+    terms = lambda **kw: gsim_terms(eps_p, eps_phi, eps, sig, distance="squared_l2", **kw)
+    np.testing.assert_allclose(terms(l2_weight=-0.4)["loss"], 2 * sid(1.2), rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(terms(l2_weight=-0.4)["l2"], -0.4 * terms()["l2"], rtol=1e-6)
+    np.testing.assert_array_equal(terms(l2_weight=3.0, use_l2_term=False)["l2"], 0.0)   # the shorthand wins
+
+
+def test_l2_weight_and_stop_grad_dprime_in_the_loss(tiny):
+    graphdef, gen, fake, tch, batch = tiny
+    _, m1 = _gen_loss(tiny)
+    l25, m25 = _gen_loss(tiny, {"l2_weight": 2.5})
+    np.testing.assert_allclose(m25["l2"], 2.5 * m1["l2"], rtol=1e-5)
+    np.testing.assert_allclose(m25["l1"], m1["l1"], rtol=1e-6)
+    np.testing.assert_allclose(l25, m25["l1"] + m25["l2"], rtol=1e-5)
+    rng = jax.random.PRNGKey(0)
+    grads = {}
+    for stop in (False, True):
+        losses = make_gsim_losses({**UNGUIDED, "stop_grad_dprime": stop}, {}, CFG)
+        (loss, _), grads[stop] = jax.value_and_grad(
+            lambda p: losses.generator_loss(graphdef, p, fake, tch, batch, rng), has_aux=True)(gen)
+        grads[stop, "loss"] = loss
+    np.testing.assert_allclose(grads[True, "loss"], grads[False, "loss"], rtol=1e-6)
+    diff = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads[True]),
+                                                                 jax.tree.leaves(grads[False])))
+    total = sum(float(jnp.sum(jnp.abs(a))) for a in jax.tree.leaves(grads[False]))
+    assert diff > 1e-2 * total   # the dropped d'(y) path is a large part of the gradient, not rounding
