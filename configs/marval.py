@@ -82,6 +82,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.generator = role_config(
         t_init=T_INIT,          # head timestep of the one-step generator (alpha_bar ~ 0.14)
         trainable="all",        # "all" | "head_only" (only diffloss_net/... gets gradient and updates)
+        noise_scale=1.0,        # the one-step input x ~ N(0, noise_scale^2 I), head still called at t_init
         lr=1e-5, ema_decay=0.999)
     cfg.fake_score = role_config(lr=1e-5, ema_decay=0.0)
     cfg.data = mlc.ConfigDict(teacher.data.to_dict())

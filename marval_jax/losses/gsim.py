@@ -204,6 +204,18 @@ def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: 
     return jax.random.randint(rng, shape, t_min, t_max + 1, jnp.int32)
 
 
+def onestep_predictor(t_init: int, noise_scale: float = 1.0):
+    """The AR sampler's predictor of the one-step generator (`sampling.ar_sampler` Predictor signature): one head
+    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`); no CFG (distilled in).
+    noise_scale 1 is `ar_sampler.onestep_predictor(t_init)`."""
+    def predict(model, zc, zu, cfg_scale, rng):
+        del zu, cfg_scale
+        noise = noise_scale * jax.random.normal(rng, (zc.shape[0], model.cfg.token_dim), jnp.float32)
+        return one_step(model.head, noise, zc, t_init)
+
+    return predict
+
+
 def trainable_mask(params: Any, trainable: str) -> Any:
     """Pytree of bools like `params`: True where the optimizer may update the generator.
 
@@ -243,6 +255,7 @@ class GSIMSettings:
     l2_weight: float = 1.0
     t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
     trainable: str = "all"
+    noise_scale: float = 1.0                    # the one-step input x ~ N(0, noise_scale^2 I) (generator section)
 
     def validate(self, model_cfg: MARConfig) -> None:
         for field, allowed in (("distance", DISTANCES), ("norm_axes", NORM_AXES), ("weighting", WEIGHTINGS),
@@ -256,6 +269,8 @@ class GSIMSettings:
             raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
         if not 0.0 < self.mask_ratio_min <= 1.0:
             raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise ValueError(f"generator.noise_scale must be a finite float > 0, got {self.noise_scale}")
         if not math.isfinite(self.l2_weight):
             raise ValueError(f"gsim.l2_weight must be a finite float, got {self.l2_weight}")
         if self.huber_r <= 0 and self.distance == "pseudo_huber":
@@ -272,6 +287,7 @@ class GSIMLosses:
 
 
 _LOOP_FIELDS = ("fake_steps_per_generator_step",)   # gsim fields read by the training loop, not by the losses
+_GENERATOR_FIELDS = ("t_init", "trainable", "noise_scale")   # settings read from the generator section
 
 
 def _keys(cfg: Any) -> list[str]:
@@ -290,14 +306,15 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
     the defaults of marval_method.md section 2) and the shared MAR architecture."""
     defaults = GSIMSettings()
-    known = {f.name for f in dataclasses.fields(GSIMSettings)} - {"t_init", "trainable"} | set(_LOOP_FIELDS)
+    known = {f.name for f in dataclasses.fields(GSIMSettings)} - set(_GENERATOR_FIELDS) | set(_LOOP_FIELDS)
     unknown = sorted(set(_keys(gsim_cfg)) - known)
     if unknown:
         raise ValueError(f"unknown gsim fields {unknown}; known: {sorted(known)}")
     kw = {f.name: _get(gsim_cfg, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(GSIMSettings)
-          if f.name not in ("t_init", "trainable")}
+          if f.name not in _GENERATOR_FIELDS}
     kw["t_init"] = int(_get(generator_cfg, "t_init", defaults.t_init))
     kw["trainable"] = _get(generator_cfg, "trainable", defaults.trainable)
+    kw["noise_scale"] = float(_get(generator_cfg, "noise_scale", defaults.noise_scale))
     st = GSIMSettings(**{**kw, "t_min": int(kw["t_min"]), "t_max": int(kw["t_max"]),
                          "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
                          "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"]),
@@ -325,7 +342,7 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         if st.trainable == "head_only":
             z = jax.lax.stop_gradient(z)
-        noise = jax.random.normal(rng, (b * s, c), jnp.float32)
+        noise = st.noise_scale * jax.random.normal(rng, (b * s, c), jnp.float32)
         x_gen = one_step(gen.head, noise, z.reshape(b * s, -1), st.t_init).reshape(b, s, c)
         x0 = jnp.where(mask[:, :, None] > 0.5, x_gen, tokens)
         return x_gen, x0

@@ -340,9 +340,11 @@ def test_trainable_head_only_and_frozen_roles(tiny):
     np.testing.assert_allclose(lf, mf["mse"] + mf["vb"], rtol=1e-5)
 
 
-def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny):
+@pytest.mark.parametrize("noise_scale", [1.0, 0.5])
+def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny, noise_scale):
+    """...on the generator's one-step tokens from x ~ N(0, noise_scale^2 I) (generator.noise_scale)."""
     graphdef, gen, fake, _, batch = tiny
-    losses = make_gsim_losses(UNGUIDED, {"t_init": 700}, CFG)
+    losses = make_gsim_losses(UNGUIDED, {"t_init": 700, "noise_scale": noise_scale}, CFG)
     rng = jax.random.PRNGKey(3)
     loss, _ = losses.fake_score_loss(graphdef, fake, gen, batch, rng)
     # recompute by hand with the same key usage
@@ -353,7 +355,7 @@ def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny):
     g, f = nnx.merge(graphdef, gen), nnx.merge(graphdef, fake)
     enc_len = losses.enc_len
     zg = g.condition(batch["tokens"], mask, g.class_embedding(batch["labels"]), enc_len=enc_len)
-    x_gen = one_step(g.head, jax.random.normal(r_gen, (b * s, c)), zg.reshape(b * s, -1), 700)
+    x_gen = one_step(g.head, noise_scale * jax.random.normal(r_gen, (b * s, c)), zg.reshape(b * s, -1), 700)
     t = jax.random.randint(r_t, (b * s,), 0, 1000)
     eps = jax.random.normal(r_eps, (b * s, c))
     xt = CHAIN.q_sample(x_gen, t, eps)
@@ -491,3 +493,20 @@ def test_l2_weight_and_stop_grad_dprime_in_the_loss(tiny):
                                                                  jax.tree.leaves(grads[False])))
     total = sum(float(jnp.sum(jnp.abs(a))) for a in jax.tree.leaves(grads[False]))
     assert diff > 1e-2 * total   # the dropped d'(y) path is a large part of the gradient, not rounding
+
+
+def test_onestep_predictor_scales_the_input_noise(tiny):
+    """The sampler's predictor uses generator.noise_scale like the losses; scale 1 is ar_sampler's predictor."""
+    from marval_jax.losses.gsim import onestep_predictor
+    from marval_jax.models.generator import one_step
+    from marval_jax.sampling import ar_sampler
+    graphdef, gen, _, _, _ = tiny
+    model = nnx.merge(graphdef, gen)
+    zc, rng = _rand((6, CFG.decoder_embed_dim), 5), jax.random.PRNGKey(4)
+    np.testing.assert_array_equal(onestep_predictor(700)(model, zc, None, 1.0, rng),
+                                  ar_sampler.onestep_predictor(700)(model, zc, None, 1.0, rng))
+    noise = jax.random.normal(rng, (6, CFG.token_dim), jnp.float32)
+    np.testing.assert_allclose(onestep_predictor(700, 0.5)(model, zc, None, 1.0, rng),
+                               one_step(model.head, 0.5 * noise, zc, 700), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_scale"):
+        make_gsim_losses({}, {"noise_scale": 0.0}, CFG)
