@@ -51,6 +51,8 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
         guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
         mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
+        context_mask_ratio="mar",      # contexts' masked count: "mar" (above) | "uniform" U(0,1] | "inference"
+        context_num_iter=64,           # "inference": masked count at a uniform step of MAR's K-step cosine schedule
         fake_steps_per_generator_step=1,   # fake-score updates before each generator update
     )
     cfg.update(overrides)

@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
@@ -182,15 +183,50 @@ def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
     return r * 0.25 + 1.0
 
 
+CONTEXT_LAWS = ("mar", "uniform", "inference")
+
+
+def _inference_masked(seq_len: int, num_iter: int) -> np.ndarray:
+    from marval_jax.sampling.schedule import ar_schedule
+    return ar_schedule(seq_len, num_iter).masked_before
+
+
+def min_masked(seq_len: int, law: str, mask_ratio_min: float, num_iter: int = 64) -> int:
+    """The fewest masked tokens a context of `law` can have (sets the static encoder length)."""
+    if law == "mar":
+        return int(math.ceil(seq_len * mask_ratio_min))
+    if law == "uniform":
+        return 1
+    if law == "inference":
+        return int(np.min(_inference_masked(seq_len, num_iter)))
+    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+
+
+def sample_num_masked(rng: jax.Array, seq_len: int, law: str, mask_ratio_min: float,
+                      num_iter: int = 64) -> jax.Array:
+    """Masked tokens of one batch's context, () int32: "mar" ceil(S r), r ~ TruncNormal(1, 0.25) on
+    [mask_ratio_min, 1]; "uniform" ceil(S r), r ~ U(0, 1), at least 1; "inference" the tokens still masked when
+    step k of MAR's K = num_iter cosine schedule starts, k ~ U{0..K-1} (the contexts the sampler meets)."""
+    if law == "mar":
+        ratio = sample_mask_ratio(rng, mask_ratio_min)
+        lo = min_masked(seq_len, law, mask_ratio_min)
+        return jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
+    if law == "uniform":
+        r = jax.random.uniform(rng, (), jnp.float32)
+        return jnp.clip(jnp.ceil(seq_len * r).astype(jnp.int32), 1, seq_len)
+    if law == "inference":
+        before = jnp.asarray(_inference_masked(seq_len, num_iter), jnp.int32)
+        return before[jax.random.randint(rng, (), 0, num_iter)]
+    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+
+
 def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float, *,
-                   return_gen_rank: bool = False):
-    """One mask ratio per batch, a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ()),
+                   return_gen_rank: bool = False, law: str = "mar", num_iter: int = 64):
+    """One number of masked tokens per batch (`sample_num_masked` of `law`), a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ()),
     and with `return_gen_rank` also each position's generation rank (B, S) int32 in that order
     (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
-    ratio = sample_mask_ratio(r_ratio, mask_ratio_min)
-    lo = int(math.ceil(seq_len * mask_ratio_min))
-    num_masked = jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
+    num_masked = sample_num_masked(r_ratio, seq_len, law, mask_ratio_min, num_iter)
     orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
     rank = jnp.argsort(orders, axis=1)
     mask = (rank < num_masked).astype(jnp.float32)
@@ -251,6 +287,8 @@ class GSIMSettings:
     guidance_scale: float = 1.2
     guidance_schedule: str = "constant"
     mask_ratio_min: float = 0.7
+    context_mask_ratio: str = "mar"
+    context_num_iter: int = 64
     stop_grad_dprime: bool = False
     l2_weight: float = 1.0
     t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
@@ -267,6 +305,11 @@ class GSIMSettings:
                              f"got {self.t_min}, {self.t_max}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
             raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+        if self.context_mask_ratio not in CONTEXT_LAWS:
+            raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {self.context_mask_ratio!r}")
+        if self.context_mask_ratio == "inference" and not 1 <= self.context_num_iter <= model_cfg.seq_len:
+            raise ValueError(f"gsim.context_num_iter must be in [1, seq_len={model_cfg.seq_len}] for "
+                             f"context_mask_ratio='inference', got {self.context_num_iter}")
         if not 0.0 < self.mask_ratio_min <= 1.0:
             raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
@@ -318,11 +361,14 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     st = GSIMSettings(**{**kw, "t_min": int(kw["t_min"]), "t_max": int(kw["t_max"]),
                          "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
                          "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"]),
+                         "context_num_iter": int(kw["context_num_iter"]),
                          "stop_grad_dprime": bool(kw["stop_grad_dprime"]), "l2_weight": float(kw["l2_weight"])})
     st.validate(model_cfg)
     chain = _chain()
     s, c = model_cfg.seq_len, model_cfg.token_dim
-    enc_len = train_encoder_len(model_cfg, st.mask_ratio_min)
+    enc_len = (train_encoder_len(model_cfg, st.mask_ratio_min) if st.context_mask_ratio == "mar" else
+               model_cfg.buffer_size + s - min_masked(s, st.context_mask_ratio, st.mask_ratio_min,
+                                                      st.context_num_iter))
     use_guidance = st.guidance_scale != 1.0
     causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
 
@@ -333,7 +379,8 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
             raise ValueError(f"batch['tokens'] must be (B, {s}, {c}), got {tokens.shape}")
         if labels.shape != tokens.shape[:1]:
             raise ValueError(f"batch['labels'] must be ({tokens.shape[0]},), got {labels.shape}")
-        mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True)
+        mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True,
+                                                law=st.context_mask_ratio, num_iter=st.context_num_iter)
         return tokens, labels, mask, num_masked, rank if causal else None
 
     def generate(gen, tokens, labels, mask, rank, rng):

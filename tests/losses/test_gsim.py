@@ -510,3 +510,47 @@ def test_onestep_predictor_scales_the_input_noise(tiny):
                                one_step(model.head, 0.5 * noise, zc, 700), rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="noise_scale"):
         make_gsim_losses({}, {"noise_scale": 0.0}, CFG)
+
+
+def test_context_mask_ratio_laws():
+    """Counts of masked tokens per law over 2000 keys (tolerances: 4 standard errors of a mean / frequency)."""
+    from marval_jax.losses.gsim import min_masked, sample_num_masked
+    from marval_jax.sampling.schedule import ar_schedule
+    s, n = 16, 2000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    draw = lambda law, k=64: np.asarray(jax.vmap(lambda r: sample_num_masked(r, s, law, 0.7, k))(keys))
+    mar = draw("mar")
+    assert mar.min() >= math.ceil(0.7 * s) == min_masked(s, "mar", 0.7) and mar.max() == s
+    uni = draw("uniform")    # ceil(S U(0, 1)): uniform on 1..S
+    assert uni.min() == 1 == min_masked(s, "uniform", 0.7) and uni.max() == s
+    assert abs(uni.mean() - (s + 1) / 2) < 4 * math.sqrt((s * s - 1) / 12 / n)
+    before = ar_schedule(s, 4).masked_before         # [16, 14, 11, 6]: masked when each of the K = 4 steps starts
+    inf = draw("inference", 4)
+    assert set(inf.tolist()) == set(before.tolist()) and min_masked(s, "inference", 0.7, 4) == before.min()
+    for v in before:
+        assert abs(np.mean(inf == v) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+    mask, k = sample_context(keys[0], 5, s, 0.7, law="uniform")
+    np.testing.assert_array_equal(mask.sum(1), int(k))
+    with pytest.raises(ValueError, match="context_mask_ratio"):
+        make_gsim_losses({"context_mask_ratio": "beta"}, {}, CFG)
+    with pytest.raises(ValueError, match="context_num_iter"):
+        make_gsim_losses({"context_mask_ratio": "inference", "context_num_iter": CFG.seq_len + 1}, {}, CFG)
+
+
+def test_context_mask_ratio_in_the_loss(tiny):
+    """The law reaches the generator's contexts: the loss's num_masked is the law's draw for its context key (a key
+    where both laws give fewer masked tokens than MAR's law allows), and the encoder length fits it."""
+    from marval_jax.sampling.schedule import ar_schedule
+    s, lo = CFG.seq_len, math.ceil(0.7 * CFG.seq_len)
+    for law, extra in (("uniform", {}), ("inference", {"context_num_iter": 4})):
+        losses = make_gsim_losses({**UNGUIDED, "context_mask_ratio": law, **extra}, {}, CFG)
+        fewest = 1 if law == "uniform" else int(ar_schedule(s, 4).masked_before.min())
+        assert losses.enc_len == CFG.buffer_size + s - fewest
+        for i in range(50):
+            r_ctx = jax.random.split(jax.random.PRNGKey(i), 4)[0]
+            expected = int(sample_context(r_ctx, 3, s, 0.7, law=law, num_iter=extra.get("context_num_iter", 64))[1])
+            if expected < lo:
+                break
+        assert expected < lo
+        _, m = _gen_loss(tiny, {"context_mask_ratio": law, **extra}, rng=i)
+        assert int(m["num_masked"]) == expected
