@@ -18,7 +18,8 @@ y is in score units; gsim.weighting "sid" first scales y and the L1 residual to 
 weights the score-unit terms by beta_t (`gsim_weights`; docs/gsim.md derives both).
 
 Teacher and fake-score PARAMETERS are frozen (stop_gradient) but gradients flow through their inputs x_t, and d'(y)
-is NOT stop-gradiented (`gsim.stop_grad_dprime` = True is the ablation that does): then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
+is NOT stop-gradiented (`gsim.stop_grad_dprime` = True is the ablation that does): then grad(L1 + L2) is the
+total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
 the student's score (tests/losses/test_gsim.py checks this in closed form).
 
 The core math is in small pure functions over arrays (`distance_terms`, `gsim_terms`, `gsim_weights`,
@@ -222,7 +223,8 @@ def sample_num_masked(rng: jax.Array, seq_len: int, law: str, mask_ratio_min: fl
 
 def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float, *,
                    return_gen_rank: bool = False, law: str = "mar", num_iter: int = 64):
-    """One number of masked tokens per batch (`sample_num_masked` of `law`), a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ()),
+    """One number of masked tokens per batch (`sample_num_masked` of `law`), a random order per sample:
+    (mask (B, S) float32 with 1 = masked, num_masked ()),
     and with `return_gen_rank` also each position's generation rank (B, S) int32 in that order
     (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
