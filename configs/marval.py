@@ -42,6 +42,8 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         distance="pseudo_huber",       # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
         huber_r=1e-5,                  # r of the pseudo-Huber distance
         use_l2_term=True,              # L = L1 + L2; False drops L2 = d(y) (SiD alpha = 1 form, biased gradient)
+        l2_weight=1.0,                 # alpha in L = L1 + alpha L2 (1: the true gradient; SiD's alpha 1.2 is -0.4)
+        stop_grad_dprime=False,        # True: d'(y) in L1 under stop_gradient (the SIM paper's form, biased)
         norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
         t_min=20,                      # diffusion timesteps of L, uniform in [t_min, t_max] of the 1000-step chain
         t_max=980,
@@ -49,6 +51,8 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
         guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
         mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
+        context_mask_ratio="mar",      # contexts' masked count: "mar" (above) | "uniform" U(0,1] | "inference"
+        context_num_iter=64,           # "inference": masked count at a uniform step of MAR's K-step cosine schedule
         fake_steps_per_generator_step=1,   # fake-score updates before each generator update
     )
     cfg.update(overrides)
@@ -80,6 +84,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.generator = role_config(
         t_init=T_INIT,          # head timestep of the one-step generator (alpha_bar ~ 0.14)
         trainable="all",        # "all" | "head_only" (only diffloss_net/... gets gradient and updates)
+        noise_scale=1.0,        # the one-step input x ~ N(0, noise_scale^2 I), head still called at t_init
         lr=1e-5, ema_decay=0.999)
     cfg.fake_score = role_config(lr=1e-5, ema_decay=0.0)
     cfg.data = mlc.ConfigDict(teacher.data.to_dict())

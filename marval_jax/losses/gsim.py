@@ -11,13 +11,15 @@ per sample; the generator predicts ALL masked tokens with one head call at t_ini
 ground-truth visible tokens and the class. x0 = visible ground truth + generated masked tokens; only the masked
 tokens are diffused (x_t = sqrt(abar_t) x0 + sigma_t eps) and enter the loss. With y = (eps_p^w - eps_phi) / sigma_t:
 
-  L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)        L = weight(t) * (L1 + [use_l2_term] L2)
+  L1 = - d'(y) . (eps - eps_phi) / sigma_t        L2 = d(y)
+  L = weight(t) * (L1 + alpha L2),  alpha = gsim.l2_weight (1), 0 when gsim.use_l2_term is False
 
 y is in score units; gsim.weighting "sid" first scales y and the L1 residual to x0 units (`residual_scale`), "kl"
 weights the score-unit terms by beta_t (`gsim_weights`; docs/gsim.md derives both).
 
 Teacher and fake-score PARAMETERS are frozen (stop_gradient) but gradients flow through their inputs x_t, and d'(y)
-is NOT stop-gradiented: then grad(L1 + L2) is the total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
+is NOT stop-gradiented (`gsim.stop_grad_dprime` = True is the ablation that does): then grad(L1 + L2) is the
+total derivative of E_{x_t ~ q_theta} d(s_q - s_p) when s_phi is
 the student's score (tests/losses/test_gsim.py checks this in closed form).
 
 The core math is in small pure functions over arrays (`distance_terms`, `gsim_terms`, `gsim_weights`,
@@ -32,6 +34,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
@@ -79,7 +82,8 @@ def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
 def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Array, sigma: jax.Array, *,
                distance: str = "pseudo_huber", huber_r: float = 1e-5, use_l2_term: bool = True,
                norm_axes: str = "token", mask: jax.Array | None = None,
-               unit_scale: jax.Array | float = 1.0) -> dict[str, jax.Array]:
+               unit_scale: jax.Array | float = 1.0, l2_weight: float = 1.0,
+               stop_grad_dprime: bool = False) -> dict[str, jax.Array]:
     """Per-group GSIM terms. Arrays (B, S, C) (any (B, ..., C)); sigma broadcastable to them; mask (B, S) with
     1 = token in the loss (masked by the AR context), None = all.
 
@@ -88,8 +92,9 @@ def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Arra
     sees f_phi - f_p, the difference of the two x0-predictions).
 
     Groups: norm_axes "token" -> one per token, outputs (B, S); "image" -> one per sample over its masked tokens'
-    channels, outputs (B,). Returns y_norm = |y|, l1, l2 (zero when use_l2_term is False) and loss = l1 + l2.
-    Nothing is stop-gradiented here: d'(y) keeps its gradient (see the module docstring).
+    channels, outputs (B,). Returns y_norm = |y|, l1, l2 = l2_weight * d(y) (zero when use_l2_term is False) and
+    loss = l1 + l2. By default nothing is stop-gradiented: d'(y) keeps its gradient (see the module docstring);
+    `stop_grad_dprime` puts d'(y) in L1 under stop_gradient (the SIM paper's form: same value, other gradient).
     """
     y = unit_scale * (eps_teacher_guided - eps_fake) / sigma
     g = unit_scale * (eps - eps_fake) / sigma        # s_phi(x_t) - grad log q(x_t | x0)
@@ -99,8 +104,11 @@ def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Arra
     axes = _group_axes(y.ndim, norm_axes)
     sq = jnp.sum(y * y, axis=axes)
     d, c = distance_terms(sq, distance, huber_r)
-    l1 = -c * jnp.sum(y * g, axis=axes)
-    l2 = d if use_l2_term else jnp.zeros_like(d)
+    if stop_grad_dprime:
+        l1 = -jnp.sum(jax.lax.stop_gradient(jnp.expand_dims(c, axes) * y) * g, axis=axes)
+    else:
+        l1 = -c * jnp.sum(y * g, axis=axes)
+    l2 = l2_weight * d if use_l2_term else jnp.zeros_like(d)
     return {"y_norm": jnp.sqrt(sq), "l1": l1, "l2": l2, "loss": l1 + l2}
 
 
@@ -176,15 +184,51 @@ def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
     return r * 0.25 + 1.0
 
 
+CONTEXT_LAWS = ("mar", "uniform", "inference")
+
+
+def _inference_masked(seq_len: int, num_iter: int) -> np.ndarray:
+    from marval_jax.sampling.schedule import ar_schedule
+    return ar_schedule(seq_len, num_iter).masked_before
+
+
+def min_masked(seq_len: int, law: str, mask_ratio_min: float, num_iter: int = 64) -> int:
+    """The fewest masked tokens a context of `law` can have (sets the static encoder length)."""
+    if law == "mar":
+        return int(math.ceil(seq_len * mask_ratio_min))
+    if law == "uniform":
+        return 1
+    if law == "inference":
+        return int(np.min(_inference_masked(seq_len, num_iter)))
+    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+
+
+def sample_num_masked(rng: jax.Array, seq_len: int, law: str, mask_ratio_min: float,
+                      num_iter: int = 64) -> jax.Array:
+    """Masked tokens of one batch's context, () int32: "mar" ceil(S r), r ~ TruncNormal(1, 0.25) on
+    [mask_ratio_min, 1]; "uniform" ceil(S r), r ~ U(0, 1), at least 1; "inference" the tokens still masked when
+    step k of MAR's K = num_iter cosine schedule starts, k ~ U{0..K-1} (the contexts the sampler meets)."""
+    if law == "mar":
+        ratio = sample_mask_ratio(rng, mask_ratio_min)
+        lo = min_masked(seq_len, law, mask_ratio_min)
+        return jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
+    if law == "uniform":
+        r = jax.random.uniform(rng, (), jnp.float32)
+        return jnp.clip(jnp.ceil(seq_len * r).astype(jnp.int32), 1, seq_len)
+    if law == "inference":
+        before = jnp.asarray(_inference_masked(seq_len, num_iter), jnp.int32)
+        return before[jax.random.randint(rng, (), 0, num_iter)]
+    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+
+
 def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float, *,
-                   return_gen_rank: bool = False):
-    """One mask ratio per batch, a random order per sample: (mask (B, S) float32 with 1 = masked, num_masked ()),
+                   return_gen_rank: bool = False, law: str = "mar", num_iter: int = 64):
+    """One number of masked tokens per batch (`sample_num_masked` of `law`), a random order per sample:
+    (mask (B, S) float32 with 1 = masked, num_masked ()),
     and with `return_gen_rank` also each position's generation rank (B, S) int32 in that order
     (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
-    ratio = sample_mask_ratio(r_ratio, mask_ratio_min)
-    lo = int(math.ceil(seq_len * mask_ratio_min))
-    num_masked = jnp.clip(jnp.ceil(seq_len * ratio).astype(jnp.int32), lo, seq_len)
+    num_masked = sample_num_masked(r_ratio, seq_len, law, mask_ratio_min, num_iter)
     orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
     rank = jnp.argsort(orders, axis=1)
     mask = (rank < num_masked).astype(jnp.float32)
@@ -196,6 +240,18 @@ def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: flo
 def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: int) -> jax.Array:
     """Uniform integer timesteps in [t_min, t_max] (inclusive) of the 1000-step chain."""
     return jax.random.randint(rng, shape, t_min, t_max + 1, jnp.int32)
+
+
+def onestep_predictor(t_init: int, noise_scale: float = 1.0):
+    """The AR sampler's predictor of the one-step generator (`sampling.ar_sampler` Predictor signature): one head
+    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`); no CFG (distilled in).
+    noise_scale 1 is `ar_sampler.onestep_predictor(t_init)`."""
+    def predict(model, zc, zu, cfg_scale, rng):
+        del zu, cfg_scale
+        noise = noise_scale * jax.random.normal(rng, (zc.shape[0], model.cfg.token_dim), jnp.float32)
+        return one_step(model.head, noise, zc, t_init)
+
+    return predict
 
 
 def trainable_mask(params: Any, trainable: str) -> Any:
@@ -233,8 +289,13 @@ class GSIMSettings:
     guidance_scale: float = 1.2
     guidance_schedule: str = "constant"
     mask_ratio_min: float = 0.7
+    context_mask_ratio: str = "mar"
+    context_num_iter: int = 64
+    stop_grad_dprime: bool = False
+    l2_weight: float = 1.0
     t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
     trainable: str = "all"
+    noise_scale: float = 1.0                    # the one-step input x ~ N(0, noise_scale^2 I) (generator section)
 
     def validate(self, model_cfg: MARConfig) -> None:
         for field, allowed in (("distance", DISTANCES), ("norm_axes", NORM_AXES), ("weighting", WEIGHTINGS),
@@ -246,8 +307,17 @@ class GSIMSettings:
                              f"got {self.t_min}, {self.t_max}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
             raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+        if self.context_mask_ratio not in CONTEXT_LAWS:
+            raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {self.context_mask_ratio!r}")
+        if self.context_mask_ratio == "inference" and not 1 <= self.context_num_iter <= model_cfg.seq_len:
+            raise ValueError(f"gsim.context_num_iter must be in [1, seq_len={model_cfg.seq_len}] for "
+                             f"context_mask_ratio='inference', got {self.context_num_iter}")
         if not 0.0 < self.mask_ratio_min <= 1.0:
             raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise ValueError(f"generator.noise_scale must be a finite float > 0, got {self.noise_scale}")
+        if not math.isfinite(self.l2_weight):
+            raise ValueError(f"gsim.l2_weight must be a finite float, got {self.l2_weight}")
         if self.huber_r <= 0 and self.distance == "pseudo_huber":
             raise ValueError(f"gsim.huber_r must be > 0, got {self.huber_r}")
 
@@ -262,6 +332,7 @@ class GSIMLosses:
 
 
 _LOOP_FIELDS = ("fake_steps_per_generator_step",)   # gsim fields read by the training loop, not by the losses
+_GENERATOR_FIELDS = ("t_init", "trainable", "noise_scale")   # settings read from the generator section
 
 
 def _keys(cfg: Any) -> list[str]:
@@ -280,21 +351,26 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
     the defaults of marval_method.md section 2) and the shared MAR architecture."""
     defaults = GSIMSettings()
-    known = {f.name for f in dataclasses.fields(GSIMSettings)} - {"t_init", "trainable"} | set(_LOOP_FIELDS)
+    known = {f.name for f in dataclasses.fields(GSIMSettings)} - set(_GENERATOR_FIELDS) | set(_LOOP_FIELDS)
     unknown = sorted(set(_keys(gsim_cfg)) - known)
     if unknown:
         raise ValueError(f"unknown gsim fields {unknown}; known: {sorted(known)}")
     kw = {f.name: _get(gsim_cfg, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(GSIMSettings)
-          if f.name not in ("t_init", "trainable")}
+          if f.name not in _GENERATOR_FIELDS}
     kw["t_init"] = int(_get(generator_cfg, "t_init", defaults.t_init))
     kw["trainable"] = _get(generator_cfg, "trainable", defaults.trainable)
+    kw["noise_scale"] = float(_get(generator_cfg, "noise_scale", defaults.noise_scale))
     st = GSIMSettings(**{**kw, "t_min": int(kw["t_min"]), "t_max": int(kw["t_max"]),
                          "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
-                         "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"])})
+                         "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"]),
+                         "context_num_iter": int(kw["context_num_iter"]),
+                         "stop_grad_dprime": bool(kw["stop_grad_dprime"]), "l2_weight": float(kw["l2_weight"])})
     st.validate(model_cfg)
     chain = _chain()
     s, c = model_cfg.seq_len, model_cfg.token_dim
-    enc_len = train_encoder_len(model_cfg, st.mask_ratio_min)
+    enc_len = (train_encoder_len(model_cfg, st.mask_ratio_min) if st.context_mask_ratio == "mar" else
+               model_cfg.buffer_size + s - min_masked(s, st.context_mask_ratio, st.mask_ratio_min,
+                                                      st.context_num_iter))
     use_guidance = st.guidance_scale != 1.0
     causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
 
@@ -305,7 +381,8 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
             raise ValueError(f"batch['tokens'] must be (B, {s}, {c}), got {tokens.shape}")
         if labels.shape != tokens.shape[:1]:
             raise ValueError(f"batch['labels'] must be ({tokens.shape[0]},), got {labels.shape}")
-        mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True)
+        mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True,
+                                                law=st.context_mask_ratio, num_iter=st.context_num_iter)
         return tokens, labels, mask, num_masked, rank if causal else None
 
     def generate(gen, tokens, labels, mask, rank, rng):
@@ -314,7 +391,7 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         if st.trainable == "head_only":
             z = jax.lax.stop_gradient(z)
-        noise = jax.random.normal(rng, (b * s, c), jnp.float32)
+        noise = st.noise_scale * jax.random.normal(rng, (b * s, c), jnp.float32)
         x_gen = one_step(gen.head, noise, z.reshape(b * s, -1), st.t_init).reshape(b, s, c)
         x0 = jnp.where(mask[:, :, None] > 0.5, x_gen, tokens)
         return x_gen, x0
@@ -355,7 +432,8 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
 
         unit = jax.lax.stop_gradient(residual_scale(st.weighting, t))[:, None, None]
         terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=st.huber_r,
-                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit)
+                           use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit,
+                           l2_weight=st.l2_weight, stop_grad_dprime=st.stop_grad_dprime)
         t_group = t_tok if st.norm_axes == "token" else t
         x0_teacher = chain.predict_xstart_from_eps(xt, t, eps_p) if st.weighting == "sid" else None
         weight = jax.lax.stop_gradient(gsim_weights(st.weighting, t=t_group, x0=x0, x0_teacher=x0_teacher,

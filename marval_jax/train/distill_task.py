@@ -9,7 +9,7 @@ import optax
 from flax import nnx
 
 from marval_jax.checkpoints.load import load_model_params
-from marval_jax.losses.gsim import make_gsim_losses, trainable_mask
+from marval_jax.losses.gsim import make_gsim_losses, onestep_predictor, trainable_mask
 from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
 from marval_jax.train.loop import Task
@@ -76,7 +76,8 @@ def make_distill_task(config) -> Task:
     spec = ar_sampler.SamplerSpec(num_iter=tc.sample_num_iter, num_buckets=config.sample.num_buckets)
 
     def sample_images(state, rng):
-        fn = ar_sampler.make_sampler(graphdef, spec, ar_sampler.onestep_predictor(int(config.generator.t_init)),
+        predictor = onestep_predictor(losses.settings.t_init, losses.settings.noise_scale)
+        fn = ar_sampler.make_sampler(graphdef, spec, predictor,
                                      seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         return decode(fn(state.generator.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
 

@@ -341,9 +341,11 @@ def test_trainable_head_only_and_frozen_roles(tiny):
     np.testing.assert_allclose(lf, mf["mse"] + mf["vb"], rtol=1e-5)
 
 
-def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny):
+@pytest.mark.parametrize("noise_scale", [1.0, 0.5])
+def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny, noise_scale):
+    """...on the generator's one-step tokens from x ~ N(0, noise_scale^2 I) (generator.noise_scale)."""
     graphdef, gen, fake, _, batch = tiny
-    losses = make_gsim_losses(UNGUIDED, {"t_init": 700}, CFG)
+    losses = make_gsim_losses(UNGUIDED, {"t_init": 700, "noise_scale": noise_scale}, CFG)
     rng = jax.random.PRNGKey(3)
     loss, _ = losses.fake_score_loss(graphdef, fake, gen, batch, rng)
     # recompute by hand with the same key usage
@@ -354,7 +356,7 @@ def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny):
     g, f = nnx.merge(graphdef, gen), nnx.merge(graphdef, fake)
     enc_len = losses.enc_len
     zg = g.condition(batch["tokens"], mask, g.class_embedding(batch["labels"]), enc_len=enc_len)
-    x_gen = one_step(g.head, jax.random.normal(r_gen, (b * s, c)), zg.reshape(b * s, -1), 700)
+    x_gen = one_step(g.head, noise_scale * jax.random.normal(r_gen, (b * s, c)), zg.reshape(b * s, -1), 700)
     t = jax.random.randint(r_t, (b * s,), 0, 1000)
     eps = jax.random.normal(r_eps, (b * s, c))
     xt = CHAIN.q_sample(x_gen, t, eps)
@@ -437,3 +439,121 @@ def test_causal_mar_roles_condition_in_the_contexts_generation_order(tiny):
     guided = make_gsim_losses({"guidance_scale": 2.0}, {}, ccfg)
     gl, metrics = guided.generator_loss(graphdef, gen, fake, tch, batch, jax.random.PRNGKey(4))
     assert np.isfinite(float(gl)) and float(metrics["guidance"]) == 2.0
+
+
+@pytest.mark.parametrize("norm_axes", ["token", "image"])
+def test_stop_grad_dprime_keeps_the_value_and_drops_the_dprime_gradient(norm_axes):
+    """squared_l2: L1 = -2 y.g with y = (eps_p - eps_f)/sigma, g = (eps - eps_f)/sigma. d L1 / d eps_f is
+    2 (y + g)/sigma with d'(y) = 2y differentiated and 2 y/sigma with it held (only g moves); same value."""
+    b, s, c = 2, 3, 4
+    sig = jnp.asarray([[[0.3]], [[0.9]]], jnp.float32)
+    eps_p, eps_f, eps = (_rand((b, s, c), 10 + i) for i in range(3))
+    y, g = (eps_p - eps_f) / sig, (eps - eps_f) / sig
+
+    def l1(ef, stop):
+        return jnp.sum(gsim_terms(eps_p, ef, eps, sig, distance="squared_l2", norm_axes=norm_axes,
+                                  stop_grad_dprime=stop)["l1"])
+
+    np.testing.assert_allclose(l1(eps_f, True), l1(eps_f, False), rtol=1e-6)
+    # float32 sums of 24 products of O(1 / 0.3^2) terms: relative error ~ 24 * 6e-8
+    np.testing.assert_allclose(jax.grad(l1)(eps_f, True), 2 * y / sig, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.grad(l1)(eps_f, False), 2 * (y + g) / sig, rtol=1e-5, atol=1e-5)
+
+
+def test_l2_weight_is_alpha_and_sids_alpha_maps_to_it():
+    """L = L1 + alpha L2; with squared_l2, L1 + alpha L2 = 2 SiD(1 - alpha / 2), so SiD's alpha 1.2 is alpha -0.4."""
+    b, s, c = 3, 5, 4
+    t = jnp.array([100, 500, 900])
+    a = jnp.sqrt(jnp.asarray(ABAR, jnp.float32)[t])[:, None, None]
+    sig = jnp.sqrt(1.0 - a ** 2)
+    x0, eps, f_p, f_phi = (_rand((b, s, c), i) for i in range(4))
+    xt = a * x0 + sig * eps
+    eps_p, eps_phi = (xt - a * f_p) / sig, (xt - a * f_phi) / sig
+    sid = lambda alpha: ((1 - alpha) * jnp.sum((f_p - f_phi) ** 2, -1) + jnp.sum((f_p - f_phi) * (f_phi - x0), -1)) \
+        * (a[..., 0] ** 2 / sig[..., 0] ** 4)
+    terms = lambda **kw: gsim_terms(eps_p, eps_phi, eps, sig, distance="squared_l2", **kw)
+    np.testing.assert_allclose(terms(l2_weight=-0.4)["loss"], 2 * sid(1.2), rtol=2e-4, atol=1e-4)
+    np.testing.assert_allclose(terms(l2_weight=-0.4)["l2"], -0.4 * terms()["l2"], rtol=1e-6)
+    np.testing.assert_array_equal(terms(l2_weight=3.0, use_l2_term=False)["l2"], 0.0)   # the shorthand wins
+
+
+def test_l2_weight_and_stop_grad_dprime_in_the_loss(tiny):
+    graphdef, gen, fake, tch, batch = tiny
+    _, m1 = _gen_loss(tiny)
+    l25, m25 = _gen_loss(tiny, {"l2_weight": 2.5})
+    np.testing.assert_allclose(m25["l2"], 2.5 * m1["l2"], rtol=1e-5)
+    np.testing.assert_allclose(m25["l1"], m1["l1"], rtol=1e-6)
+    np.testing.assert_allclose(l25, m25["l1"] + m25["l2"], rtol=1e-5)
+    rng = jax.random.PRNGKey(0)
+    grads = {}
+    for stop in (False, True):
+        losses = make_gsim_losses({**UNGUIDED, "stop_grad_dprime": stop}, {}, CFG)
+        (loss, _), grads[stop] = jax.value_and_grad(
+            lambda p: losses.generator_loss(graphdef, p, fake, tch, batch, rng), has_aux=True)(gen)
+        grads[stop, "loss"] = loss
+    np.testing.assert_allclose(grads[True, "loss"], grads[False, "loss"], rtol=1e-6)
+    diff = sum(float(jnp.sum(jnp.abs(a - b))) for a, b in zip(jax.tree.leaves(grads[True]),
+                                                                 jax.tree.leaves(grads[False])))
+    total = sum(float(jnp.sum(jnp.abs(a))) for a in jax.tree.leaves(grads[False]))
+    assert diff > 1e-2 * total   # the dropped d'(y) path is a large part of the gradient, not rounding
+
+
+def test_onestep_predictor_scales_the_input_noise(tiny):
+    """The sampler's predictor uses generator.noise_scale like the losses; scale 1 is ar_sampler's predictor."""
+    from marval_jax.losses.gsim import onestep_predictor
+    from marval_jax.models.generator import one_step
+    from marval_jax.sampling import ar_sampler
+    graphdef, gen, _, _, _ = tiny
+    model = nnx.merge(graphdef, gen)
+    zc, rng = _rand((6, CFG.decoder_embed_dim), 5), jax.random.PRNGKey(4)
+    np.testing.assert_array_equal(onestep_predictor(700)(model, zc, None, 1.0, rng),
+                                  ar_sampler.onestep_predictor(700)(model, zc, None, 1.0, rng))
+    noise = jax.random.normal(rng, (6, CFG.token_dim), jnp.float32)
+    np.testing.assert_allclose(onestep_predictor(700, 0.5)(model, zc, None, 1.0, rng),
+                               one_step(model.head, 0.5 * noise, zc, 700), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="noise_scale"):
+        make_gsim_losses({}, {"noise_scale": 0.0}, CFG)
+
+
+def test_context_mask_ratio_laws():
+    """Counts of masked tokens per law over 2000 keys (tolerances: 4 standard errors of a mean / frequency)."""
+    from marval_jax.losses.gsim import min_masked, sample_num_masked
+    from marval_jax.sampling.schedule import ar_schedule
+    s, n = 16, 2000
+    keys = jax.random.split(jax.random.PRNGKey(0), n)
+    draw = lambda law, k=64: np.asarray(jax.vmap(lambda r: sample_num_masked(r, s, law, 0.7, k))(keys))
+    mar = draw("mar")
+    assert mar.min() >= math.ceil(0.7 * s) == min_masked(s, "mar", 0.7) and mar.max() == s
+    uni = draw("uniform")    # ceil(S U(0, 1)): uniform on 1..S
+    assert uni.min() == 1 == min_masked(s, "uniform", 0.7) and uni.max() == s
+    assert abs(uni.mean() - (s + 1) / 2) < 4 * math.sqrt((s * s - 1) / 12 / n)
+    before = ar_schedule(s, 4).masked_before         # [16, 14, 11, 6]: masked when each of the K = 4 steps starts
+    inf = draw("inference", 4)
+    assert set(inf.tolist()) == set(before.tolist()) and min_masked(s, "inference", 0.7, 4) == before.min()
+    for v in before:
+        assert abs(np.mean(inf == v) - 0.25) < 4 * math.sqrt(0.25 * 0.75 / n)
+    mask, k = sample_context(keys[0], 5, s, 0.7, law="uniform")
+    np.testing.assert_array_equal(mask.sum(1), int(k))
+    with pytest.raises(ValueError, match="context_mask_ratio"):
+        make_gsim_losses({"context_mask_ratio": "beta"}, {}, CFG)
+    with pytest.raises(ValueError, match="context_num_iter"):
+        make_gsim_losses({"context_mask_ratio": "inference", "context_num_iter": CFG.seq_len + 1}, {}, CFG)
+
+
+def test_context_mask_ratio_in_the_loss(tiny):
+    """The law reaches the generator's contexts: the loss's num_masked is the law's draw for its context key (a key
+    where both laws give fewer masked tokens than MAR's law allows), and the encoder length fits it."""
+    from marval_jax.sampling.schedule import ar_schedule
+    s, lo = CFG.seq_len, math.ceil(0.7 * CFG.seq_len)
+    for law, extra in (("uniform", {}), ("inference", {"context_num_iter": 4})):
+        losses = make_gsim_losses({**UNGUIDED, "context_mask_ratio": law, **extra}, {}, CFG)
+        fewest = 1 if law == "uniform" else int(ar_schedule(s, 4).masked_before.min())
+        assert losses.enc_len == CFG.buffer_size + s - fewest
+        for i in range(50):
+            r_ctx = jax.random.split(jax.random.PRNGKey(i), 4)[0]
+            expected = int(sample_context(r_ctx, 3, s, 0.7, law=law, num_iter=extra.get("context_num_iter", 64))[1])
+            if expected < lo:
+                break
+        assert expected < lo
+        _, m = _gen_loss(tiny, {"context_mask_ratio": law, **extra}, rng=i)
+        assert int(m["num_masked"]) == expected

@@ -1,0 +1,115 @@
+"""The ablation runner (marval_jax/tools/ablate.py) on the tiny config: a 2 x 2 grid distilled from the session's
+tiny teacher, stopped by a real SIGTERM after two variants and resumed; the table, the JSON and the plot; one-line
+errors for bad sweep keys and values."""
+import json
+import os
+import signal
+
+import pytest
+from PIL import Image
+
+from marval_jax.tools import ablate as ablate_lib
+from marval_jax.user_errors import call_cli
+from tests.train.conftest import tiny_teacher  # noqa: F401 - the session fixture (tests/train/conftest.py)
+
+SWEEPS = ["gsim.weighting=none,kl", "gsim.use_l2_term=True,False"]
+NAMES = ["weighting-none__use_l2_term-True", "weighting-none__use_l2_term-False",
+         "weighting-kl__use_l2_term-True", "weighting-kl__use_l2_term-False"]
+QUIET = ["train.sample_every=0", "train.log_every=1"]
+
+
+def _stat(path):
+    with open(path, "rb") as f:
+        return os.stat(path).st_mtime_ns, f.read()
+
+
+def test_sweep_stops_on_sigterm_resumes_and_writes_the_table(tmp_path, tiny_teacher, capsys):  # noqa: F811
+    from marval_jax.checkpoints import manager as ckpt
+    out = str(tmp_path / "ablate")
+    run = lambda **kw: ablate_lib.ablate("configs/marval.py:tiny", SWEEPS, steps=2, eval_samples=4, out=out,
+                                         sets=QUIET, teacher=tiny_teacher, **kw)
+    finished = []
+
+    def kill_after_two(name, result):
+        finished.append(name)
+        if len(finished) == 2:   # the real signal: the loop's handler saves at the next step and returns early
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    try:
+        assert run(on_variant=kill_after_two) is None
+    finally:
+        ckpt._SIGTERM.clear()  # pylint: disable=protected-access - the flag the signal set (the process goes on)
+    runs = os.path.join(out, "runs")
+    assert finished == NAMES[:2]
+    assert all(os.path.exists(os.path.join(runs, n, ablate_lib.RESULT)) for n in NAMES[:2])
+    # the third variant stopped after its first step with a checkpoint and no result; the fourth never started
+    assert not os.path.exists(os.path.join(runs, NAMES[2], ablate_lib.RESULT))
+    assert os.listdir(os.path.join(runs, NAMES[2], "checkpoints")) == ["1"]
+    assert not os.path.exists(os.path.join(runs, NAMES[3]))
+    assert not os.path.exists(os.path.join(out, "ablation.md"))
+    before = {n: _stat(os.path.join(runs, n, ablate_lib.RESULT)) for n in NAMES[:2]}
+    capsys.readouterr()
+
+    summary = run()
+    log = capsys.readouterr().out
+    # finished variants are not redone (result files untouched, one training run each); the stopped one resumes
+    assert {n: _stat(os.path.join(runs, n, ablate_lib.RESULT)) for n in NAMES[:2]} == before
+    assert all(f"ablate: {n} finished earlier" in log for n in NAMES[:2])
+    assert "distill: resumed from step 1" in log
+    assert [r["train_runs"] for r in summary["rows"]] == [1, 1, 2, 1]
+    assert sorted(os.listdir(os.path.join(runs, NAMES[2], "checkpoints"))) == ["1", "2"]
+
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert list(rows) == NAMES and summary["switches"] == ["gsim.weighting", "gsim.use_l2_term"]
+    # same teacher, seed and data order: the first fake-score step sees the same generator, batch and keys
+    first = [ablate_lib.read_metrics(os.path.join(runs, n))[0] for n in NAMES]
+    assert [m["step"] for m in first] == [1] * 4 and len({m["fake_loss"] for m in first}) == 1
+    # the switches reached the losses: no L2 term -> gen/l2 = 0; kl (beta_t <= 0.02 of the cosine chain) shrinks
+    assert all(rows[n]["final"]["gen/l2"] == 0.0 for n in NAMES[1::2])
+    assert all(rows[n]["final"]["gen/l2"] > 0.0 for n in NAMES[0::2])
+    assert rows[NAMES[2]]["final"]["loss"] < 0.1 * rows[NAMES[0]]["final"]["loss"]
+    for r in rows.values():
+        assert r["fid"] is None and r["precision"] is None        # no Inception weights / fid_ref on the test
+        assert 0.0 <= r["class_accuracy"] <= 1.0 and r["num_images"] == 4 and r["seconds"] > 0
+
+    with open(os.path.join(out, "ablation.md")) as f:
+        md = f.read()
+    table = [line for line in md.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| variant | `gsim.weighting` | `gsim.use_l2_term` | gen loss | fake loss | FID |")
+    assert len(table) == 5 and all(" | - | - | - | " in line for line in table[1:])
+    with open(os.path.join(out, "ablation.json")) as f:
+        assert json.load(f)["rows"] == summary["rows"]
+    with Image.open(summary["plot"]) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+
+
+def _cli(argv, capsys):
+    code = call_cli(lambda: ablate_lib.main(argv), ["ablate"] + argv)
+    return code, capsys.readouterr().err
+
+
+def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):
+    base = ["--base=configs/marval.py:tiny", "--steps=1", "--eval_samples=1", f"--out={tmp_path}"]
+    code, err = _cli(base + ["--sweep", "gsim.weightin=none,kl"], capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "unknown config field 'gsim.weightin'" in err and "nearest: gsim.weighting" in err
+    code, err = _cli(base + ["--sweep", "gsim.use_l2_term=maybe"], capsys)
+    assert code == 2 and "gsim.use_l2_term='maybe' is not a bool" in err
+    code, err = _cli(base + ["--sweep", "gsim.t_min=20", "--set", "gsim.huber_rr=1"], capsys)
+    assert code == 2 and "--set: unknown config field 'gsim.huber_rr'; nearest: gsim.huber_r" in err
+    code, err = _cli(["--base=configs/nope.py:tiny", "--steps=1", "--eval_samples=1", f"--out={tmp_path}",
+                      "--sweep", "gsim.t_min=20"], capsys)
+    assert code == 2 and "config file configs/nope.py not found" in err
+    bad = tmp_path / "v.json"
+    bad.write_text(json.dumps({"a": {"gsim.distanse": "l2"}}))
+    code, err = _cli(base + [f"--variants={bad}"], capsys)
+    assert code == 2 and "--variants a: unknown config field 'gsim.distanse'; nearest: gsim.distance" in err
+    assert "runs" not in os.listdir(tmp_path)   # validated before anything starts
+
+
+def test_named_variants_plan():
+    base = ablate_lib.load_base("configs/marval.py:tiny")
+    todo = ablate_lib.plan(base, ["gsim.distance=l2,squared_l2"], "")
+    assert todo == {"distance-l2": {"gsim.distance": "l2"}, "distance-squared_l2": {"gsim.distance": "squared_l2"}}
+    with pytest.raises(ablate_lib.UserError, match="nothing to run"):
+        ablate_lib.plan(base, [], "")
