@@ -8,6 +8,7 @@ level changes pins XLA's default level in its jits' compiler_options (tests/mode
 """
 import os
 import pathlib
+import shutil
 
 import numpy as np
 import pytest
@@ -36,3 +37,36 @@ def ref_model(ref):
     model = MAR(cfg, rngs=nnx.Rngs(0))
     load_into_model(model, {k[6:]: v for k, v in ref.items() if k.startswith("param/")})
     return model, cfg
+
+
+# One tiny MAR teacher run (2 steps, a checkpoint at step 2) trained once per session, shared by the training,
+# distillation and ablation tests. Tests that write into a workdir take a copy (`copy_workdir`).
+TEACHER_STEPS = 2
+
+
+def tiny_teacher_config():
+    from configs import mar as mar_configs
+    cfg = mar_configs.get_config("tiny")
+    cfg.unlock()
+    cfg.train.update(num_steps=TEACHER_STEPS, ckpt_every=TEACHER_STEPS, sample_every=0, log_every=1)
+    cfg.lock()
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory):
+    """Workdir of `--mode=train --config=configs/mar.py:tiny` run for 2 steps (checkpoint at 2, no samples)."""
+    from marval_jax.main import run
+    workdir = str(tmp_path_factory.mktemp("tiny_teacher") / "run")
+    run("train", tiny_teacher_config(), workdir)
+    return workdir
+
+
+@pytest.fixture
+def copy_workdir(tiny_teacher, tmp_path):
+    """A copy of the tiny teacher's workdir that a test may train on (resume) without touching the shared one."""
+    def copy(name="run"):
+        dst = str(tmp_path / name)
+        shutil.copytree(tiny_teacher, dst)
+        return dst
+    return copy

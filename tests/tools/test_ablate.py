@@ -10,7 +10,6 @@ from PIL import Image
 
 from marval_jax.tools import ablate as ablate_lib
 from marval_jax.user_errors import call_cli
-from tests.train.conftest import tiny_teacher  # noqa: F401 - the session fixture (tests/train/conftest.py)
 
 SWEEPS = ["gsim.weighting=none,kl", "gsim.use_l2_term=True,False"]
 NAMES = ["weighting-none__use_l2_term-True", "weighting-none__use_l2_term-False",
@@ -23,7 +22,7 @@ def _stat(path):
         return os.stat(path).st_mtime_ns, f.read()
 
 
-def test_sweep_stops_on_sigterm_resumes_and_writes_the_table(tmp_path, tiny_teacher, capsys):  # noqa: F811
+def test_sweep_stops_on_sigterm_resumes_and_writes_the_table(tmp_path, tiny_teacher, capsys):
     from marval_jax.checkpoints import manager as ckpt
     out = str(tmp_path / "ablate")
     run = lambda **kw: ablate_lib.ablate("configs/marval.py:tiny", SWEEPS, steps=2, eval_samples=4, out=out,

@@ -24,7 +24,7 @@ def _cfg(module, variant="tiny", **fields):
 def test_distill_then_rl_resume(tmp_path, tiny_teacher):
     from marval_jax.main import run
     quiet = {"train.sample_every": 0, "train.log_every": 1}
-    teacher = tiny_teacher  # `run("train", ...)` of the tiny MAR: 2 steps, checkpoint at 2 (tests/train/conftest.py)
+    teacher = tiny_teacher  # `run("train", ...)` of the tiny MAR: 2 steps, checkpoint at 2 (tests/conftest.py)
 
     student = str(tmp_path / "student")
     # grids at step 4 only: the resumed run compiles the grid sampler, the first run does not (one compile fewer)
