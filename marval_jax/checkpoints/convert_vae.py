@@ -2,7 +2,7 @@
 
 The module tree mirrors the PyTorch key names, so a Flax parameter path maps to a key directly:
 ``encoder/down/2/block/0/conv1/kernel`` <-> ``encoder.down.2.block.0.conv1.weight``.
-Rules (``docs/mar_reference.md`` section 6): Conv2d weight (out, in, kh, kw) -> kernel (kh, kw, in, out);
+Rules (``docs/method.md`` section R7): Conv2d weight (out, in, kh, kw) -> kernel (kh, kw, in, out);
 GroupNorm weight -> ``scale``; biases unchanged. Keys the model does not use (the real checkpoint is loaded with
 ``strict=False`` and may carry e.g. ``loss.*``) are ignored with one warning; missing or mis-shaped keys raise one
 ``ValueError`` listing all of them.

@@ -60,8 +60,8 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 def gelu_erf(x: jax.Array) -> jax.Array:
     """Exact-erf GELU computed in float32 and rounded once to x's dtype, as PyTorch's GELU does for bf16 under
-    autocast (jax.nn.gelu on bf16 rounds after each of its ops). Identical to jax.nn.gelu for float32; on the H200
-    the same speed as jax.nn.gelu (docs/benchmarks.md, block/mlp)."""
+    autocast (jax.nn.gelu on bf16 rounds after each of its ops). Identical to jax.nn.gelu for float32; its speed
+    is measured by the benchmark suite's block/mlp row (docs/benchmarks.md)."""
     if x.dtype == jnp.float32:
         return jax.nn.gelu(x, approximate=False)
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
@@ -86,8 +86,8 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     impl "xla": logits and softmax in float32, the probabilities (after dropout) cast to v's dtype for p.v; masked
     logits (mask False) set to float32's minimum (the reference's numerics; also timed alone by the benchmark
     suite's block/attention_core row). "cudnn": cuDNN's fused flash attention through jax.nn.dot_product_attention
-    (GPU, bf16/fp16, no attention dropout; the mask becomes an additive bias; 2.6x faster than "xla" on the H200 at
-    MAR-B's decoder shape, docs/benchmarks.md block rows); raises where it cannot run. "auto": "cudnn" where it can
+    (GPU, bf16/fp16, no attention dropout; the mask becomes an additive bias; its speed against "xla" is measured
+    by the benchmark suite's block rows, docs/benchmarks.md); raises where it cannot run. "auto": "cudnn" where it can
     run (`cudnn_attention_unsupported` is None), else "xla" - so CPU runs, float32 runs and training with
     attention dropout keep the reference's numerics."""
     if impl not in ATTENTION_IMPLS:

@@ -1,6 +1,6 @@
 """MAR's KL-16 tokenizer: the LDM ``AutoencoderKL`` layout in Flax NNX (NHWC).
 
-Layout (reference: ``docs/mar_reference.md`` section 4, MAR ``models/vae.py``):
+Layout (reference: ``docs/method.md`` section R5, MAR ``models/vae.py``):
 
 * Encoder: ``conv_in`` -> per level ``num_res_blocks`` ResnetBlocks (+ one AttnBlock after each block on the
     attention levels) and a stride-2 ``downsample`` (pad right/bottom by one, 3x3 conv, no padding) on every level

@@ -2,12 +2,10 @@
 
 XLA's GPU compiler may run a matmul as a Triton GEMM fusion (elementwise neighbours fused in) instead of cuBLAS. At
 large batches cuBLAS is faster; at batch 1 the fusions win, since they save kernel launches in latency-bound loops.
-Measured on the H200 (docs/benchmarks.md), `xla_gpu_enable_triton_gemm=False`:
-  MAR-B decoder block, batch 256 x 320 positions: the four matmuls 50.9 -> 43.0 ms per 24 calls (55% -> 65% of bf16
-  peak), the whole block 87.7 -> 79.2 ms;
-  teacher sampler at batch 1: 1.12 -> 1.49 s (the 6400 small head calls pay for the extra launches).
-So the option is set per program for per-device batches >= LARGE_BATCH (32: between the measured 1 and 64/256; the
-crossover itself was not measured) and only on GPUs; elsewhere no option is passed.
+The measurements (docs/benchmarks.md, "Measurements behind code choices") found cuBLAS faster for the batch-256
+block and the fusions faster for the batch-1 teacher sampler.
+So the option is set per program for per-device batches >= LARGE_BATCH (32: between the measured batches 1 and 256;
+the crossover itself was not measured) and only on GPUs; elsewhere no option is passed.
 """
 from __future__ import annotations
 
