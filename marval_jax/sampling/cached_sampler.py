@@ -33,8 +33,8 @@ from flax import nnx
 
 from marval_jax.models.mar import Cache, cache_len, init_cache  # noqa: F401  (re-exported)
 from marval_jax.sampling.ar_sampler import Predictor, SamplerSpec, make_sampler
-from marval_jax.sampling.decode import (CachePolicy, ingest, key_ranks, predict_condition,  # noqa: F401
-                                        refresh)
+from marval_jax.sampling.decode import (CachePolicy, _window_counts, ingest, key_ranks,  # noqa: F401
+                                        predict_condition, refresh)
 
 
 def make_cached_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Predictor, *, seq_len: int,
