@@ -56,3 +56,18 @@ def cached_tol(num_iter: int, head_passes: int) -> float:
 def test_cached_samplers_reproduce_recording(recorded, now, name, num_iter, head_passes):
     assert np.isfinite(now[name]).all() and np.abs(recorded[name]).max() > 1.0
     assert rel_err(now[name], recorded[name]) < cached_tol(num_iter, head_passes)
+
+
+def test_plan_refuses_what_the_driver_cannot_do():
+    """The KV-cached decode is inference only; the RL loop has no CFG; truncation splits the pieces at K - k."""
+    from marval_jax.losses.rl import make_rl_sampler
+    from marval_jax.sampling.ar_sampler import SamplerSpec
+    from marval_jax.sampling.decode import CachePolicy, make_plan
+    kw = dict(seq_len=16, buffer_size=2, token_dim=4)
+    with pytest.raises(ValueError, match="inference only"):
+        make_plan(SamplerSpec(num_iter=4), policy="exact", differentiable=True, **kw)
+    with pytest.raises(ValueError, match="no CFG"):
+        make_rl_sampler(fx.RL, fx.GEN, fx.CFG, SamplerSpec(num_iter=4, cfg=2.0))
+    assert CachePolicy.parse("none").kind == "none"
+    plan = make_plan(SamplerSpec(num_iter=7, num_buckets=1), differentiable=True, backprop_steps=2, **kw)
+    assert [(p.start, p.stop, p.grad) for p in plan.pieces] == [(0, 5, False), (5, 7, True)]
