@@ -13,22 +13,17 @@ import jax.numpy as jnp
 
 from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.mar import MAR, gen_rank_from_orders
+from marval_jax.sampling.schedule import mask_from_orders, random_orders, sample_mask_ratio  # noqa: F401
 
 TRAIN_DIFFUSION = GaussianDiffusion.create("")
-
-
-def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
-    """scipy truncnorm(a=(min-1)/0.25, b=0, loc=1, scale=0.25): one draw."""
-    return 1.0 + 0.25 * jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0)
 
 
 def random_mask(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float) -> tuple[jax.Array, jax.Array]:
     """(mask (B, S) float 1 = masked, orders (B, S)); every row masks the same count ceil(S * ratio)."""
     r_order, r_ratio = jax.random.split(rng)
-    orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
-    num_masked = jnp.ceil(seq_len * sample_mask_ratio(r_ratio, mask_ratio_min))
-    rank = jnp.argsort(orders, axis=1)
-    return (rank < num_masked).astype(jnp.float32), orders
+    orders = random_orders(r_order, batch, seq_len)
+    mask, _ = mask_from_orders(orders, jnp.ceil(seq_len * sample_mask_ratio(r_ratio, mask_ratio_min)))
+    return mask, orders
 
 
 def diffusion_loss(model: MAR, z: jax.Array, target: jax.Array, mask: jax.Array, rng: jax.Array,

@@ -4,12 +4,12 @@
 
 G_theta is K masked-AR iterations of the one-step generator (one transformer pass and ONE head call at t_init per
 predicted token, no CFG), sampled with random orders and input noise drawn from the loss's `rng`, differentiable
-end to end: the token writes of `ar_step` are scatters, so the gradient reaches every parameter through the
+end to end: the token writes of the decode step are scatters, so the gradient reaches every parameter through the
 predictor's output and through the tokens each iteration feeds the next one. `decode` (frozen tokenizer / VAE
 decoder) and `R` (frozen differentiable reward) are callables supplied by the caller.
 
-The AR loop is a Python loop over the static-shape segments of the schedule (`plan_segments`), each a `lax.scan`
-over its steps (one compiled body per segment). Switches (docs/rl.md):
+The AR loop is the decode driver (marval_jax/sampling/decode.py): a Python loop over the static-shape segments of
+the schedule, each a `lax.scan` over its steps (one compiled body per segment). Switches (docs/rl.md):
   rl.num_iter        K AR iterations
   rl.backprop_steps  -1: the gradient crosses all K iterations; k >= 1: only the last k carry gradient. The first
                      K - k run on stop_gradient'ed parameters and their output tokens are stop_gradient'ed, so
@@ -30,19 +30,17 @@ over its steps (one compiled body per segment). Switches (docs/rl.md):
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS
 from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-exported: the optimizer's mask)
 from marval_jax.models.mar import MARConfig
-from marval_jax.sampling.ar_sampler import ar_step, onestep_predictor, random_orders
-from marval_jax.sampling.schedule import ar_schedule, plan_segments
+from marval_jax.sampling.ar_sampler import SamplerSpec, onestep_predictor
+from marval_jax.sampling.decode import decode, make_plan
 from marval_jax.user_errors import UserError
 
 REGULARIZERS = ("none", "gsim", "l2")
@@ -122,63 +120,32 @@ def format_prompts(template: str, class_names: Sequence[str]) -> list[str]:
     return [template.replace("{class}", name) for name in class_names]
 
 
-def _pieces(segments, boundary: int) -> list[tuple[int, int, int, int, bool]]:
-    """Segments split at the truncation boundary: (start, stop, enc_len, pred_cap, carries_gradient)."""
-    out = []
-    for seg in segments:
-        for lo, hi, grad in ((seg.start, min(seg.stop, boundary), False), (max(seg.start, boundary), seg.stop, True)):
-            if lo < hi:
-                out.append((lo, hi, seg.enc_len, seg.pred_cap, grad))
-    return out
-
-
-def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig):
+def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec: SamplerSpec | None = None):
     """Returns `sample(graphdef, params, labels (B,), rng) -> (tokens (B, S, C), orders (B, S))`.
 
-    The one-step generator's K-iteration AR loop with the rl.backprop_steps truncation and rl.remat; labels < 0
-    are the null class. `orders[:, :n]` are the positions still masked when n tokens remain (the last iterations
-    write the first positions of `orders`). Not jitted: it is traced inside the caller's jitted loss / step.
+    The one-step generator's K-iteration AR loop (the decode driver, marval_jax/sampling/decode.py, differentiable)
+    with the rl.backprop_steps truncation and rl.remat; labels < 0 are the null class. `orders[:, :n]` are the
+    positions still masked when n tokens remain (the last iterations write the first positions of `orders`). `spec`:
+    the loop's SamplerSpec (`sampler_from_config(config, "rl")`: K = rl.num_iter, buckets = sample.num_buckets, no
+    CFG); None takes rl.num_iter and rl.num_buckets. Not jitted: it is traced inside the caller's jitted loss / step.
     """
     st = RLSettings.from_config(rl_cfg, generator_cfg)
     st.validate(model_cfg.seq_len)
-    sched = ar_schedule(model_cfg.seq_len, st.num_iter)
-    boundary = st.grad_start
-    pieces = _pieces(plan_segments(sched, model_cfg.buffer_size, st.num_buckets), boundary)
-    sched_np = (sched.masked_before.astype(np.int32), sched.n_pred.astype(np.int32),
-                np.ones(st.num_iter, np.float32))  # no CFG: the guidance is distilled into the generator
+    if spec is None:
+        spec = SamplerSpec(num_iter=st.num_iter, num_buckets=st.num_buckets)
+    if spec.cfg != 1.0:
+        raise ValueError(f"the RL sampler has no CFG (the guidance is distilled into the generator), got cfg {spec.cfg}")
+    plan = make_plan(spec, seq_len=model_cfg.seq_len, buffer_size=model_cfg.buffer_size,
+                     token_dim=model_cfg.token_dim, differentiable=True, backprop_steps=st.backprop_steps,
+                     remat=st.remat)
     predictor = onestep_predictor(st.t_init)
-    s, c = model_cfg.seq_len, model_cfg.token_dim
-
-    def step_fn(params, tokens, labels, orders, rank, step, rng, *, graphdef, enc_len, pred_cap):
-        model = nnx.merge(graphdef, params)
-        null = model.class_embedding(None, labels.shape[0])
-        class_emb = jnp.where((labels >= 0)[:, None], model.class_embedding(jnp.maximum(labels, 0)), null)
-        return ar_step(model, tokens, orders, rank, class_emb, null, step, rng,
-                       sched_arrays=tuple(jnp.asarray(a) for a in sched_np), enc_len=enc_len, pred_cap=pred_cap,
-                       predictor=predictor, use_cfg=False)
 
     def sample(graphdef, params, labels, rng):
         labels = jnp.asarray(labels, jnp.int32)
         if labels.ndim != 1:
             raise ValueError(f"labels must be (B,), got shape {labels.shape}")
-        b = labels.shape[0]
-        r_order, r_loop = jax.random.split(rng)
-        orders = random_orders(r_order, b, s)
-        rank = jnp.argsort(orders, axis=1)
-        frozen = jax.lax.stop_gradient(params)  # the truncated prefix: no tangents, so no residuals kept
-        tokens = jnp.zeros((b, s, c), jnp.float32)
-        for lo, hi, enc_len, pred_cap, grad in pieces:
-            if grad and lo == boundary:
-                tokens = jax.lax.stop_gradient(tokens)  # end of the truncated prefix
-            fn = functools.partial(step_fn, graphdef=graphdef, enc_len=enc_len, pred_cap=pred_cap)
-            if st.remat and grad:
-                fn = jax.checkpoint(fn)  # keep only the carried tokens per AR iteration
-
-            def body(tok, step, fn=fn, p=params if grad else frozen):
-                return fn(p, tok, labels, orders, rank, step, jax.random.fold_in(r_loop, step)), None
-
-            tokens, _ = jax.lax.scan(body, tokens, jnp.arange(lo, hi, dtype=jnp.int32))
-        return tokens, orders
+        state = decode(lambda p: nnx.merge(graphdef, p), params, labels, rng, plan, predictor)
+        return state.tokens, state.order
 
     return sample
 

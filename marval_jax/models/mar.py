@@ -31,10 +31,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.models.diffusion_head import SimpleMLPAdaLN
-from marval_jax.models.transformer import ATTENTION_IMPLS, Block, dense, layer_norm, run_blocks
+from marval_jax.models.transformer import ATTENTION_IMPLS, Block, dense, init_kv_cache, layer_norm, run_blocks
 
 
 ATTENTION_MODES = ("bidirectional", "causal")
+# Per-block key/value caches of encoder and decoder: {"encoder": [{"k", "v"}], "decoder": [...]}, each
+# (B, L, heads, hd) in the (buffer + S) layout plus one scratch row (`init_cache`).
+Cache = dict[str, list[dict[str, jax.Array]]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,6 +116,28 @@ def unpatchify(x: jax.Array, p: int, c: int) -> jax.Array:
     g = int(round(math.sqrt(s)))
     x = x.reshape(b, g, g, c, p, p)
     return jnp.einsum("nhwcpq->nchpwq", x).reshape(b, c, g * p, g * p)
+
+
+def _pos_rows(table: jax.Array, positions: jax.Array) -> jax.Array:
+    """A learned (1, N, D) position table at (B, P) indices."""
+    return jnp.take(table[0], positions, axis=0)
+
+
+def cache_len(cfg: "MARConfig") -> int:
+    """Cache rows: buffer + S positions of the model layout, plus one scratch row that padded query rows write to
+    and no query attends to."""
+    return cfg.buffer_size + cfg.seq_len + 1
+
+
+def init_cache(cfg: "MARConfig", batch: int) -> Cache:
+    """Zero caches for `batch` rows (2B with classifier-free guidance: conditional then unconditional half)."""
+    n = cache_len(cfg)
+    return {
+        "encoder": [init_kv_cache(batch, n, cfg.encoder_num_heads, cfg.encoder_embed_dim // cfg.encoder_num_heads,
+                                  cfg.jnp_dtype) for _ in range(cfg.encoder_depth)],
+        "decoder": [init_kv_cache(batch, n, cfg.decoder_num_heads, cfg.decoder_embed_dim // cfg.decoder_num_heads,
+                                  cfg.jnp_dtype) for _ in range(cfg.decoder_depth)],
+    }
 
 
 def kept_positions(mask: jax.Array, buffer_size: int, enc_len: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -209,10 +234,22 @@ class MAR(nnx.Module):
         x = jnp.concatenate([buf, x], axis=1) + self.encoder_pos_embed_learned[...].astype(x.dtype)
         return self.z_proj_ln(x)
 
-    def encode(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
-               rng: jax.Array | None = None, gen_rank: jax.Array | None = None, return_kv: bool = False):
-        """Returns (encoder output (B, enc_len, De) with padding rows, keep map (B, Bf+S), valid (B, enc_len)),
-        plus the per-block keys/values [{"k", "v"} (B, enc_len, H, hd)] when `return_kv`."""
+    def encode(self, tokens: jax.Array | None, mask: jax.Array | None, class_emb: jax.Array, *,
+               enc_len: int | None = None, rng: jax.Array | None = None, gen_rank: jax.Array | None = None,
+               return_kv: bool = False, positions: jax.Array | None = None, cache: Cache | None = None,
+               cache_positions: jax.Array | None = None, attn_mask: jax.Array | None = None):
+        """The encoder, in one of two modes.
+
+        Full pass (positions None): tokens (B, S, C), mask (B, S) 1 = masked. Returns (encoder output (B, enc_len,
+        De) with padding rows, keep map (B, Bf+S), valid (B, enc_len)), plus the per-block keys/values
+        [{"k", "v"} (B, enc_len, H, hd)] when `return_kv`.
+
+        Rows against a cache (positions (B, P) in the (buffer + S) layout): tokens (B, P, C) are the rows at
+        `positions` (None: all are buffer rows, which hold class_emb (B, De)); mask is unused. The rows attend to the
+        cache's keys under attn_mask (B, 1, P, L) after writing their own at cache_positions (B, P). Returns
+        (encoder output (B, P, De), cache with its "encoder" entries updated)."""
+        if positions is not None:
+            return self._encode_rows(tokens, class_emb, positions, cache, cache_positions, attn_mask)
         cfg = self.cfg
         lrank = self._layout_rank(gen_rank, tokens.shape[0])
         x = self.encoder_inputs(tokens, class_emb)
@@ -227,10 +264,31 @@ class MAR(nnx.Module):
         out = (self.encoder_norm(x), keep, valid)
         return out + (kv,) if return_kv else out
 
-    def decode(self, enc_out: jax.Array, keep: jax.Array, *, rng: jax.Array | None = None,
-               gen_rank: jax.Array | None = None, return_kv: bool = False):
-        """Scatter encoder rows back, fill mask tokens, decoder blocks; returns the head condition (B, S, Dd), plus
-        the per-block keys/values [{"k", "v"} (B, Bf+S, H, hd)] when `return_kv`."""
+    def _encode_rows(self, tokens, class_emb, positions, cache, cache_positions, attn_mask):
+        dt = self.cfg.jnp_dtype
+        if tokens is None:  # buffer rows
+            x = jnp.broadcast_to(class_emb[:, None, :].astype(dt), positions.shape + (class_emb.shape[-1],))
+        else:
+            x = self.z_proj(tokens)
+        x = self.z_proj_ln(x + _pos_rows(self.encoder_pos_embed_learned[...], positions).astype(x.dtype))
+        x, enc = run_blocks(self.encoder_blocks, x, mask=attn_mask, caches=cache["encoder"],
+                            cache_positions=cache_positions)
+        return self.encoder_norm(x), dict(cache, encoder=enc)
+
+    def decode(self, enc_out: jax.Array | None, keep: jax.Array | None, *, rng: jax.Array | None = None,
+               gen_rank: jax.Array | None = None, return_kv: bool = False, positions: jax.Array | None = None,
+               cache: Cache | None = None, cache_positions: jax.Array | None = None,
+               attn_mask: jax.Array | None = None):
+        """The decoder, in one of two modes.
+
+        Full pass (positions None): scatter encoder rows back, fill mask tokens, decoder blocks; returns the head
+        condition (B, S, Dd), plus the per-block keys/values [{"k", "v"} (B, Bf+S, H, hd)] when `return_kv`.
+
+        Rows against a cache (positions (B, P) in the layout): enc_out (B, P, De) are the encoder outputs of those
+        rows (None: mask-token queries); keep is unused. Returns (head condition (B, P, Dd) - meaningful for token
+        positions, not buffer rows - and the cache with its "decoder" entries updated at cache_positions)."""
+        if positions is not None:
+            return self._decode_rows(enc_out, positions, cache, cache_positions, attn_mask)
         cfg = self.cfg
         lrank = self._layout_rank(gen_rank, enc_out.shape[0])
         x = self.decoder_embed(enc_out)
@@ -246,6 +304,19 @@ class MAR(nnx.Module):
         x = self.decoder_norm(x)[:, cfg.buffer_size:]
         x = x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
         return (x, kv) if return_kv else x
+
+    def _decode_rows(self, enc_rows, positions, cache, cache_positions, attn_mask):
+        if enc_rows is None:  # mask-token queries
+            x = jnp.broadcast_to(self.mask_token[...], positions.shape + (self.mask_token.shape[-1],))
+            x = x.astype(self.cfg.jnp_dtype)
+        else:
+            x = self.decoder_embed(enc_rows)
+        x = x + _pos_rows(self.decoder_pos_embed_learned[...], positions).astype(x.dtype)
+        x, dec = run_blocks(self.decoder_blocks, x, mask=attn_mask, caches=cache["decoder"],
+                            cache_positions=cache_positions)
+        x = self.decoder_norm(x)
+        spos = jnp.maximum(positions - self.cfg.buffer_size, 0)
+        return x + _pos_rows(self.diffusion_pos_embed_learned[...], spos).astype(x.dtype), dict(cache, decoder=dec)
 
     def condition(self, tokens: jax.Array, mask: jax.Array, class_emb: jax.Array, *, enc_len: int,
                   rng: jax.Array | None = None, gen_rank: jax.Array | None = None) -> jax.Array:

@@ -1,4 +1,6 @@
-"""The outer masked-AR schedule of MAR's `sample_tokens`, computed on the host, and its static-shape plan.
+"""The outer masked-AR schedule of MAR's `sample_tokens`, computed on the host, and its static-shape plan; the
+random orders and masks that samplers and training losses draw (`random_orders`, `mask_from_orders`,
+`sample_mask_ratio`: the one implementation every sampler and loss uses).
 
 Per step k: mask_len = floor(S cos(pi/2 (k+1)/K)), clamped to [1, #masked - 1]; the tokens predicted are
 order[mask_len_next : mask_len_now] (all remaining at the last step). Linear CFG: 1 + (cfg - 1)(S - mask_len)/S.
@@ -10,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -71,3 +75,22 @@ def plan_segments(sched: ARSchedule, buffer_size: int, num_buckets: int = 4) -> 
             segments.append(Segment(start, k, buffer_size + top, int(sched.n_pred[start:k].max())))
             start = k
     return segments
+
+
+def random_orders(rng: jax.Array, batch: int, seq_len: int) -> jax.Array:
+    """One uniformly random order (permutation of the S positions) per sample, (B, S) int32. Sampling generates an
+    order from its end backwards; training masks its first positions (the same tokens a sampler generates last)."""
+    return jnp.argsort(jax.random.uniform(rng, (batch, seq_len)), axis=1)
+
+
+def mask_from_orders(orders: jax.Array, num_masked: jax.Array | int) -> tuple[jax.Array, jax.Array]:
+    """(mask (B, S) float32 with 1 = masked, rank (B, S)): the first `num_masked` positions of each order masked;
+    rank[b, p] is position p's index in order b."""
+    rank = jnp.argsort(orders, axis=1)
+    return (rank < num_masked).astype(jnp.float32), rank
+
+
+def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
+    """MAR's training mask ratio, one draw (): scipy truncnorm(a=(min - 1)/0.25, b=0, loc=1, scale=0.25), i.e. a
+    normal of mean 1 and std 0.25 truncated to [mask_ratio_min, 1]."""
+    return 1.0 + 0.25 * jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0)

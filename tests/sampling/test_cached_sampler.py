@@ -136,8 +136,8 @@ def test_refresh_fills_a_cache_that_reproduces_the_full_pass(bidirectional):
     zp = cs.predict_condition(m, cache, pos, pos + bf, all_keys)
     assert_close_to_scale(zp, jnp.take_along_axis(z, pos[:, :, None], axis=1), mar_depth(CFG))
     vis = orders[:, 10:14] + bf
-    x = cs.embed_tokens(m, jnp.take_along_axis(tokens, (vis - bf)[:, :, None], axis=1), vis)
-    again = cs.ingest(m, cache, x, vis, vis, (krank < 6)[:, None, None, :], all_keys)
+    rows = jnp.take_along_axis(tokens, (vis - bf)[:, :, None], axis=1)
+    again = cs.ingest(m, cache, rows, ce, vis, vis, (krank < 6)[:, None, None, :], all_keys)
     for a, b in zip(jax.tree_util.tree_leaves(again), jax.tree_util.tree_leaves(cache)):
         assert_close_to_scale(a[:, :scratch], b[:, :scratch], mar_depth(CFG))
 

@@ -1,0 +1,49 @@
+"""The one place a `SamplerSpec` is built from a config: `sampler_from_config(config, role)`.
+
+Roles and the fields they read (every role takes its encoder-length buckets from sample.num_buckets, the one
+buckets field):
+  "eval"          sampling programs (sample, evaluate, demo, ablations): sample.num_iter, sample.cfg,
+                  sample.cfg_schedule
+  "teacher_grid"  the grid a MAR teacher's training writes: train.sample_num_iter, train.sample_cfg, linear CFG
+  "onestep_grid"  the grid a MARVAL distillation writes: train.sample_num_iter, no CFG (distilled into the student)
+  "rl"            the RL trajectory and its grids: rl.num_iter, no CFG
+`num_iter` / `cfg` override the config's values (sweeps over K or the guidance scale).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from marval_jax.sampling.ar_sampler import SamplerSpec
+from marval_jax.user_errors import UserError
+
+ROLES = ("eval", "teacher_grid", "onestep_grid", "rl")
+
+
+def sampler_from_config(config: Any, role: str, *, num_iter: int | None = None,
+                        cfg: float | None = None) -> SamplerSpec:
+    """The SamplerSpec of `role` (see the module docstring) from an ml_collections config."""
+    sample = config.sample
+    if role == "eval":
+        k, scale, schedule = sample.num_iter, sample.cfg, sample.cfg_schedule
+    elif role == "teacher_grid":
+        k, scale, schedule = config.train.sample_num_iter, config.train.sample_cfg, "linear"
+    elif role == "onestep_grid":
+        k, scale, schedule = config.train.sample_num_iter, 1.0, "linear"
+    elif role == "rl":
+        k, scale, schedule = config.rl.num_iter, 1.0, "linear"
+    else:
+        raise ValueError(f"sampler role must be one of {ROLES}, got {role!r}")
+    k = int(k if num_iter is None else num_iter)
+    scale = float(scale if cfg is None else cfg)
+    if k < 1:
+        raise UserError(f"the number of AR steps of the {role!r} sampler must be >= 1, got {k}: set "
+                        f"{_iter_field(role)} to a positive number")
+    if int(sample.num_buckets) < 1:
+        raise UserError(f"sample.num_buckets must be >= 1, got {sample.num_buckets}")
+    if schedule not in ("linear", "constant"):
+        raise UserError(f"sample.cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
+    return SamplerSpec(num_iter=k, cfg=scale, cfg_schedule=schedule, num_buckets=int(sample.num_buckets))
+
+
+def _iter_field(role: str) -> str:
+    return {"eval": "sample.num_iter", "rl": "rl.num_iter"}.get(role, "train.sample_num_iter")
