@@ -10,6 +10,7 @@ from marval_jax.losses.mar_loss import mar_loss
 from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len
 from marval_jax.sampling import ar_sampler
+from marval_jax.sampling.from_config import sampler_from_config
 from marval_jax.train.loop import Task
 from marval_jax.train.optimizer import ema_update, mar_optimizer
 from marval_jax.train.state import TrainState
@@ -86,8 +87,7 @@ def make_mar_task(config) -> Task:
         metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
-    spec = ar_sampler.SamplerSpec(num_iter=tc.sample_num_iter, cfg=tc.sample_cfg, cfg_schedule="linear",
-                                  num_buckets=config.sample.num_buckets)
+    spec = sampler_from_config(config, "teacher_grid")
     predictor = ar_sampler.teacher_predictor(config.sample.num_sampling_steps, config.sample.temperature,
                                              config.sample.clip_denoised)
 
