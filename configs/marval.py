@@ -109,7 +109,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # the fake score has its own section.
     for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
         cfg.train[name] = cfg.generator.get_ref(name)
-    cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, num_iter=teacher.sample.num_iter,
+    # sample.t_init / sample.noise_scale: -1 = the values the sampled checkpoint records (else generator.*); set,
+    # they override the record (logged). sample.cfg: student CFG of the one-step sampler (1 = none, the default:
+    # the teacher's guidance is distilled in; w != 1 guides the one head call, losses/gsim.onestep_predictor).
+    cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, noise_scale=-1.0,
+                                      num_iter=teacher.sample.num_iter,
                                       num_images=teacher.sample.num_images, batch_size=teacher.sample.batch_size,
                                       crop=teacher.sample.crop, fid_ref=teacher.sample.fid_ref,
                                       clip_denoised=teacher.sample.clip_denoised)

@@ -38,7 +38,8 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
-from marval_jax.models.generator import one_step, t_init_for_alpha_bar
+from configs.marval import T_INIT
+from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
@@ -244,12 +245,21 @@ def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: 
 
 def onestep_predictor(t_init: int, noise_scale: float = 1.0):
     """The AR sampler's predictor of the one-step generator (`sampling.ar_sampler` Predictor signature): one head
-    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`); no CFG (distilled in).
-    noise_scale 1 is `ar_sampler.onestep_predictor(t_init)`."""
+    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`). Student CFG (sample.cfg
+    != 1: the sampler passes the null-class condition zu) guides that one call: eps = eps_u + w (eps_c - eps_u) on
+    the same x, i.e. x0 = x0_u + w (x0_c - x0_u). Without zu (cfg 1, the default) it is `ar_sampler.onestep_predictor`
+    for noise_scale 1."""
     def predict(model, zc, zu, cfg_scale, rng):
-        del zu, cfg_scale
         noise = noise_scale * jax.random.normal(rng, (zc.shape[0], model.cfg.token_dim), jnp.float32)
-        return one_step(model.head, noise, zc, t_init)
+        if zu is None:
+            return one_step(model.head, noise, zc, t_init)
+        n, c = zc.shape[0], model.cfg.token_dim
+
+        def guided(x, t, z):
+            out = model.head(jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+            eps_c, eps_u = out[:n, :c], out[n:, :c]
+            return eps_u + cfg_scale * (eps_c - eps_u)
+        return one_step(guided, noise, jnp.concatenate([zc, zu]), t_init)
 
     return predict
 
@@ -293,7 +303,7 @@ class GSIMSettings:
     context_num_iter: int = 64
     stop_grad_dprime: bool = False
     l2_weight: float = 1.0
-    t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
+    t_init: int = T_INIT                        # configs/marval.py's (abar ~ 0.14; one source of truth)
     trainable: str = "all"
     noise_scale: float = 1.0                    # the one-step input x ~ N(0, noise_scale^2 I) (generator section)
 
