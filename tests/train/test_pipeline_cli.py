@@ -123,3 +123,30 @@ def test_recorded_t_init_and_noise_scale_reach_every_consumer(tmp_path, tiny_tea
     rl = _cfg(rl_configs, **{"student_ckpt": student, "generator.t_init": 700})
     resolve_generator(rl)
     assert rl.generator.t_init == 700 and "generator.t_init=700 overrides the value 500" in caplog.text
+
+
+def test_fake_init_reaches_the_distill_state(tiny_teacher):
+    """fake_score.init="fresh_head": after post_init the fake score has the teacher's transformer and the fresh
+    init's head; "teacher" (default) copies the teacher; the generator is the teacher either way."""
+    import jax
+    from marval_jax.losses.gsim import HEAD_MODULE
+    from marval_jax.train.distill_task import make_distill_task
+    states = {}
+    for init in ("teacher", "fresh_head"):
+        task = make_distill_task(_cfg(marval_configs, **{"teacher_ckpt": tiny_teacher, "fake_score.init": init}))
+        fresh = task.init_state(jax.random.PRNGKey(0))
+        states[init] = (fresh, task.post_init(fresh))
+    fresh, st = states["fresh_head"]
+    n_head = n_diff = 0
+    for (path, f), t, fr, g in zip(jax.tree_util.tree_flatten_with_path(st.fake.params)[0],
+                                   jax.tree.leaves(st.teacher), jax.tree.leaves(fresh.fake.params),
+                                   jax.tree.leaves(st.generator.params)):
+        head = HEAD_MODULE in jax.tree_util.keystr(path)
+        n_head += head
+        np.testing.assert_array_equal(f, fr if head else t)
+        np.testing.assert_array_equal(g, t)
+        n_diff += head and not np.array_equal(fr, t)
+    assert n_head > 0 and n_diff > 0      # the fresh head differs from the teacher's: the check has power
+    _, st = states["teacher"]
+    for f, t in zip(jax.tree.leaves(st.fake.params), jax.tree.leaves(st.teacher)):
+        np.testing.assert_array_equal(f, t)
