@@ -45,14 +45,20 @@ def gsim_config(**overrides) -> mlc.ConfigDict:
         l2_weight=1.0,                 # alpha in L = L1 + alpha L2 (1: the true gradient; SiD's alpha 1.2 is -0.4)
         stop_grad_dprime=False,        # True: d'(y) in L1 under stop_gradient (the SIM paper's form, biased)
         norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
-        t_min=20,                      # diffusion timesteps of L, uniform in [t_min, t_max] of the 1000-step chain
+        t_min=20,                      # diffusion timesteps of L: the bounded range [t_min, t_max] of the 1000-step chain
         t_max=980,
+        t_sampling="uniform",          # law of t on [t_min, t_max]: "uniform" | "logit_normal" (sigmoid(mean + std n))
+        t_logit_mean=0.0,              # logit_normal: mean of the logit (> 0 favours the noisy end)
+        t_logit_std=1.0,               # logit_normal: std of the logit
         weighting="none",              # "none" | "sid" x0-unit residual / mean|x0-x0_teacher| | "kl" beta_t
         guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
         guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
+        guided_fake_score=False,       # True: fake score under the teacher's CFG (w), its null branch label-dropped
         mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
         context_mask_ratio="mar",      # contexts' masked count: "mar" (above) | "uniform" U(0,1] | "inference"
         context_num_iter=64,           # "inference": masked count at a uniform step of MAR's K-step cosine schedule
+        on_policy_fraction=0.0,        # share of each batch whose context tokens are the generator's own AR samples
+        on_policy_num_iter=4,          # AR iterations of those on-policy rollouts
         fake_steps_per_generator_step=1,   # fake-score updates before each generator update
     )
     cfg.update(overrides)
@@ -86,7 +92,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         trainable="all",        # "all" | "head_only" (only diffloss_net/... gets gradient and updates)
         noise_scale=1.0,        # the one-step input x ~ N(0, noise_scale^2 I), head still called at t_init
         lr=1e-5, ema_decay=0.999)
-    cfg.fake_score = role_config(lr=1e-5, ema_decay=0.0)
+    cfg.fake_score = role_config(
+        init="teacher",         # "teacher" copy | "fresh_head" teacher transformer, newly initialised head
+        lr=1e-5, ema_decay=0.0)
     cfg.data = mlc.ConfigDict(teacher.data.to_dict())
     cfg.tokenizer = mlc.ConfigDict(teacher.tokenizer.to_dict())
     cfg.mesh = common.mesh_config()
@@ -109,7 +117,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     # the fake score has its own section.
     for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
         cfg.train[name] = cfg.generator.get_ref(name)
-    cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, num_iter=teacher.sample.num_iter,
+    # sample.t_init / sample.noise_scale: -1 = the values the sampled checkpoint records (else generator.*); set,
+    # they override the record (logged). sample.cfg: student CFG of the one-step sampler (1 = none, the default:
+    # the teacher's guidance is distilled in; w != 1 guides the one head call, losses/gsim.onestep_predictor).
+    cfg.sample = common.sample_config(sampler="onestep", cfg=1.0, t_init=-1, noise_scale=-1.0,
+                                      num_iter=teacher.sample.num_iter,
                                       num_images=teacher.sample.num_images, batch_size=teacher.sample.batch_size,
                                       crop=teacher.sample.crop, fid_ref=teacher.sample.fid_ref,
                                       clip_denoised=teacher.sample.clip_denoised)

@@ -29,10 +29,13 @@ FMNIST_REWARD = "marval_jax/evaluation/weights/fashion_mnist_reward"
 PROMPT_TEMPLATE = "a high-quality and harmonious picture of {class}"
 
 
-def generator_config(lr: float, t_init: int = marval.T_INIT, trainable: str = "all") -> mlc.ConfigDict:
-    """The one-step generator's role: parameterisation (t_init, trainable) and its Adam / EMA settings."""
+def generator_config(lr: float, t_init: int = -1, trainable: str = "all") -> mlc.ConfigDict:
+    """The one-step generator's role: parameterisation (t_init, noise_scale, trainable) and its Adam / EMA settings.
+    t_init / noise_scale -1: the values student_ckpt records (checkpoints/params_io.recorded_generator), else
+    configs/marval.py's defaults (T_INIT, 1); a value >= 0 overrides the record (a difference is logged)."""
     return mlc.ConfigDict(dict(
-        t_init=t_init,          # head timestep of the one-step generator (alpha_bar about 0.14)
+        t_init=t_init,          # head timestep of the one-step generator; -1: the student's (else marval.T_INIT)
+        noise_scale=-1.0,       # one-step input x ~ N(0, s^2 I); -1: the student's (else 1); RL supports only 1
         trainable=trainable,    # "all" | "head_only" (only diffloss_net/... is trained)
         lr=lr,
         b1=0.0,
@@ -98,7 +101,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     for name in ("lr", "b1", "b2", "eps", "weight_decay", "grad_clip", "ema_decay"):
         cfg.train[name] = cfg.generator.get_ref(name)
     cfg.train.lr_schedule = "constant"
-    cfg.sample = common.sample_config(sampler="onestep", num_iter=cfg.rl.num_iter, cfg=1.0, t_init=-1,
+    cfg.sample = common.sample_config(sampler="onestep", num_iter=cfg.rl.num_iter, cfg=1.0, t_init=-1, noise_scale=-1.0,
                                       num_images=16 if variant == "tiny" else 64,
                                       batch_size=16 if variant == "tiny" else 64,
                                       crop=28 if variant == "fmnist" else 0,

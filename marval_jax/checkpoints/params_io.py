@@ -4,18 +4,24 @@ A directory with `model.json` (the MARConfig fields it was built with) and the a
 pure-dict pytree; large models, sharded restore) or as `params.npz` (one flat file of "a/b/c" keys, optionally
 stored in float16: the small embedded models, and files that must travel as single files). Loading checks the model
 config first, so a checkpoint of another architecture gives one clear error, then casts to the model's dtypes.
+
+A one-step generator's parameterisation (`GENERATOR_RECORD`: generator.t_init, generator.noise_scale) is part of its
+weights' meaning: a run workdir records it in every checkpoint's config, and an export records it under "generator"
+in model.json (taken from the source it was exported from). `recorded_generator` reads it back from either, for
+the consumers (sampling, evaluation, RL's student, demo, tools) that must sample with the values it was trained with.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from marval_jax.checkpoints.manager import check_config
+from marval_jax.checkpoints.manager import check_config, read_config
 from marval_jax.checkpoints.safe_load import load_npz
 from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
 from marval_jax.user_errors import UserError
@@ -23,8 +29,16 @@ from marval_jax.user_errors import UserError
 
 def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None,
                 fmt: str = "orbax", dtype: str | None = None) -> str:
-    """fmt "orbax" (params/) or "npz" (params.npz); dtype e.g. "float16" stores floating leaves in that type (npz)."""
+    """fmt "orbax" (params/) or "npz" (params.npz); dtype e.g. "float16" stores floating leaves in that type (npz).
+
+    The generator record (`GENERATOR_RECORD` fields) is `extra["generator"]` when given, else the one of
+    `extra["exported_from"]` (a run workdir or params directory) when that has one."""
     directory = os.path.abspath(directory)
+    source = (extra or {}).get("exported_from")
+    if source and "generator" not in extra:
+        record = recorded_generator(source)
+        if record is not None:
+            extra = {**extra, "generator": record}
     os.makedirs(directory, exist_ok=True)
     if fmt == "npz":
         flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(params).items()}
@@ -76,3 +90,39 @@ def load_params(directory: str, abstract_params: nnx.State, model_config: dict) 
     out = jax.tree_util.tree_map(lambda x: x, abstract_params)
     nnx.replace_by_pure_dict(out, pure)
     return out
+
+
+GENERATOR_RECORD = ("t_init", "noise_scale")   # the one-step generator's fields a checkpoint records
+
+
+def _latest_step_dir(workdir: str) -> str | None:
+    root = os.path.join(workdir, "checkpoints")
+    if not os.path.isdir(root):
+        return None
+    steps = sorted((int(n) for n in os.listdir(root) if re.fullmatch(r"\d+", n)
+                    and os.path.exists(os.path.join(root, n, "config", "metadata"))), reverse=True)
+    return os.path.join(root, str(steps[0])) if steps else None
+
+
+def recorded_generator(path: str) -> dict | None:
+    """{t_init, noise_scale} a checkpoint records for its one-step generator, or None where it records none (a
+    teacher, an export from before the record existed, a missing path). `path`: a params directory (model.json's
+    "generator") or a run workdir (the latest checkpoint's config section `generator`; noise_scale 1 where the
+    run predates that field)."""
+    if not path or "://" in path:
+        return None
+    meta = os.path.join(path, "model.json")
+    if os.path.exists(meta):
+        with open(meta) as f:
+            rec = json.load(f).get("generator")
+    else:
+        step_dir = _latest_step_dir(path)
+        if step_dir is None:
+            return None
+        rec = read_config(step_dir).get("generator")
+        if rec is None or int(rec.get("t_init", -1)) < 0:
+            return None
+        rec = {"t_init": rec["t_init"], "noise_scale": rec.get("noise_scale", 1.0)}
+    if not rec:
+        return None
+    return {"t_init": int(rec["t_init"]), "noise_scale": float(rec.get("noise_scale", 1.0))}

@@ -38,14 +38,18 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
-from marval_jax.models.generator import one_step, t_init_for_alpha_bar
+from configs.marval import T_INIT
+from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
+from marval_jax.user_errors import UserError
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
 NORM_AXES = ("token", "image")
 WEIGHTINGS = ("none", "sid", "kl")
 GUIDANCE_SCHEDULES = ("constant", "linear")
 TRAINABLE = ("all", "head_only")
+T_SAMPLINGS = ("uniform", "logit_normal")
+FAKE_INITS = ("teacher", "fresh_head")   # fake_score.init (train/distill_task.py)
 HEAD_MODULE = "diffloss_net"  # parameters of the per-token diffusion head live under this name
 
 _SAFE_SQ = 1e-30   # floor of |y|^2 for the (unsmoothed) l2 distance: keeps d'(y) finite at y = 0
@@ -68,7 +72,7 @@ def distance_terms(sq_norm: jax.Array, distance: str, huber_r: float) -> tuple[j
         return root, 1.0 / root
     if distance == "squared_l2":
         return sq_norm, jnp.full_like(sq_norm, 2.0)
-    raise ValueError(f"gsim.distance must be one of {DISTANCES}, got {distance!r}")
+    raise UserError(f"gsim.distance must be one of {DISTANCES}, got {distance!r}")
 
 
 def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
@@ -76,7 +80,7 @@ def _group_axes(ndim: int, norm_axes: str) -> tuple[int, ...]:
         return (ndim - 1,)
     if norm_axes == "image":
         return tuple(range(1, ndim))
-    raise ValueError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
+    raise UserError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
 
 
 def gsim_terms(eps_teacher_guided: jax.Array, eps_fake: jax.Array, eps: jax.Array, sigma: jax.Array, *,
@@ -138,7 +142,7 @@ def gsim_weights(weighting: str, *, t: jax.Array, x0: jax.Array | None = None,
             count = jnp.maximum(jnp.sum(jnp.broadcast_to(m, diff.shape), axis=axes), 1.0)
             mean = jnp.sum(diff * m, axis=axes) / count
         return 1.0 / jnp.maximum(mean, _SID_MIN)
-    raise ValueError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    raise UserError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def residual_scale(weighting: str, t: jax.Array) -> jax.Array:
@@ -152,7 +156,7 @@ def residual_scale(weighting: str, t: jax.Array) -> jax.Array:
     if weighting == "sid":
         abar = jnp.asarray(_chain().alphas_cumprod, jnp.float32)[t]
         return (1.0 - abar) / jnp.sqrt(abar)
-    raise ValueError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    raise UserError(f"gsim.weighting must be one of {WEIGHTINGS}, got {weighting!r}")
 
 
 def reduce_groups(values: jax.Array, mask: jax.Array, norm_axes: str) -> jax.Array:
@@ -166,7 +170,7 @@ def reduce_groups(values: jax.Array, mask: jax.Array, norm_axes: str) -> jax.Arr
         return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
     if norm_axes == "image":
         return jnp.mean(values / jnp.maximum(jnp.sum(mask, axis=1), 1.0))
-    raise ValueError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
+    raise UserError(f"gsim.norm_axes must be one of {NORM_AXES}, got {norm_axes!r}")
 
 
 def guidance_weight(guidance_scale: float, schedule: str, num_visible: jax.Array | int, seq_len: int) -> jax.Array:
@@ -175,7 +179,7 @@ def guidance_weight(guidance_scale: float, schedule: str, num_visible: jax.Array
         return jnp.asarray(guidance_scale, jnp.float32)
     if schedule == "linear":
         return 1.0 + (guidance_scale - 1.0) * jnp.asarray(num_visible, jnp.float32) / seq_len
-    raise ValueError(f"gsim.guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
+    raise UserError(f"gsim.guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
 
 
 def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
@@ -200,7 +204,7 @@ def min_masked(seq_len: int, law: str, mask_ratio_min: float, num_iter: int = 64
         return 1
     if law == "inference":
         return int(np.min(_inference_masked(seq_len, num_iter)))
-    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+    raise UserError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
 
 
 def sample_num_masked(rng: jax.Array, seq_len: int, law: str, mask_ratio_min: float,
@@ -218,7 +222,7 @@ def sample_num_masked(rng: jax.Array, seq_len: int, law: str, mask_ratio_min: fl
     if law == "inference":
         before = jnp.asarray(_inference_masked(seq_len, num_iter), jnp.int32)
         return before[jax.random.randint(rng, (), 0, num_iter)]
-    raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
+    raise UserError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {law!r}")
 
 
 def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: float, *,
@@ -237,19 +241,39 @@ def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: flo
     return mask, num_masked
 
 
-def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: int) -> jax.Array:
-    """Uniform integer timesteps in [t_min, t_max] (inclusive) of the 1000-step chain."""
-    return jax.random.randint(rng, shape, t_min, t_max + 1, jnp.int32)
+def sample_timesteps(rng: jax.Array, shape: tuple[int, ...], t_min: int, t_max: int, law: str = "uniform",
+                     logit_mean: float = 0.0, logit_std: float = 1.0) -> jax.Array:
+    """Integer timesteps in [t_min, t_max] (inclusive; the bounded range) of the 1000-step chain.
+
+    uniform:      U{t_min..t_max}.
+    logit_normal: t_min + floor(u (t_max - t_min + 1)), u = sigmoid(logit_mean + logit_std n), n ~ N(0, 1) (SD3's
+                  law on the range: mean 0 concentrates on its middle, mean > 0 on the noisy end)."""
+    if law == "uniform":
+        return jax.random.randint(rng, shape, t_min, t_max + 1, jnp.int32)
+    if law == "logit_normal":
+        u = jax.nn.sigmoid(logit_mean + logit_std * jax.random.normal(rng, shape, jnp.float32))
+        t = t_min + jnp.floor(u * (t_max - t_min + 1)).astype(jnp.int32)
+        return jnp.clip(t, t_min, t_max)
+    raise UserError(f"gsim.t_sampling must be one of {T_SAMPLINGS}, got {law!r}")
 
 
 def onestep_predictor(t_init: int, noise_scale: float = 1.0):
     """The AR sampler's predictor of the one-step generator (`sampling.ar_sampler` Predictor signature): one head
-    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`); no CFG (distilled in).
-    noise_scale 1 is `ar_sampler.onestep_predictor(t_init)`."""
+    call at t_init on x ~ N(0, noise_scale^2 I), as in training (`generator.noise_scale`). Student CFG (sample.cfg
+    != 1: the sampler passes the null-class condition zu) guides that one call: eps = eps_u + w (eps_c - eps_u) on
+    the same x, i.e. x0 = x0_u + w (x0_c - x0_u). Without zu (cfg 1, the default) it is `ar_sampler.onestep_predictor`
+    for noise_scale 1."""
     def predict(model, zc, zu, cfg_scale, rng):
-        del zu, cfg_scale
         noise = noise_scale * jax.random.normal(rng, (zc.shape[0], model.cfg.token_dim), jnp.float32)
-        return one_step(model.head, noise, zc, t_init)
+        if zu is None:
+            return one_step(model.head, noise, zc, t_init)
+        n, c = zc.shape[0], model.cfg.token_dim
+
+        def guided(x, t, z):
+            out = model.head(jnp.concatenate([x, x]), jnp.concatenate([t, t]), z)
+            eps_c, eps_u = out[:n, :c], out[n:, :c]
+            return eps_u + cfg_scale * (eps_c - eps_u)
+        return one_step(guided, noise, jnp.concatenate([zc, zu]), t_init)
 
     return predict
 
@@ -260,13 +284,24 @@ def trainable_mask(params: Any, trainable: str) -> Any:
     "all": everything; "head_only": only parameters under `diffloss_net` (the per-token head).
     """
     if trainable not in TRAINABLE:
-        raise ValueError(f"generator.trainable must be one of {TRAINABLE}, got {trainable!r}")
+        raise UserError(f"generator.trainable must be one of {TRAINABLE}, got {trainable!r}")
 
     def name(k):
         return getattr(k, "key", getattr(k, "name", getattr(k, "idx", None)))
 
     return jax.tree_util.tree_map_with_path(
         lambda path, _: trainable == "all" or any(name(k) == HEAD_MODULE for k in path), params)
+
+
+def fake_init_params(teacher: Any, fresh: Any, init: str) -> Any:
+    """The fake score's initial parameters (fake_score.init): "teacher" a copy of the teacher; "fresh_head" the
+    teacher's transformer with the per-token head (`diffloss_net`) taken from `fresh` (a newly initialised MAR)."""
+    if init not in FAKE_INITS:
+        raise UserError(f"fake_score.init must be one of {FAKE_INITS}, got {init!r}")
+    if init == "teacher":
+        return teacher
+    head = trainable_mask(teacher, "head_only")
+    return jax.tree.map(lambda h, t, f: f if h else t, head, teacher, fresh)
 
 
 _CHAIN = GaussianDiffusion.create("")  # the 1000-step cosine training chain (host constants)
@@ -293,33 +328,49 @@ class GSIMSettings:
     context_num_iter: int = 64
     stop_grad_dprime: bool = False
     l2_weight: float = 1.0
-    t_init: int = t_init_for_alpha_bar(0.14)   # 753: abar ~ 0.14 (sigma ~ 2.5 in EDM units)
+    t_sampling: str = "uniform"
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
+    guided_fake_score: bool = False
+    on_policy_fraction: float = 0.0
+    on_policy_num_iter: int = 4
+    t_init: int = T_INIT                        # configs/marval.py's (abar ~ 0.14; one source of truth)
     trainable: str = "all"
     noise_scale: float = 1.0                    # the one-step input x ~ N(0, noise_scale^2 I) (generator section)
 
     def validate(self, model_cfg: MARConfig) -> None:
         for field, allowed in (("distance", DISTANCES), ("norm_axes", NORM_AXES), ("weighting", WEIGHTINGS),
-                               ("guidance_schedule", GUIDANCE_SCHEDULES), ("trainable", TRAINABLE)):
+                               ("guidance_schedule", GUIDANCE_SCHEDULES), ("trainable", TRAINABLE),
+                               ("t_sampling", T_SAMPLINGS)):
             if getattr(self, field) not in allowed:
-                raise ValueError(f"gsim.{field} must be one of {allowed}, got {getattr(self, field)!r}")
+                section = "generator" if field in _GENERATOR_FIELDS else "gsim"
+                raise UserError(f"{section}.{field} must be one of {allowed}, got {getattr(self, field)!r}")
         if not 0 <= self.t_min <= self.t_max <= NUM_TRAIN_TIMESTEPS - 1:
-            raise ValueError(f"need 0 <= gsim.t_min <= gsim.t_max <= {NUM_TRAIN_TIMESTEPS - 1}, "
+            raise UserError(f"need 0 <= gsim.t_min <= gsim.t_max <= {NUM_TRAIN_TIMESTEPS - 1}, "
                              f"got {self.t_min}, {self.t_max}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
-            raise ValueError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+            raise UserError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
         if self.context_mask_ratio not in CONTEXT_LAWS:
-            raise ValueError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {self.context_mask_ratio!r}")
+            raise UserError(f"gsim.context_mask_ratio must be one of {CONTEXT_LAWS}, got {self.context_mask_ratio!r}")
         if self.context_mask_ratio == "inference" and not 1 <= self.context_num_iter <= model_cfg.seq_len:
-            raise ValueError(f"gsim.context_num_iter must be in [1, seq_len={model_cfg.seq_len}] for "
+            raise UserError(f"gsim.context_num_iter must be in [1, seq_len={model_cfg.seq_len}] for "
                              f"context_mask_ratio='inference', got {self.context_num_iter}")
         if not 0.0 < self.mask_ratio_min <= 1.0:
-            raise ValueError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
+            raise UserError(f"gsim.mask_ratio_min must be in (0, 1], got {self.mask_ratio_min}")
         if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
-            raise ValueError(f"generator.noise_scale must be a finite float > 0, got {self.noise_scale}")
+            raise UserError(f"generator.noise_scale must be a finite float > 0, got {self.noise_scale}")
         if not math.isfinite(self.l2_weight):
-            raise ValueError(f"gsim.l2_weight must be a finite float, got {self.l2_weight}")
+            raise UserError(f"gsim.l2_weight must be a finite float, got {self.l2_weight}")
+        if not (math.isfinite(self.t_logit_std) and self.t_logit_std > 0 and math.isfinite(self.t_logit_mean)):
+            raise UserError(f"gsim.t_logit_std must be a finite float > 0 and gsim.t_logit_mean finite, got "
+                            f"{self.t_logit_std}, {self.t_logit_mean}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise UserError(f"gsim.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.on_policy_fraction > 0 and not 1 <= self.on_policy_num_iter <= model_cfg.seq_len:
+            raise UserError(f"gsim.on_policy_num_iter must be in [1, seq_len={model_cfg.seq_len}], "
+                            f"got {self.on_policy_num_iter}")
         if self.huber_r <= 0 and self.distance == "pseudo_huber":
-            raise ValueError(f"gsim.huber_r must be > 0, got {self.huber_r}")
+            raise UserError(f"gsim.huber_r must be > 0, got {self.huber_r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,7 +405,7 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     known = {f.name for f in dataclasses.fields(GSIMSettings)} - set(_GENERATOR_FIELDS) | set(_LOOP_FIELDS)
     unknown = sorted(set(_keys(gsim_cfg)) - known)
     if unknown:
-        raise ValueError(f"unknown gsim fields {unknown}; known: {sorted(known)}")
+        raise UserError(f"unknown gsim fields {unknown}; known: {sorted(known)}")
     kw = {f.name: _get(gsim_cfg, f.name, getattr(defaults, f.name)) for f in dataclasses.fields(GSIMSettings)
           if f.name not in _GENERATOR_FIELDS}
     kw["t_init"] = int(_get(generator_cfg, "t_init", defaults.t_init))
@@ -364,7 +415,11 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
                          "huber_r": float(kw["huber_r"]), "guidance_scale": float(kw["guidance_scale"]),
                          "mask_ratio_min": float(kw["mask_ratio_min"]), "use_l2_term": bool(kw["use_l2_term"]),
                          "context_num_iter": int(kw["context_num_iter"]),
-                         "stop_grad_dprime": bool(kw["stop_grad_dprime"]), "l2_weight": float(kw["l2_weight"])})
+                         "stop_grad_dprime": bool(kw["stop_grad_dprime"]), "l2_weight": float(kw["l2_weight"]),
+                         "t_logit_mean": float(kw["t_logit_mean"]), "t_logit_std": float(kw["t_logit_std"]),
+                         "guided_fake_score": bool(kw["guided_fake_score"]),
+                         "on_policy_fraction": float(kw["on_policy_fraction"]),
+                         "on_policy_num_iter": int(kw["on_policy_num_iter"])})
     st.validate(model_cfg)
     chain = _chain()
     s, c = model_cfg.seq_len, model_cfg.token_dim
@@ -374,13 +429,30 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
     use_guidance = st.guidance_scale != 1.0
     causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
 
-    def contexts(batch, rng):
+    rollout_fns = {}
+
+    def rollout(graphdef, gen_params, labels, rng):
+        """The generator's own K = on_policy_num_iter-step one-step AR samples (no gradient, no host round trip)."""
+        from marval_jax.sampling import ar_sampler
+        if graphdef not in rollout_fns:   # one jitted sampler per graphdef (eager callers compile it once)
+            spec = ar_sampler.SamplerSpec(num_iter=st.on_policy_num_iter, num_buckets=1)
+            rollout_fns[graphdef] = ar_sampler.make_sampler(
+                graphdef, spec, onestep_predictor(st.t_init, st.noise_scale), seq_len=s,
+                buffer_size=model_cfg.buffer_size, token_dim=c)
+        fn = rollout_fns[graphdef]
+        return jax.lax.stop_gradient(fn(jax.lax.stop_gradient(gen_params), labels, rng))
+
+    def contexts(batch, rng, graphdef=None, gen_params=None):
         tokens = jnp.asarray(batch["tokens"], jnp.float32)
         labels = jnp.asarray(batch["labels"], jnp.int32)
         if tokens.ndim != 3 or tokens.shape[1:] != (s, c):
             raise ValueError(f"batch['tokens'] must be (B, {s}, {c}), got {tokens.shape}")
         if labels.shape != tokens.shape[:1]:
             raise ValueError(f"batch['labels'] must be ({tokens.shape[0]},), got {labels.shape}")
+        n_on = int(round(st.on_policy_fraction * tokens.shape[0]))
+        if n_on > 0:   # on-policy: the first n_on samples' tokens are the generator's rollouts of their labels
+            own = rollout(graphdef, gen_params, labels[:n_on], jax.random.fold_in(rng, 7))
+            tokens = tokens.at[:n_on].set(own.astype(tokens.dtype))
         mask, num_masked, rank = sample_context(rng, tokens.shape[0], s, st.mask_ratio_min, return_gen_rank=True,
                                                 law=st.context_mask_ratio, num_iter=st.context_num_iter)
         return tokens, labels, mask, num_masked, rank if causal else None
@@ -401,11 +473,12 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         fake = nnx.merge(graphdef, jax.lax.stop_gradient(fake_params))
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
         r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
-        tokens, labels, mask, num_masked, rank = contexts(batch, r_ctx)
+        tokens, labels, mask, num_masked, rank = contexts(batch, r_ctx, graphdef, gen_params)
         b = tokens.shape[0]
         x_gen, x0 = generate(gen, tokens, labels, mask, rank, r_gen)
 
-        t = sample_timesteps(r_t, (b,), st.t_min, st.t_max)          # one t per sample
+        t = sample_timesteps(r_t, (b,), st.t_min, st.t_max, st.t_sampling, st.t_logit_mean,
+                             st.t_logit_std)                           # one t per sample
         t_tok = jnp.broadcast_to(t[:, None], (b, s))
         eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
         xt = chain.q_sample(x0, t, eps)
@@ -426,8 +499,16 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         else:
             zt = teacher.condition(tokens, mask, teacher.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
             eps_p = teacher.head(rows(xt), t_rows, rows(zt))[:, :c]
-        zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
-        eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
+        if st.guided_fake_score and use_guidance:   # the fake score under the teacher's CFG (same w, same x_t)
+            zf = fake.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
+                                jnp.concatenate([fake.class_embedding(labels), fake.class_embedding(None, b)]),
+                                enc_len=enc_len, gen_rank=None if rank is None else jnp.concatenate([rank, rank]))
+            out = fake.head(jnp.concatenate([rows(xt)] * 2), jnp.concatenate([t_rows] * 2), zf.reshape(2 * b * s, -1))
+            f_c, f_u = jnp.split(out[:, :c], 2, axis=0)
+            eps_f = f_u + w * (f_c - f_u)
+        else:
+            zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
+            eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
         eps_p, eps_f = eps_p.reshape(b, s, c), eps_f.reshape(b, s, c)
 
         unit = jax.lax.stop_gradient(residual_scale(st.weighting, t))[:, None, None]
@@ -457,7 +538,7 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         gen = nnx.merge(graphdef, jax.lax.stop_gradient(gen_params))
         fake = nnx.merge(graphdef, fake_params)
         r_ctx, r_gen, r_t, r_eps = jax.random.split(rng, 4)
-        tokens, labels, mask, _, rank = contexts(batch, r_ctx)
+        tokens, labels, mask, _, rank = contexts(batch, r_ctx, graphdef, gen_params)
         b = tokens.shape[0]
         _, x0 = generate(gen, tokens, labels, mask, rank, r_gen)
         x0 = jax.lax.stop_gradient(x0)
@@ -465,7 +546,10 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         eps = jax.random.normal(r_eps, (b * s, c), jnp.float32)
         x0r = x0.reshape(b * s, c)
         xt = chain.q_sample(x0r, t, eps)
-        z = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
+        class_emb = fake.class_embedding(labels)
+        if st.guided_fake_score:   # its null-class branch is used: train it by MAR's label dropout
+            class_emb = fake.drop_labels(class_emb, jax.random.fold_in(r_ctx, 11))
+        z = fake.condition(tokens, mask, class_emb, enc_len=enc_len, gen_rank=rank)
         out = fake.head(xt, t, z.reshape(b * s, -1))
         terms = chain.training_losses(out, x0r, xt, t, eps)
         mrow = mask.reshape(-1)

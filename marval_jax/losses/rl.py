@@ -36,6 +36,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from configs.marval import T_INIT
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS
 from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-exported: the optimizer's mask)
 from marval_jax.models.mar import MARConfig
@@ -62,7 +63,8 @@ class RLSettings:
     prompt_template: str = "a high-quality and harmonious picture of {class}"
     regularizer: str = "none"
     reg_weight: float = 0.0
-    t_init: int = 760
+    t_init: int = T_INIT    # configs/marval.py's (one source of truth)
+    noise_scale: float = 1.0
     trainable: str = "all"
 
     @classmethod
@@ -74,7 +76,9 @@ class RLSettings:
                  remat=bool(get(rl_cfg, "remat")), num_buckets=int(get(rl_cfg, "num_buckets")),
                  reward_scale=float(get(rl_cfg, "reward_scale")), prompt_template=str(get(rl_cfg, "prompt_template")),
                  regularizer=str(get(rl_cfg, "regularizer")), reg_weight=float(get(rl_cfg, "reg_weight")),
-                 t_init=int(get(generator_cfg, "t_init")), trainable=str(get(generator_cfg, "trainable")))
+                 t_init=_or_default(int(get(generator_cfg, "t_init")), d.t_init),
+                 trainable=str(get(generator_cfg, "trainable")),
+                 noise_scale=_or_default(float(get(generator_cfg, "noise_scale")), d.noise_scale))
         st.validate()
         return st
 
@@ -85,6 +89,9 @@ class RLSettings:
             raise UserError(f"rl.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
             raise UserError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
+        if self.noise_scale != 1.0:
+            raise UserError(f"generator.noise_scale={self.noise_scale}: the RL trajectory sampler draws the one-step "
+                            f"input from N(0, I); RL of a student distilled with noise_scale != 1 is not supported")
         if seq_len is not None and not 1 <= self.num_iter <= seq_len:
             raise UserError(f"rl.num_iter must be in [1, seq_len={seq_len}], got {self.num_iter}")
         if self.backprop_steps != -1 and not 1 <= self.backprop_steps <= self.num_iter:
@@ -97,6 +104,11 @@ class RLSettings:
     def grad_start(self) -> int:
         """First AR iteration that carries gradient."""
         return 0 if self.backprop_steps == -1 else self.num_iter - self.backprop_steps
+
+
+def _or_default(value, default):
+    """-1 (configs/marval_rl.py's "the student's recorded value") where no student record resolved it: the default."""
+    return default if value < 0 else value
 
 
 def _get(cfg: Any, name: str, default: Any) -> Any:

@@ -3,6 +3,7 @@ npz of uint8 images and a JSON with the settings and seconds per image."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 
@@ -17,13 +18,44 @@ from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
 from marval_jax.user_errors import UserError
 
 
-def make_predictor(config):
+def onestep_settings(config, source: str = "") -> tuple[int, float]:
+    """(t_init, noise_scale) of the one-step sampler: sample.t_init >= 0 / sample.noise_scale > 0 are explicit
+    overrides; otherwise the values `source` records (checkpoints/params_io.recorded_generator), otherwise the
+    config's generator section. An override or a config value that differs from the record is logged."""
+    from configs.marval import T_INIT
+    from marval_jax.checkpoints.params_io import recorded_generator
+    sc = config.sample
+    gen = config.get("generator") or {}
+    rec = recorded_generator(source) if source else None
+    out = []
+    for field, explicit, fallback in (("t_init", int(sc.get("t_init", -1)), T_INIT),
+                                      ("noise_scale", float(sc.get("noise_scale", -1.0)), 1.0)):
+        from_cfg = gen.get(field, -1)
+        if (field == "t_init" and explicit >= 0) or (field == "noise_scale" and explicit > 0):
+            if rec is not None and rec[field] != explicit:
+                logging.warning("sample.%s=%s overrides the value %s recorded by %s", field, explicit, rec[field],
+                                source)
+            value = explicit
+        elif rec is not None:
+            if from_cfg is not None and from_cfg >= 0 and from_cfg != rec[field]:
+                logging.warning("generator.%s=%s of the config is not used: %s records %s (set sample.%s to "
+                                "override)", field, from_cfg, source, rec[field], field)
+            value = rec[field]
+        else:
+            value = from_cfg if from_cfg is not None and from_cfg >= 0 else fallback
+        out.append(value)
+    return int(out[0]), float(out[1])
+
+
+def make_predictor(config, source: str = ""):
+    """The sample.sampler's predictor. onestep: t_init and noise_scale from `onestep_settings(config, source)`;
+    sample.cfg != 1 guides it (student CFG, `losses.gsim.onestep_predictor`)."""
     sc = config.sample
     if sc.sampler == "teacher":
         return ar_sampler.teacher_predictor(sc.num_sampling_steps, sc.temperature, sc.clip_denoised)
     if sc.sampler == "onestep":
-        t_init = sc.t_init if sc.t_init >= 0 else int(config.generator.t_init)
-        return ar_sampler.onestep_predictor(t_init)
+        from marval_jax.losses.gsim import onestep_predictor
+        return onestep_predictor(*onestep_settings(config, source))
     raise UserError(f"sample.sampler must be 'teacher' or 'onestep', got {sc.sampler!r}")
 
 
@@ -46,7 +78,7 @@ def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
     sc = config.sample
     spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
                                   num_buckets=sc.num_buckets)
-    fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config), seq_len=cfg.seq_len,
+    fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, source), seq_len=cfg.seq_len,
                                  buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
     decode = jax.jit(decoder_fn(config, cfg))
     rng = jax.random.PRNGKey(config.train.seed + 12345)

@@ -206,25 +206,20 @@ def generate_samples(config, workdir: str):
     Returns (images NHWC [-1, 1], labels, seconds per image)."""
     import jax
     from marval_jax.checkpoints.load import load_model_params
-    from marval_jax.losses.gsim import onestep_predictor
     from marval_jax.sampling import ar_sampler
-    from marval_jax.sampling.sample_run import labels_for, make_predictor
+    from marval_jax.sampling.sample_run import labels_for, make_predictor, onestep_settings
     from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
     sc = config.sample
-    key = json.dumps([config.model.to_dict(), config.tokenizer.to_dict(), sc.to_dict(),
-                      int(config.generator.t_init), config.generator.get("noise_scale", 1.0)],
+    # t_init / noise_scale as the variant's checkpoint records them (sample.* overrides), as `--mode=sample`
+    onestep = list(onestep_settings(config, workdir)) if sc.sampler == "onestep" else None
+    key = json.dumps([config.model.to_dict(), config.tokenizer.to_dict(), sc.to_dict(), onestep],
                      sort_keys=True, default=str)
     if key not in _SAMPLERS:
         cfg = model_config(config)
         graphdef, abstract = abstract_model(cfg)
         spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
                                       num_buckets=sc.num_buckets)
-        if sc.sampler == "onestep":   # honours generator.noise_scale (sample_run's predictor predates it)
-            t_init = sc.t_init if sc.t_init >= 0 else int(config.generator.t_init)
-            predictor = onestep_predictor(t_init, float(config.generator.get("noise_scale", 1.0)))
-        else:
-            predictor = make_predictor(config)
-        fn = ar_sampler.make_sampler(graphdef, spec, predictor, seq_len=cfg.seq_len,
+        fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, workdir), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         _SAMPLERS[key] = (cfg, abstract, fn, jax.jit(decoder_fn(config, cfg)))
     cfg, abstract, fn, decode = _SAMPLERS[key]

@@ -9,13 +9,14 @@ import optax
 from flax import nnx
 
 from marval_jax.checkpoints.load import load_model_params
-from marval_jax.losses.gsim import make_gsim_losses, onestep_predictor, trainable_mask
+from marval_jax.losses.gsim import fake_init_params, make_gsim_losses, onestep_predictor, trainable_mask
 from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
 from marval_jax.train.loop import Task
 from marval_jax.train.mar_task import abstract_model, decoder_fn, grid_labels, model_config
 from marval_jax.train.optimizer import ema_update, make_optimizer
 from marval_jax.train.state import DistillState, RoleState
+from marval_jax.user_errors import UserError
 
 
 def role_optimizer(role_cfg, train_cfg, trainable=None):
@@ -34,6 +35,10 @@ def make_distill_task(config) -> Task:
                             if config.generator.trainable != "all" else None)
     fake_tx = role_optimizer(config.fake_score, config.train)
     n_fake = int(config.gsim.fake_steps_per_generator_step)
+    if n_fake < 1:
+        raise UserError(f"gsim.fake_steps_per_generator_step must be >= 1, got {n_fake}")
+    fake_init = config.fake_score.get("init", "teacher")
+    fake_init_params(abstract_params, abstract_params, fake_init)   # a bad fake_score.init fails now
 
     def init_state(rng):
         _, params = nnx.split(mar_lib.MAR(cfg, rngs=nnx.Rngs(params=rng)))
@@ -44,8 +49,9 @@ def make_distill_task(config) -> Task:
 
     def post_init(state):
         teacher = load_model_params(config.teacher_ckpt, state.teacher, config.model.to_dict())
+        fake = fake_init_params(teacher, state.fake.params, fake_init)   # state.fake: the fresh MAR init
         return state.replace(teacher=teacher, generator=RoleState(teacher, gen_tx.init(teacher), teacher),
-                             fake=RoleState(teacher, fake_tx.init(teacher), teacher))
+                             fake=RoleState(fake, fake_tx.init(fake), fake))
 
     def update(role: RoleState, tx, loss_fn, ema_decay):
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(role.params)

@@ -11,13 +11,15 @@ labels are the contexts; the RL labels are still drawn per step.
 """
 from __future__ import annotations
 
+import logging
+
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
 from marval_jax.checkpoints.load import load_model_params
-from marval_jax.losses.gsim import make_gsim_losses, trainable_mask
+from marval_jax.losses.gsim import make_gsim_losses, onestep_predictor, trainable_mask
 from marval_jax.losses.rl import format_prompts, make_rl_loss
 from marval_jax.models import mar as mar_lib
 from marval_jax.sampling import ar_sampler
@@ -44,8 +46,27 @@ def class_names(config) -> list[str]:
     return names
 
 
+def resolve_generator(config) -> None:
+    """generator.t_init / noise_scale of the run, written into `config` (so the run's checkpoints record them):
+    a value >= 0 is the user's (logged where student_ckpt records another), -1 takes the student's record
+    (checkpoints/params_io.recorded_generator), else configs/marval.py's defaults."""
+    from configs.marval import T_INIT
+    from marval_jax.checkpoints.params_io import recorded_generator
+    rec = recorded_generator(config.student_ckpt) if config.student_ckpt else None
+    for field, fallback in (("t_init", T_INIT), ("noise_scale", 1.0)):
+        value = config.generator[field]
+        if value >= 0:
+            if rec is not None and rec[field] != value:
+                logging.warning("generator.%s=%s overrides the value %s recorded by student_ckpt %s", field, value,
+                                rec[field], config.student_ckpt)
+        else:
+            value = rec[field] if rec is not None else fallback
+        config.generator[field] = type(config.generator[field])(value)
+
+
 def make_rl_task(config) -> Task:
     from marval_jax.rewards.registry import make_reward
+    resolve_generator(config)
     cfg = model_config(config)
     graphdef, abstract_params = abstract_model(cfg)
     decode_with, decoder_params = decoder_parts(config, cfg)
@@ -113,7 +134,8 @@ def make_rl_task(config) -> Task:
     spec = ar_sampler.SamplerSpec(num_iter=config.rl.num_iter, num_buckets=config.rl.num_buckets)
 
     def sample_images(state, rng, fz):
-        fn = ar_sampler.make_sampler(graphdef, spec, ar_sampler.onestep_predictor(int(config.generator.t_init)),
+        predictor = onestep_predictor(int(config.generator.t_init), float(config.generator.noise_scale))
+        fn = ar_sampler.make_sampler(graphdef, spec, predictor,
                                      seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         return decode_with(fz["decoder"], fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
 

@@ -369,14 +369,21 @@ def test_fake_score_loss_is_mar_diffusion_loss_on_masked_generator_tokens(tiny, 
 
 
 def test_bad_settings_fail_early():
-    with pytest.raises(ValueError, match="distance"):
-        make_gsim_losses({"distance": "huber"}, {}, CFG)
-    with pytest.raises(ValueError, match="t_min"):
-        make_gsim_losses({"t_min": 900, "t_max": 100}, {}, CFG)
-    with pytest.raises(ValueError, match="trainable"):
-        make_gsim_losses({}, {"trainable": "encoder"}, CFG)
-    with pytest.raises(ValueError, match="unknown gsim fields"):
-        make_gsim_losses({"trainable": "head_only"}, {}, CFG)
+    """Config errors are UserErrors (one `error:` line at the CLI) naming the field."""
+    from marval_jax.user_errors import UserError
+    for gsim, generator, field in (({"distance": "huber"}, {}, "gsim.distance"),
+                                   ({"t_min": 900, "t_max": 100}, {}, "gsim.t_min"),
+                                   ({}, {"trainable": "encoder"}, "generator.trainable"),
+                                   ({"trainable": "head_only"}, {}, "unknown gsim fields"),
+                                   ({"t_sampling": "beta"}, {}, "gsim.t_sampling"),
+                                   ({"t_sampling": "logit_normal", "t_logit_std": 0.0}, {}, "gsim.t_logit_std"),
+                                   ({"on_policy_fraction": 1.5}, {}, "gsim.on_policy_fraction"),
+                                   ({"on_policy_fraction": 0.5, "on_policy_num_iter": 0}, {},
+                                    "gsim.on_policy_num_iter"),
+                                   ({"weighting": "sim"}, {}, "gsim.weighting"),
+                                   ({}, {"t_init": 1000}, "generator.t_init")):
+        with pytest.raises(UserError, match=field):
+            make_gsim_losses(gsim, generator, CFG)
 
 
 @pytest.mark.parametrize("variant", ["tiny", "fmnist", "base", "large", "huge"])
@@ -557,3 +564,97 @@ def test_context_mask_ratio_in_the_loss(tiny):
         assert expected < lo
         _, m = _gen_loss(tiny, {"context_mask_ratio": law, **extra}, rng=i)
         assert int(m["num_masked"]) == expected
+
+
+def test_t_sampling_laws():
+    """logit_normal against its formula on the same key, and its mass above the range's midpoint: Phi(mean / std)
+    within 5 standard errors of a frequency over 20000 draws; the range bounds both laws."""
+    from scipy.stats import norm
+    key = jax.random.PRNGKey(3)
+    t = np.asarray(sample_timesteps(key, (20000,), 20, 980, "logit_normal", 1.0, 0.5))
+    u = 1.0 / (1.0 + np.exp(-(1.0 + 0.5 * np.asarray(jax.random.normal(key, (20000,), jnp.float32), np.float64))))
+    expected = np.clip(20 + np.floor(u * 961), 20, 980)
+    assert np.mean(t == expected) > 0.999   # float32 sigmoid vs float64: a floor boundary may differ by one step
+    assert np.max(np.abs(t - expected)) <= 1
+    p = norm.cdf(1.0 / 0.5)
+    assert abs(np.mean(t >= 500) - p) < 5 * np.sqrt(p * (1 - p) / 20000)
+    uni = np.asarray(sample_timesteps(key, (20000,), 20, 980, "uniform"))
+    assert abs(np.mean(uni >= 500) - 481 / 961) < 5 * np.sqrt(0.25 / 20000)
+    assert t.min() >= 20 and t.max() <= 980
+
+
+def test_t_sampling_in_the_loss(tiny):
+    """gsim.t_sampling reaches the generator loss: logit means of -8 / +8 pin every t to the range's ends."""
+    _, lo = _gen_loss(tiny, {"t_sampling": "logit_normal", "t_logit_mean": -8.0, "t_logit_std": 0.01})
+    _, hi = _gen_loss(tiny, {"t_sampling": "logit_normal", "t_logit_mean": 8.0, "t_logit_std": 0.01})
+    assert float(lo["t_lo"]) == float(lo["t_hi"]) == 20 and float(hi["t_lo"]) == float(hi["t_hi"]) == 980
+
+
+def test_guided_fake_score(tiny):
+    """gsim.guided_fake_score: the fake score's null-class branch enters the loss (only then), and the switch is a
+    no-op without teacher guidance (w = 1)."""
+    graphdef, gen, fake, tch, batch = tiny
+    other = _with_null(fake, 13)
+
+    def loss(fake_params, **gsim):
+        losses = make_gsim_losses(gsim, {}, CFG)
+        return float(losses.generator_loss(graphdef, gen, fake_params, tch, batch, jax.random.PRNGKey(0))[0])
+    assert loss(fake, guidance_scale=2.0) == loss(other, guidance_scale=2.0)
+    on = loss(fake, guidance_scale=2.0, guided_fake_score=True)
+    assert abs(on - loss(other, guidance_scale=2.0, guided_fake_score=True)) > 1e-4
+    assert abs(on - loss(fake, guidance_scale=2.0)) > 1e-4
+    assert loss(fake, guidance_scale=1.0, guided_fake_score=True) == loss(fake, guidance_scale=1.0)
+
+
+def test_on_policy_fraction_replaces_the_context_tokens(tiny):
+    """gsim.on_policy_fraction 2/3 of a batch of 3: samples 0 and 1 take their context tokens from the generator's
+    rollouts (their data tokens no longer matter), sample 2 keeps its data tokens; fraction 0 uses all of them."""
+    graphdef, gen, fake, tch, batch = tiny
+    built = {f: make_gsim_losses({**UNGUIDED, "on_policy_fraction": f}, {}, CFG) for f in (0.0, 2 / 3)}
+
+    def loss(frac, changed):
+        shift = np.zeros(batch["tokens"].shape, np.float32)
+        shift[changed] = 1.0
+        tokens = batch["tokens"] + shift
+        losses = built[frac]   # one rollout sampler compile per setting
+        return float(losses.generator_loss(graphdef, gen, fake, tch, {**batch, "tokens": tokens},
+                                           jax.random.PRNGKey(0))[0])
+    ref = loss(2 / 3, [])
+    assert loss(2 / 3, [0, 1]) == ref
+    assert abs(loss(2 / 3, [2]) - ref) > 1e-6
+    assert abs(loss(0.0, [0]) - loss(0.0, [])) > 1e-6
+
+
+def test_fake_init_params(tiny):
+    """fake_score.init: "teacher" copies the teacher; "fresh_head" keeps the teacher's transformer and takes every
+    diffloss_net leaf from the fresh init."""
+    from marval_jax.losses.gsim import HEAD_MODULE, fake_init_params
+    from marval_jax.user_errors import UserError
+    _, fresh, _, tch, _ = tiny
+    assert fake_init_params(tch, fresh, "teacher") is tch
+    out = fake_init_params(tch, fresh, "fresh_head")
+    n_head = 0
+    for (path, o), t, f in zip(jax.tree_util.tree_flatten_with_path(out)[0], jax.tree.leaves(tch),
+                               jax.tree.leaves(fresh)):
+        is_head = HEAD_MODULE in jax.tree_util.keystr(path)
+        n_head += is_head
+        np.testing.assert_array_equal(o, f if is_head else t)
+    assert 0 < n_head < len(jax.tree.leaves(out))
+    with pytest.raises(UserError, match="fake_score.init"):
+        fake_init_params(tch, fresh, "shared")
+
+
+def test_student_cfg_guides_the_one_head_call(tiny):
+    """sample.cfg != 1 for the one-step sampler: eps_u + w (eps_c - eps_u) at the same input, i.e. the x0's
+    combine as x0_u + w (x0_c - x0_u) (the one-step map is affine in eps); w = 1 is the conditional sample.
+    Bound: float32 rounding of a few O(1) terms (x0 ~ |x| / sqrt(abar) ~ 3) - 1e-5 is ~100 eps of that scale."""
+    from marval_jax.losses.gsim import onestep_predictor
+    graphdef, gen, _, _, _ = tiny
+    model = nnx.merge(graphdef, gen)
+    zc, zu, rng = _rand((6, CFG.decoder_embed_dim), 5), _rand((6, CFG.decoder_embed_dim), 6), jax.random.PRNGKey(4)
+    pred = onestep_predictor(700, 0.8)
+    x_c, x_u = pred(model, zc, None, 1.0, rng), pred(model, zu, None, 1.0, rng)
+    np.testing.assert_allclose(pred(model, zc, zu, jnp.float32(1.5), rng), x_u + 1.5 * (x_c - x_u),
+                               rtol=0, atol=1e-5)
+    np.testing.assert_allclose(pred(model, zc, zu, jnp.float32(1.0), rng), x_c, rtol=0, atol=1e-5)
+    assert float(jnp.max(jnp.abs(x_c - x_u))) > 1e-3   # the branches differ: the check has power

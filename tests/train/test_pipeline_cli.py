@@ -53,3 +53,100 @@ def test_distill_without_teacher_is_a_clear_error(tmp_path):
     with pytest.raises((ValueError, FileNotFoundError), match="teacher_ckpt|does not exist"):
         run("distill", _cfg(marval_configs, **{"train.num_steps": 1, "teacher_ckpt": str(tmp_path / "none")}),
             str(tmp_path / "w"))
+
+
+def test_one_t_init_default():
+    """configs/marval.py's T_INIT is the one default: the loss dataclasses and both configs agree with it."""
+    from marval_jax.losses.gsim import GSIMSettings
+    from marval_jax.losses.rl import RLSettings
+    assert GSIMSettings().t_init == RLSettings().t_init == marval_configs.T_INIT
+    assert marval_configs.get_config("tiny").generator.t_init == marval_configs.T_INIT
+    rl = rl_configs.get_config("tiny")   # -1: the student's record, else T_INIT
+    assert rl.generator.t_init == -1 and RLSettings.from_config(rl.rl, rl.generator).t_init == marval_configs.T_INIT
+
+
+def test_recorded_t_init_and_noise_scale_reach_every_consumer(tmp_path, tiny_teacher, caplog):
+    """A student distilled with t_init 500 and noise_scale 0.5 records both (run checkpoint config, export's
+    model.json); sampling with the default config (generator.t_init 753) uses the record; sample.t_init overrides it
+    with a logged warning; RL's student load takes the record."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+    from marval_jax.checkpoints.load import load_model_params
+    from marval_jax.checkpoints.params_io import recorded_generator
+    from marval_jax.losses.gsim import onestep_predictor
+    from marval_jax.losses.rl import RLSettings
+    from marval_jax.main import run
+    from marval_jax.sampling.sample_run import generate, make_predictor, onestep_settings
+    from marval_jax.tools.export_params import export
+    from marval_jax.train.mar_task import abstract_model, model_config
+    from marval_jax.train.rl_task import resolve_generator
+    from marval_jax.user_errors import UserError
+
+    student = str(tmp_path / "student")
+    run("distill", _cfg(marval_configs, **{"train.num_steps": 1, "train.ckpt_every": 1, "teacher_ckpt": tiny_teacher,
+                                           "train.sample_every": 0, "generator.t_init": 500,
+                                           "generator.noise_scale": 0.5}), student)
+    rec = {"t_init": 500, "noise_scale": 0.5}
+    assert recorded_generator(student) == rec
+    assert recorded_generator(tiny_teacher) is None          # a teacher records no generator
+    plain = _cfg(marval_configs, **{"sample.num_images": 2, "sample.batch_size": 2})
+    exported = export(plain, student, str(tmp_path / "export"))
+    assert recorded_generator(exported) == rec
+
+    for source in (student, exported):
+        assert onestep_settings(plain, source) == (500, 0.5)
+    caplog.clear()
+    assert onestep_settings(_cfg(marval_configs, **{"sample.t_init": 600}), student) == (600, 0.5)
+    assert "sample.t_init=600 overrides the value 500" in caplog.text
+    assert onestep_settings(plain, "") == (marval_configs.T_INIT, 1.0)   # no record: the config's values
+
+    # the predictor built for the student is the (500, 0.5) one, not the config's (753, 1)
+    cfg = model_config(plain)
+    graphdef, abstract = abstract_model(cfg)
+    model = nnx.merge(graphdef, load_model_params(student, abstract, plain.model.to_dict()))
+    zc = jax.random.normal(jax.random.PRNGKey(1), (3, cfg.decoder_embed_dim))
+    key = jax.random.PRNGKey(2)
+    got = make_predictor(plain, student)(model, zc, None, jnp.float32(1.0), key)
+    np.testing.assert_array_equal(got, onestep_predictor(500, 0.5)(model, zc, None, 1.0, key))
+    assert not np.allclose(got, onestep_predictor(marval_configs.T_INIT, 1.0)(model, zc, None, 1.0, key))
+    caplog.clear()
+    images, _, _ = generate(plain, student)     # `--mode=sample` / evaluate's path reads the record too
+    assert images.shape[0] == 2 and "generator.t_init=753 of the config is not used" in caplog.text
+
+    rl = _cfg(rl_configs, **{"student_ckpt": exported})
+    resolve_generator(rl)
+    assert (rl.generator.t_init, rl.generator.noise_scale) == (500, 0.5)
+    with pytest.raises(UserError, match="generator.noise_scale=0.5"):
+        RLSettings.from_config(rl.rl, rl.generator)
+    caplog.clear()
+    rl = _cfg(rl_configs, **{"student_ckpt": student, "generator.t_init": 700})
+    resolve_generator(rl)
+    assert rl.generator.t_init == 700 and "generator.t_init=700 overrides the value 500" in caplog.text
+
+
+def test_fake_init_reaches_the_distill_state(tiny_teacher):
+    """fake_score.init="fresh_head": after post_init the fake score has the teacher's transformer and the fresh
+    init's head; "teacher" (default) copies the teacher; the generator is the teacher either way."""
+    import jax
+    from marval_jax.losses.gsim import HEAD_MODULE
+    from marval_jax.train.distill_task import make_distill_task
+    states = {}
+    for init in ("teacher", "fresh_head"):
+        task = make_distill_task(_cfg(marval_configs, **{"teacher_ckpt": tiny_teacher, "fake_score.init": init}))
+        fresh = task.init_state(jax.random.PRNGKey(0))
+        states[init] = (fresh, task.post_init(fresh))
+    fresh, st = states["fresh_head"]
+    n_head = n_diff = 0
+    for (path, f), t, fr, g in zip(jax.tree_util.tree_flatten_with_path(st.fake.params)[0],
+                                   jax.tree.leaves(st.teacher), jax.tree.leaves(fresh.fake.params),
+                                   jax.tree.leaves(st.generator.params)):
+        head = HEAD_MODULE in jax.tree_util.keystr(path)
+        n_head += head
+        np.testing.assert_array_equal(f, fr if head else t)
+        np.testing.assert_array_equal(g, t)
+        n_diff += head and not np.array_equal(fr, t)
+    assert n_head > 0 and n_diff > 0      # the fresh head differs from the teacher's: the check has power
+    _, st = states["teacher"]
+    for f, t in zip(jax.tree.leaves(st.fake.params), jax.tree.leaves(st.teacher)):
+        np.testing.assert_array_equal(f, t)
