@@ -1,4 +1,4 @@
-"""MARVAL: GSIM distillation of a MAR teacher into a one-step-per-AR-iteration generator (marval_method.md
+"""MARVAL: GSIM distillation of a MAR teacher into a one-step-per-AR-iteration generator (docs/method.md
 sections 1-2, docs/gsim.md).
 
 Variants (the model is the teacher's, from configs/mar.py):
@@ -37,7 +37,7 @@ T_INIT = t_init_for_alpha_bar(0.14)   # abar(t_init) ~ 0.14, sigma ~ 2.5 in EDM 
 
 
 def gsim_config(**overrides) -> mlc.ConfigDict:
-    """The GSIM objective's switches; defaults of marval_method.md section 2 (equations: docs/gsim.md)."""
+    """The GSIM objective's switches; defaults of docs/method.md section 2 (equations: docs/gsim.md)."""
     cfg = dict(
         distance="pseudo_huber",       # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
         huber_r=1e-5,                  # r of the pseudo-Huber distance

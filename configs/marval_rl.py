@@ -1,4 +1,4 @@
-"""MARVAL-RL: reward backpropagation through the one-step generator's AR loop (marval_method.md section 4, docs/rl.md).
+"""MARVAL-RL: reward backpropagation through the one-step generator's AR loop (docs/method.md section 4, docs/rl.md).
 
 Starts from a distilled MARVAL generator (`student_ckpt`) and maximises a frozen differentiable reward of its
 decoded samples, L = - rl.reward_scale * E[R(decode(G(z, c, K)))] + rl.reg_weight * Reg.

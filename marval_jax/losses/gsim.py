@@ -1,4 +1,4 @@
-"""GSIM (Guided Score Implicit Matching): MARVAL's distillation objective (marval_method.md section 2, docs/gsim.md).
+"""GSIM (Guided Score Implicit Matching): MARVAL's distillation objective (docs/method.md section 2, docs/gsim.md).
 
 Two pure losses built by `make_gsim_losses` from the config, over the shared MAR graphdef and three parameter
 states (generator theta, fake score phi, teacher):
@@ -400,7 +400,7 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
 
 def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) -> GSIMLosses:
     """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
-    the defaults of marval_method.md section 2) and the shared MAR architecture."""
+    the defaults of docs/method.md section 2) and the shared MAR architecture."""
     defaults = GSIMSettings()
     known = {f.name for f in dataclasses.fields(GSIMSettings)} - set(_GENERATOR_FIELDS) | set(_LOOP_FIELDS)
     unknown = sorted(set(_keys(gsim_cfg)) - known)

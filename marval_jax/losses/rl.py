@@ -1,4 +1,4 @@
-"""MARVAL-RL: direct reward backpropagation through the one-step generator's AR loop (marval_method.md section 4).
+"""MARVAL-RL: direct reward backpropagation through the one-step generator's AR loop (docs/method.md section 4).
 
     L_RL(theta) = - reward_scale * E_{c, z, orders}[ R(decode(G_theta(z, c, K)), c) ] + reg_weight * Reg(theta)
 

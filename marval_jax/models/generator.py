@@ -1,4 +1,4 @@
-"""MARVAL's one-step generator parameterisation (marval_method.md section 1).
+"""MARVAL's one-step generator parameterisation (docs/method.md section 1).
 
 The generator is a full MAR (transformer + head) initialised from the teacher. Its head is evaluated ONCE at the
 fixed timestep t_init on input noise x ~ N(0, I); the epsilon output becomes a clean token

@@ -1,4 +1,4 @@
-"""GSIM loss: the gradient-equivalence identity in closed form, and every switch of marval_method.md section 2."""
+"""GSIM loss: the gradient-equivalence identity in closed form, and every switch of docs/method.md section 2."""
 import functools
 import math
 
