@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fnmatch
 import gc
 import json
 import os
@@ -56,6 +57,8 @@ class Settings:
     min_reps: int = 2
     target_s: float = 3.0
     seed: int = 0
+    rows: tuple[str, ...] | None = None  # fnmatch patterns of the row names to run (None: every row of `what`)
+    plan: bool = False  # list the rows in order with their estimated need, compile and run nothing
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -118,6 +121,7 @@ class Suite:
         self.peak = _lookup(PEAK_TFLOPS, kind)
         self.matmul_ref = _lookup(MATMUL_REF_TFLOPS, kind)
         self.compiles: dict[str, list[float]] = {}
+        self.planned_s = 0.0  # --plan: the estimates of the rows planned so far
         self.report: dict[str, Any] = {
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": _device_info(), "versions": _versions(), "argv": sys.argv,
@@ -160,6 +164,7 @@ class Suite:
               (f" compile {entry['compile']['total_s']:.1f}s" if entry.get("compile") else "") +
               (f" MFU {entry['mfu_peak']:.1%}" if entry.get("mfu_peak") else "") +
               (f" x{entry['speedup']:.2f} vs {entry['baseline']}" if entry.get("speedup") else "") +
+              (f" need {entry['need_s']:.0f}s" if entry["status"] == "planned" else "") +
               (f" ({entry.get('reason') or entry.get('error', '')[:300]})" if entry["status"] != "ok" else ""),
               flush=True)
         return entry
@@ -183,6 +188,10 @@ class Suite:
             return 1.25 * max(ref) * COMPILE_GUESS_S[family] / COMPILE_GUESS_S["sample"]
         return COMPILE_GUESS_S[family]
 
+    def selected(self, name: str) -> bool:
+        """Whether row `name` is part of this run (--rows: one of its patterns matches)."""
+        return self.s.rows is None or any(fnmatch.fnmatchcase(name, p) for p in self.s.rows)
+
     def find(self, model: str, name: str, batch: int | None, status: str = "ok") -> dict | None:
         for e in reversed(self.report["results"]):
             if e["model"] == model and e["name"] == name and e.get("batch") == batch and e["status"] == status:
@@ -194,10 +203,17 @@ class Suite:
                 need_s: float = 30.0, family: str | None = None) -> dict:
         """Runs fn(entry) unless the time left is below need_s (status "skipped"); a failure is recorded, never
         raised: status "oom" for an out-of-memory error (with the allocator's message), "error" otherwise."""
+        if not self.selected(name):  # not recorded: a row --rows leaves out is not part of this run
+            return {"model": model, "name": name, "batch": batch, "status": "not selected"}
         entry: dict[str, Any] = {"model": model, "name": name, "batch": batch, "need_s": round(need_s, 1)}
-        if self.deadline.remaining() < need_s:
+        left = self.deadline.remaining() - self.planned_s
+        if left < need_s:
             entry["status"] = "skipped"
-            entry["reason"] = f"time budget: {self.deadline.remaining():.0f} s left, {need_s:.0f} s needed"
+            entry["reason"] = f"time budget: {left:.0f} s left, {need_s:.0f} s needed"
+            return self.record(entry)
+        if self.s.plan:  # as if the row took its estimate, so the plan shows what a budget would skip
+            self.planned_s += need_s
+            entry["status"] = "planned"
             return self.record(entry)
         entry["device_memory_before"] = device_memory()
         t0 = time.perf_counter()
@@ -260,7 +276,7 @@ class Suite:
     # -- measurements ----------------------------------------------------------------------------------------------
     def run(self) -> dict:
         s = self.s
-        if jax.devices()[0].platform == "gpu":
+        if jax.devices()[0].platform == "gpu" and not s.plan:
             try:
                 self.report["peaks"]["matmul_measured_tflops"] = matmul_tflops()
                 print(f"[{self.deadline.elapsed():7.1f}s] bf16 matmul 8192^3: "
@@ -270,58 +286,70 @@ class Suite:
         self.write()
         for name in s.models:
             cfg = model_config(name)
-            t0 = time.perf_counter()
-            graphdef, state = random_state(cfg, s.seed)
-            jax.block_until_ready(state)
-            self.report.setdefault("init_s", {})[name] = time.perf_counter() - t0
-            nparams = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state))
-            print(f"[{self.deadline.elapsed():7.1f}s] {name}: random state, {nparams / 1e6:.1f}M parameters in "
-                  f"{self.report['init_s'][name]:.1f}s (drawn on the host leaf by leaf, no initialiser compiled)",
-                  flush=True)
-            self.report.setdefault("params", {})[name] = nparams
+            graphdef, state = (None, None) if s.plan else self.random_model(name, cfg)
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
-            m = ModelBench(self, name, cfg, graphdef, state)
-            # Priority order (a time budget skips what does not fit, so the first rows are the likeliest to run):
-            # the Speed issue's targets (both samplers at every batch, largest first, with their compile times; MAR
-            # training; GSIM with its MFU), then the RL step with and without remat, then the KV-cache rows (largest
-            # batch first), then the breakdown.
-            batches = sorted(s.batches, reverse=True)
-            if "sample" in s.what:
-                for b in batches:
-                    for kind in ("teacher", "onestep"):
-                        self.guarded(name, f"sample/{kind}", b, lambda e, k=kind, b=b: m.sampler(e, k, b),
-                                     m.need_sampler(kind, b, "sample"), "sample")
-            if "train" in s.what:
-                if "mar" in s.train_steps:
-                    self.guarded_halving(name, "train/mar", s.train_batch, m.train_mar, m.need_train("mar"), "mar")
-                if "gsim" in s.train_steps:
-                    self.guarded_halving(name, "train/gsim", s.gsim_batch, m.train_gsim, m.need_train("gsim"),
-                                         "gsim")
-                self.run_rl(m, name)
-            if "kv" in s.what:
-                for b in sorted(s.kv_batches or s.batches, reverse=True):
-                    for kind in ("onestep", "teacher"):
-                        for variant in KV_VARIANTS:
-                            fam = "sample" if variant == "causal" else "kv"
-                            self.guarded(name, f"kv/{kind}/{variant}", b,
-                                         lambda e, k=kind, b=b, v=variant: m.kv_sampler(e, k, b, v),
-                                         m.need_sampler(kind, b, fam), fam)
-            if "breakdown" in s.what:
-                bb = s.breakdown_batch or max(s.batches)
-                for kind in ("teacher", "onestep"):
-                    need = m.need_sampler(kind, bb, "breakdown")
-                    self.guarded(name, f"breakdown/{kind}/transformer_loop", bb,
-                                 lambda e, k=kind: m.transformer_loop(e, k, bb), need, "breakdown")
-                    self.guarded(name, f"breakdown/{kind}/head_loop", bb, lambda e, k=kind: m.head_loop(e, k, bb),
-                                 need, "breakdown")
-            if "block" in s.what:
-                for part in BLOCK_PARTS:
-                    self.guarded(name, f"block/{part}", s.block_batch, lambda e, p=part: m.block_part(e, p),
-                                 m.need_block(part), "block")
-            del m, state
+            self.run_rows(ModelBench(self, name, cfg, graphdef, state), name)
+            del state
+        if s.plan:
+            self.report["planned_s"] = self.planned_s
+            print(f"plan: {self.planned_s:.0f} s estimated for the planned rows", flush=True)
         self.report["total_s"] = self.deadline.elapsed()
         self.write()
         return self.report
+
+    def random_model(self, name: str, cfg) -> tuple[Any, Any]:
+        """(graphdef, state) of model `name` with random weights (`random_state`), its time and size reported."""
+        t0 = time.perf_counter()
+        graphdef, state = random_state(cfg, self.s.seed)
+        jax.block_until_ready(state)
+        self.report.setdefault("init_s", {})[name] = time.perf_counter() - t0
+        nparams = sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(state))
+        print(f"[{self.deadline.elapsed():7.1f}s] {name}: random state, {nparams / 1e6:.1f}M parameters in "
+              f"{self.report['init_s'][name]:.1f}s (drawn on the host leaf by leaf, no initialiser compiled)",
+              flush=True)
+        self.report.setdefault("params", {})[name] = nparams
+        return graphdef, state
+
+    def run_rows(self, m: ModelBench, name: str) -> None:
+        """Every row of `what` for one model, in priority order."""
+        s = self.s
+        # Priority order (a time budget skips what does not fit, so the first rows are the likeliest to run):
+        # the Speed issue's targets (both samplers at every batch, largest first, with their compile times; MAR
+        # training; GSIM with its MFU), then the RL step with and without remat, then the KV-cache rows (largest
+        # batch first), then the breakdown.
+        batches = sorted(s.batches, reverse=True)
+        if "sample" in s.what:
+            for b in batches:
+                for kind in ("teacher", "onestep"):
+                    self.guarded(name, f"sample/{kind}", b, lambda e, k=kind, b=b: m.sampler(e, k, b),
+                                 m.need_sampler(kind, b, "sample"), "sample")
+        if "train" in s.what:
+            if "mar" in s.train_steps:
+                self.guarded_halving(name, "train/mar", s.train_batch, m.train_mar, m.need_train("mar"), "mar")
+            if "gsim" in s.train_steps:
+                self.guarded_halving(name, "train/gsim", s.gsim_batch, m.train_gsim, m.need_train("gsim"),
+                                     "gsim")
+            self.run_rl(m, name)
+        if "kv" in s.what:
+            for b in sorted(s.kv_batches or s.batches, reverse=True):
+                for kind in ("onestep", "teacher"):
+                    for variant in KV_VARIANTS:
+                        fam = "sample" if variant == "causal" else "kv"
+                        self.guarded(name, f"kv/{kind}/{variant}", b,
+                                     lambda e, k=kind, b=b, v=variant: m.kv_sampler(e, k, b, v),
+                                     m.need_sampler(kind, b, fam), fam)
+        if "breakdown" in s.what:
+            bb = s.breakdown_batch or max(s.batches)
+            for kind in ("teacher", "onestep"):
+                need = m.need_sampler(kind, bb, "breakdown")
+                self.guarded(name, f"breakdown/{kind}/transformer_loop", bb,
+                             lambda e, k=kind: m.transformer_loop(e, k, bb), need, "breakdown")
+                self.guarded(name, f"breakdown/{kind}/head_loop", bb, lambda e, k=kind: m.head_loop(e, k, bb),
+                             need, "breakdown")
+        if "block" in s.what:
+            for part in BLOCK_PARTS:
+                self.guarded(name, f"block/{part}", s.block_batch, lambda e, p=part: m.block_part(e, p),
+                             m.need_block(part), "block")
 
     def run_rl(self, m: "ModelBench", name: str) -> None:
         """train/rl (remat on) at --rl-batch, then train/rl_noremat at the same batch, halving it after an
@@ -351,8 +379,21 @@ def device_slug() -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in kind).strip("_") or "device"
 
 
+def row_names(what, train_steps=TRAIN_STEPS) -> list[str]:
+    """Every row name (model and batch aside) the families `what` and the training steps `train_steps` produce:
+    what --rows patterns are matched against."""
+    kinds = ("teacher", "onestep")
+    families = {
+        "sample": [f"sample/{k}" for k in kinds],
+        "train": [f"train/{t}" for t in TRAIN_STEPS if t in train_steps],
+        "kv": [f"kv/{k}/{v}" for k in kinds for v in KV_VARIANTS],
+        "breakdown": [f"breakdown/{k}/{c}" for k in kinds for c in ("transformer_loop", "head_loop")],
+        "block": [f"block/{p}" for p in BLOCK_PARTS]}
+    return [n for f in what for n in families[f]]
+
+
 def main_run(settings: Settings) -> dict:
-    if settings.out is None:
+    if settings.out is None and not settings.plan:  # a plan overwrites no measured report
         settings.out = os.path.join("docs", "benchmarks", f"{device_slug()}.json")
     report = Suite(settings).run()
     if settings.table:

@@ -49,4 +49,4 @@ from marval_jax.benchmarks.report import (  # noqa: F401
     _same_run_row, _short_error, _short_oom, _status, _target, merge_reports, render_markdown, write_table,)
 from marval_jax.benchmarks.runner import (  # noqa: F401
     ASSUMED_MFU, COMPILE_GUESS_S, CPU_FLOPS, MATMUL_REF_TFLOPS, PEAK_TFLOPS, PREDICT_SLACK, Settings, Suite,
-    _device_info, _lookup, _versions, device_slug, is_oom, main_run,)
+    _device_info, _lookup, _versions, device_slug, is_oom, main_run, row_names,)
