@@ -15,19 +15,24 @@ bidirectional model, and the exact cache of the attention="causal" model with it
 in the default: one transformer block and its parts - attention, the attention core unfused and through
 jax.nn.dot_product_attention, the four matmuls, the MLP - each called --block-calls times in one compiled loop, at
 --block-batch over the decoder's positions).
---out defaults to docs/benchmarks/<device>.json. --time-budget S skips what would not finish within S seconds
-(recorded as skipped). The JSON (and --table) is rewritten after every measurement. Out-of-memory failures are
+--rows PATTERNS runs only the rows whose names match one of the comma-separated fnmatch patterns (e.g.
+sample/onestep,kv/onestep/*); --plan lists the rows in the order they would run, each with the seconds it is
+estimated to need (status "planned", or "skipped" where --time-budget would skip it), and compiles and runs nothing.
+--out defaults to docs/benchmarks/<device>.json (with --plan: no file unless given). --time-budget S skips what
+would not finish within S seconds (recorded as skipped). The JSON (and --table) is rewritten after every measurement. Out-of-memory failures are
 recorded as status "oom" (a training step is retried at half the batch) and do not make the exit status nonzero.
 """
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import sys
 
 from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, DEFAULT_WHAT, GSIM_BATCH, KV_APPROX, RL_BATCH,
                                             TRAIN_STEPS, WHAT)
+from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
 
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 
@@ -38,6 +43,7 @@ def _list(s: str) -> list[str]:
 
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m marval_jax.benchmarks", description=__doc__.split("\n")[0])
+    add_verbose_flag(p)
     p.add_argument("--models", default="base", help="comma list of base, large, huge")
     p.add_argument("--what", default=",".join(DEFAULT_WHAT),
                    help="comma list of " + ", ".join(WHAT) + " (block only when named)")
@@ -67,6 +73,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--time-budget", type=float, default=None, help="seconds for the whole suite")
     p.add_argument("--min-reps", type=int, default=2)
     p.add_argument("--target-s", type=float, default=3.0, help="time each sampler at least this long")
+    p.add_argument("--rows", default=None,
+                   help="comma list of fnmatch patterns of row names to run, e.g. sample/onestep,kv/onestep/*")
+    p.add_argument("--plan", action="store_true",
+                   help="list the rows in order with their estimated seconds; compile and run nothing")
     return p.parse_args(argv)
 
 
@@ -77,10 +87,10 @@ def main(argv=None) -> int:
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAGS).strip()
     from marval_jax.benchmarks import suite
     if a.newest_wins and not a.from_json:
-        raise SystemExit("--newest-wins merges runs: it needs --from-json a.json,b.json")
+        raise UserError("--newest-wins merges runs: it needs --from-json a.json,b.json")
     if a.from_json:
         if not a.table:
-            raise SystemExit("--from-json needs --table")
+            raise UserError("--from-json needs --table: the markdown file to render the runs into")
         reports = []
         for path in _list(a.from_json):
             with open(path) as f:
@@ -95,18 +105,19 @@ def main(argv=None) -> int:
     what, steps = _list(a.what), tuple(_list(a.train_steps))
     for x in what:
         if x not in WHAT:
-            raise SystemExit(f"--what takes {', '.join(WHAT)}, got {x!r}")
+            raise UserError(f"--what takes {', '.join(WHAT)}, got {x!r}")
     for x in steps:
         if x not in TRAIN_STEPS:
-            raise SystemExit(f"--train-steps takes {', '.join(TRAIN_STEPS)}, got {x!r}")
+            raise UserError(f"--train-steps takes {', '.join(TRAIN_STEPS)}, got {x!r}")
     if a.block_batch < 1 or a.block_calls < 1:
-        raise SystemExit(f"--block-batch and --block-calls take positive integers, got {a.block_batch}, "
+        raise UserError(f"--block-batch and --block-calls take positive integers, got {a.block_batch}, "
                          f"{a.block_calls}")
     kv_approx = tuple(int(x) for x in _list(a.kv_approx))
     if len(kv_approx) != 2 or kv_approx[0] < 0 or kv_approx[1] < 1:
-        raise SystemExit(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
+        raise UserError(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
+    rows = _rows(a.rows, suite.row_names(what, steps), what)
     common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
-                  t_init=a.t_init, kv_approx=kv_approx)
+                  t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan)
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)
@@ -127,10 +138,21 @@ def main(argv=None) -> int:
     return exit_code(report)
 
 
+def _rows(arg: str | None, names: list[str], what: list[str]) -> tuple[str, ...] | None:
+    """--rows as a tuple of patterns, each checked to name at least one row of --what."""
+    if arg is None:
+        return None
+    rows = tuple(_list(arg))
+    for pattern in rows:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            raise UserError(f"--rows: {pattern!r} matches no row of --what {','.join(what)} (rows: {', '.join(names)})")
+    return rows
+
+
 def exit_code(report: dict) -> int:
     """1 if a measurement failed; out-of-memory rows ("oom") and rows skipped for time are results, not failures."""
     return 1 if any(r["status"] == "error" for r in report["results"]) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_cli(main)

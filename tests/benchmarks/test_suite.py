@@ -1,5 +1,11 @@
-"""The benchmark suite (marval_jax/benchmarks/suite.py): one `--quick` run on CPU covers every row; the out-of-memory
-fallback, the time budget, the RL pairing and the tables are checked with stand-in measurements (no compilation)."""
+"""The benchmark suite (marval_jax/benchmarks: runner, model_bench, report). What CI compiles: one `--quick` run
+(tiny shapes, CPU, one subprocess) over one row per distinct measurement code path (`COMPILED`: the uncached
+sampler, the MAR / GSIM / RL training steps, the three KV-cache variants, both breakdown loops) and every block/*
+part. What it does not compile: sample/teacher, train/rl_noremat, kv/teacher/* and breakdown/onestep/* run the same
+functions with another sampler kind or rl.remat off; they are checked by `--plan`, which walks the same priority loop
+without compiling (every row present, in order), and the tiny --quick run is tied to that plan (its rows are the
+plan's rows that --rows selects, in the plan's order). The out-of-memory fallback, the time budget, the RL pairing and
+the tables are checked with stand-in measurements (no compilation)."""
 import json
 import os
 import subprocess
@@ -14,6 +20,7 @@ from marval_jax.benchmarks import __main__ as cli
 from marval_jax.benchmarks import defaults
 from marval_jax.benchmarks import flops as F
 from marval_jax.benchmarks import suite
+from marval_jax.user_errors import EXIT_USER_ERROR, UserError, call_cli
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -22,6 +29,10 @@ ROWS = {"sample/teacher", "sample/onestep", "train/mar", "train/gsim", "train/rl
         "kv/teacher/approx", "kv/teacher/causal", "kv/teacher/causal_exact",
         "breakdown/teacher/transformer_loop", "breakdown/teacher/head_loop",
         "breakdown/onestep/transformer_loop", "breakdown/onestep/head_loop"}
+# One row per distinct code path of ModelBench (the teacher breakdown: the CFG branch and the teacher's head chain).
+COMPILED = ("sample/onestep", "train/mar", "train/gsim", "train/rl", "kv/onestep/approx", "kv/onestep/causal",
+            "kv/onestep/causal_exact", "breakdown/teacher/transformer_loop", "breakdown/teacher/head_loop")
+BLOCK_ROWS = [f"block/{p}" for p in F.BLOCK_PARTS]
 
 
 def run_quick(tmp, *args: str) -> tuple[dict, str]:
@@ -38,63 +49,88 @@ def run_quick(tmp, *args: str) -> tuple[dict, str]:
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    """One `--quick` run (tiny shapes, every row of the default --what) shared by the tests below."""
-    return run_quick(tmp_path_factory.mktemp("quick"))
+    """One `--quick` run over the COMPILED rows and the block parts, shared by the tests below."""
+    return run_quick(tmp_path_factory.mktemp("quick"), "--what", ",".join(defaults.WHAT),
+                     "--rows", ",".join(COMPILED) + ",block/*")
 
 
-def test_quick_run_measures_every_row(quick):
-    report, _ = quick
-    results = report["results"]
-    names = [r["name"] for r in results]
-    assert ROWS <= set(names), sorted(ROWS - set(names))
-    assert not any(n.startswith("block/") for n in names)  # the block rows run only when asked for
-    assert all(r["status"] == "ok" for r in results), [(r["name"], r.get("error")) for r in results
-                                                       if r["status"] != "ok"]
-    assert all(r["time_s"] > 0 and r["flops"] > 0 and r["compile"]["total_s"] > 0 for r in results)
+def plan(tmp_path, *args: str) -> dict:
+    """`--quick --plan` in this process: the rows in the order the suite would run them, nothing compiled."""
+    out = tmp_path / "plan.json"
+    assert cli.main(["--quick", "--plan", "--out", str(out), *args]) == 0
+    return json.loads(out.read_text())
+
+
+def test_plan_lists_every_row_in_priority_order(tmp_path):
+    report = plan(tmp_path)
+    names = [r["name"] for r in report["results"]]
+    assert len(names) == len(set(names)) and set(names) == ROWS == set(suite.row_names(defaults.DEFAULT_WHAT))
+    assert all(r["status"] == "planned" and r["need_s"] > 0 and "compile" not in r for r in report["results"])
+    assert report["planned_s"] == pytest.approx(sum(r["need_s"] for r in report["results"]), abs=0.1 * len(names))
     # priority order: the Speed targets, then RL, then the KV cache, then the breakdown
     first = {n: names.index(n) for n in ROWS}
     assert first["sample/onestep"] < first["train/mar"] < first["train/gsim"] < first["train/rl"]
     assert first["train/rl"] < first["train/rl_noremat"] < first["kv/onestep/approx"]
     assert max(first[n] for n in ROWS if n.startswith("kv/")) < first["breakdown/teacher/transformer_loop"]
+    # --rows: only the matching rows, in the same order, the others not recorded at all
+    kv = [r["name"] for r in plan(tmp_path, "--rows", "kv/onestep/*,sample/onestep")["results"]]
+    assert kv == ["sample/onestep", "kv/onestep/approx", "kv/onestep/causal", "kv/onestep/causal_exact"]
+    # a budget is spent by the planned rows' estimates: the rows past it are planned as skipped
+    budget = report["results"][0]["need_s"] + report["results"][1]["need_s"] + 1.0
+    tight = plan(tmp_path, "--time-budget", str(budget))["results"]
+    assert [r["status"] for r in tight[:2]] == ["planned", "planned"]
+    assert {r["status"] for r in tight[2:]} == {"skipped"}
 
 
-def test_quick_run_rl_remat_on_and_off(quick):
+def test_quick_run_is_the_selected_part_of_the_plan(quick, tmp_path):
     report, _ = quick
-    rl = {r["name"]: r for r in report["results"] if r["name"].startswith("train/rl")}
-    assert rl["train/rl"]["settings"]["remat"] is True and rl["train/rl_noremat"]["settings"]["remat"] is False
-    assert rl["train/rl"]["batch"] == rl["train/rl_noremat"]["batch"] == report["settings"]["rl_batch"]
-    for r in rl.values():  # compiled program's memory, plus the allocator's when the backend reports it
-        assert r["compile"]["memory"]["program_peak_bytes"] > 0 and "device_memory_after" in r
-    # the forward pass recomputed by remat is counted
-    assert rl["train/rl"]["flops"] > rl["train/rl_noremat"]["flops"]
+    results = report["results"]
+    names = [r["name"] for r in results]
+    planned = plan(tmp_path, "--what", ",".join(defaults.WHAT), "--rows", ",".join(COMPILED) + ",block/*")
+    assert names == [r["name"] for r in planned["results"]] == list(COMPILED) + BLOCK_ROWS
+    assert all(r["status"] == "ok" for r in results), [(r["name"], r.get("error")) for r in results
+                                                       if r["status"] != "ok"]
+    assert all(r["time_s"] > 0 and r["flops"] > 0 and r["compile"]["total_s"] > 0 for r in results)
+
+
+def test_quick_run_rl_and_gsim(quick):
+    report, table = quick
+    rl = next(r for r in report["results"] if r["name"] == "train/rl")
+    assert rl["settings"]["remat"] is True and rl["batch"] == report["settings"]["rl_batch"]
+    # compiled program's memory, plus the allocator's when the backend reports it
+    assert rl["compile"]["memory"]["program_peak_bytes"] > 0 and "device_memory_after" in rl
+    # the forward pass recomputed by remat is counted (train/rl_noremat's count, not compiled here)
+    cfg = suite.model_config("tiny")
+    kw = dict(batch=2, num_iter=2, num_buckets=1)
+    assert rl["flops"] == F.rl_step_flops(cfg, remat=True, **kw)["total"] > F.rl_step_flops(cfg, remat=False,
+                                                                                              **kw)["total"]
     gsim = next(r for r in report["results"] if r["name"] == "train/gsim")
     assert gsim["tflops_per_s"] > 0 and "mfu_peak" in gsim  # MFU against the device's peak (None on CPU)
+    assert "| tiny | rl, remat on | 2 |" in table and "| - | rl, remat off | - |" in table
 
 
 def test_quick_run_kv_rows(quick):
     report, table = quick
     by = {r["name"]: r for r in report["results"]}
-    for kind in ("onestep", "teacher"):
-        approx, causal, exact = (by[f"kv/{kind}/{v}"] for v in ("approx", "causal", "causal_exact"))
-        assert approx["baseline"] == f"sample/{kind}" and exact["baseline"] == f"kv/{kind}/causal"
-        assert approx["attention"] == "bidirectional" and exact["attention"] == causal["attention"] == "causal"
-        assert approx["cache"] == "approx r=2 R=4" and exact["cache"] == "exact" and causal["cache"] == "none"
-        for r in (approx, causal, exact):
-            assert r["speedup"] == pytest.approx(by[r["baseline"]]["time_s"] / r["time_s"])
-            assert r["output_finite_fraction"] == 1.0
-        for r in (approx, exact):  # outputs on the same key as the baseline, compared
-            assert 0 <= r["max_rel_diff_vs_baseline"] < float("inf")
+    approx, causal, exact = (by[f"kv/onestep/{v}"] for v in ("approx", "causal", "causal_exact"))
+    assert approx["baseline"] == "sample/onestep" and exact["baseline"] == "kv/onestep/causal"
+    assert approx["attention"] == "bidirectional" and exact["attention"] == causal["attention"] == "causal"
+    assert approx["cache"] == "approx r=2 R=4" and exact["cache"] == "exact" and causal["cache"] == "none"
+    for r in (approx, causal, exact):
+        assert r["speedup"] == pytest.approx(by[r["baseline"]]["time_s"] / r["time_s"])
+        assert r["output_finite_fraction"] == 1.0
+    for r in (approx, exact):  # outputs on the same key as the baseline, compared
+        assert 0 <= r["max_rel_diff_vs_baseline"] < float("inf")
     assert "### KV cache" in table and "| tiny | onestep | causal | exact | 2 |" in table
-    assert "| kv/onestep/causal |" in table and table.count("x |") >= 6
-    assert "| tiny | rl, remat off | 2 |" in table and "| tiny | rl, remat on | 2 |" in table
+    assert "| kv/onestep/causal |" in table and table.count("x |") >= 3
 
 
-def test_quick_block_rows(tmp_path):
-    """--what block on tiny shapes: every part measured, FLOPs against XLA's count, the fused core's error, the
+def test_quick_block_rows(quick):
+    """The block parts on tiny shapes: every part measured, FLOPs against XLA's count, the fused core's error, the
     table."""
-    report, table = run_quick(tmp_path, "--what", "block")
-    rows = {r["name"]: r for r in report["results"]}
-    assert list(rows) == [f"block/{p}" for p in F.BLOCK_PARTS]
+    report, table = quick
+    rows = {r["name"]: r for r in report["results"] if r["name"].startswith("block/")}
+    assert list(rows) == BLOCK_ROWS
     assert all(r["status"] == "ok" for r in rows.values()), [(n, r.get("error")) for n, r in rows.items()
                                                              if r["status"] != "ok"]
     cfg = suite.model_config("tiny")
@@ -284,6 +320,17 @@ def test_tables_show_kv_speedups_rl_rows_and_oom():
     assert "| - | mar | - |" in text  # a step not measured at all is listed
 
 
+def test_committed_table_is_the_committed_json_rendered():
+    """docs/benchmarks.md's generated block is what render_markdown makes of docs/benchmarks/h200.json, byte for byte
+    (a change to the tables' format re-renders the document: --from-json docs/benchmarks/h200.json --table ...)."""
+    with open(os.path.join(ROOT, "docs", "benchmarks", "h200.json")) as f:
+        report = json.load(f)
+    with open(os.path.join(ROOT, "docs", "benchmarks.md")) as f:
+        doc = f.read()
+    block = doc[doc.index(suite.BEGIN):doc.index(suite.END) + len(suite.END)]
+    assert suite.render_markdown(report) == block
+
+
 def test_two_runs_merge_into_one_table():
     head = {"device": {"kind": "NVIDIA H200", "platform": "gpu", "count": 1}, "versions": {}}
     one = dict(head, date="2026-11-30T00:00:00+00:00", total_s=480.0, peaks={"matmul_measured_tflops": None},
@@ -336,14 +383,20 @@ def test_cli_defaults_and_checks():
     assert set(a.train_steps.split(",")) == {"mar", "gsim", "rl", "rl_noremat"}
     assert set(a.what.split(",")) == {"sample", "train", "kv", "breakdown"}  # block only when named
     assert "block" in defaults.WHAT and (a.block_batch, a.block_calls) == (256, 24)
-    with pytest.raises(SystemExit, match="--block-batch"):
+    with pytest.raises(UserError, match="--block-batch"):
         cli.main(["--what", "block", "--block-calls", "0"])
-    with pytest.raises(SystemExit, match="--what"):
+    with pytest.raises(UserError, match="--what"):
         cli.main(["--what", "sample,cache"])
-    with pytest.raises(SystemExit, match="--kv-approx"):
+    with pytest.raises(UserError, match="--kv-approx"):
         cli.main(["--kv-approx", "2,0"])
-    with pytest.raises(SystemExit, match="--newest-wins merges runs"):
+    with pytest.raises(UserError, match="--newest-wins merges runs"):
         cli.main(["--newest-wins"])
+    with pytest.raises(UserError, match="--from-json needs --table"):
+        cli.main(["--from-json", "a.json"])
+    # a --rows pattern must name a row of --what (block rows only with --what block)
+    with pytest.raises(UserError, match="'block/\\*' matches no row of --what sample,train"):
+        cli.main(["--plan", "--what", "sample,train", "--rows", "sample/*,block/*"])
+    assert call_cli(lambda: cli.main(["--plan", "--rows", "kv/nope"]), argv=[]) == EXIT_USER_ERROR
 
 
 def test_h200_script_dry_run():

@@ -6,6 +6,7 @@ import datetime
 import json
 import os
 import sys
+import tempfile
 from typing import Any
 from marval_jax.user_errors import add_verbose_flag
 
@@ -16,6 +17,37 @@ from marval_jax.tools.scale_check.report import render
 
 
 def main(argv=None) -> int:
+    p = _parser()
+    argv = list(argv if argv is not None else sys.argv[1:])
+    args = p.parse_args(argv)
+    args.argv = argv
+    if args._worker:
+        return _worker_main(args)
+    if args.execute:
+        return _execute_main(args)
+
+    hbm = parse_hbm(args.hbm)
+    cache_path = args.cache or (os.path.splitext(args.out)[0] + ".json" if args.out else "")
+    cache: dict[str, Any] = {}
+    if cache_path and os.path.exists(cache_path):
+        with open(cache_path) as f:
+            cache = json.load(f)
+    registry = cache.setdefault("_commands", {})
+    compiled_now: list[str] = []
+    if args.record:
+        with open(args.record) as f:
+            m = json.load(f)
+        if args.note:
+            m["note"] = args.note
+        cache.setdefault("_measured", {})[measured_key(m)] = m
+        _save_cache(cache_path, cache)
+    else:
+        compiled_now = _compile_cases(args, argv, cache, cache_path, registry)
+    _write_report(args, cache, registry, hbm)
+    return 1 if any("error" in cache[k] for k in compiled_now) else 0
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=sys.modules["marval_jax.tools.scale_check"].__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_verbose_flag(p)
@@ -59,58 +91,48 @@ def main(argv=None) -> int:
     p.add_argument("--_model_one", dest="model_one", help=argparse.SUPPRESS)
     p.add_argument("--_step_one", dest="step_one", help=argparse.SUPPRESS)
     p.add_argument("--_remat_one", dest="remat_one", help=argparse.SUPPRESS)
-    argv = list(argv if argv is not None else sys.argv[1:])
-    args = p.parse_args(argv)
-    args.argv = argv
-    if args._worker:
-        return _worker_main(args)
-    if args.execute:
-        return _execute_main(args)
+    return p
 
-    hbm = parse_hbm(args.hbm)
-    cache_path = args.cache or (os.path.splitext(args.out)[0] + ".json" if args.out else "")
-    cache: dict[str, Any] = {}
-    if cache_path and os.path.exists(cache_path):
-        with open(cache_path) as f:
-            cache = json.load(f)
-    registry = cache.setdefault("_commands", {})
+
+def _compile_cases(args, argv: list[str], cache: dict, cache_path: str, registry: dict) -> list[str]:
+    """Records this command and its cases in the cache, then compiles each case the cache lacks (all of them with
+    --recompile, none with --report_only) in its own subprocess, saving the cache after each; returns their keys."""
     compiled_now: list[str] = []
-    if args.record:
-        with open(args.record) as f:
-            m = json.load(f)
-        if args.note:
-            m["note"] = args.note
-        cache.setdefault("_measured", {})[measured_key(m)] = m
+    devices = [int(d) for d in parse_list(args.devices, None, "devices")]
+    models = parse_list(args.models, None, "models")
+    steps = parse_list(args.steps, STEPS, "steps")
+    remats = [{"on": True, "off": False}[r] for r in parse_list(args.rl_remat, ("on", "off"), "rl_remat")]
+    mesh = parse_mesh(args.mesh)
+    batches = [int(b) for b in args.batches.split(",")]
+    if len(set(batches)) < 2:
+        print("note: one per-device batch size: memory is reported, the batch fit is not", file=sys.stderr)
+    cases = [(n, m, s, r) for n in devices for m in models for s in steps
+             for r in (remats if s == "rl" else [None])]
+    command = _command_key(argv)
+    registry[command] = dict(date=args.date, cases=[
+        [case_key(n, mesh, m, s, r, batches), f"N={n} {m} {s}{_remat_label(r)}"] for n, m, s, r in cases])
+    _save_cache(cache_path, cache)
+    for n, m, s, r in cases:
+        key = case_key(n, mesh, m, s, r, batches)
+        if args.report_only or (key in cache and "error" not in cache[key] and not args.recompile):
+            continue
+        print(f"[scale_check] {key}", file=sys.stderr, flush=True)
+        with tempfile.TemporaryDirectory() as tmp:
+            rec = _spawn(args, n, m, s, r, os.path.join(tmp, "result.json"))
+        rec.setdefault("devices", n), rec.setdefault("model", m), rec.setdefault("step", s)
+        rec.setdefault("remat", r)
+        cache[key] = rec
+        compiled_now.append(key)
         _save_cache(cache_path, cache)
-    else:
-        devices = [int(d) for d in parse_list(args.devices, None, "devices")]
-        models = parse_list(args.models, None, "models")
-        steps = parse_list(args.steps, STEPS, "steps")
-        remats = [{"on": True, "off": False}[r] for r in parse_list(args.rl_remat, ("on", "off"), "rl_remat")]
-        mesh = parse_mesh(args.mesh)
-        batches = [int(b) for b in args.batches.split(",")]
-        if len(set(batches)) < 2:
-            print("note: one per-device batch size: memory is reported, the batch fit is not", file=sys.stderr)
-        cases = [(n, m, s, r) for n in devices for m in models for s in steps
-                 for r in (remats if s == "rl" else [None])]
-        command = _command_key(argv)
-        registry[command] = dict(date=args.date, cases=[
-            [case_key(n, mesh, m, s, r, batches), f"N={n} {m} {s}{'' if r is None else (' remat on' if r else ' remat off')}"]
-            for n, m, s, r in cases])
-        _save_cache(cache_path, cache)
-        import tempfile
-        for n, m, s, r in cases:
-            key = case_key(n, mesh, m, s, r, batches)
-            if args.report_only or (key in cache and "error" not in cache[key] and not args.recompile):
-                continue
-            print(f"[scale_check] {key}", file=sys.stderr, flush=True)
-            with tempfile.TemporaryDirectory() as tmp:
-                rec = _spawn(args, n, m, s, r, os.path.join(tmp, "result.json"))
-            rec.setdefault("devices", n), rec.setdefault("model", m), rec.setdefault("step", s)
-            rec.setdefault("remat", r)
-            cache[key] = rec
-            compiled_now.append(key)
-            _save_cache(cache_path, cache)
+    return compiled_now
+
+
+def _remat_label(remat: bool | None) -> str:
+    return "" if remat is None else (" remat on" if remat else " remat off")
+
+
+def _write_report(args, cache: dict, registry: dict, hbm: dict[str, float]) -> None:
+    """Renders every recorded command's cases (and the recorded --execute runs) to --out, or prints it."""
     records, missing, seen = [], [], set()
     for entry in registry.values():
         for key, label in entry["cases"]:
@@ -130,4 +152,3 @@ def main(argv=None) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
-    return 1 if any("error" in cache[k] for k in compiled_now) else 0

@@ -9,7 +9,8 @@ import re
 import subprocess
 import sys
 import time
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, Callable
 from marval_jax.user_errors import UserError
 
 from marval_jax.tools.scale_check.cases import (
@@ -130,10 +131,6 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
     dropped (noted in the JSON) and the step compiled with the defaults.
     """
     import jax
-    import numpy as np
-    from marval_jax.parallel import mesh as mesh_lib
-    from marval_jax.parallel import sharding as shd
-    from marval_jax.train.loop import state_shardings
 
     t_start = time.time()
     all_devices = jax.devices()
@@ -145,59 +142,13 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
                           per_device_batch=batch, num_steps=num_steps, device_kind=getattr(devs[0], "device_kind", "?"),
                           platform=devs[0].platform, jax=jax.__version__, date=datetime.date.today().isoformat(),
                           command=command))
-    config = load_config(step, model, mesh_spec, remat, rl_num_iter)
-    built = build_case(step, config)
-    mesh = mesh_lib.make_mesh(config.mesh, devices=devs)
-    rules = config.mesh.logical_axis_rules
-    abstract = jax.eval_shape(built.init_state, jax.random.PRNGKey(seed))
-    shardings = state_shardings(abstract, built, mesh, rules)
-    batch_shd = shd.batch_sharding(mesh, rules)
-    repl = shd.replicated(mesh)
-    shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    breakdown = _state_breakdown(abstract, shardings)
-    batch_abstract = built.batch_fn(batch * shards)
-    rec: dict[str, Any] = dict(
-        mode="execute", devices=devices, model=model, step=step, remat=remat, mesh=dict(mesh.shape),
-        per_device_batch=batch, global_batch=batch * shards, num_steps=num_steps,
-        rl_num_iter=rl_num_iter if step == "rl" else None, platform=devs[0].platform,
-        device_kind=getattr(devs[0], "device_kind", "?"), jax=jax.__version__,
-        xla_flags=os.environ.get("XLA_FLAGS", ""), state=breakdown, state_total=sum(breakdown.values()),
-        batch_bytes=_tree_bytes_per_device(batch_abstract, batch_shd), model_dtype=str(config.model.dtype),
-        commit=_commit(), date=datetime.date.today().isoformat(), command=command, out=out or None)
-    rec["prediction"] = pred = find_prediction(cache, devices, dict(mesh.shape), model, step, remat, batch, batches)
-    phases: dict[str, float] = {}
-
-    def phase(name: str) -> None:  # the phase about to start, written first so a kill mid-phase is visible
-        rec["phase"] = name
-        phases[name] = round(time.time() - t_start, 1)
-        rec["phase_started_s"] = dict(phases)
-        _write_json(out, rec)
-        print(f"[scale_check --execute] {phases[name]:7.1f}s {name}", file=sys.stderr, flush=True)
-
-    jitted = jax.jit(built.train_step, in_shardings=(shardings, batch_shd) + (repl,) * len(built.extra),
-                     out_shardings=(shardings, None), donate_argnums=0)
-    state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                                      abstract, shardings)
-    extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
-                     for e in built.extra)
+    env = _execute_setup(step, model, mesh_spec, remat, rl_num_iter, batch, seed, devs)
+    rec = _execute_record(env, devs, model, step, remat, batch, num_steps, rl_num_iter, command, out)
+    rec["prediction"] = pred = find_prediction(cache, devices, dict(env.mesh.shape), model, step, remat, batch,
+                                               batches)
+    phase = _phase_writer(rec, out, t_start)
     rec["compile_options"] = dict(compile_options or {})
-
-    def compile_at(b: int):
-        nonlocal compile_options
-        batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
-                                          built.batch_fn(b * shards))
-        t0 = time.time()
-        lowered = jitted.lower(state_in, batch_in, *extra_in)
-        try:
-            compiled = lowered.compile(compiler_options=compile_options or None)
-        except Exception as e:  # noqa: BLE001  (an option this XLA does not know: compile with its defaults)
-            if not compile_options:
-                raise
-            rec["compile_options_error"], rec["compile_options"] = f"{type(e).__name__}: {str(e)[:300]}", {}
-            compile_options = None
-            compiled = lowered.compile()
-        return compiled, round(time.time() - t0, 1)
-
+    compile_at = _step_compiler(env, rec)
     probes_b = [b for b in (device_probes or []) if b != batch]
     if probes_b:
         rec["device_probes"] = []
@@ -208,24 +159,125 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
             del compiled
             _write_json(out, rec)
     phase("compile")
+    compiled = _compile_executed(rec, compile_at, batch, pred, devs[0])
+    phase("init")
+    state, batch_arr, extra = _random_inputs(rec, env, seed)
+    rec["memory_after_init"] = _memory_stats(devs[0])
+    _run_steps(rec, out, phase, compiled, (state, batch_arr, extra), num_steps, devs[0])
+    _compare_peaks(rec, pred)
+    rec["total_s"] = round(time.time() - t_start, 1)
+    rec["phase"] = "done"
+    _write_json(out, rec)
+    print(execute_summary(rec), flush=True)
+    return rec
+
+
+def _execute_setup(step: str, model: str, mesh_spec: dict | None, remat: bool | None, rl_num_iter: int, batch: int,
+                   seed: int, devs: list) -> SimpleNamespace:
+    """The case's task, mesh, abstract state with its shardings and the abstract batch, as the compile-only cases
+    (and `marval_jax.train.loop`) build them, on the devices `devs`."""
+    import jax
+    from marval_jax.parallel import mesh as mesh_lib
+    from marval_jax.parallel import sharding as shd
+    from marval_jax.train.loop import state_shardings
+
+    config = load_config(step, model, mesh_spec, remat, rl_num_iter)
+    built = build_case(step, config)
+    mesh = mesh_lib.make_mesh(config.mesh, devices=devs)
+    rules = config.mesh.logical_axis_rules
+    abstract = jax.eval_shape(built.init_state, jax.random.PRNGKey(seed))
+    shardings = state_shardings(abstract, built, mesh, rules)
+    batch_shd = shd.batch_sharding(mesh, rules)
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    return SimpleNamespace(config=config, built=built, mesh=mesh, abstract=abstract, shardings=shardings,
+                           batch_shd=batch_shd, repl=shd.replicated(mesh), shards=shards,
+                           batch_abstract=built.batch_fn(batch * shards))
+
+
+def _execute_record(env: SimpleNamespace, devs: list, model: str, step: str, remat: bool | None, batch: int,
+                    num_steps: int, rl_num_iter: int, command: str | None, out: str) -> dict[str, Any]:
+    """The --execute JSON's fields known before anything is compiled: the case, the device, the state by kind."""
+    import jax
+    breakdown = _state_breakdown(env.abstract, env.shardings)
+    return dict(
+        mode="execute", devices=len(devs), model=model, step=step, remat=remat, mesh=dict(env.mesh.shape),
+        per_device_batch=batch, global_batch=batch * env.shards, num_steps=num_steps,
+        rl_num_iter=rl_num_iter if step == "rl" else None, platform=devs[0].platform,
+        device_kind=getattr(devs[0], "device_kind", "?"), jax=jax.__version__,
+        xla_flags=os.environ.get("XLA_FLAGS", ""), state=breakdown, state_total=sum(breakdown.values()),
+        batch_bytes=_tree_bytes_per_device(env.batch_abstract, env.batch_shd), model_dtype=str(env.config.model.dtype),
+        commit=_commit(), date=datetime.date.today().isoformat(), command=command, out=out or None)
+
+
+def _phase_writer(rec: dict, out: str, t_start: float) -> Callable[[str], None]:
+    """phase(name): records the phase about to start and writes the JSON first, so a kill mid-phase is visible."""
+    phases: dict[str, float] = {}
+
+    def phase(name: str) -> None:
+        rec["phase"] = name
+        phases[name] = round(time.time() - t_start, 1)
+        rec["phase_started_s"] = dict(phases)
+        _write_json(out, rec)
+        print(f"[scale_check --execute] {phases[name]:7.1f}s {name}", file=sys.stderr, flush=True)
+    return phase
+
+
+def _step_compiler(env: SimpleNamespace, rec: dict) -> Callable[[int], tuple[Any, float]]:
+    """compile_at(b): the train step jitted as the loop jits it, lowered on abstract inputs at per-device batch b
+    and compiled with rec["compile_options"]; (compiled, seconds). An option this XLA rejects is dropped (the error
+    noted in rec, its options emptied) and the step compiled with the defaults, then and at every later batch."""
+    import jax
+    built, batch_shd, repl = env.built, env.batch_shd, env.repl
+    jitted = jax.jit(built.train_step, in_shardings=(env.shardings, batch_shd) + (repl,) * len(built.extra),
+                     out_shardings=(env.shardings, None), donate_argnums=0)
+    state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                      env.abstract, env.shardings)
+    extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
+                     for e in built.extra)
+
+    def compile_at(b: int):
+        batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
+                                          built.batch_fn(b * env.shards))
+        t0 = time.time()
+        lowered = jitted.lower(state_in, batch_in, *extra_in)
+        options = rec["compile_options"] or None
+        try:
+            compiled = lowered.compile(compiler_options=options)
+        except Exception as e:  # noqa: BLE001  (an option this XLA does not know: compile with its defaults)
+            if not options:
+                raise
+            rec["compile_options_error"], rec["compile_options"] = f"{type(e).__name__}: {str(e)[:300]}", {}
+            compiled = lowered.compile()
+        return compiled, round(time.time() - t0, 1)
+    return compile_at
+
+
+def _compile_executed(rec: dict, compile_at: Callable, batch: int, pred: dict | None, device) -> Any:
+    """Compiles the step at the executed batch; records its memory_analysis, the state it does not read, the
+    device-compiled prediction and the compiled peak against the CPU prediction."""
     compiled, rec["compile_s"] = compile_at(batch)
     rec["compiled"] = _memory_analysis(compiled)
     if rec["compiled"]:  # state leaves the step never reads (jit prunes them) stay allocated but are not arguments
         rec["state_not_read"] = max(0.0, rec["state_total"] + rec["batch_bytes"] - rec["compiled"]["argument"])
     rec["device_prediction"] = device_prediction(rec)
-    rec["memory_after_compile"] = _memory_stats(devs[0])
+    rec["memory_after_compile"] = _memory_stats(device)
     if pred is not None and rec["compiled"]:
         rec["compiled_rel_diff"] = (rec["compiled"]["peak"] - pred["predicted_peak"]) / pred["predicted_peak"]
     print(f"[scale_check --execute] compiled in {rec['compile_s']:.0f}s; compiled peak "
           f"{(rec['compiled'] or {}).get('peak', float('nan')) / GB:.2f} GB", file=sys.stderr, flush=True)
-    phase("init")
+    return compiled
 
+
+def _random_inputs(rec: dict, env: SimpleNamespace, seed: int) -> tuple:
+    """(state, batch, frozen extra inputs) made leaf by leaf on their shardings, no initialiser compiled; each state
+    leaf its own buffer (donation needs one per leaf)."""
+    import jax
     from marval_jax.benchmarks import random_init
     t0 = time.time()
-    state = random_init.random_like(abstract, seed, random_init.train_state_rule, shardings)
-    batch_arr = random_init.random_like(batch_abstract, seed + 1, random_init.data_rule, batch_shd)
-    extra = tuple(random_init.random_like(e, seed + 2 + i, _frozen_input_rule, repl)
-                  for i, e in enumerate(built.extra))
+    state = random_init.random_like(env.abstract, seed, random_init.train_state_rule, env.shardings)
+    batch_arr = random_init.random_like(env.batch_abstract, seed + 1, random_init.data_rule, env.batch_shd)
+    extra = tuple(random_init.random_like(e, seed + 2 + i, _frozen_input_rule, env.repl)
+                  for i, e in enumerate(env.built.extra))
     jax.block_until_ready((state, batch_arr, extra))
     rec["init_s"] = round(time.time() - t0, 1)
     rec["init"] = "random_init.random_like (host draws + device zeros, per leaf; no compiled initialiser)"
@@ -235,8 +287,15 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
             state = jax.tree_util.tree_map(lambda x: x.copy(), state)
     except Exception:  # noqa: BLE001  (no buffer pointers on this backend: leave as is)
         pass
-    rec["memory_after_init"] = _memory_stats(devs[0])
+    return state, batch_arr, extra
 
+
+def _run_steps(rec: dict, out: str, phase: Callable[[str], None], compiled, inputs: tuple, num_steps: int,
+               device) -> None:
+    """`num_steps` steps with the state donated; after each, its time, loss and the allocator's statistics."""
+    import jax
+    import numpy as np
+    state, batch_arr, extra = inputs
     step_s, losses = [], []
     for i in range(num_steps):
         phase(f"step {i + 1}/{num_steps}")
@@ -245,8 +304,12 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
         jax.block_until_ready((state, metrics))
         step_s.append(round(time.time() - t0, 3))
         losses.append(float(np.asarray(metrics.get("loss", np.nan))))
-        rec.update(step_s=step_s, loss=losses, memory=_memory_stats(devs[0]))
+        rec.update(step_s=step_s, loss=losses, memory=_memory_stats(device))
         _write_json(out, rec)
+
+
+def _compare_peaks(rec: dict, pred: dict | None) -> None:
+    """The allocator's peak against the CPU prediction and the device-compiled prediction (within 15%?)."""
     measured = (rec.get("memory") or {}).get("peak_bytes_in_use")
     if pred is not None and measured is not None:
         rec["rel_diff"] = (measured - pred["predicted_peak"]) / pred["predicted_peak"]
@@ -255,11 +318,6 @@ def execute_case(model: str, step: str, mesh_spec: dict | None, remat: bool | No
     if dpred is not None and measured is not None:
         rec["device_rel_diff"] = (measured - dpred["predicted_peak"]) / dpred["predicted_peak"]
         rec["device_within_15pct"] = abs(rec["device_rel_diff"]) <= 0.15
-    rec["total_s"] = round(time.time() - t_start, 1)
-    rec["phase"] = "done"
-    _write_json(out, rec)
-    print(execute_summary(rec), flush=True)
-    return rec
 
 
 def device_prediction(rec: dict) -> dict | None:

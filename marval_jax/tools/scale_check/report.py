@@ -56,11 +56,30 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
            missing: list[str] = (), measured: list[dict] = ()) -> str:
     """The markdown report. `commands`: the command line (str) or [{"command", "date"}, ...] of every command
     whose cases are in `records`; `measured`: `--execute` results recorded with --record."""
-    import jax
-    names = {"base": "B", "large": "L", "huge": "H"}
     if isinstance(commands, str):
         commands = [dict(command=commands, date=date)]
-    lines = [
+    lines = _intro_lines(commands, fraction)
+    ok = [r for r in records if "error" not in r]
+    findings = _findings(ok) + _error_findings([r for r in records if "error" in r])
+    if findings:
+        lines += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
+    for n in sorted({r["devices"] for r in ok}):
+        lines += _devices_section(n, ok, hbm, fraction, measured)
+    lines += _validation_section(measured, ok)
+    lines += _config_mesh_section(ok)
+    lines += _what_ran_section(ok, [r for r in records if "error" in r])
+    if missing:
+        lines += ["Not run yet (the commands above compile them): " + "; ".join(missing) + ".", ""]
+    return "\n".join(lines)
+
+
+_MODEL_LETTER = {"base": "B", "large": "L", "huge": "H"}
+
+
+def _intro_lines(commands: list[dict], fraction: float) -> list[str]:
+    """The report's title and the paragraphs on what is measured, the memory model, the caveat and the steps."""
+    import jax
+    return [
         "# Scale check: per-device memory of the train steps",
         "",
         f"Produced with jax {jax.__version__} on CPU with forced host devices (nothing allocated) by the commands below",
@@ -104,68 +123,77 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
         "config's per-device batch, and the largest per-device batch per HBM size.",
         "",
     ]
-    ok = [r for r in records if "error" not in r]
-    findings = _findings(ok) + _error_findings([r for r in records if "error" in r])
-    if findings:
-        lines += ["## Findings", ""] + [f"- {f}" for f in findings] + [""]
-    for n in sorted({r["devices"] for r in ok}):
-        rows = sorted([r for r in ok if r["devices"] == n], key=lambda r: (
-            ["base", "large", "huge"].index(r["model"]) if r["model"] in names else 9, STEPS.index(r["step"]),
-            not r.get("remat")))
-        meshes = sorted({",".join(f"{k}={v}" for k, v in r["mesh"].items()) for r in rows})
-        title = "1 device (one H200" if n == 1 else f"{n} devices ("
-        lines += [f"## N = {title}{'; ' if n == 1 else ''}mesh {'; '.join(meshes)})", ""]
-        dev_rows = [(m, _cpu_case(ok, m)) for m in _device_compiled_runs(measured) if m["devices"] == n]
-        if n == 1:
-            lines += ["The single-device program that a real run on one accelerator executes; its CPU-compiled GSIM",
-                      "row is the CPU prediction the `H200 validation` section compares with."]
-        lines += _device_rows_intro([m for m, _ in dev_rows], [m for m in measured if m.get("devices") == n])
-        if n == 1 or dev_rows:
-            lines.append("")
-        head = ("| model | step | params | opt | EMA | frozen | state | fixed | per ex. | probes b: peak | cfg b | "
-                + " | ".join(f"{k} {v:g} GB" for k, v in hbm.items()) + " |")
-        lines += [head, "|" + "---|" * (11 + len(hbm))]
-        for r in rows:
-            s = r["state"]
-            frozen = s["frozen"] + _frozen_args(r)
-            f = fit(r)
-            cfg_b = r["config_global_batch"] / r["batch_shards"]
-            probes = ", ".join(f"{p['per_device_batch']}: {_gb(p['peak'])}" for p in r["probes"])
-            if f is None:
-                fixed_s = per_s = "?"
-                fits = ["?"] * len(hbm)
-            else:
-                fixed, per = f
-                fixed_s, per_s = _gb(fixed), _gb(per)
-                fits = [str(max_batch(fixed, per, h, fraction)) for h in hbm.values()]
-            model = f"MAR{'VAL' if r['step'] in ('gsim', 'rl') else ''}-{names.get(r['model'], r['model'])}"
-            lines.append(
-                f"| {model} | {_step_label(r)} | {_gb(s['params'])} | {_gb(s['optimizer'])} | "
-                f"{_gb(s['ema'])} | {_gb(frozen)} | {_gb(r['state_total'] + _frozen_args(r))} | "
-                f"{fixed_s} | {per_s} | {probes} | {cfg_b:g} | " + " | ".join(fits) + " |")
-        for m, cpu in dev_rows:
-            lines.append(_device_compiled_row(m, cpu, hbm, fraction))
+
+
+def _devices_section(n: int, ok: list[dict], hbm: dict[str, float], fraction: float, measured) -> list[str]:
+    """## N = n devices: one row per compiled case at n devices, then the recorded runs' device-compiled rows."""
+    names = _MODEL_LETTER
+    rows = sorted([r for r in ok if r["devices"] == n], key=lambda r: (
+        ["base", "large", "huge"].index(r["model"]) if r["model"] in names else 9, STEPS.index(r["step"]),
+        not r.get("remat")))
+    meshes = sorted({",".join(f"{k}={v}" for k, v in r["mesh"].items()) for r in rows})
+    title = "1 device (one H200" if n == 1 else f"{n} devices ("
+    lines = [f"## N = {title}{'; ' if n == 1 else ''}mesh {'; '.join(meshes)})", ""]
+    dev_rows = [(m, _cpu_case(ok, m)) for m in _device_compiled_runs(measured) if m["devices"] == n]
+    if n == 1:
+        lines += ["The single-device program that a real run on one accelerator executes; its CPU-compiled GSIM",
+                  "row is the CPU prediction the `H200 validation` section compares with."]
+    lines += _device_rows_intro([m for m, _ in dev_rows], [m for m in measured if m.get("devices") == n])
+    if n == 1 or dev_rows:
         lines.append("")
-    lines += _validation_section(measured, ok)
+    head = ("| model | step | params | opt | EMA | frozen | state | fixed | per ex. | probes b: peak | cfg b | "
+            + " | ".join(f"{k} {v:g} GB" for k, v in hbm.items()) + " |")
+    lines += [head, "|" + "---|" * (11 + len(hbm))]
+    for r in rows:
+        s = r["state"]
+        frozen = s["frozen"] + _frozen_args(r)
+        f = fit(r)
+        cfg_b = r["config_global_batch"] / r["batch_shards"]
+        probes = ", ".join(f"{p['per_device_batch']}: {_gb(p['peak'])}" for p in r["probes"])
+        if f is None:
+            fixed_s = per_s = "?"
+            fits = ["?"] * len(hbm)
+        else:
+            fixed, per = f
+            fixed_s, per_s = _gb(fixed), _gb(per)
+            fits = [str(max_batch(fixed, per, h, fraction)) for h in hbm.values()]
+        model = f"MAR{'VAL' if r['step'] in ('gsim', 'rl') else ''}-{names.get(r['model'], r['model'])}"
+        lines.append(
+            f"| {model} | {_step_label(r)} | {_gb(s['params'])} | {_gb(s['optimizer'])} | "
+            f"{_gb(s['ema'])} | {_gb(frozen)} | {_gb(r['state_total'] + _frozen_args(r))} | "
+            f"{fixed_s} | {per_s} | {probes} | {cfg_b:g} | " + " | ".join(fits) + " |")
+    for m, cpu in dev_rows:
+        lines.append(_device_compiled_row(m, cpu, hbm, fraction))
+    lines.append("")
+    return lines
+
+
+def _config_mesh_section(ok: list[dict]) -> list[str]:
+    """## State per device with the configs' own mesh (from the shardings; empty if no case recorded it)."""
     cfg_rows = [r for r in ok if r.get("config_mesh_state") and "error" not in r["config_mesh_state"]]
-    if cfg_rows:
-        lines += ["## State per device with the configs' own mesh (from shardings, no compile)", "",
-                  "| N | model | step | config mesh | params | opt | EMA | frozen | state |", "|" + "---|" * 9]
-        seen = set()
-        for r in sorted(cfg_rows, key=lambda r: (r["devices"], r["model"], r["step"])):
-            key = (r["devices"], r["model"], r["step"])
-            if key in seen:
-                continue
-            seen.add(key)
-            c = r["config_mesh_state"]
-            tot = sum(c[k] for k in ("params", "optimizer", "ema", "frozen", "other"))
-            lines.append(f"| {r['devices']} | {r['model']} | {r['step']} | "
-                         f"{','.join(f'{k}={v}' for k, v in c['shape'].items())} | {_gb(c['params'])} | "
-                         f"{_gb(c['optimizer'])} | {_gb(c['ema'])} | {_gb(c['frozen'])} | {_gb(tot)} |")
-        lines.append("")
-    bad = [r for r in records if "error" in r]
-    lines += ["## What ran", "",
-              "| N | model | step | per-device batches | compile s (each) | code |", "|---|---|---|---|---|---|"]
+    if not cfg_rows:
+        return []
+    lines = ["## State per device with the configs' own mesh (from shardings, no compile)", "",
+             "| N | model | step | config mesh | params | opt | EMA | frozen | state |", "|" + "---|" * 9]
+    seen = set()
+    for r in sorted(cfg_rows, key=lambda r: (r["devices"], r["model"], r["step"])):
+        key = (r["devices"], r["model"], r["step"])
+        if key in seen:
+            continue
+        seen.add(key)
+        c = r["config_mesh_state"]
+        tot = sum(c[k] for k in ("params", "optimizer", "ema", "frozen", "other"))
+        lines.append(f"| {r['devices']} | {r['model']} | {r['step']} | "
+                     f"{','.join(f'{k}={v}' for k, v in c['shape'].items())} | {_gb(c['params'])} | "
+                     f"{_gb(c['optimizer'])} | {_gb(c['ema'])} | {_gb(c['frozen'])} | {_gb(tot)} |")
+    lines.append("")
+    return lines
+
+
+def _what_ran_section(ok: list[dict], bad: list[dict]) -> list[str]:
+    """## What ran: every case's per-device batches, compile times and code, the failed ones with their error."""
+    lines = ["## What ran", "",
+             "| N | model | step | per-device batches | compile s (each) | code |", "|---|---|---|---|---|---|"]
     for r in sorted(ok, key=lambda r: (r["devices"], r["model"], r["step"], not r.get("remat"))):
         lines.append(f"| {r['devices']} | {r['model']} | {_step_label(r)} | "
                      f"{', '.join(str(p['per_device_batch']) for p in r['probes'])} | "
@@ -175,9 +203,7 @@ def render(records: list[dict], hbm: dict[str, float], fraction: float, commands
         lines.append(f"| {r['devices']} | {r['model']} | {r['step']}{remat} | failed | {r['error'][:200]} | "
                      f"{_code(r)} |")
     lines.append("")
-    if missing:
-        lines += ["Not run yet (the commands above compile them): " + "; ".join(missing) + ".", ""]
-    return "\n".join(lines)
+    return lines
 
 
 def _cpu_cases(records: list[dict], m: dict) -> list[dict]:
@@ -406,65 +432,16 @@ def _validation_notes(m: dict, records: list[dict]) -> list[str]:
 
 
 def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[str]:
-    lines = ["## H200 validation: the MARVAL-B GSIM step run on one device", "",
-             "`--execute` builds the N = 1 case's task, shardings and jit, compiles the step, makes the state on the",
-             "device leaf by leaf (`marval_jax.benchmarks.random_init`: parameters, EMA and teacher N(0, 0.02^2) drawn",
-             "on the host and copied onto their shardings, optimizer state zeros on the device; no initialiser is",
-             "compiled), draws a fixed random batch and runs a few steps with the state donated. It compares the",
-             "allocator's `peak_bytes_in_use` (`jax.devices()[0].memory_stats()`) with the N = 1 row's fixed + b x",
-             "per_example at the run's batch (which equals the CPU probe's peak at b = 16), and reports the device",
-             "compiler's own memory_analysis beside it. Agreement within 15% validates the table for GPUs. Its JSON",
-             "is written before the compile and after every phase (`phase`: the one in progress), so a run cut short",
-             "can still be recorded: its compiled peak is compared and its executed peak marked as not measured",
-             "(`--note` says why). With `--device_probes 8,16` the step is first compiled (not run) on the device at",
-             "those batches; their compiled peaks fitted as fixed + b x per_example, evaluated at the executed batch",
-             "(32: outside the probes, so nothing of the executed program enters it) plus the state the device holds",
-             "but the step does not read, make the device-compiled prediction, compared with the allocator's peak",
-             "too. Command (on one H200, from the repository root, ~7 min: three compiles of ~2 min), then record",
-             "its JSON here:", "",
-             f"    {H200_COMMAND}", f"    {RECORD_COMMAND}", "",
-             "Expected differences, stated before the run: the CPU compiler runs bf16 dots and elementwise ops in f32",
-             "(so some bf16 activations get f32 copies) and fuses less than the GPU compiler, which points to a",
-             "prediction above the GPU's compiled peak; the allocator's peak adds what the program does not own (the",
-             "batch is counted in both; cuBLAS / autotuning workspace and allocator rounding are not in the",
-             "prediction), and so do state leaves the step never reads: jit prunes them from the program (GSIM: the",
-             "fake score's EMA copy, ema_decay 0; 0.83 GB for B, `state_not_read` in the JSON) but they stay",
-             "allocated on the device. The command compiles without GEMM autotuning (`xla_gpu_autotune_level=0`, to",
-             "keep the GPU compile short); autotuning chooses kernels and their workspace, not the program's buffers.",
-             "The comparison is reported as it comes out.", ""]
+    """## H200 validation: what --execute does and what to expect, then the recorded runs' table, summary and notes
+    (and, while no run got to its steps, the proposal for the next call)."""
+    lines = _validation_intro()
     if not measured:
         return lines + ["Not run yet.", ""]
-    names = {"base": "B", "large": "L", "huge": "H"}
     lines += ["| device | jax | step | b | steps run (s each) | peak_bytes_in_use | device compiled peak | "
               "CPU prediction (fixed + b x per ex.) | allocator vs prediction | within 15% | compiled vs prediction "
               "| device-compiled prediction | allocator vs it | run |", "|" + "---|" * 14]
     for m in sorted(measured, key=lambda m: (m.get("date", ""), executed_steps(m))):
-        mem = (m.get("memory") or {}).get("peak_bytes_in_use")
-        comp = (m.get("compiled") or {}).get("peak")
-        pred = m.get("prediction")
-        step = f"MARVAL-{names.get(m['model'], m['model'])} {_step_label(m)}"
-        rel = m.get("rel_diff")
-        crel = (comp - pred["predicted_peak"]) / pred["predicted_peak"] if comp and pred else None
-        ran = executed_steps(m)
-        steps = f"{ran}: {', '.join(f'{t:.2f}' for t in m['step_s'])}" if ran else "none"
-        if ran:
-            peak = "n/a" if mem is None else _gb(mem)
-        else:
-            peak = "not measured"
-        pred_s = ("n/a" if not pred else f"{_gb(pred['predicted_peak'])} ({_gb(pred['fixed'])} + "
-                  f"{m['per_device_batch']} x {_gb(pred['per_example'])})")
-        dpred, drel = m.get("device_prediction"), m.get("device_rel_diff")
-        dpred_s = ("n/a" if not dpred else f"{_gb(dpred['predicted_peak'])} ({_gb(dpred['fixed'])} + "
-                   f"{m['per_device_batch']} x {_gb(dpred['per_example'])} + {_gb(dpred['state_not_read'])}; "
-                   f"fit of b = {', '.join(map(str, dpred['probe_batches']))})")
-        drel_s = "n/a" if drel is None else f"{_pct(drel)} ({'within' if m.get('device_within_15pct') else 'not within'} 15%)"
-        lines.append(
-            f"| {m['device_kind']} x{m['devices']} | {m['jax']} | {step} | {m['per_device_batch']} | {steps} | "
-            f"{peak} | {'n/a' if comp is None else _gb(comp)} | {pred_s} | "
-            f"{'n/a' if rel is None else _pct(rel)} | "
-            f"{'n/a' if rel is None else ('yes' if m.get('within_15pct') else 'no')} | "
-            f"{'n/a' if crel is None else _pct(crel)} | {dpred_s} | {drel_s} | "
-            f"{m.get('date', '?')}, {m.get('commit') or '?'} |")
+        lines.append(_validation_row(m))
     lines.append("")
     summary = _validation_summary(measured)
     if summary:
@@ -473,20 +450,86 @@ def _validation_section(measured: list[dict], records: list[dict] = ()) -> list[
         lines += [f"- {t}" for t in _validation_notes(m, records)]
     lines.append("")
     if not any(executed_steps(m) for m in measured):  # only runs cut short before their steps
-        compile_s = max((m.get("compile_s") or 0) for m in measured)
-        state = max((m.get("state_total") or 0) for m in measured)
-        lines += [
-            "Next call (a proposal; no executed peak exists yet): rerun the command above with room for the steps.",
-            f"The compile took {compile_s:.0f} s; the state ({_gb(state)} GB) is now made leaf by leaf with no",
-            "compile (~25 s for MARVAL-B GSIM's on a shared 2-core CPU; the GPU host has 16 cores) instead of by a",
-            "compiled `init_state`; the steps are not timed yet (MARVAL-B GSIM at b = 16: ~17 TFLOP per step by",
-            "`benchmarks/flops.py`). A limit of 300 s around the command (e.g. `timeout 300`) should leave margin.",
-            "Record it with `--record`: the allocator's peak then shows what the runtime adds to the compiled peak.",
-            "If the gap to the CPU table stays outside 15%, the table could be made useful for GPUs by a",
-            "GPU-calibrated column (the N = 1 case compiled on the GPU at the two probe batches and fitted there as",
-            "fixed + b x per_example) or by a documented correction factor for the CPU rows, derived from several",
-            "measured steps and batches rather than from this one point.", ""]
+        lines += _next_call_lines(measured)
     return lines
+
+
+def _validation_intro() -> list[str]:
+    """The validation section's description of --execute, its command and the differences expected beforehand."""
+    return ["## H200 validation: the MARVAL-B GSIM step run on one device", "",
+            "`--execute` builds the N = 1 case's task, shardings and jit, compiles the step, makes the state on the",
+            "device leaf by leaf (`marval_jax.benchmarks.random_init`: parameters, EMA and teacher N(0, 0.02^2) drawn",
+            "on the host and copied onto their shardings, optimizer state zeros on the device; no initialiser is",
+            "compiled), draws a fixed random batch and runs a few steps with the state donated. It compares the",
+            "allocator's `peak_bytes_in_use` (`jax.devices()[0].memory_stats()`) with the N = 1 row's fixed + b x",
+            "per_example at the run's batch (which equals the CPU probe's peak at b = 16), and reports the device",
+            "compiler's own memory_analysis beside it. Agreement within 15% validates the table for GPUs. Its JSON",
+            "is written before the compile and after every phase (`phase`: the one in progress), so a run cut short",
+            "can still be recorded: its compiled peak is compared and its executed peak marked as not measured",
+            "(`--note` says why). With `--device_probes 8,16` the step is first compiled (not run) on the device at",
+            "those batches; their compiled peaks fitted as fixed + b x per_example, evaluated at the executed batch",
+            "(32: outside the probes, so nothing of the executed program enters it) plus the state the device holds",
+            "but the step does not read, make the device-compiled prediction, compared with the allocator's peak",
+            "too. Command (on one H200, from the repository root, ~7 min: three compiles of ~2 min), then record",
+            "its JSON here:", "",
+            f"    {H200_COMMAND}", f"    {RECORD_COMMAND}", "",
+            "Expected differences, stated before the run: the CPU compiler runs bf16 dots and elementwise ops in f32",
+            "(so some bf16 activations get f32 copies) and fuses less than the GPU compiler, which points to a",
+            "prediction above the GPU's compiled peak; the allocator's peak adds what the program does not own (the",
+            "batch is counted in both; cuBLAS / autotuning workspace and allocator rounding are not in the",
+            "prediction), and so do state leaves the step never reads: jit prunes them from the program (GSIM: the",
+            "fake score's EMA copy, ema_decay 0; 0.83 GB for B, `state_not_read` in the JSON) but they stay",
+            "allocated on the device. The command compiles without GEMM autotuning (`xla_gpu_autotune_level=0`, to",
+            "keep the GPU compile short); autotuning chooses kernels and their workspace, not the program's buffers.",
+            "The comparison is reported as it comes out.", ""]
+
+
+def _validation_row(m: dict) -> str:
+    """One recorded --execute run as a row of the validation table."""
+    mem = (m.get("memory") or {}).get("peak_bytes_in_use")
+    comp = (m.get("compiled") or {}).get("peak")
+    pred = m.get("prediction")
+    step = f"MARVAL-{_MODEL_LETTER.get(m['model'], m['model'])} {_step_label(m)}"
+    rel = m.get("rel_diff")
+    crel = (comp - pred["predicted_peak"]) / pred["predicted_peak"] if comp and pred else None
+    ran = executed_steps(m)
+    steps = f"{ran}: {', '.join(f'{t:.2f}' for t in m['step_s'])}" if ran else "none"
+    if ran:
+        peak = "n/a" if mem is None else _gb(mem)
+    else:
+        peak = "not measured"
+    pred_s = ("n/a" if not pred else f"{_gb(pred['predicted_peak'])} ({_gb(pred['fixed'])} + "
+              f"{m['per_device_batch']} x {_gb(pred['per_example'])})")
+    dpred, drel = m.get("device_prediction"), m.get("device_rel_diff")
+    dpred_s = ("n/a" if not dpred else f"{_gb(dpred['predicted_peak'])} ({_gb(dpred['fixed'])} + "
+               f"{m['per_device_batch']} x {_gb(dpred['per_example'])} + {_gb(dpred['state_not_read'])}; "
+               f"fit of b = {', '.join(map(str, dpred['probe_batches']))})")
+    within = "within" if m.get("device_within_15pct") else "not within"
+    drel_s = "n/a" if drel is None else f"{_pct(drel)} ({within} 15%)"
+    return (
+        f"| {m['device_kind']} x{m['devices']} | {m['jax']} | {step} | {m['per_device_batch']} | {steps} | "
+        f"{peak} | {'n/a' if comp is None else _gb(comp)} | {pred_s} | "
+        f"{'n/a' if rel is None else _pct(rel)} | "
+        f"{'n/a' if rel is None else ('yes' if m.get('within_15pct') else 'no')} | "
+        f"{'n/a' if crel is None else _pct(crel)} | {dpred_s} | {drel_s} | "
+        f"{m.get('date', '?')}, {m.get('commit') or '?'} |")
+
+
+def _next_call_lines(measured: list[dict]) -> list[str]:
+    """The proposal for the next device call, while every recorded run ended before its steps."""
+    compile_s = max((m.get("compile_s") or 0) for m in measured)
+    state = max((m.get("state_total") or 0) for m in measured)
+    return [
+        "Next call (a proposal; no executed peak exists yet): rerun the command above with room for the steps.",
+        f"The compile took {compile_s:.0f} s; the state ({_gb(state)} GB) is now made leaf by leaf with no",
+        "compile (~25 s for MARVAL-B GSIM's on a shared 2-core CPU; the GPU host has 16 cores) instead of by a",
+        "compiled `init_state`; the steps are not timed yet (MARVAL-B GSIM at b = 16: ~17 TFLOP per step by",
+        "`benchmarks/flops.py`). A limit of 300 s around the command (e.g. `timeout 300`) should leave margin.",
+        "Record it with `--record`: the allocator's peak then shows what the runtime adds to the compiled peak.",
+        "If the gap to the CPU table stays outside 15%, the table could be made useful for GPUs by a",
+        "GPU-calibrated column (the N = 1 case compiled on the GPU at the two probe batches and fitted there as",
+        "fixed + b x per_example) or by a documented correction factor for the CPU rows, derived from several",
+        "measured steps and batches rather than from this one point.", ""]
 
 
 def _findings(records: list[dict]) -> list[str]:
