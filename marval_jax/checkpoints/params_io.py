@@ -4,15 +4,19 @@ A directory with `model.json` (the MARConfig fields it was built with) and the a
 pure-dict pytree; large models, sharded restore) or as `params.npz` (one flat file of "a/b/c" keys, optionally
 stored in float16: the small embedded models, and files that must travel as single files). Loading checks the model
 config first, so a checkpoint of another architecture gives one clear error, then casts to the model's dtypes.
+Directories are etils.epath paths: local or gs:// (a remote params.npz is read through a local temporary copy).
 """
 from __future__ import annotations
 
+import io
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import nnx
 
 from marval_jax.checkpoints.manager import check_config
@@ -21,46 +25,60 @@ from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_stat
 from marval_jax.user_errors import UserError
 
 
+def _dir(directory) -> epath.Path:
+    """Local paths made absolute (orbax wants them so); URLs (gs://...) as given."""
+    directory = os.fspath(directory)
+    return epath.Path(directory if "://" in directory else os.path.abspath(os.path.expanduser(directory)))
+
+
 def save_params(directory: str, params: nnx.State, model_config: dict, extra: dict | None = None,
                 fmt: str = "orbax", dtype: str | None = None) -> str:
     """fmt "orbax" (params/) or "npz" (params.npz); dtype e.g. "float16" stores floating leaves in that type (npz)."""
-    directory = os.path.abspath(directory)
-    os.makedirs(directory, exist_ok=True)
+    directory = _dir(directory)
+    directory.mkdir(parents=True, exist_ok=True)
     if fmt == "npz":
         flat = {k: np.asarray(jax.device_get(v)) for k, v in flatten_state(params).items()}
         if dtype:
             flat = {k: v.astype(dtype) if np.issubdtype(v.dtype, np.floating) else v for k, v in flat.items()}
-        np.savez(os.path.join(directory, "params.npz"), **flat)
+        buf = io.BytesIO()
+        np.savez(buf, **flat)
+        (directory / "params.npz").write_bytes(buf.getvalue())
         extra = {**(extra or {}), "stored_dtype": dtype or "as trained"}
     elif fmt == "orbax":
         if dtype:
             raise ValueError("dtype conversion is only for fmt='npz'")
         with ocp.StandardCheckpointer() as ckptr:
-            ckptr.save(os.path.join(directory, "params"), nnx.to_pure_dict(params), force=True)
+            ckptr.save(directory / "params", nnx.to_pure_dict(params), force=True)
     else:
         raise ValueError(f"fmt must be 'orbax' or 'npz', got {fmt!r}")
-    with open(os.path.join(directory, "model.json"), "w") as f:
-        json.dump({"model": model_config, **(extra or {})}, f, indent=1, sort_keys=True)
-    return directory
+    (directory / "model.json").write_text(json.dumps({"model": model_config, **(extra or {})}, indent=1,
+                                                     sort_keys=True))
+    return str(directory)
 
 
 def read_model_config(directory: str) -> dict:
-    path = os.path.join(directory, "model.json")
-    if not os.path.exists(path):
+    path = _dir(directory) / "model.json"
+    if not path.exists():
         raise FileNotFoundError(f"{directory} is not a params checkpoint (no model.json); convert one with "
                                 f"python -m marval_jax.tools.convert_mar or export one from a run")
-    with open(path) as f:
-        return json.load(f)["model"]
+    return json.loads(path.read_text())["model"]
 
 
 def load_params(directory: str, abstract_params: nnx.State, model_config: dict) -> nnx.State:
     """Params of `directory` as an nnx.State shaped like `abstract_params` (checked against `model_config`)."""
-    directory = os.path.abspath(directory)
+    directory = _dir(directory)
     check_config({"model": read_model_config(directory)}, {"model": model_config},
                  where=f"(params) {directory}")
-    npz = os.path.join(directory, "params.npz")
-    if os.path.exists(npz):
-        flat = load_npz(npz, what="params file")
+    npz = directory / "params.npz"
+    if npz.exists():
+        if "://" in str(npz):  # the safe reader checks a local file: read a local copy of the object
+            with tempfile.TemporaryDirectory() as tmp:
+                local = os.path.join(tmp, "params.npz")
+                with open(local, "wb") as f:
+                    f.write(npz.read_bytes())
+                flat = load_npz(local, what=f"params file {npz}")
+        else:
+            flat = load_npz(npz, what="params file")
         want = flatten_state(abstract_params)
         missing, extra = sorted(set(want) - set(flat)), sorted(set(flat) - set(want))
         if missing or extra:
@@ -72,7 +90,7 @@ def load_params(directory: str, abstract_params: nnx.State, model_config: dict) 
                                     {k: jax.numpy.asarray(flat[k], dtype=v.dtype) for k, v in want.items()})
     target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))
     with ocp.StandardCheckpointer() as ckptr:
-        pure = ckptr.restore(os.path.join(directory, "params"), target)
+        pure = ckptr.restore(directory / "params", target)
     out = jax.tree_util.tree_map(lambda x: x, abstract_params)
     nnx.replace_by_pure_dict(out, pure)
     return out
