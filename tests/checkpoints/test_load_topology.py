@@ -74,8 +74,18 @@ def test_checkpoint_of_another_topology_restores_on_the_current_layout(tiny_teac
     model_cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]["model"]
     _, abstract = abstract_model(MARConfig.from_dict(model_cfg))
     expected = _flat(load_model_params(tiny_teacher, abstract, model_cfg))
-    raw_ema = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]["ema_params"]
+    raw = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))["state"]
+    raw_ema = raw["ema_params"]
     assert sorted(expected) and any(np.any(v != 0) for v in expected.values())
+    # use_ema=False reads the trained (non-EMA) params, which differ from the EMA weights after 2 steps
+    plain = _flat(load_model_params(tiny_teacher, abstract, model_cfg, use_ema=False))
+    raw_plain = {"|".join(str(getattr(p, "key", getattr(p, "idx", p))) for p in path if
+                          getattr(p, "key", None) != "value"): np.asarray(v)
+                 for path, v in jax.tree_util.tree_flatten_with_path(raw["params"])[0]}
+    assert sorted(raw_plain) == sorted(plain)
+    assert any(np.any(plain[k] != expected[k]) for k in plain)  # so the two reads are told apart
+    for k, v in plain.items():
+        np.testing.assert_array_equal(v, raw_plain[k], err_msg=k)
 
     dst = str(tmp_path / "resaved")
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8",
