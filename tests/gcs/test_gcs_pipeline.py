@@ -86,3 +86,24 @@ def test_latent_cache_on_gcs(gcs_emulator, tmp_path):
         np.testing.assert_array_equal(source[i]["moments"], ref[i]["moments"])
         np.testing.assert_array_equal(source[i]["moments_flip"], ref[i]["moments_flip"])
     _no_local_gs_folder(tmp_path, os.getcwd())
+
+
+def test_params_export_on_gcs(gcs_emulator, tmp_path, monkeypatch):
+    """save_params into gs:// (npz and orbax) and load_model_params back: the same arrays, no local `gs:` folder."""
+    import jax
+    from flax import nnx
+    from marval_jax.checkpoints.load import load_model_params
+    from marval_jax.checkpoints.params_io import save_params
+    from marval_jax.models.mar import MAR, MARConfig
+    monkeypatch.chdir(tmp_path)
+    model_cfg = mar_configs.get_config("tiny").model.to_dict()
+    params = nnx.state(MAR(MARConfig(**model_cfg), rngs=nnx.Rngs(0)), nnx.Param)
+    want = jax.tree_util.tree_leaves(nnx.to_pure_dict(params))
+    for fmt in ("npz", "orbax"):
+        out = save_params(f"{ROOT}/export_{fmt}", params, model_cfg, fmt=fmt)
+        assert out == f"{ROOT}/export_{fmt}" and (epath.Path(out) / "model.json").exists()
+        got = jax.tree_util.tree_leaves(nnx.to_pure_dict(load_model_params(out, params, model_cfg)))
+        assert len(got) == len(want)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    _no_local_gs_folder(tmp_path)
