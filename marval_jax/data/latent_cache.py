@@ -10,8 +10,14 @@ through one call, so ``encode_fn`` sees a fixed batch of ``2 * batch_size`` (the
 Files in ``cache_dir``: ``<split>.array_record-NNNNN-of-MMMMM`` (one msgpack record per example: ``moments``,
 ``moments_flip`` as float32 (h, w, 2C), ``label``) and ``<split>.json`` (metadata: example count, shard files and
 lengths, moments shape). Shards are contiguous ranges of the source; with several processes, process ``p`` writes
-the shards ``s`` with ``s % process_count == p`` and process 0 writes the metadata once its shards are done. Call a
-barrier (``jax.experimental.multihost_utils.sync_global_devices``) before reading.
+the shards ``s`` with ``s % process_count == p``; ``barrier`` (e.g. ``multihost_utils.sync_global_devices``) is
+called once every process's shards are written, then process 0 writes the metadata, and ``barrier`` again, so the
+metadata (which readers look for first) exists only once every shard does.
+
+``cache_dir`` is an etils.epath path: local or ``gs://``. ArrayRecord's reader and writer open local files only
+(a ``gs://`` path blocks in its C++ file layer), so for a remote ``cache_dir`` each shard is written to a local
+temporary file and uploaded, and `open_latent_cache` copies the shards to ``local_dir`` (default
+``$TMPDIR/marval_latent_cache/<name of the remote dir>``) before reading, reusing a copy of the same size.
 
 Reading (`open_latent_cache` + `SampleLatents`): a random-access source for ``grain.MapDataset.source`` and a
 ``grain`` random map that, per example and from grain's per-example generator, picks ``moments_flip`` with
@@ -21,14 +27,18 @@ multiplies by ``scale`` (KL-16: 0.2325). The output is ``{"latents": float32 (h,
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
 import msgpack
 import numpy as np
+from etils import epath
 
 from marval_jax.data.tokenizers import LOGVAR_MAX, LOGVAR_MIN, MAR_VAE_SCALE, patchify_np
 
@@ -57,12 +67,27 @@ def decode_record(data: bytes) -> dict[str, Any]:
             "label": np.int32(d["label"])}
 
 
+def _is_remote(path) -> bool:
+    return "://" in os.fspath(path)
+
+
 def shard_path(cache_dir: str, split: str, shard: int, num_shards: int) -> str:
-    return os.path.join(cache_dir, f"{split}.array_record-{shard:05d}-of-{num_shards:05d}")
+    return os.fspath(epath.Path(cache_dir) / f"{split}.array_record-{shard:05d}-of-{num_shards:05d}")
 
 
 def metadata_path(cache_dir: str, split: str) -> str:
-    return os.path.join(cache_dir, f"{split}.json")
+    return os.fspath(epath.Path(cache_dir) / f"{split}.json")
+
+
+def _upload(local: str, remote: str) -> None:
+    with open(local, "rb") as src, epath.Path(remote).open("wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+
+
+def _download(remote: epath.Path, local: str) -> None:
+    with remote.open("rb") as src, open(local + ".tmp", "wb") as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    os.replace(local + ".tmp", local)
 
 
 def _shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
@@ -74,11 +99,13 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
                        encode_fn: Callable[[np.ndarray], Any], cache_dir: str, split: str, *,
                        batch_size: int = 128, num_shards: int | None = None, process_index: int = 0,
                        process_count: int = 1, num_threads: int = 8,
-                       progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+                       progress: Callable[[int, int], None] | None = None,
+                       barrier: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Encode ``image_source`` (examples ``{"image": float32 (H, W, 3) in [-1, 1], "label": int}``) into
     ``cache_dir``; returns the metadata. See the module docstring for the format and the multi-process split.
 
     ``num_shards`` defaults to ``process_count``. ``progress(done, total)`` is called after each batch.
+    ``barrier(name)`` must be given when ``process_count > 1`` (every process calls it twice).
     """
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=import-outside-toplevel
 
@@ -86,15 +113,20 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
     n = len(ds)
     if n == 0:
         raise ValueError("build_latent_cache: the image source is empty")
+    if process_count > 1 and barrier is None:
+        raise ValueError("build_latent_cache: several processes need a barrier (multihost_utils.sync_global_devices)")
     num_shards = num_shards or process_count
-    os.makedirs(cache_dir, exist_ok=True)
+    remote = _is_remote(cache_dir)
+    epath.Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix="marval_latent_cache_") if remote else None
     bounds = _shard_bounds(n, num_shards)
     moments_shape: list[int] | None = None
     done = 0
     for shard in range(process_index, num_shards, process_count):
         start, stop = bounds[shard]
         path = shard_path(cache_dir, split, shard, num_shards)
-        writer = ArrayRecordWriter(path + ".tmp", "group_size:1")
+        local = os.path.join(staging, os.path.basename(path)) if remote else path
+        writer = ArrayRecordWriter(local + ".tmp", "group_size:1")
         batches = ds[start:stop].batch(batch_size, drop_remainder=False).to_iter_dataset(
             grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
         for batch in batches:
@@ -117,7 +149,15 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
             if progress is not None:
                 progress(done, n)
         writer.close()
-        os.replace(path + ".tmp", path)
+        if remote:
+            _upload(local + ".tmp", path)
+            os.remove(local + ".tmp")
+        else:
+            os.replace(path + ".tmp", path)
+    if staging:
+        shutil.rmtree(staging, ignore_errors=True)
+    if barrier is not None:
+        barrier("latent_cache_shards_written")
     metadata = {
         "format_version": FORMAT_VERSION,
         "split": split,
@@ -129,9 +169,15 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
         "layout": "NHWC; last axis = mean || logvar (raw, unclamped); moments_flip = encode(image[:, ::-1])",
     }
     if process_index == 0:
-        with open(metadata_path(cache_dir, split) + ".tmp", "w") as f:
-            json.dump(metadata, f, indent=2)
-        os.replace(metadata_path(cache_dir, split) + ".tmp", metadata_path(cache_dir, split))
+        meta_file = epath.Path(metadata_path(cache_dir, split))
+        if remote:  # one object write is atomic
+            meta_file.write_text(json.dumps(metadata, indent=2))
+        else:
+            tmp = meta_file.with_name(meta_file.name + ".tmp")
+            tmp.write_text(json.dumps(metadata, indent=2))
+            tmp.replace(meta_file)
+    if barrier is not None:
+        barrier("latent_cache_metadata_written")
     return metadata
 
 
@@ -155,23 +201,40 @@ class LatentCacheSource:
         return f"LatentCacheSource({len(self._paths)} files)"
 
 
-def open_latent_cache(cache_dir: str, split: str) -> tuple[LatentCacheSource, dict[str, Any]]:
-    """The cache written by `build_latent_cache`: ``(source, metadata)``; one clear error if it is incomplete."""
-    meta_file = metadata_path(cache_dir, split)
-    if not os.path.isfile(meta_file):
+def default_local_dir(cache_dir: str) -> str:
+    """Where a remote cache's shards are copied: per remote dir, under the system's temporary directory."""
+    name = hashlib.sha256(os.fspath(cache_dir).rstrip("/").encode()).hexdigest()[:16]
+    return os.path.join(tempfile.gettempdir(), "marval_latent_cache", name)
+
+
+def open_latent_cache(cache_dir: str, split: str,
+                      local_dir: str | None = None) -> tuple[LatentCacheSource, dict[str, Any]]:
+    """The cache written by `build_latent_cache`: ``(source, metadata)``; one clear error if it is incomplete.
+    A remote ``cache_dir`` (gs://...) is first copied to ``local_dir`` (see the module docstring)."""
+    meta_file = epath.Path(metadata_path(cache_dir, split))
+    if not meta_file.is_file():
         raise FileNotFoundError(f"latent cache: {meta_file} not found; build the cache of split {split!r} into "
                                 f"{cache_dir!r} first (marval_jax.data.latent_cache.build_latent_cache)")
-    with open(meta_file) as f:
-        metadata = json.load(f)
+    metadata = json.loads(meta_file.read_text())
     if metadata.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"latent cache {meta_file}: format_version {metadata.get('format_version')}, "
                          f"expected {FORMAT_VERSION}")
-    paths = [os.path.join(cache_dir, name) for name in metadata["files"]]
-    missing = [p for p in paths if not os.path.isfile(p)]
+    paths = [epath.Path(cache_dir) / name for name in metadata["files"]]
+    missing = [os.fspath(p) for p in paths if not p.is_file()]
     if missing:
         raise FileNotFoundError(f"latent cache {cache_dir!r} is incomplete: missing {missing} "
                                 f"(did every process finish writing?)")
-    source = LatentCacheSource(paths)
+    if _is_remote(cache_dir):
+        local_dir = local_dir or default_local_dir(cache_dir)
+        os.makedirs(local_dir, exist_ok=True)
+        local_paths = []
+        for p in paths:
+            local = os.path.join(local_dir, p.name)
+            if not (os.path.isfile(local) and os.path.getsize(local) == p.stat().length):
+                _download(p, local)
+            local_paths.append(local)
+        paths = local_paths
+    source = LatentCacheSource([os.fspath(p) for p in paths])
     if len(source) != metadata["num_examples"]:
         raise ValueError(f"latent cache {cache_dir!r}: {len(source)} records, metadata says "
                          f"{metadata['num_examples']}")

@@ -1,10 +1,11 @@
-"""Sample grids as PNG (images NHWC in [-1, 1], grey or RGB)."""
+"""Sample grids as PNG (images NHWC in [-1, 1], grey or RGB); saved through etils.epath (local or gs://)."""
 from __future__ import annotations
 
+import io
 import math
-import os
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 
@@ -29,6 +30,10 @@ def make_grid(images, ncol: int | None = None, pad: int = 2) -> np.ndarray:
 
 
 def save_grid(path: str, images, ncol: int | None = None) -> str:
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    Image.fromarray(make_grid(images, ncol)).save(path)
+    """Encode in memory, write once through epath: a gs:// path becomes one object, never a local `gs:` folder."""
+    out = epath.Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    Image.fromarray(make_grid(images, ncol)).save(buf, format="PNG")
+    out.write_bytes(buf.getvalue())
     return path

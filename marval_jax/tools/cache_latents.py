@@ -4,7 +4,11 @@
         --data_dir ~/tensorflow_datasets --cache_dir gs://BUCKET/imagenet_kl16_cache --image_size 256
 
 Train from it with configs/mar.py:base|large|huge and --config.data.cache_dir=... (data.name = latent_cache).
-Each process encodes its own shards (multi-host: run on every worker; a barrier separates writing and reading).
+Multi-host: run the same command on every worker. The process group is joined first, as `marval_jax.main` does
+(`--distributed_init` for JAX's own detection on TPU VMs / SLURM, or `--coordinator_address=host:port
+--num_processes=N --process_id=i`); process i encodes shards i, i + N, ... and a barrier after the shards and
+another after the metadata keep any process from reading a cache another is still writing. --cache_dir and
+--data_dir may be gs:// paths.
 A .ckpt is read with torch.load(weights_only=True), so no code from the file runs; --trust_pickle unpickles it fully
 (only for files from a source you trust). A bad input prints one `error:` line and exits 2 (--verbose: traceback).
 """
@@ -31,12 +35,25 @@ def define_flags() -> None:
     flags.DEFINE_bool("trust_pickle", False, "Unpickle a --vae_ckpt .ckpt fully instead of with weights_only=True. "
                       "A pickle can execute any code it names when it is loaded: only for files from a source you "
                       "trust.")
+    flags.DEFINE_bool("distributed_init", False, "jax.distributed.initialize with JAX's own detection (TPU VMs, "
+                      "SLURM, ...).")
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (with --num_processes, --process_id).")
+    flags.DEFINE_integer("num_processes", -1, "Number of processes (with --coordinator_address).")
+    flags.DEFINE_integer("process_id", -1, "This process's id, 0..N-1 (with --coordinator_address).")
+    flags.DEFINE_integer("distributed_timeout_s", 300, "How long initialisation waits for every process.")
     flags.DEFINE_bool("verbose", False, "Print the traceback of a user error (bad path, file or data set).")
 
 
 def main(argv):
     if not FLAGS.vae_ckpt or not FLAGS.cache_dir:
         raise app.UsageError("--vae_ckpt and --cache_dir are required")
+    from marval_jax.parallel.mesh import maybe_initialize_distributed
+    # first: anything that asks JAX for devices starts its backend, after which initialize refuses to run
+    maybe_initialize_distributed({"distributed_init": FLAGS.distributed_init,
+                                  "coordinator_address": FLAGS.coordinator_address,
+                                  "num_processes": FLAGS.num_processes, "process_id": FLAGS.process_id,
+                                  "distributed_timeout_s": FLAGS.distributed_timeout_s})
+    from jax.experimental import multihost_utils
     from flax import nnx
     from marval_jax.checkpoints.convert_vae import load_vae
     from marval_jax.data import latent_cache, pipeline
@@ -47,8 +64,10 @@ def main(argv):
                                   image_size=FLAGS.image_size, patch_size=0)
     meta = latent_cache.build_latent_cache(
         pipeline.image_source_for_cache(cfg), lambda x: np.asarray(encode(x)), FLAGS.cache_dir, FLAGS.split,
-        batch_size=FLAGS.batch_size, process_index=jax.process_index(), process_count=jax.process_count())
-    print(meta)
+        batch_size=FLAGS.batch_size, process_index=jax.process_index(), process_count=jax.process_count(),
+        barrier=multihost_utils.sync_global_devices)
+    if jax.process_index() == 0:
+        print(meta)
 
 
 if __name__ == "__main__":

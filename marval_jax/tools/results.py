@@ -15,11 +15,13 @@ samples at K = 64 and then used for every teacher row. Samples use class labels 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import time
 
 import numpy as np
+from etils import epath
 
 from marval_jax.user_errors import add_verbose_flag, run_cli
 
@@ -172,11 +174,20 @@ def plan(num: int, sweep_num: int, sweep: list[float], small_k: int, cache: str)
     return rows
 
 
+def _write_outputs(out: epath.Path, report: dict, grids: dict | None = None) -> None:
+    """results_run.json (and grids.npz) into `--out`, local or gs://: each a whole-object write through epath."""
+    (out / "results_run.json").write_text(json.dumps(report, indent=1))
+    if grids is not None:
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **grids)
+        (out / "grids.npz").write_bytes(buf.getvalue())
+
+
 def run(a) -> int:
-    os.makedirs(a.out, exist_ok=True)
+    out = epath.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     t_begin = time.time()
     ev = Evaluator(a.assets, a.inception, real_num=a.real_num)
-    out_json = os.path.join(a.out, "results_run.json")
     report = {"date": time.strftime("%Y-%m-%d"), "device": ev.jax.devices()[0].device_kind,
               "jax": ev.jax.__version__, "num": a.num, "sweep_num": a.sweep_num, "rows": [], "skipped": []}
     grids = {}
@@ -212,12 +223,9 @@ def run(a) -> int:
             best = min(sweep_rows, key=lambda r: r["fid"])["cfg"]
             report["best_teacher_cfg"] = best
         print(json.dumps({k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}), flush=True)
-        with open(out_json, "w") as f:
-            json.dump(report, f, indent=1)
-        np.savez_compressed(os.path.join(a.out, "grids.npz"), **grids)
+        _write_outputs(out, report, grids)
     report["total_s"] = time.time() - t_begin
-    with open(out_json, "w") as f:
-        json.dump(report, f, indent=1)
+    _write_outputs(out, report)
     return 0
 
 

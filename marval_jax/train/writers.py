@@ -5,11 +5,14 @@ install. clu.metrics (no TensorFlow) accumulates; this module writes. The Tensor
 TFRecord + Event-protobuf encoder of our own (scalars only), readable by TensorBoard. Only process 0 writes.
 A resumed run first drops the metrics.jsonl rows past its checkpoint (`truncate_metrics`), so each step is
 written once.
+
+Paths go through etils.epath, so a `gs://` workdir gets its files in the bucket (never a local folder named `gs:`).
+Object stores have no append: there `_AppendFile` keeps the file's bytes and rewrites the object at each flush
+(the writers flush once per log step; a metrics file of a long run is a few hundred kB).
 """
 from __future__ import annotations
 
 import json
-import os
 import socket
 import struct
 import time
@@ -75,11 +78,48 @@ def tfrecord(data: bytes) -> bytes:
     return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
 
 
+def _is_local(path: epath.Path) -> bool:
+    return "://" not in str(path)
+
+
+class _AppendFile:
+    """Append-only binary file on any epath: a real append handle locally; on an object store, the whole content
+    kept in memory (starting from what the object already holds) and written as one object on flush."""
+
+    def __init__(self, path: str | epath.Path):
+        self.path = epath.Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = _is_local(self.path)
+        if self._local:
+            self._f = open(self.path, "ab")  # pylint: disable=consider-using-with
+        else:
+            self._data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+            self._dirty = False
+
+    def write(self, data: bytes) -> None:
+        if self._local:
+            self._f.write(data)
+        else:
+            self._data += data
+            self._dirty = True
+
+    def flush(self) -> None:
+        if self._local:
+            self._f.flush()
+        elif self._dirty:
+            self.path.write_bytes(bytes(self._data))
+            self._dirty = False
+
+    def close(self) -> None:
+        self.flush()
+        if self._local:
+            self._f.close()
+
+
 class TensorBoardWriter:
     def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
         name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.marval"
-        self._f = open(os.path.join(logdir, name), "ab")
+        self._f = _AppendFile(epath.Path(logdir) / name)
         self._f.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
@@ -94,11 +134,10 @@ class TensorBoardWriter:
 
 class JsonlWriter:
     def __init__(self, path: str):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        self._f = open(path, "a")
+        self._f = _AppendFile(path)
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        self._f.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
+        self._f.write((json.dumps({"step": step, "time": time.time(), **scalars}) + "\n").encode())
 
     def flush(self):
         self._f.flush()
@@ -146,8 +185,8 @@ class MultiWriter:
     def __init__(self, workdir: str, stdout: bool = True):
         self.writers = []
         if jax.process_index() == 0:
-            self.writers = [JsonlWriter(os.path.join(workdir, "metrics.jsonl")),
-                            TensorBoardWriter(os.path.join(workdir, "tensorboard"))]
+            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"),
+                            TensorBoardWriter(epath.Path(workdir) / "tensorboard")]
             if stdout:
                 self.writers.append(StdoutWriter())
 

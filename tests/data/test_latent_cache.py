@@ -1,4 +1,5 @@
 import os
+import threading
 
 import grain
 import numpy as np
@@ -47,10 +48,37 @@ def test_cache_round_trip_and_process_split(tmp_path):
         assert_close_to_scale(rec["moments"], enc(x[i:i + 1])[0], S * S * 3 + 1)
         assert_close_to_scale(rec["moments_flip"], enc(x[i:i + 1, :, ::-1])[0], S * S * 3 + 1)
         assert rec["label"] == i % 10 and rec["label"].dtype == np.int32
-    # two processes writing 3 shards between them give the same records in the same order
-    for p in (1, 0):
-        lc.build_latent_cache(examples, LinearEncoder(), str(tmp_path / "two"), "train", batch_size=4,
-                              num_shards=3, process_index=p, process_count=2, num_threads=1)
+    # two processes (threads here, joined by a real barrier) writing 3 shards between them give the same records
+    # in the same order; the metadata appears only after both barriers' first round, i.e. after every shard
+    two = str(tmp_path / "two")
+    with pytest.raises(ValueError, match="barrier"):
+        lc.build_latent_cache(examples, LinearEncoder(), two, "train", batch_size=4, num_shards=3,
+                              process_index=1, process_count=2)
+    tb, seen, errors = threading.Barrier(2), [], []
+
+    def barrier(name):
+        seen.append((name, os.path.exists(lc.metadata_path(two, "train")),
+                     sum(os.path.exists(lc.shard_path(two, "train", s, 3)) for s in range(3))))
+        tb.wait(timeout=120)
+
+    def process(p):
+        try:
+            lc.build_latent_cache(examples, LinearEncoder(), two, "train", batch_size=4, num_shards=3,
+                                  process_index=p, process_count=2, num_threads=1, barrier=barrier)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+            tb.abort()
+
+    threads = [threading.Thread(target=process, args=(p,)) for p in (1, 0)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    first = [s for s in seen if s[0] == "latent_cache_shards_written"]
+    assert len(first) == 2 and not any(has_meta for _, has_meta, _ in first)
+    assert all(n == 3 for name, _, n in seen if name == "latent_cache_metadata_written")
+    assert [has_meta for name, has_meta, _ in seen if name == "latent_cache_metadata_written"].count(True) >= 1
     src2, meta3 = lc.open_latent_cache(str(tmp_path / "two"), "train")
     assert meta3["shard_lengths"] == [3, 3, 4]
     for i in range(10):
