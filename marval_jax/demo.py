@@ -28,7 +28,7 @@ def run_demo(config, workdir: str) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.grid import save_grid
     from marval_jax.sampling import ar_sampler
-    from marval_jax.sampling.sample_run import make_predictor
+    from marval_jax.sampling.sample_run import GlobalBatches, is_writer, make_predictor
     from marval_jax.train.mar_task import decoder_fn
     from marval_jax.tools.results import load_role
     os.makedirs(workdir, exist_ok=True)
@@ -60,14 +60,25 @@ def run_demo(config, workdir: str) -> dict:
         fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(run_cfg), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         rng = jax.random.PRNGKey(config.seed)
+        # every process, the global mesh: params replicated, the batch split over the batch axes (padded to them)
+        layout = GlobalBatches(run_cfg.mesh)
+        n = labels.shape[0]
+        lab = layout.put(layout.pad(np.asarray(labels)))
+        params = layout.replicate(params)
+        decode = decoder_fn(run_cfg, cfg)
+        sample = jax.jit(lambda p, lb, r: decode(fn(p, lb, r)),
+                         in_shardings=(layout.replicated, layout.sharding(1), layout.replicated),
+                         out_shardings=layout.sharding(4))
         t0 = time.time()
-        compiled = fn.lower(params, labels, rng).compile()  # ahead of time: the timed call is the only run
+        compiled = sample.lower(params, lab, rng).compile()  # ahead of time: the timed call is the only run
         compile_s = time.time() - t0
         t0 = time.time()
-        tokens = jax.block_until_ready(compiled(params, labels, rng))
-        per_image = (time.time() - t0) / labels.shape[0]
-        images = np.asarray(jax.jit(decoder_fn(run_cfg, cfg))(tokens))
-        path = save_grid(os.path.join(workdir, f"{role}_grid.png"), images, ncol=10)
+        images = jax.block_until_ready(compiled(params, lab, rng))
+        per_image = (time.time() - t0) / n
+        images = layout.gather(images)[:n]
+        path = os.path.join(workdir, f"{role}_grid.png")
+        if is_writer():
+            save_grid(path, images, ncol=10)
         what = (f"teacher, {config.teacher_steps} head steps, CFG {teacher_cfg:g}" if role == "teacher"
                 else f"{'RL-tuned ' if role == 'rl' else ''}MARVAL student, one head call per AR step")
         report[role] = {"seconds_per_image": per_image, "compile_and_first_call_s": compile_s, "grid": path,
@@ -79,6 +90,7 @@ def run_demo(config, workdir: str) -> dict:
                                                 / report["student"]["seconds_per_image"])
         print(f"one-step student is {report['speedup_student_vs_teacher']:.1f}x faster per image than the teacher "
               f"here (K = {config.num_iter})", flush=True)
-    with open(os.path.join(workdir, "demo.json"), "w") as f:
-        json.dump(report, f, indent=1)
+    if is_writer():
+        with open(os.path.join(workdir, "demo.json"), "w") as f:
+            json.dump(report, f, indent=1)
     return report

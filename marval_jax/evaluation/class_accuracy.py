@@ -3,7 +3,8 @@
 `images` are either uint8 (N, 28, 28) / (N, 28, 28, 1) in [0, 255] (raw data sets) or float NHWC
 (N, 28|32, 28|32, 1) in [-1, 1] (generator outputs; 32x32 is centre-cropped). `params` is the classifier
 `nnx.State` (e.g. from `load_classifier`) or its pure dict. Evaluation runs in jitted batches of `batch_size`
-(the last batch is padded, so only two shapes are compiled).
+(the last batch is padded, so only two shapes are compiled). `predict_sharded` classifies a global batch already
+split over a mesh's batch axes (every process of a multi-process run calls it; the predictions are gathered).
 """
 from __future__ import annotations
 
@@ -38,6 +39,15 @@ def predict(params: Any, images: Any, batch_size: int = 1000) -> np.ndarray:
         p = np.asarray(jnp.argmax(_logits_jit(params, chunk), axis=-1), np.int32)
         preds.append(p[: p.shape[0] - pad])
     return np.concatenate(preds) if preds else np.zeros((0,), np.int32)
+
+
+def predict_sharded(params: Any, layout):
+    """`predict(images) -> int32 (N,)` for global float NHWC batches in [-1, 1] split over `layout`'s batch axes
+    (`sampling.sample_run.GlobalBatches`): classifier weights replicated once, predictions gathered."""
+    state = layout.replicate(params)
+    fn = jax.jit(lambda p, x: jnp.argmax(classifier_logits(p, x), axis=-1).astype(jnp.int32),
+                 in_shardings=(layout.replicated, layout.sharding(4)), out_shardings=layout.sharding(1))
+    return lambda images: layout.gather(fn(state, images))
 
 
 def _check_labels(images: Any, labels: Any) -> np.ndarray:

@@ -8,20 +8,28 @@ to 3, resized to 299 (see marval_jax/evaluation/inception.py). Generated 32x32 p
 The files read after sampling (`sample.fid_ref`, the Inception weights, `sample.classifier`) are checked before
 sampling starts (`marval_jax.config_checks.check_evaluation_files`): a missing one fails in a second, not after
 hours of sampling. "raw:NAME/SPLIT" references read their raw files from `data.raw_dir` ("" = the installed copy).
+
+Multi-process (a pod): every process runs `evaluate` with the same config. Each device samples its share of every
+batch, the Inception and the classifier run on the devices that hold the images, and only features / predictions
+are gathered (`multihost_utils.process_allgather`), so a 50k-sample FID is split across all devices. Process 0
+writes the grid, the JSON, the sample statistics `<tag>_stats.npz` and the cached reference statistics.
+With N <= 2048 samples the FID's trace term is computed exactly from an N x N matrix (`fid.frechet_distance_few`).
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
+import jax
 import numpy as np
 
 from marval_jax import config_checks
 from marval_jax.evaluation import fid as fid_lib
-from marval_jax.evaluation.grid import save_grid, to_uint8
-from marval_jax.evaluation.inception import inception_features, load_inception
+from marval_jax.evaluation.grid import save_grid
+from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
-from marval_jax.sampling.sample_run import generate, sample_tag
+from marval_jax.sampling.sample_run import Sampler, is_writer, sample_tag, uint8_images
 from marval_jax.user_errors import UserError
 
 
@@ -49,46 +57,92 @@ def _raw_kw(config) -> dict:
     return {"raw_dir": raw_dir} if raw_dir else {}
 
 
-def reference_stats(spec: str, inception, cache_dir: str, **raw_kw) -> tuple[np.ndarray, np.ndarray]:
+def reference_stats(spec: str, inception, cache_dir: str, layout=None, **raw_kw) -> tuple[np.ndarray, np.ndarray]:
+    """(mu, sigma) of `sample.fid_ref`: a statistics .npz, or a raw data set's statistics, computed once (split
+    over `layout`'s devices) and cached in `cache_dir` by process 0. Every process takes the same branch: the cache's
+    existence is process 0's answer, broadcast (the computation is a collective every process must enter)."""
     if spec.endswith(".npz"):
         return fid_lib.load_statistics(spec)
     path = os.path.join(cache_dir, "fid_ref_" + spec.replace(":", "_").replace("/", "_") + ".npz")
-    if os.path.exists(path):
+    if _agreed(os.path.exists(path)):
         return fid_lib.load_statistics(path)
-    mu, sigma = fid_lib.compute_statistics(inception, real_images(spec, **raw_kw))
-    fid_lib.save_statistics(path, mu, sigma)
+    feats = inception_features(inception, real_images(spec, **raw_kw), layout=layout)
+    mu, sigma = fid_lib.statistics_from_features(feats)
+    if is_writer():
+        fid_lib.save_statistics(path, mu, sigma)
     return mu, sigma
 
 
+def _agreed(flag: bool) -> bool:
+    """Process 0's `flag` on every process."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _crop_uint8(images, size: int):
+    return uint8_images(images if not size else _crop(images, size))
+
+
+def _crop(images, size):
+    o = (images.shape[1] - size) // 2
+    return images[:, o:o + size, o:o + size]
+
+
 def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
+    """Every process runs this with the same config (a pod's hosts): sampling, the Inception and the classifier run
+    split over the global mesh's batch axes; features and predictions are gathered to every process (so each holds
+    the same statistics); process 0 writes the files."""
     sc = config.sample
     config_checks.check_evaluation_files(config)  # fid_ref, Inception weights, classifier: before sampling
     raw_kw = _raw_kw(config)
     source = ckpt or config.get("init_from", "") or workdir
-    images, labels, timing = generate(config, source)
-    uint8 = center_crop(to_uint8(images), sc.crop)
+    sampler = Sampler(config, source)
+    layout = sampler.layout
     inception = load_inception(sc.inception or None)
-    feats = inception_features(inception, uint8)
+    features_of = sharded_features(inception, layout)
+    dataset = config.data.name
+    classify = None
+    if (sc.classifier or dataset in ("fashion_mnist", "mnist")) and int(np.min(sampler.labels)) >= 0:
+        from marval_jax.evaluation.class_accuracy import predict_sharded
+        from marval_jax.evaluation.classifier_train import load_classifier, load_default_classifier
+        cls_params, cls_meta = (load_classifier(sc.classifier) if sc.classifier
+                                else load_default_classifier(dataset, "eval"))
+        classify = predict_sharded(cls_params, layout)
+    crop = int(sc.crop)
+    feats, preds, grid = [], [], []
+    for images, _, n in sampler.batches():
+        if crop and images.shape[1] < crop:
+            raise UserError(f"sample.crop={crop} is larger than the {images.shape[1]}px images; use 0 or <= "
+                            f"{images.shape[1]}")
+        feats.append(features_of(_crop_uint8(images, crop if crop != images.shape[1] else 0))[:n])
+        if classify is not None:
+            preds.append(classify(images)[:n])
+        if sum(len(g) for g in grid) < 100:
+            grid.append(layout.gather(uint8_images(images))[:n])
+    feats = np.concatenate(feats)
     mu, sigma = fid_lib.statistics_from_features(feats)
     out = out or os.path.join(workdir, "eval")
-    os.makedirs(out, exist_ok=True)
-    ref_mu, ref_sigma = reference_stats(sc.fid_ref, inception, out, **raw_kw)
-    report = {"source": source, "settings": sc.to_dict(), "num_images": int(len(images)), **timing,
-              "fid": fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma)}
+    if is_writer():
+        os.makedirs(out, exist_ok=True)
+    ref_mu, ref_sigma = reference_stats(sc.fid_ref, inception, out, layout=layout, **raw_kw)
+    fid = (fid_lib.frechet_distance_few(feats, ref_mu, ref_sigma) if len(feats) <= feats.shape[1]
+           else fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma))
+    report = {"source": source, "settings": sc.to_dict(), "num_images": int(len(feats)), **sampler.timing,
+              "fid": fid}
     if sc.pr_num_real > 0 and sc.fid_ref.startswith("raw:"):
         real = real_images(sc.fid_ref, **raw_kw)[: sc.pr_num_real]
-        report.update({k: v for k, v in precision_recall(inception_features(inception, real), feats).items()})
-    dataset = config.data.name
-    if (sc.classifier or dataset in ("fashion_mnist", "mnist")) and int(np.min(labels)) >= 0:
-        from marval_jax.evaluation.class_accuracy import class_accuracy
-        from marval_jax.evaluation.classifier_train import load_classifier, load_default_classifier
-        params, meta = (load_classifier(sc.classifier) if sc.classifier
-                        else load_default_classifier(dataset, "eval"))
-        report["class_accuracy"] = class_accuracy(params, images, labels)
-        report["classifier"] = {k: meta.get(k) for k in ("dataset", "copy", "seed", "test_accuracy")}
-    tag = sample_tag(config)
-    save_grid(os.path.join(out, f"{tag}.png"), images[:100])
-    with open(os.path.join(out, f"{tag}.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    print(json.dumps({k: v for k, v in report.items() if k != "settings"}, default=float), flush=True)
+        report.update(precision_recall(inception_features(inception, real, layout=layout), feats))
+    if classify is not None:
+        report["class_accuracy"] = float(np.mean(np.concatenate(preds) == sampler.labels))
+        report["classifier"] = {k: cls_meta.get(k) for k in ("dataset", "copy", "seed", "test_accuracy")}
+    if is_writer():
+        tag = sample_tag(config)
+        save_grid(os.path.join(out, f"{tag}.png"), np.concatenate(grid)[:100].astype(np.float32) / 127.5 - 1.0)
+        np.savez(os.path.join(out, f"{tag}_stats.npz"), mu=mu, sigma=sigma)
+        with open(os.path.join(out, f"{tag}.json"), "w") as f:
+            json.dump(report, f, indent=1, default=float)
+        print(json.dumps({k: v for k, v in report.items() if k != "settings"}, default=float), flush=True)
     return report

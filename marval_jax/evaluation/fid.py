@@ -102,6 +102,24 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
+def frechet_distance_few(features, mu2, sigma2) -> float:
+    """`frechet_distance(mu1, sigma1, mu2, sigma2)` of the statistics of `features` (n, d) with n <= d, exactly,
+    without the d x d matrix root (minutes at d = 2048 on a CPU; the 2048-d root of a rank-deficient product is also
+    the inaccurate case of `sqrtm`). With A = (features - mu1) / sqrt(n - 1), sigma1 = A^T A, and the non-zero
+    eigenvalues of sigma1 sigma2 are those of the symmetric positive semi-definite n x n matrix A sigma2 A^T, so
+    tr (sigma1 sigma2)^(1/2) = sum of the square roots of its eigenvalues (rounding negatives clipped at 0)."""
+    f = np.asarray(features, np.float64)
+    mu2, sigma2 = np.asarray(mu2, np.float64), np.asarray(sigma2, np.float64)
+    if f.ndim != 2 or f.shape[0] < 2 or f.shape[0] > f.shape[1]:
+        raise ValueError(f"features must be (n, d) with 2 <= n <= d, got {f.shape}")
+    mu1, sigma1 = statistics_from_features(f)
+    a = (f - mu1) / np.sqrt(f.shape[0] - 1)
+    small = a @ sigma2 @ a.T
+    eig = np.linalg.eigvalsh((small + small.T) / 2)
+    diff = mu1 - mu2
+    return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.sqrt(np.maximum(eig, 0)).sum())
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Statistics files
 # ----------------------------------------------------------------------------------------------------------------

@@ -326,10 +326,23 @@ def preprocess(images):
     return x / 128.0 - 1.0
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _features(graphdef, state, images):
+def _features_unjitted(graphdef, state, images):
     model = nnx.merge(graphdef, state)
     return model(preprocess(images))
+
+
+_features = jax.jit(_features_unjitted, static_argnums=0)
+
+
+def sharded_features(params, layout, ndim: int = 4):
+    """`features(images) -> float64 (N, 2048)` for global 0..255 image batches already split over the mesh's batch
+    axes (the sampler's output): the images stay on their devices, the Inception runs where they are (weights
+    replicated once), only the features are gathered to every process."""
+    params = _as_params(params)
+    state = layout.replicate(params.state)
+    fn = jax.jit(functools.partial(_features_unjitted, params.graphdef),
+                 in_shardings=(layout.replicated, layout.sharding(ndim)), out_shardings=layout.sharding(2))
+    return lambda images: np.asarray(layout.gather(fn(state, images)), np.float64)
 
 
 def _as_params(params) -> InceptionParams:
@@ -340,17 +353,23 @@ def _as_params(params) -> InceptionParams:
     raise TypeError(f"expected load_inception()'s (graphdef, state) or an FIDInceptionV3, got {type(params)}")
 
 
-def inception_features(params, images, batch_size: int = 200) -> np.ndarray:
+def inception_features(params, images, batch_size: int = 200, layout=None) -> np.ndarray:
     """pool_3 features, float64 (N, 2048), of 0..255 images (N, H, W[, C]) of any size (C = 1 grey or 3 RGB).
 
     Runs in batches of `batch_size` (the last one is zero-padded, so one compilation per batch shape serves all).
-    Grey images repeat their channel to 3; all images are resized to 299 as documented in the module docstring."""
+    Grey images repeat their channel to 3; all images are resized to 299 as documented in the module docstring.
+    With `layout` (`sampling.sample_run.GlobalBatches`; every process calls this with the same images) each batch is
+    split over the mesh's batch axes and the features are gathered to every process."""
     params = _as_params(params)
     images = check_images(images)
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     if images.dtype != np.uint8:
         images = images.astype(np.float32)
+    if layout is not None:
+        state = layout.replicate(params.state)
+        feats = layout.map(functools.partial(_features_unjitted, params.graphdef), (state,), images, batch_size)
+        return np.asarray(feats, np.float64)
     n = images.shape[0]
     bs = min(batch_size, n)
     out = np.empty((n, FEATURE_DIM), np.float64)

@@ -1,5 +1,11 @@
 """`--mode sample`: sample images from a run (teacher, student or RL) or a params checkpoint, write a PNG grid, an
-npz of uint8 images and a JSON with the settings and seconds per image."""
+npz of uint8 images and a JSON with the settings and seconds per image.
+
+Every process of a multi-process run (a pod's hosts) runs this with the same config: the sampler is jitted over the
+global mesh (`mesh.*`) with the parameters replicated and the batch split over the mesh's batch axes
+(`GlobalBatches`); each device samples its share of every batch, the results are gathered to every process
+(`multihost_utils.process_allgather`), and process 0 alone writes files (`is_writer`).
+"""
 from __future__ import annotations
 
 import json
@@ -12,10 +18,87 @@ import jax.numpy as jnp
 import numpy as np
 
 from marval_jax.checkpoints.load import load_model_params
-from marval_jax.evaluation.grid import save_grid, to_uint8
+from marval_jax.evaluation.grid import save_grid
+from marval_jax.parallel import mesh as mesh_lib
+from marval_jax.parallel import sharding as shd
+from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.sampling import ar_sampler
+from marval_jax.sampling.from_config import sampler_from_config
 from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
 from marval_jax.user_errors import UserError
+
+
+def is_writer() -> bool:
+    """Process 0 writes the files of sample / evaluate / demo; the others compute and gather only."""
+    return jax.process_index() == 0
+
+
+class GlobalBatches:
+    """Batches over the batch axes of the global mesh built from `mesh_cfg` (all processes' devices).
+
+    Every process holds the same host values (same config, same seeds): `put` gives the global array whose shards
+    each process fills from its own copy (`jax.make_array_from_callback`), `replicate` puts parameters on every
+    device, `gather` returns the whole of a sharded result on every process (a collective: every process calls it
+    the same number of times). A batch is padded to a multiple of `ways`, the number of batch shards."""
+
+    def __init__(self, mesh_cfg):
+        self.mesh = mesh_lib.make_mesh(mesh_cfg)
+        self.rules = mesh_cfg.logical_axis_rules
+        self.ways = mesh_lib.batch_devices(mesh_cfg, self.mesh.size)
+        self.replicated = shd.replicated(self.mesh)
+
+    def sharding(self, ndim: int = 1):
+        return shd.batch_sharding(self.mesh, self.rules, ndim)
+
+    def round_up(self, n: int) -> int:
+        return -(-int(n) // self.ways) * self.ways
+
+    def pad(self, x, size: int | None = None) -> np.ndarray:
+        """`x` (n, ...) padded with copies of its last row to `size` (default: n rounded up to `ways`)."""
+        x = np.asarray(x)
+        size = self.round_up(x.shape[0]) if size is None else size
+        if x.shape[0] == size:
+            return x
+        return np.concatenate([x, np.repeat(x[-1:], size - x.shape[0], axis=0)])
+
+    def put(self, x) -> jax.Array:
+        x = np.asarray(x)
+        if x.shape[0] % self.ways:
+            raise ValueError(f"a global batch of {x.shape[0]} rows does not split into {self.ways} shards; pad it")
+        return jax.make_array_from_callback(x.shape, self.sharding(x.ndim), lambda idx: x[idx])
+
+    def replicate(self, tree):
+        """Every leaf on every device of the mesh (parameters). Leaves sharded across processes (a checkpoint
+        restored with its saved shardings) are resharded by a jitted copy; host or local leaves are copied in."""
+        copy = jax.jit(lambda a: a, out_shardings=self.replicated)
+
+        def one(leaf):
+            if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+                return copy(leaf)
+            host = np.asarray(leaf)
+            return jax.make_array_from_callback(host.shape, self.replicated, lambda idx: host[idx])
+        return jax.tree_util.tree_map(one, tree)
+
+    def gather(self, x: jax.Array) -> np.ndarray:
+        """The whole of `x` as NumPy on every process."""
+        if jax.process_count() == 1 or x.is_fully_addressable:
+            return np.asarray(x)
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    def map(self, fn, replicated_args, x, batch_size: int) -> np.ndarray:
+        """`fn(*replicated_args, batch)` over the rows of host array `x` in global batches of `batch_size` (rounded
+        up to `ways`; the last one padded), jitted with the batch split over the devices; results gathered, the
+        padding dropped."""
+        x = np.asarray(x)
+        bs = self.round_up(min(batch_size, x.shape[0]))
+        jitted = jax.jit(fn, in_shardings=(self.replicated,) * len(replicated_args) + (self.sharding(x.ndim),),
+                         out_shardings=self.sharding(2))
+        out = []
+        for start in range(0, x.shape[0], bs):
+            chunk = x[start:start + bs]
+            out.append(self.gather(jitted(*replicated_args, self.put(self.pad(chunk, bs))))[: chunk.shape[0]])
+        return np.concatenate(out)
 
 
 def onestep_settings(config, source: str = "") -> tuple[int, float]:
@@ -70,31 +153,59 @@ def labels_for(config, n: int, class_num: int, rng) -> jax.Array:
     raise UserError(f"sample.labels must be cycle, uncond or random, got {kind!r}")
 
 
+class Sampler:
+    """The sampler of `config.sample` on the global mesh: `batches()` yields, batch by batch, the decoded images (a
+    global array (bs, H, W, C) in [-1, 1], split over the batch axes), their labels (NumPy (bs,)) and how many rows
+    are real (the last batch is padded). `timing` holds the compile time and, after the loop, seconds per image."""
+
+    def __init__(self, config, source: str, layout: GlobalBatches | None = None):
+        self.config, self.source = config, source
+        self.layout = layout or GlobalBatches(config.mesh)
+        cfg = model_config(config)
+        graphdef, abstract = abstract_model(cfg)
+        sc = config.sample
+        params = load_model_params(source, abstract, config.model.to_dict(), use_ema=sc.use_ema)
+        self.params = self.layout.replicate(params)
+        spec = sampler_from_config(config, "eval")
+        fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, source), seq_len=cfg.seq_len,
+                                     buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
+        decode = decoder_fn(config, cfg)
+        self.rng = jax.random.PRNGKey(config.train.seed + 12345)
+        self.labels = np.asarray(labels_for(config, sc.num_images, cfg.class_num, self.rng))
+        self.batch_size = self.layout.round_up(min(sc.batch_size, sc.num_images))
+        lay = self.layout
+        self._fn = jax.jit(lambda p, lab, r: decode(fn(p, lab, r)),
+                           in_shardings=(lay.replicated, lay.sharding(1), lay.replicated),
+                           out_shardings=lay.sharding(4), **jit_options(self.batch_size // lay.ways))
+        self.timing = {"batch_size": self.batch_size, "device": jax.devices()[0].device_kind,
+                       "processes": jax.process_count(), "devices": jax.device_count()}
+
+    def batches(self):
+        sc, lay = self.config.sample, self.layout
+        t0 = time.time()
+        first = lay.put(lay.pad(self.labels[: self.batch_size], self.batch_size))
+        compiled = self._fn.lower(self.params, first, self.rng).compile()  # ahead of time: every batch runs once
+        self.timing["compile_s"] = time.time() - t0
+        t0 = time.time()
+        for i in range(0, sc.num_images, self.batch_size):
+            lab = self.labels[i: i + self.batch_size]
+            images = compiled(self.params, lay.put(lay.pad(lab, self.batch_size)), jax.random.fold_in(self.rng, i))
+            yield images, lab, len(lab)
+        jax.block_until_ready(images)
+        self.timing["seconds_per_image"] = (time.time() - t0) / max(sc.num_images, 1)
+
+
+@jax.jit
+def uint8_images(images):
+    """[-1, 1] -> uint8 on device, as `grid.to_uint8` (only a quarter of the float bytes are gathered)."""
+    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) / 2.0 * 255.0), 0, 255).astype(jnp.uint8)
+
+
 def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Sample config.sample.num_images images (NHWC float in [-1, 1]) with their labels and timings."""
-    cfg = model_config(config)
-    graphdef, abstract = abstract_model(cfg)
-    params = load_model_params(source, abstract, config.model.to_dict(), use_ema=config.sample.use_ema)
-    sc = config.sample
-    spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
-                                  num_buckets=sc.num_buckets)
-    fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, source), seq_len=cfg.seq_len,
-                                 buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
-    decode = jax.jit(decoder_fn(config, cfg))
-    rng = jax.random.PRNGKey(config.train.seed + 12345)
-    labels = labels_for(config, sc.num_images, cfg.class_num, rng)
-    t0 = time.time()
-    jax.block_until_ready(fn(params, labels[: sc.batch_size], rng))  # compile + warm-up
-    compile_s = time.time() - t0
-    images, t0 = [], time.time()
-    for i in range(0, sc.num_images, sc.batch_size):
-        lab = labels[i: i + sc.batch_size]
-        images.append(np.asarray(decode(fn(params, lab, jax.random.fold_in(rng, i)))))
-    elapsed = time.time() - t0
-    images = np.concatenate(images)[: sc.num_images]
-    timing = {"compile_and_first_batch_s": compile_s, "seconds_per_image": elapsed / len(images),
-              "batch_size": sc.batch_size, "device": jax.devices()[0].device_kind}
-    return images, np.asarray(labels), timing
+    """Sample config.sample.num_images images (NHWC uint8) with their labels and timings, on every process."""
+    sampler = Sampler(config, source)
+    images = [sampler.layout.gather(uint8_images(x))[:n] for x, _, n in sampler.batches()]
+    return np.concatenate(images), sampler.labels, sampler.timing
 
 
 def sample_tag(config) -> str:
@@ -105,14 +216,20 @@ def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> 
     source = ckpt or config.get("init_from", "") or workdir
     images, labels, timing = generate(config, source)
     sc = config.sample
-    out = out or os.path.join(workdir, "samples_final")
-    os.makedirs(out, exist_ok=True)
-    tag = sample_tag(config)
-    save_grid(os.path.join(out, f"{tag}.png"), images[: min(len(images), 100)])
-    np.savez_compressed(os.path.join(out, f"{tag}.npz"), images=to_uint8(images), labels=labels)
     report = {"source": source, "sampler": sc.sampler, "num_iter": sc.num_iter, "cfg": sc.cfg,
               "num_images": int(len(images)), **timing}
-    with open(os.path.join(out, f"{tag}.json"), "w") as f:
-        json.dump(report, f, indent=1)
-    print(json.dumps(report), flush=True)
+    if is_writer():
+        out = out or os.path.join(workdir, "samples_final")
+        os.makedirs(out, exist_ok=True)
+        tag = sample_tag(config)
+        save_grid(os.path.join(out, f"{tag}.png"), _as_float(images[: min(len(images), 100)]))
+        np.savez_compressed(os.path.join(out, f"{tag}.npz"), images=images, labels=labels)
+        with open(os.path.join(out, f"{tag}.json"), "w") as f:
+            json.dump(report, f, indent=1)
+        print(json.dumps(report), flush=True)
     return report
+
+
+def _as_float(images_uint8: np.ndarray) -> np.ndarray:
+    """uint8 -> [-1, 1] such that grid.to_uint8 gives the same levels back."""
+    return images_uint8.astype(np.float32) / 127.5 - 1.0

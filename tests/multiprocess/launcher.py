@@ -38,14 +38,18 @@ class Launch:
 
 
 def launch(mode: str, config: str, workdir, overrides: list[str], *, processes: int = 2, devices: int = 4,
-           on_line: Callable[[str, dict], None] | None = None, launcher_args: tuple[str, ...] = ()) -> Launch:
+           on_line: Callable[[str, dict], None] | None = None, launcher_args: tuple[str, ...] = (),
+           then: list | None = None, tmp=None) -> Launch:
     """bash launch/run_local.sh --processes=P --devices_per_process=D ...; `on_line(line, pids)` sees each line as
-    it comes (to signal a process at a given step)."""
+    it comes (to signal a process at a given step). `then`: further stages [mode, config, workdir, [overrides]]
+    each process runs after the first in the same process group (pipeline.py; `tmp` holds its wrapper)."""
     cmd = ["bash", str(ROOT / "launch" / "run_local.sh"), f"--processes={processes}",
            f"--devices_per_process={devices}", *launcher_args, f"--mode={mode}", f"--config={config}",
            f"--workdir={workdir}", "--", *overrides]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT), PYTHON=sys.executable)
     env.pop("XLA_FLAGS", None)
+    if then:
+        env.update(PYTHON=pipeline_python(tmp), MARVAL_PIPELINE=json.dumps([[m, c, str(w), o] for m, c, w, o in then]))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     LAUNCHER[:] = [proc]
@@ -64,6 +68,14 @@ def launch(mode: str, config: str, workdir, overrides: list[str], *, processes: 
     finally:
         timer.cancel()
     return Launch(rc, lines, pids)
+
+
+def pipeline_python(tmp) -> str:
+    """An executable standing in for python in run_local.sh that runs pipeline.py (the stages of $MARVAL_PIPELINE)."""
+    path = pathlib.Path(tmp) / "pipeline_python"
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{ROOT / "tests" / "multiprocess" / "pipeline.py"}" "$@"\n')
+    path.chmod(0o755)
+    return str(path)
 
 
 class _HangGuard:
