@@ -20,15 +20,15 @@ fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$STAGE" = first ]; then
-  log floor; python -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
+  log floor; python3 -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
       --raw-dir=$X/fmnist
 fi
 log "train $TEACHER_S s"
-python -m marval_jax.tools.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
+python3 -m marval_jax.tools.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
     --set teacher:data.raw_dir=$X/fmnist --set teacher:train.num_steps=100000
 cp $W/teacher/metrics.jsonl $W/export/stages.json $OUT/ 2>/dev/null
 log "curve $CURVE_S s"
-python -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=$CFG --set data.raw_dir=$X/fmnist \
+python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=$CFG --set data.raw_dir=$X/fmnist \
     --out=$W/curve.json --inception=$X/fid_inception.npz --raw-dir=$X/fmnist --num=2000 --num-iter=64 --cfg=2.5 \
     --time-budget=$CURVE_S
 cp $W/curve.json $OUT/
