@@ -6,6 +6,8 @@ Variants:
           encoder/decoder 3+3 blocks of width 128, head d6 w160 as MAR's deep head: 2.16M parameters, 4.3 MB in
           float16, so teacher, student and RL student ship inside the package and travel with the FID network
           under the accelerator machine's 64 MiB per call; docs/results.md)
+  fmnist_l  the larger teacher of docs/reproduction.md "Teacher FID <= 20" (same 64 tokens; encoder/decoder 4+4 blocks
+            of width 256, head d6 w384), trained across device calls; kept checkpoints give the FID-vs-steps curve
   base / large / huge   the released MAR-B/L/H on ImageNet 256 with cached KL-16 latents (head d6w1024 /
                         d8w1280 / d12w1536, 207.9M / 478.3M / 942.4M parameters)
 
@@ -27,7 +29,7 @@ import ml_collections as mlc
 from configs import common
 from marval_jax.models import mar as mar_lib
 
-VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
+VARIANTS = ("tiny", "fmnist", "fmnist_l", "base", "large", "huge")
 
 _IMAGENET = mar_lib.IMAGENET_256
 _SIZES = mar_lib.RELEASED_SIZES
@@ -45,6 +47,10 @@ def model_config(variant: str) -> mlc.ConfigDict:
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
                     encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128,
                     decoder_depth=3, decoder_num_heads=4, diffloss_d=6, diffloss_w=160)
+    elif variant == "fmnist_l":
+        base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
+                    encoder_embed_dim=256, encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=256,
+                    decoder_depth=4, decoder_num_heads=8, diffloss_d=6, diffloss_w=384)
     else:
         base.update(_IMAGENET, **_SIZES[variant])
     return mlc.ConfigDict(base)
@@ -65,11 +71,13 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.data = common.data_config(name="fashion_mnist", split="train[:512]", read_threads=1, prefetch=8)
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
         cfg.sample.update(num_iter=4, num_sampling_steps="10", num_images=16, batch_size=16)
-    elif variant == "fmnist":
+    elif variant in ("fmnist", "fmnist_l"):
         # constant lr after warmup (MAR's schedule), so a run stopped by a time budget is a finished run + EMA
         cfg.train = common.train_config(global_batch_size=256, num_steps=20000, warmup_steps=500, blr=5e-4,
                                         ema_decay=0.999, ckpt_every=2000, sample_every=5000, log_every=200,
                                         sample_num_iter=16)
+        if variant == "fmnist_l":  # a checkpoint every 1000 steps, all kept: the FID-vs-steps curve reads them
+            cfg.train.update(ckpt_every=1000, keep_checkpoints=60, sample_every=0)
         cfg.data = common.data_config(name="fashion_mnist")
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
         cfg.sample.update(num_iter=64, cfg=1.0, num_images=100, batch_size=100, crop=28, clip_denoised=True,

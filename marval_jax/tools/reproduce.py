@@ -89,6 +89,8 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="", help="teacher weights for the student stage (default: its export)")
     p.add_argument("--student", default="", help="student weights for the rl stage (default: its export)")
     p.add_argument("--dtype", default="float16", help="stored dtype of the exported weights")
+    p.add_argument("--config", action="append", default=[], metavar="STAGE=CONFIG",
+                   help="another config of a stage's family, e.g. teacher=configs/mar.py:fmnist_l (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="config override of one stage, e.g. rl:train.num_steps=100 (repeatable)")
     a = p.parse_args(argv)
@@ -106,11 +108,19 @@ def main(argv=None) -> int:
         if stage not in STAGES or "=" not in kv:
             raise UserError(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
         overrides[stage].append(f"--config.{kv}")
+    configs = {}
+    for item in a.config:
+        stage, _, spec = item.partition("=")
+        if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1].split(":")[0]:
+            raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
+                            f"teacher={STAGES['teacher'][1].split(':')[0]}:fmnist_l, got {item!r}")
+        configs[stage] = spec
     given = {"teacher": a.teacher, "student": a.student}
     record_path = os.path.join(export, "stages.json")
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
     for stage in stages:
         mode, config, weights_flag, prev = STAGES[stage]
+        config = configs.get(stage, config)
         workdir = os.path.join(a.workdir, stage)
         cmd = [sys.executable, "-m", "marval_jax.main", f"--mode={mode}", f"--config={config}",
                f"--workdir={workdir}", *overrides[stage]]
