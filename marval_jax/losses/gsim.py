@@ -41,6 +41,7 @@ from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
 from configs.marval import T_INIT
 from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
+from marval_jax.sampling.schedule import ar_schedule, mask_from_orders, random_orders, sample_mask_ratio
 from marval_jax.user_errors import UserError
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
@@ -182,17 +183,10 @@ def guidance_weight(guidance_scale: float, schedule: str, num_visible: jax.Array
     raise UserError(f"gsim.guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
 
 
-def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
-    """MAR's mask ratio: truncated normal (mean 1, std 0.25) on [mask_ratio_min, 1]."""
-    r = jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0, (), jnp.float32)
-    return r * 0.25 + 1.0
-
-
 CONTEXT_LAWS = ("mar", "uniform", "inference")
 
 
 def _inference_masked(seq_len: int, num_iter: int) -> np.ndarray:
-    from marval_jax.sampling.schedule import ar_schedule
     return ar_schedule(seq_len, num_iter).masked_before
 
 
@@ -233,9 +227,8 @@ def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: flo
     (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
     num_masked = sample_num_masked(r_ratio, seq_len, law, mask_ratio_min, num_iter)
-    orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
-    rank = jnp.argsort(orders, axis=1)
-    mask = (rank < num_masked).astype(jnp.float32)
+    orders = random_orders(r_order, batch, seq_len)
+    mask, _ = mask_from_orders(orders, num_masked)
     if return_gen_rank:
         return mask, num_masked, gen_rank_from_orders(orders)
     return mask, num_masked

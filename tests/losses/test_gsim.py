@@ -192,6 +192,28 @@ def test_guidance_weight_schedules():
         guidance_weight(1.2, "cosine", 1, 4)
 
 
+def test_contexts_are_the_schedule_modules_masks():
+    """sample_context draws through sampling/schedule.py (the one implementation of MAR's orders, masks and mask
+    ratio), bitwise what the earlier inline code drew for the same keys (argsort of uniforms; truncated normal)."""
+    from marval_jax.sampling import schedule
+    s, b = 16, 5
+    for i in range(4):
+        rng = jax.random.PRNGKey(i)
+        mask, n, rank = sample_context(rng, b, s, 0.7, return_gen_rank=True)
+        r_ratio, r_order = jax.random.split(rng)
+        # the earlier inline draw, written out
+        ratio = jax.random.truncated_normal(r_ratio, (0.7 - 1.0) / 0.25, 0.0, (), jnp.float32) * 0.25 + 1.0
+        n_old = jnp.clip(jnp.ceil(s * ratio).astype(jnp.int32), math.ceil(s * 0.7), s)
+        orders = jnp.argsort(jax.random.uniform(r_order, (b, s)), axis=1)
+        mask_old = (jnp.argsort(orders, axis=1) < n_old).astype(jnp.float32)
+        assert int(n) == int(n_old)
+        np.testing.assert_array_equal(mask, mask_old)
+        np.testing.assert_array_equal(schedule.sample_mask_ratio(r_ratio, 0.7), ratio)
+        np.testing.assert_array_equal(mask, schedule.mask_from_orders(schedule.random_orders(r_order, b, s), n)[0])
+        # the causal generation rank follows the same order: masked positions last
+        assert np.all(np.asarray(rank)[np.asarray(mask) > 0.5].min() >= s - int(n))
+
+
 def test_context_and_timestep_sampling():
     s, lo = 16, math.ceil(16 * 0.7)
     seen = set()
