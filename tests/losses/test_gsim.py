@@ -680,3 +680,34 @@ def test_student_cfg_guides_the_one_head_call(tiny):
                                rtol=0, atol=1e-5)
     np.testing.assert_allclose(pred(model, zc, zu, jnp.float32(1.0), rng), x_c, rtol=0, atol=1e-5)
     assert float(jnp.max(jnp.abs(x_c - x_u))) > 1e-3   # the branches differ: the check has power
+
+
+def test_numeric_switches_traced_share_one_program(tiny):
+    """Under `traced_switches` the real-valued switches are arguments of the program, not constants: two settings
+    that differ only in them lower to the same program (one compile for an ablation over them), and give the loss
+    the settings give as constants, up to the rounding of constant folding."""
+    from marval_jax.losses.gsim import settings_from_config, switch_values, traced_switches
+    graphdef, gen, fake, tch, batch = tiny
+    rng = jax.random.PRNGKey(0)
+    runs = {"a": {"guidance_scale": 1.2, "l2_weight": 1.0, "huber_r": 1e-5, "t_min": 20},
+            "b": {"guidance_scale": 2.0, "l2_weight": 0.0, "huber_r": 1e-3, "t_min": 100}}
+    texts, losses = {}, {}
+    for name, gsim in runs.items():
+        gl = make_gsim_losses(gsim, {"noise_scale": 0.8 if name == "b" else 1.0}, CFG)
+        values = switch_values(settings_from_config(gsim, {"noise_scale": 0.8 if name == "b" else 1.0}, CFG))
+
+        def traced(sw, gl=gl):
+            with traced_switches(sw):
+                return gl.generator_loss(graphdef, gen, fake, tch, batch, rng)[0]
+
+        texts[name] = jax.jit(traced).lower(values).as_text()
+        texts[name, "const"] = jax.jit(lambda gl=gl: gl.generator_loss(graphdef, gen, fake, tch, batch, rng)[0]
+                                       ).lower().as_text()
+        losses[name] = (float(jax.jit(traced)(values)), float(gl.generator_loss(graphdef, gen, fake, tch, batch,
+                                                                                   rng)[0]))
+    assert texts["a"] == texts["b"]
+    assert texts["a", "const"] != texts["b", "const"]
+    for traced_loss, const_loss in losses.values():
+        # one MAR pass per role and the mean over the batch's tokens: the reassociation bound of that chain
+        assert_close_to_scale(traced_loss, const_loss, mar_depth(CFG) + batch["tokens"].size)
+    assert abs(losses["a"][0] - losses["b"][0]) > 1e-3 * abs(losses["a"][0])   # the values did reach the loss
