@@ -168,13 +168,14 @@ def cached_sampler_flops(cfg: MARConfig, *, batch: int, num_iter: int, cfg_scale
     ("approx", r, R) at step % R == 0) or an incremental step: the segment's ingest cap W of new token rows through
     every block and the P predicted rows through the decoder blocks, each query over all L = buffer + S + 1 cache
     rows; the exact policy first ingests the buffer rows. The head is counted as in `sampler_flops`."""
-    from marval_jax.sampling.cached_sampler import CachePolicy, _window_counts, cache_len
-    pol = CachePolicy.parse(policy)
-    sched = ar_schedule(cfg.seq_len, num_iter)
-    segments = plan_segments(sched, cfg.buffer_size, num_buckets)
-    rows = (2 if cfg_scale != 1.0 else 1) * batch
-    win = _window_counts(sched.masked_before, pol.window)
-    refresh = (np.arange(num_iter) % pol.refresh_every == 0) if pol.kind == "approx" else np.zeros(num_iter, bool)
+    from marval_jax.sampling.ar_sampler import SamplerSpec
+    from marval_jax.sampling.cached_sampler import cache_len
+    from marval_jax.sampling.decode import make_plan
+    # the sampler's own static plan: its pieces (one per segment, inference), ingest caps and refresh steps
+    plan = make_plan(SamplerSpec(num_iter=num_iter, cfg=cfg_scale, num_buckets=num_buckets), seq_len=cfg.seq_len,
+                     buffer_size=cfg.buffer_size, token_dim=cfg.token_dim, policy=policy)
+    rows = (2 if plan.use_cfg else 1) * batch
+    refresh = plan.refresh_step
     n_keys = cache_len(cfg)
     de, dd, c, r = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.token_dim, cfg.mlp_ratio
 
@@ -184,11 +185,10 @@ def cached_sampler_flops(cfg: MARConfig, *, batch: int, num_iter: int, cfg_scale
 
     hf = head_flops(cfg)
     out = {"transformer": 0, "head": 0, "refresh_steps": int(refresh.sum()), "segments": []}
-    if pol.kind == "exact":
+    if plan.policy.kind == "exact":
         out["transformer"] += rows * (through_blocks(cfg.buffer_size) - linear(cfg.buffer_size, c, de))
-    for seg in segments:
-        caps = [int(win[k]) for k in range(seg.start, seg.stop) if not refresh[k]]
-        w = max(caps + [1])
+    for seg in plan.pieces:
+        w = seg.win_cap
         incremental = through_blocks(w) + cfg.decoder_depth * block_flops(seg.pred_cap, dd, r, key_tokens=n_keys)
         tr = sum(condition_flops(cfg, seg.enc_len) if refresh[k] else incremental for k in range(seg.start, seg.stop))
         tr *= rows

@@ -28,7 +28,10 @@ form.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 from typing import Any, Callable
 
@@ -41,6 +44,7 @@ from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
 from configs.marval import T_INIT
 from marval_jax.models.generator import one_step
 from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
+from marval_jax.sampling.schedule import ar_schedule, mask_from_orders, random_orders, sample_mask_ratio
 from marval_jax.user_errors import UserError
 
 DISTANCES = ("pseudo_huber", "l2", "squared_l2")
@@ -182,17 +186,10 @@ def guidance_weight(guidance_scale: float, schedule: str, num_visible: jax.Array
     raise UserError(f"gsim.guidance_schedule must be one of {GUIDANCE_SCHEDULES}, got {schedule!r}")
 
 
-def sample_mask_ratio(rng: jax.Array, mask_ratio_min: float) -> jax.Array:
-    """MAR's mask ratio: truncated normal (mean 1, std 0.25) on [mask_ratio_min, 1]."""
-    r = jax.random.truncated_normal(rng, (mask_ratio_min - 1.0) / 0.25, 0.0, (), jnp.float32)
-    return r * 0.25 + 1.0
-
-
 CONTEXT_LAWS = ("mar", "uniform", "inference")
 
 
 def _inference_masked(seq_len: int, num_iter: int) -> np.ndarray:
-    from marval_jax.sampling.schedule import ar_schedule
     return ar_schedule(seq_len, num_iter).masked_before
 
 
@@ -233,9 +230,8 @@ def sample_context(rng: jax.Array, batch: int, seq_len: int, mask_ratio_min: flo
     (`models.mar.gen_rank_from_orders`: the masked positions come last), which a causal MAR needs."""
     r_ratio, r_order = jax.random.split(rng)
     num_masked = sample_num_masked(r_ratio, seq_len, law, mask_ratio_min, num_iter)
-    orders = jnp.argsort(jax.random.uniform(r_order, (batch, seq_len)), axis=1)
-    rank = jnp.argsort(orders, axis=1)
-    mask = (rank < num_masked).astype(jnp.float32)
+    orders = random_orders(r_order, batch, seq_len)
+    mask, _ = mask_from_orders(orders, num_masked)
     if return_gen_rank:
         return mask, num_masked, gen_rank_from_orders(orders)
     return mask, num_masked
@@ -398,9 +394,8 @@ def _get(cfg: Any, name: str, default: Any) -> Any:
     return cfg.get(name, default) if hasattr(cfg, "get") else getattr(cfg, name, default)
 
 
-def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) -> GSIMLosses:
-    """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
-    the defaults of docs/method.md section 2) and the shared MAR architecture."""
+def settings_from_config(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) -> GSIMSettings:
+    """The validated GSIMSettings of config sections `gsim` and `generator` (missing fields: the defaults)."""
     defaults = GSIMSettings()
     known = {f.name for f in dataclasses.fields(GSIMSettings)} - set(_GENERATOR_FIELDS) | set(_LOOP_FIELDS)
     unknown = sorted(set(_keys(gsim_cfg)) - known)
@@ -421,14 +416,85 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
                          "on_policy_fraction": float(kw["on_policy_fraction"]),
                          "on_policy_num_iter": int(kw["on_policy_num_iter"])})
     st.validate(model_cfg)
-    chain = _chain()
-    s, c = model_cfg.seq_len, model_cfg.token_dim
-    enc_len = (train_encoder_len(model_cfg, st.mask_ratio_min) if st.context_mask_ratio == "mar" else
-               model_cfg.buffer_size + s - min_masked(s, st.context_mask_ratio, st.mask_ratio_min,
-                                                      st.context_num_iter))
-    use_guidance = st.guidance_scale != 1.0
-    causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
+    return st
 
+
+def context_encoder_len(st: GSIMSettings, model_cfg: MARConfig) -> int:
+    """The static encoder length of the contexts of `gsim.context_mask_ratio` (buffer + most visible tokens)."""
+    s = model_cfg.seq_len
+    if st.context_mask_ratio == "mar":
+        return train_encoder_len(model_cfg, st.mask_ratio_min)
+    return model_cfg.buffer_size + s - min_masked(s, st.context_mask_ratio, st.mask_ratio_min, st.context_num_iter)
+
+
+# Real-valued switches the losses can read as traced scalars instead of compile-time constants: variants that differ
+# only in these share one compiled step when the caller passes them through the jit boundary (`switch_values`,
+# `traced_switches`; tools/ablate.py does). Every other switch (and guidance_scale 1 vs not 1, which drops the
+# null-class branch) changes the program's structure. t_init stays a constant: the one-step update's sqrt(abar)
+# are host numbers (models/generator.one_step).
+NUMERIC_SWITCHES = {"l2_weight": jnp.float32, "guidance_scale": jnp.float32, "huber_r": jnp.float32,
+                    "t_min": jnp.int32, "t_max": jnp.int32, "t_logit_mean": jnp.float32, "t_logit_std": jnp.float32,
+                    "noise_scale": jnp.float32}
+_TRACED_SWITCHES: contextvars.ContextVar = contextvars.ContextVar("gsim_traced_switches", default=None)
+
+
+def switch_values(st: GSIMSettings) -> dict[str, np.ndarray]:
+    """The NUMERIC_SWITCHES of `st` as 0-d arrays (float32 / int32): what a caller passes as a jit argument."""
+    return {name: np.asarray(getattr(st, name), dtype) for name, dtype in NUMERIC_SWITCHES.items()}
+
+
+@contextlib.contextmanager
+def traced_switches(values: dict[str, Any]):
+    """While tracing inside this context, the losses of `make_gsim_losses` read the NUMERIC_SWITCHES from `values`
+    (the caller's jit arguments: tracers) instead of their settings' constants. Same values, same result up to the
+    rounding of constant folding; one compiled program for every value."""
+    token = _TRACED_SWITCHES.set(dict(values))
+    try:
+        yield
+    finally:
+        _TRACED_SWITCHES.reset(token)
+
+
+def _numeric(st: GSIMSettings) -> dict[str, Any]:
+    traced = _TRACED_SWITCHES.get()
+    return traced if traced is not None else {name: getattr(st, name) for name in NUMERIC_SWITCHES}
+
+
+def _role_eps(model, tokens, mask, labels, rank, xt_rows, t_rows, *, w, guided: bool, enc_len: int):
+    """A frozen role's epsilon on the masked tokens' x_t rows (B S, C): with the class, or under CFG (guided: the
+    class and the null class on the same visible tokens, eps_u + w (eps_c - eps_u))."""
+    b, c = tokens.shape[0], tokens.shape[2]
+    if not guided:
+        z = model.condition(tokens, mask, model.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
+        return model.head(xt_rows, t_rows, z.reshape(xt_rows.shape[0], -1))[:, :c]
+    z = model.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
+                        jnp.concatenate([model.class_embedding(labels), model.class_embedding(None, b)]),
+                        enc_len=enc_len, gen_rank=None if rank is None else jnp.concatenate([rank, rank]))
+    out = model.head(jnp.concatenate([xt_rows] * 2), jnp.concatenate([t_rows] * 2), z.reshape(2 * xt_rows.shape[0], -1))
+    eps_c, eps_u = jnp.split(out[:, :c], 2, axis=0)
+    return eps_u + w * (eps_c - eps_u)
+
+
+def _generator_metrics(loss, terms, weight, red, x_gen, mask, w, num_masked, t) -> dict[str, jax.Array]:
+    m3 = mask[:, :, None]
+    n_el = jnp.maximum(jnp.sum(mask) * x_gen.shape[-1], 1.0)
+    gen_mean = jnp.sum(x_gen * m3) / n_el
+    gen_std = jnp.sqrt(jnp.maximum(jnp.sum(((x_gen - gen_mean) * m3) ** 2) / n_el, 0.0))
+    metrics = {
+        "loss": loss, "l1": red(weight * terms["l1"]), "l2": red(weight * terms["l2"]),
+        "y_abs": red(terms["y_norm"]), "weight": red(weight), "gen_mean": gen_mean, "gen_std": gen_std,
+        "guidance": w, "num_masked": num_masked.astype(jnp.float32),
+        "t_lo": jnp.min(t).astype(jnp.float32), "t_hi": jnp.max(t).astype(jnp.float32),
+    }
+    return jax.tree.map(jax.lax.stop_gradient, metrics)
+
+
+def _context_fn(st: GSIMSettings, model_cfg: MARConfig) -> Callable:
+    """`contexts(batch, rng, graphdef, gen_params) -> (tokens, labels, mask, num_masked, rank or None)`: the
+    batch's tokens (the first on_policy_fraction of them replaced by the generator's own rollouts), one context of
+    `gsim.context_mask_ratio` per batch and, for a causal MAR, each position's generation rank."""
+    s, c = model_cfg.seq_len, model_cfg.token_dim
+    causal = model_cfg.attention == "causal"  # every role conditions causally in the context's generation order
     rollout_fns = {}
 
     def rollout(graphdef, gen_params, labels, rng):
@@ -457,18 +523,33 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
                                                 law=st.context_mask_ratio, num_iter=st.context_num_iter)
         return tokens, labels, mask, num_masked, rank if causal else None
 
+    return contexts
+
+
+def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) -> GSIMLosses:
+    """Build the two losses from config sections `gsim` and `generator` (ConfigDicts or dicts; missing fields take
+    the defaults of docs/method.md section 2) and the shared MAR architecture."""
+    st = settings_from_config(gsim_cfg, generator_cfg, model_cfg)
+    chain = _chain()
+    s, c = model_cfg.seq_len, model_cfg.token_dim
+    enc_len = context_encoder_len(st, model_cfg)
+    use_guidance = st.guidance_scale != 1.0
+
+    contexts = _context_fn(st, model_cfg)
+
     def generate(gen, tokens, labels, mask, rank, rng):
         """Generator's one-step tokens for every position (only masked ones are used) and x0."""
         b = tokens.shape[0]
         z = gen.condition(tokens, mask, gen.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
         if st.trainable == "head_only":
             z = jax.lax.stop_gradient(z)
-        noise = st.noise_scale * jax.random.normal(rng, (b * s, c), jnp.float32)
+        noise = _numeric(st)["noise_scale"] * jax.random.normal(rng, (b * s, c), jnp.float32)
         x_gen = one_step(gen.head, noise, z.reshape(b * s, -1), st.t_init).reshape(b, s, c)
         x0 = jnp.where(mask[:, :, None] > 0.5, x_gen, tokens)
         return x_gen, x0
 
     def generator_loss(graphdef, gen_params, fake_params, teacher_params, batch, rng):
+        num = _numeric(st)
         gen = nnx.merge(graphdef, gen_params)
         fake = nnx.merge(graphdef, jax.lax.stop_gradient(fake_params))
         teacher = nnx.merge(graphdef, jax.lax.stop_gradient(teacher_params))
@@ -476,63 +557,28 @@ def make_gsim_losses(gsim_cfg: Any, generator_cfg: Any, model_cfg: MARConfig) ->
         tokens, labels, mask, num_masked, rank = contexts(batch, r_ctx, graphdef, gen_params)
         b = tokens.shape[0]
         x_gen, x0 = generate(gen, tokens, labels, mask, rank, r_gen)
-
-        t = sample_timesteps(r_t, (b,), st.t_min, st.t_max, st.t_sampling, st.t_logit_mean,
-                             st.t_logit_std)                           # one t per sample
+        t = sample_timesteps(r_t, (b,), num["t_min"], num["t_max"], st.t_sampling, num["t_logit_mean"],
+                             num["t_logit_std"])                       # one t per sample
         t_tok = jnp.broadcast_to(t[:, None], (b, s))
         eps = jax.random.normal(r_eps, x0.shape, jnp.float32)
         xt = chain.q_sample(x0, t, eps)
         sigma = jnp.asarray(chain.sqrt_one_minus_alphas_cumprod, jnp.float32)[t][:, None, None]
-        rows = lambda a: a.reshape(b * s, -1)
-        t_rows = t_tok.reshape(-1)
-
-        # teacher: conditional (and null-class) branch on the same visible tokens
-        w = guidance_weight(st.guidance_scale, st.guidance_schedule, s - num_masked, s)
-        if use_guidance:
-            zt = teacher.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
-                                   jnp.concatenate([teacher.class_embedding(labels), teacher.class_embedding(None, b)]),
-                                   enc_len=enc_len, gen_rank=None if rank is None else jnp.concatenate([rank, rank]))
-            out = teacher.head(jnp.concatenate([rows(xt)] * 2), jnp.concatenate([t_rows] * 2),
-                               zt.reshape(2 * b * s, -1))
-            eps_c, eps_u = jnp.split(out[:, :c], 2, axis=0)
-            eps_p = eps_u + w * (eps_c - eps_u)
-        else:
-            zt = teacher.condition(tokens, mask, teacher.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
-            eps_p = teacher.head(rows(xt), t_rows, rows(zt))[:, :c]
-        if st.guided_fake_score and use_guidance:   # the fake score under the teacher's CFG (same w, same x_t)
-            zf = fake.condition(jnp.concatenate([tokens, tokens]), jnp.concatenate([mask, mask]),
-                                jnp.concatenate([fake.class_embedding(labels), fake.class_embedding(None, b)]),
-                                enc_len=enc_len, gen_rank=None if rank is None else jnp.concatenate([rank, rank]))
-            out = fake.head(jnp.concatenate([rows(xt)] * 2), jnp.concatenate([t_rows] * 2), zf.reshape(2 * b * s, -1))
-            f_c, f_u = jnp.split(out[:, :c], 2, axis=0)
-            eps_f = f_u + w * (f_c - f_u)
-        else:
-            zf = fake.condition(tokens, mask, fake.class_embedding(labels), enc_len=enc_len, gen_rank=rank)
-            eps_f = fake.head(rows(xt), t_rows, rows(zf))[:, :c]
-        eps_p, eps_f = eps_p.reshape(b, s, c), eps_f.reshape(b, s, c)
-
+        w = guidance_weight(num["guidance_scale"], st.guidance_schedule, s - num_masked, s)
+        role = functools.partial(_role_eps, tokens=tokens, mask=mask, labels=labels, rank=rank,
+                                 xt_rows=xt.reshape(b * s, c), t_rows=t_tok.reshape(-1), w=w, enc_len=enc_len)
+        eps_p = role(teacher, guided=use_guidance).reshape(b, s, c)   # the teacher's (guided) epsilon
+        eps_f = role(fake, guided=st.guided_fake_score and use_guidance).reshape(b, s, c)   # guided: same w, x_t
         unit = jax.lax.stop_gradient(residual_scale(st.weighting, t))[:, None, None]
-        terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=st.huber_r,
+        terms = gsim_terms(eps_p, eps_f, eps, sigma, distance=st.distance, huber_r=num["huber_r"],
                            use_l2_term=st.use_l2_term, norm_axes=st.norm_axes, mask=mask, unit_scale=unit,
-                           l2_weight=st.l2_weight, stop_grad_dprime=st.stop_grad_dprime)
+                           l2_weight=num["l2_weight"], stop_grad_dprime=st.stop_grad_dprime)
         t_group = t_tok if st.norm_axes == "token" else t
         x0_teacher = chain.predict_xstart_from_eps(xt, t, eps_p) if st.weighting == "sid" else None
         weight = jax.lax.stop_gradient(gsim_weights(st.weighting, t=t_group, x0=x0, x0_teacher=x0_teacher,
                                                     norm_axes=st.norm_axes, mask=mask))
         red = lambda v: reduce_groups(v, mask, st.norm_axes)
         loss = red(weight * terms["loss"])
-        m3 = mask[:, :, None]
-        n_el = jnp.maximum(jnp.sum(mask) * c, 1.0)
-        gen_mean = jnp.sum(x_gen * m3) / n_el
-        gen_std = jnp.sqrt(jnp.maximum(jnp.sum(((x_gen - gen_mean) * m3) ** 2) / n_el, 0.0))
-        metrics = {
-            "loss": loss, "l1": red(weight * terms["l1"]), "l2": red(weight * terms["l2"]),
-            "y_abs": red(terms["y_norm"]), "weight": red(weight),
-            "gen_mean": jax.lax.stop_gradient(gen_mean), "gen_std": jax.lax.stop_gradient(gen_std),
-            "guidance": w, "num_masked": num_masked.astype(jnp.float32),
-            "t_lo": jnp.min(t).astype(jnp.float32), "t_hi": jnp.max(t).astype(jnp.float32),
-        }
-        return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
+        return loss, _generator_metrics(loss, terms, weight, red, x_gen, mask, w, num_masked, t)
 
     def fake_score_loss(graphdef, fake_params, gen_params, batch, rng):
         gen = nnx.merge(graphdef, jax.lax.stop_gradient(gen_params))

@@ -30,6 +30,7 @@ the schedule, each a `lax.scan` over its steps (one compiled body per segment). 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Callable, Sequence
 
 import jax
@@ -38,9 +39,10 @@ from flax import nnx
 
 from configs.marval import T_INIT
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS
+from marval_jax.losses import gsim
 from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-exported: the optimizer's mask)
 from marval_jax.models.mar import MARConfig
-from marval_jax.sampling.ar_sampler import SamplerSpec, onestep_predictor
+from marval_jax.sampling.ar_sampler import SamplerSpec
 from marval_jax.sampling.decode import decode, make_plan
 from marval_jax.user_errors import UserError
 
@@ -89,9 +91,9 @@ class RLSettings:
             raise UserError(f"rl.regularizer must be one of {REGULARIZERS}, got {self.regularizer!r}")
         if not 0 <= self.t_init <= NUM_TRAIN_TIMESTEPS - 1:
             raise UserError(f"generator.t_init must be in [0, {NUM_TRAIN_TIMESTEPS - 1}], got {self.t_init}")
-        if self.noise_scale != 1.0:
-            raise UserError(f"generator.noise_scale={self.noise_scale}: the RL trajectory sampler draws the one-step "
-                            f"input from N(0, I); RL of a student distilled with noise_scale != 1 is not supported")
+        if not (math.isfinite(self.noise_scale) and self.noise_scale > 0):
+            raise UserError(f"generator.noise_scale must be a finite float > 0 (the one-step input's std, as the "
+                            f"student was distilled with), got {self.noise_scale}")
         if seq_len is not None and not 1 <= self.num_iter <= seq_len:
             raise UserError(f"rl.num_iter must be in [1, seq_len={seq_len}], got {self.num_iter}")
         if self.backprop_steps != -1 and not 1 <= self.backprop_steps <= self.num_iter:
@@ -150,7 +152,7 @@ def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec:
     plan = make_plan(spec, seq_len=model_cfg.seq_len, buffer_size=model_cfg.buffer_size,
                      token_dim=model_cfg.token_dim, differentiable=True, backprop_steps=st.backprop_steps,
                      remat=st.remat)
-    predictor = onestep_predictor(st.t_init)
+    predictor = gsim.onestep_predictor(st.t_init, st.noise_scale)   # the input noise the student was distilled on
 
     def sample(graphdef, params, labels, rng):
         labels = jnp.asarray(labels, jnp.int32)

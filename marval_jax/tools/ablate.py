@@ -23,6 +23,7 @@ On N processes every process runs the same loop; only process 0 writes files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import importlib.util
 import itertools
@@ -207,6 +208,7 @@ def generate_samples(config, workdir: str):
     import jax
     from marval_jax.checkpoints.load import load_model_params
     from marval_jax.sampling import ar_sampler
+    from marval_jax.sampling.from_config import sampler_from_config
     from marval_jax.sampling.sample_run import labels_for, make_predictor, onestep_settings
     from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
     sc = config.sample
@@ -217,8 +219,7 @@ def generate_samples(config, workdir: str):
     if key not in _SAMPLERS:
         cfg = model_config(config)
         graphdef, abstract = abstract_model(cfg)
-        spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
-                                      num_buckets=sc.num_buckets)
+        spec = sampler_from_config(config, "eval")
         fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, workdir), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         _SAMPLERS[key] = (cfg, abstract, fn, jax.jit(decoder_fn(config, cfg)))
@@ -268,14 +269,68 @@ def evaluate_variant(config, workdir: str, cache_dir: str) -> dict:
     return out
 
 
+def distill_task(config):
+    """`--mode=distill`'s task (train/distill_task.py) with GSIM's real-valued switches (losses.gsim.NUMERIC_SWITCHES:
+    l2_weight, guidance_scale, huber_r, t range, logit-normal law, noise_scale) passed into the jitted step as
+    arguments (the loop's `frozen` slot) instead of baked constants: variants that differ only in them compile the
+    same program, which the persistent compilation cache (`shared_compiles`) then serves to every one."""
+    import dataclasses
+    from marval_jax.losses import gsim
+    from marval_jax.train.distill_task import make_distill_task
+    from marval_jax.train.mar_task import model_config
+    task = make_distill_task(config)
+    if task.frozen is not None:   # the task passes arguments of its own: leave it as it is
+        return task
+    values = gsim.switch_values(gsim.settings_from_config(config.gsim, config.generator, model_config(config)))
+    step, sample = task.train_step, task.sample_images
+
+    def train_step(state, batch, switches):
+        with gsim.traced_switches(switches):
+            return step(state, batch)
+
+    def sample_images(state, rng, switches):
+        del switches   # the one-step sampler reads none of them
+        return sample(state, rng)
+
+    return dataclasses.replace(task, train_step=train_step, frozen=values,
+                               sample_images=sample_images if sample is not None else None)
+
+
+def train_distill(config, workdir: str):
+    """`marval_jax.main.run("distill", ...)` (same validation, process group, loop) with `distill_task`."""
+    from marval_jax import config_checks
+    from marval_jax.parallel import mesh as mesh_lib
+    from marval_jax.train.loop import train
+    mesh_lib.maybe_initialize_distributed(config.mesh)
+    config_checks.validate("distill", config, workdir, "")
+    return train(config, workdir, distill_task(config))
+
+
+@contextlib.contextmanager
+def shared_compiles(cache_dir: str):
+    """JAX's persistent compilation cache in `cache_dir` for the sweep (unless one is configured already), so that a
+    program compiled for one variant (or before a SIGTERM) is not compiled again; the setting is restored after."""
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache
+    if jax.config.jax_compilation_cache_dir:
+        yield
+        return
+    compilation_cache.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", cache_dir)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
+        compilation_cache.reset_cache()
+
+
 def run_variant(name: str, overrides: dict, config, workdir: str, cache_dir: str) -> dict | None:
     """Train (or resume) and evaluate one variant; None when training stopped early (SIGTERM / preemption)."""
-    from marval_jax.main import run
     os.makedirs(workdir, exist_ok=True)
     timing_path = os.path.join(workdir, TIMING)
     before = json.load(open(timing_path)) if os.path.exists(timing_path) else {"train_s": 0.0, "runs": 0}
     t0 = time.time()
-    state = run("distill", config, workdir)
+    state = train_distill(config, workdir)
     train_s = before["train_s"] + time.time() - t0
     runs = before["runs"] + 1
     if _is_writer():
@@ -419,6 +474,18 @@ def ablate(base_spec: str, sweeps: list[str], *, steps: int, eval_samples: int, 
     if _is_writer():
         os.makedirs(runs_dir, exist_ok=True)
         _write_json(os.path.join(out, "plan.json"), {"base": base_spec, "set": common, "variants": todo})
+    with shared_compiles(os.path.join(out, "xla_cache")):
+        rows = _run_all(todo, base, common, runs_dir, out, steps, eval_samples, on_variant)
+    if rows is None or not _is_writer():
+        return None
+    summary = write_outputs(out, rows, metric, command or "ablate")
+    print(f"ablate: wrote {os.path.join(out, 'ablation.md')}, ablation.json and {summary['plot']}", flush=True)
+    return summary
+
+
+def _run_all(todo: dict, base, common: dict, runs_dir: str, out: str, steps: int, eval_samples: int,
+             on_variant) -> list[dict] | None:
+    """Every unfinished variant in order; the rows of all, or None when a SIGTERM stopped one."""
     rows = []
     for name, ov in todo.items():
         workdir = os.path.join(runs_dir, name)
@@ -441,11 +508,7 @@ def ablate(base_spec: str, sweeps: list[str], *, steps: int, eval_samples: int, 
         rows.append(result)
         if on_variant is not None:
             on_variant(name, result)
-    if not _is_writer():
-        return None
-    summary = write_outputs(out, rows, metric, command or "ablate")
-    print(f"ablate: wrote {os.path.join(out, 'ablation.md')}, ablation.json and {summary['plot']}", flush=True)
-    return summary
+    return rows
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

@@ -82,3 +82,23 @@ def test_table_keeps_hand_written_text(tmp_path):
     assert "| base | onestep | 256 | 2.000 |" in text and "met, compile met" in text
     assert "| base | mar | 256 | 0.250 | 1024 |" in text
     assert "| - | gsim | - | - | - | - | - | - | - | - | - | - | - | not yet measured |" in text
+
+
+def test_cached_sampler_flops_follow_the_decode_plan():
+    """The KV-cached count reads the sampler's own plan (sampling/decode.make_plan): per segment the ingest cap is
+    the most tokens one step generated for the next to ingest (exact: the previous step; approx (r, R): the last r
+    steps, refresh steps excluded), written out here from the schedule."""
+    import numpy as np
+    from marval_jax.sampling.schedule import ar_schedule, plan_segments
+    cfg = suite.model_config("base")
+    kw = dict(batch=1, num_iter=16, cfg_scale=1.0, head_calls=1, num_buckets=4)
+    before = ar_schedule(cfg.seq_len, 16).masked_before
+    for policy, window, every in (("exact", 1, None), (("approx", 2, 4), 2, 4)):
+        got = F.cached_sampler_flops(cfg, policy=policy, **kw)
+        segs = plan_segments(ar_schedule(cfg.seq_len, 16), cfg.buffer_size, 4)
+        assert [(s["start"], s["stop"]) for s in got["segments"]] == [(s.start, s.stop) for s in segs]
+        for s in got["segments"]:
+            steps = [k for k in range(s["start"], s["stop"]) if every is None or k % every != 0]
+            ingest = [int(before[max(k - window, 0)] - before[k]) for k in steps]
+            assert s["ingest_cap"] == max(ingest + [1]), (policy, s)
+        assert got["refresh_steps"] == (0 if every is None else int(np.sum(np.arange(16) % every == 0)))

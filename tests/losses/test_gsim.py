@@ -192,6 +192,28 @@ def test_guidance_weight_schedules():
         guidance_weight(1.2, "cosine", 1, 4)
 
 
+def test_contexts_are_the_schedule_modules_masks():
+    """sample_context draws through sampling/schedule.py (the one implementation of MAR's orders, masks and mask
+    ratio), bitwise what the earlier inline code drew for the same keys (argsort of uniforms; truncated normal)."""
+    from marval_jax.sampling import schedule
+    s, b = 16, 5
+    for i in range(4):
+        rng = jax.random.PRNGKey(i)
+        mask, n, rank = sample_context(rng, b, s, 0.7, return_gen_rank=True)
+        r_ratio, r_order = jax.random.split(rng)
+        # the earlier inline draw, written out
+        ratio = jax.random.truncated_normal(r_ratio, (0.7 - 1.0) / 0.25, 0.0, (), jnp.float32) * 0.25 + 1.0
+        n_old = jnp.clip(jnp.ceil(s * ratio).astype(jnp.int32), math.ceil(s * 0.7), s)
+        orders = jnp.argsort(jax.random.uniform(r_order, (b, s)), axis=1)
+        mask_old = (jnp.argsort(orders, axis=1) < n_old).astype(jnp.float32)
+        assert int(n) == int(n_old)
+        np.testing.assert_array_equal(mask, mask_old)
+        np.testing.assert_array_equal(schedule.sample_mask_ratio(r_ratio, 0.7), ratio)
+        np.testing.assert_array_equal(mask, schedule.mask_from_orders(schedule.random_orders(r_order, b, s), n)[0])
+        # the causal generation rank follows the same order: masked positions last
+        assert np.all(np.asarray(rank)[np.asarray(mask) > 0.5].min() >= s - int(n))
+
+
 def test_context_and_timestep_sampling():
     s, lo = 16, math.ceil(16 * 0.7)
     seen = set()
@@ -658,3 +680,34 @@ def test_student_cfg_guides_the_one_head_call(tiny):
                                rtol=0, atol=1e-5)
     np.testing.assert_allclose(pred(model, zc, zu, jnp.float32(1.0), rng), x_c, rtol=0, atol=1e-5)
     assert float(jnp.max(jnp.abs(x_c - x_u))) > 1e-3   # the branches differ: the check has power
+
+
+def test_numeric_switches_traced_share_one_program(tiny):
+    """Under `traced_switches` the real-valued switches are arguments of the program, not constants: two settings
+    that differ only in them lower to the same program (one compile for an ablation over them), and give the loss
+    the settings give as constants, up to the rounding of constant folding."""
+    from marval_jax.losses.gsim import settings_from_config, switch_values, traced_switches
+    graphdef, gen, fake, tch, batch = tiny
+    rng = jax.random.PRNGKey(0)
+    runs = {"a": {"guidance_scale": 1.2, "l2_weight": 1.0, "huber_r": 1e-5, "t_min": 20},
+            "b": {"guidance_scale": 2.0, "l2_weight": 0.0, "huber_r": 1e-3, "t_min": 100}}
+    texts, losses = {}, {}
+    for name, gsim in runs.items():
+        gl = make_gsim_losses(gsim, {"noise_scale": 0.8 if name == "b" else 1.0}, CFG)
+        values = switch_values(settings_from_config(gsim, {"noise_scale": 0.8 if name == "b" else 1.0}, CFG))
+
+        def traced(sw, gl=gl):
+            with traced_switches(sw):
+                return gl.generator_loss(graphdef, gen, fake, tch, batch, rng)[0]
+
+        texts[name] = jax.jit(traced).lower(values).as_text()
+        texts[name, "const"] = jax.jit(lambda gl=gl: gl.generator_loss(graphdef, gen, fake, tch, batch, rng)[0]
+                                       ).lower().as_text()
+        losses[name] = (float(jax.jit(traced)(values)), float(gl.generator_loss(graphdef, gen, fake, tch, batch,
+                                                                                   rng)[0]))
+    assert texts["a"] == texts["b"]
+    assert texts["a", "const"] != texts["b", "const"]
+    for traced_loss, const_loss in losses.values():
+        # one MAR pass per role and the mean over the batch's tokens: the reassociation bound of that chain
+        assert_close_to_scale(traced_loss, const_loss, mar_depth(CFG) + batch["tokens"].size)
+    assert abs(losses["a"][0] - losses["b"][0]) > 1e-3 * abs(losses["a"][0])   # the values did reach the loss

@@ -22,6 +22,7 @@ from configs import marval_rl
 from marval_jax.data.tokenizers import PixelPatchTokenizer
 from marval_jax.losses.rl import (RLSettings, format_prompts, make_rl_loss, make_rl_sampler, trainable_mask)
 from marval_jax.models.mar import MAR, MARConfig
+from marval_jax.sampling.ar_sampler import SamplerSpec
 from marval_jax.sampling.schedule import ar_schedule
 from tolerances import assert_close_to_scale, assert_trees_close, mar_depth, max_abs, reassociation_atol
 
@@ -211,6 +212,31 @@ def test_num_iter_and_validation(tiny):
         make_rl_loss(rl_cfg(), dict(GEN, trainable="transformer"), CFG, TOK.decode, reward)
     with pytest.raises(ValueError, match="regularizer"):
         make_rl_loss(rl_cfg(regularizer="kl"), GEN, CFG, TOK.decode, reward)
+
+
+def test_noise_scale_reaches_the_trajectories(tiny):
+    """generator.noise_scale (a student distilled on x ~ N(0, s^2 I)): the RL loop draws its one-step input with
+    that std, as the sampler the student is evaluated with. Against the decode driver with a predictor written here
+    from the formula (one head call at t_init on s * N(0, I)); 1 and 0.5 give other tokens."""
+    from marval_jax.models.generator import one_step
+    from marval_jax.sampling.decode import decode, make_plan
+    graphdef, params = tiny
+    spec_kw = dict(seq_len=CFG.seq_len, buffer_size=CFG.buffer_size, token_dim=CFG.token_dim)
+    plan = make_plan(SamplerSpec(num_iter=4, num_buckets=1), differentiable=True, backprop_steps=-1, remat=False,
+                     **spec_kw)
+
+    def by_hand(model, zc, zu, cfg_scale, rng):
+        del zu, cfg_scale
+        return one_step(model.head, 0.5 * jax.random.normal(rng, (zc.shape[0], CFG.token_dim)), zc, GEN["t_init"])
+
+    tokens = {s: np.asarray(jit(lambda p, smp=make_rl_sampler(rl_cfg(), dict(GEN, noise_scale=s), CFG):
+                                smp(graphdef, p, LABELS, RNG)[0])(params)) for s in (1.0, 0.5)}
+    want = np.asarray(jit(lambda p: decode(lambda q: nnx.merge(graphdef, q), p, LABELS, RNG, plan, by_hand).tokens)(
+        params))
+    assert_close_to_scale(tokens[0.5], want, RL_FWD_DEPTH)
+    assert np.abs(tokens[0.5] - tokens[1.0]).max() > 1e-2
+    with pytest.raises(ValueError, match="generator.noise_scale must be a finite float > 0"):
+        make_rl_sampler(rl_cfg(), dict(GEN, noise_scale=0.0), CFG)
 
 
 def test_l2_regulariser_to_the_reference(tiny):
