@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
-from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
+from marval_jax.tree_paths import flatten_state, unflatten_into_state
 from marval_jax.user_errors import UserError
 
 

@@ -27,7 +27,7 @@ from flax import nnx
 
 from marval_jax.checkpoints.manager import check_config
 from marval_jax.checkpoints.safe_load import load_npz
-from marval_jax.checkpoints.tree_paths import flatten_state, unflatten_into_state
+from marval_jax.tree_paths import flatten_state, unflatten_into_state
 from marval_jax.user_errors import UserError
 
 

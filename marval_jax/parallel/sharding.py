@@ -9,7 +9,7 @@ from typing import Any, Sequence
 import jax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from marval_jax.checkpoints.tree_paths import path_str
+from marval_jax.tree_paths import path_str
 
 
 def _rules(rules) -> dict[str, Any]:

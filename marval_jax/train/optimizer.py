@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from marval_jax.checkpoints.tree_paths import path_str
+from marval_jax.tree_paths import path_str
 import jax
 
 

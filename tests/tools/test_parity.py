@@ -92,7 +92,7 @@ def _synthetic_fixture(path):
                                                             jnp.float32) for l in leaves])
     nnx.update(model, state)
     fx = {"config_json": np.array(json.dumps(rc))}
-    from marval_jax.checkpoints.tree_paths import flatten_state
+    from marval_jax.tree_paths import flatten_state
     flat = flatten_state(nnx.state(model, nnx.Param))
     for path_, v in flat.items():  # back to the reference's key names and layouts
         key = path_.replace("diffloss_net/", "diffloss.net.").replace("time_embed_", "time_embed.mlp.")

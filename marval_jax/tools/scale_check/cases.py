@@ -106,7 +106,7 @@ def case_key(devices: int, mesh: dict | None, model: str, step: str, remat: bool
 def _state_breakdown(abstract, shardings) -> dict[str, float]:
     """Per-device bytes of the state by kind, from the shardings (shard shape x itemsize)."""
     import jax
-    from marval_jax.checkpoints.tree_paths import path_str
+    from marval_jax.tree_paths import path_str
 
     out = {"params": 0.0, "optimizer": 0.0, "ema": 0.0, "frozen": 0.0, "other": 0.0}
     flat_a = jax.tree_util.tree_flatten_with_path(abstract)[0]
