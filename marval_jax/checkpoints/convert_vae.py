@@ -22,7 +22,9 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
+from marval_jax.models.mar import MARConfig
 from marval_jax.models.vae import AutoencoderKL
+from marval_jax.models.vae_tokenizer import vae_decode_fn
 from marval_jax.user_errors import UserError
 
 _NPZ_PREFIX = "vae_param/"
@@ -207,6 +209,26 @@ def load_vae(path: str | os.PathLike, *, dtype: Any = jnp.float32, trust_pickle:
     """``build_vae(load_vae_checkpoint(path))``."""
     return build_vae(load_vae_checkpoint(path, trust_pickle=trust_pickle, trust_hint=trust_hint), dtype=dtype,
                      **config)
+
+
+def vae_decoder_parts(tok_cfg, mar_cfg: MARConfig):
+    """(decode(params, tokens) -> NHWC images, params): the KL-16 decoder as a pure function of its weights, for jitted
+    steps that take the weights as an argument (closed over, they would be baked into the program as constants).
+    tok_cfg: tokenizer config (vae_ckpt: kl16.ckpt / .safetensors / .npz; scale; trust_pickle, default False: a .ckpt
+    is read with torch.load(weights_only=True), and fully unpickled, which can run code from the file, only when
+    tokenizer.trust_pickle is True)."""
+    if not tok_cfg.vae_ckpt:
+        raise UserError("tokenizer.kind='vae' needs tokenizer.vae_ckpt (MAR's kl16.ckpt or a converted .npz)")
+    trust = bool(getattr(tok_cfg, "trust_pickle", False))
+    graphdef, state = nnx.split(load_vae(tok_cfg.vae_ckpt, trust_pickle=trust,
+                                         trust_hint="tokenizer.trust_pickle=True in the config"))
+    return vae_decode_fn(graphdef, float(tok_cfg.scale), mar_cfg), state
+
+
+def make_vae_decoder(tok_cfg, mar_cfg: MARConfig):
+    """tokens -> images with the weights closed over (grids and small programs)."""
+    decode, params = vae_decoder_parts(tok_cfg, mar_cfg)
+    return lambda tokens: decode(params, tokens)
 
 
 def _max_rel_err(a: Any, b: Any) -> float:

@@ -36,7 +36,7 @@ def decoder_parts(config, cfg: MARConfig):
         patches = PixelPatchTokenizer(tok.patch_size, tok.channels, size, size)
         return (lambda params, tokens: patches.decode(tokens)), None
     if tok.kind == "vae":
-        from marval_jax.models.vae_tokenizer import vae_decoder_parts
+        from marval_jax.checkpoints.convert_vae import vae_decoder_parts
         return vae_decoder_parts(tok, cfg)
     raise ValueError(f"tokenizer.kind must be 'pixel_patch' or 'vae', got {tok.kind!r}")
 

@@ -123,7 +123,7 @@ def test_torch_ckpt_that_runs_code_needs_trust(sd, tmp_path):
     torch = pytest.importorskip("torch")
     import ml_collections as mlc
     from marval_jax.models.mar import MARConfig
-    from marval_jax.models.vae_tokenizer import make_vae_decoder
+    from marval_jax.checkpoints.convert_vae import make_vae_decoder
     from marval_jax.user_errors import UserError
     small = {k: torch.from_numpy(v) for k, v in sd.items() if k.startswith("post_quant_conv")}
     marker = tmp_path / "marker"

@@ -5,7 +5,7 @@ import numpy as np
 import jax.numpy as jnp
 
 from marval_jax.models.mar import MARConfig, patchify
-from marval_jax.models.vae_tokenizer import make_vae_decoder
+from marval_jax.checkpoints.convert_vae import make_vae_decoder
 from marval_jax.tools.parity import rel_err
 from tolerances import reassociation_atol, vae_depth
 FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "mar_reference_tiny.npz"
