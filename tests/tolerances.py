@@ -52,7 +52,7 @@ def classifier_depth(channels=(32, 64, 128), hidden: int = 256, num_classes: int
 
 def clip_depth(width: int, intermediate: int, layers: int, heads: int, seq: int, embed_terms: int,
                proj_dim: int, *, score: bool = False) -> int:
-    """Roundings on the longest chain of one CLIP tower (rewards/clip.py): the embedding (`embed_terms`: the patch
+    """Roundings on the longest chain of one CLIP tower (models/clip.py): the embedding (`embed_terms`: the patch
     conv's patch*patch*3 terms for the vision tower, 1 for the text tower's lookup) plus the position add, the
     pre-LayerNorm, `layers` pre-LN transformer blocks of `width` over `seq` tokens (transformer_depth, MLP ratio
     intermediate / width; quick_gelu's sigmoid counted as the GELU), the final LayerNorm and the projection to

@@ -1,4 +1,4 @@
-"""Convert transformers `CLIPModel` weights (OpenAI CLIP, LAION CLIP, PickScore) into `marval_jax.rewards.clip`.
+"""Convert transformers `CLIPModel` weights (OpenAI CLIP, LAION CLIP, PickScore) into `marval_jax.models.clip`.
 
     python -m marval_jax.checkpoints.convert_clip --hf-dir /path/to/PickScore_v1 --out /path/to/pickscore_jax
 
@@ -26,7 +26,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
-from marval_jax.rewards.clip import CLIP, CLIPConfig
+from marval_jax.models.clip import CLIP, CLIPConfig
 from marval_jax.user_errors import UserError, run_cli
 
 PARAMS_FILE = "params.npz"

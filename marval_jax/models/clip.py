@@ -14,7 +14,8 @@ module.
 
 Images: `preprocess(images)` takes NHWC in [-1, 1] (the generators' range), resizes (differentiably, antialiased)
 to the model resolution and applies CLIP's mean / std; `encode_image` takes the result. Embeddings returned by
-`encode_image` / `encode_text` are un-normalised projections, as transformers' `get_*_features`.
+`encode_image` / `encode_text` are un-normalised projections, as transformers' `get_*_features`; the scores built on
+them (CLIPScore, PickScore) are in `marval_jax.rewards.clip`.
 """
 from __future__ import annotations
 
@@ -346,33 +347,6 @@ def preprocess(images: jax.Array, size: int, *, mean=OPENAI_CLIP_MEAN, std=OPENA
     x = x[:, top:top + size, left:left + size]
     x = (x + 1.0) * 0.5
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
-
-
-def normalize(emb: jax.Array, eps: float = 1e-12) -> jax.Array:
-    emb = emb.astype(jnp.float32)
-    return emb / jnp.maximum(jnp.linalg.norm(emb, axis=-1, keepdims=True), eps)
-
-
-def cosine(image_emb: jax.Array, text_emb: jax.Array) -> jax.Array:
-    """Row-wise cosine similarity of (B, P) and (B, P) (or broadcastable) embeddings -> (B,)."""
-    return jnp.sum(normalize(image_emb) * normalize(text_emb), axis=-1)
-
-
-def clip_score(image_emb: jax.Array, text_emb: jax.Array, *, scale: float = 100.0,
-               clamp_min: float | None = 0.0) -> jax.Array:
-    """`scale * max(cos, clamp_min)` (CLIPScore as torchmetrics: 100 * cos clamped at 0; the paper uses w=2.5).
-
-    `clamp_min=None` disables the clamp (gradients then flow for anti-aligned pairs too).
-    """
-    cos = cosine(image_emb, text_emb)
-    if clamp_min is not None:
-        cos = jnp.maximum(cos, clamp_min)
-    return scale * cos
-
-
-def pickscore(image_emb: jax.Array, text_emb: jax.Array, logit_scale: jax.Array) -> jax.Array:
-    """PickScore: `exp(logit_scale) * cos` (with PickScore_v1 weights, exp(logit_scale) = 100)."""
-    return jnp.exp(jnp.asarray(logit_scale, jnp.float32)) * cosine(image_emb, text_emb)
 
 
 def init_clip(config: CLIPConfig, seed: int = 0, dtype: Any = jnp.float32) -> CLIP:

@@ -162,7 +162,7 @@ def _build_clip(config: Any, name: str):
     """(graphdef, params, clip config) from `checkpoint` or `clip_config` + `seed`."""
     from flax import nnx
 
-    from marval_jax.rewards.clip import CLIP, CLIPConfig, random_params
+    from marval_jax.models.clip import CLIP, CLIPConfig, random_params
 
     dtype = jnp.dtype(config_get(config, "dtype", None) or "float32")
     checkpoint = config_get(config, "checkpoint", None)
@@ -213,7 +213,8 @@ def _clip_prepare(graphdef, clip_config, config: Any) -> PrepareFn:
 def build_clip_score(config: Any) -> Reward:
     from flax import nnx
 
-    from marval_jax.rewards.clip import clip_score, preprocess
+    from marval_jax.models.clip import preprocess
+    from marval_jax.rewards.clip import clip_score
 
     graphdef, params, cc = _build_clip(config, "clip_score")
     scale = float(config_get(config, "scale", 100.0))
@@ -235,7 +236,8 @@ def build_clip_score(config: Any) -> Reward:
 def build_pickscore(config: Any) -> Reward:
     from flax import nnx
 
-    from marval_jax.rewards.clip import pickscore, preprocess
+    from marval_jax.models.clip import preprocess
+    from marval_jax.rewards.clip import pickscore
 
     graphdef, params, cc = _build_clip(config, "pickscore")
     method = config_get(config, "resize_method", None) or "bilinear"

@@ -9,7 +9,8 @@ import pytest
 from flax import nnx
 
 from marval_jax.checkpoints import convert_clip as cc
-from marval_jax.rewards import clip as C
+from marval_jax.models import clip as C
+from marval_jax.rewards.clip import clip_score, pickscore
 from tolerances import clip_depth, reassociation_atol, worst_case_atol
 
 transformers = pytest.importorskip("transformers")
@@ -109,10 +110,10 @@ def test_matches_transformers(legacy_eos):
     assert _rel(img, img_ref) < IMG_TOL, _rel(img, img_ref)
     assert _rel(txt, txt_ref) < TXT_TOL, _rel(txt, txt_ref)
     # PickScore = HF's logits_per_image (diagonal: matched pairs; the cross terms via broadcasting)
-    ps = C.pickscore(img[:, None], txt[None], logit_scale)
+    ps = pickscore(img[:, None], txt[None], logit_scale)
     assert _rel(ps, logits_ref) < SCORE_TOL
     cs_ref = 100 * np.diag(logits_ref) / np.exp(float(logit_scale))
-    assert _rel(C.clip_score(img, txt, clamp_min=None), cs_ref) < SCORE_TOL
+    assert _rel(clip_score(img, txt, clamp_min=None), cs_ref) < SCORE_TOL
 
 
 def test_jit_split_merge_and_bf16():
@@ -199,7 +200,7 @@ def test_gradient_through_preprocess_and_image_tower():
     @jax.grad
     def score(images):
         m = nnx.merge(graphdef, state)
-        return C.clip_score(m.embed_images(images), txt, clamp_min=None).sum()
+        return clip_score(m.embed_images(images), txt, clamp_min=None).sum()
 
     g = score(jnp.asarray(np.random.default_rng(0).uniform(-1, 1, (3, 48, 48, 3)), jnp.float32))
     assert g.shape == (3, 48, 48, 3) and bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).max()) > 0

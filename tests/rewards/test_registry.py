@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from marval_jax.checkpoints.convert_clip import save_clip
-from marval_jax.rewards import clip as C
+from marval_jax.models import clip as C
 from marval_jax.rewards import registry as R
 from tolerances import assert_close_to_scale, clip_depth
 

@@ -222,7 +222,7 @@ def _build_rl(config, cfg) -> Built:
 
     from marval_jax.models.vae import AutoencoderKL
     from marval_jax.models.vae_tokenizer import vae_decode_fn
-    from marval_jax.rewards import clip as clip_lib
+    from marval_jax.models import clip as clip_lib
     from marval_jax.rewards import registry
     from marval_jax.train import rl_task
 
