@@ -29,11 +29,9 @@ import ml_collections as mlc
 
 from configs import common
 from configs import mar
-from marval_jax.models.generator import t_init_for_alpha_bar
+from marval_jax.models.generator import T_INIT  # the one default (models/generator.py); read as marval.T_INIT
 
 VARIANTS = mar.VARIANTS
-
-T_INIT = t_init_for_alpha_bar(0.14)   # abar(t_init) ~ 0.14, sigma ~ 2.5 in EDM units (the group's sigma_init)
 
 
 def gsim_config(**overrides) -> mlc.ConfigDict:

@@ -41,8 +41,7 @@ import numpy as np
 from flax import nnx
 
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS, GaussianDiffusion
-from configs.marval import T_INIT
-from marval_jax.models.generator import one_step
+from marval_jax.models.generator import T_INIT, one_step
 from marval_jax.models.mar import MARConfig, gen_rank_from_orders, train_encoder_len
 from marval_jax.sampling.schedule import ar_schedule, mask_from_orders, random_orders, sample_mask_ratio
 from marval_jax.user_errors import UserError

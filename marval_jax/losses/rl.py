@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from configs.marval import T_INIT
 from marval_jax.diffusion.gaussian import NUM_TRAIN_TIMESTEPS
 from marval_jax.losses import gsim
 from marval_jax.losses.gsim import TRAINABLE, trainable_mask  # noqa: F401  (re-exported: the optimizer's mask)
+from marval_jax.models.generator import T_INIT
 from marval_jax.models.mar import MARConfig
 from marval_jax.sampling.ar_sampler import SamplerSpec
 from marval_jax.sampling.decode import decode, make_plan

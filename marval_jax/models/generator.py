@@ -24,6 +24,11 @@ def t_init_for_alpha_bar(target: float) -> int:
     return int(np.argmin(np.abs(_TRAIN_CHAIN.alphas_cumprod - target)))
 
 
+# The one default head timestep of the one-step generator (configs, GSIM and RL settings, sampling read it from here):
+# abar(t_init) ~ 0.14, sigma ~ 2.5 in EDM units (the group's sigma_init).
+T_INIT = t_init_for_alpha_bar(0.14)
+
+
 def one_step(head_fn, noise: jax.Array, z: jax.Array, t_init: int) -> jax.Array:
     """head_fn(x, t, z) -> [eps | v]; returns the generated clean tokens x0 (N, C)."""
     abar = alpha_bar(t_init)

@@ -105,7 +105,7 @@ def onestep_settings(config, source: str = "") -> tuple[int, float]:
     """(t_init, noise_scale) of the one-step sampler: sample.t_init >= 0 / sample.noise_scale > 0 are explicit
     overrides; otherwise the values `source` records (checkpoints/params_io.recorded_generator), otherwise the
     config's generator section. An override or a config value that differs from the record is logged."""
-    from configs.marval import T_INIT
+    from marval_jax.models.generator import T_INIT
     from marval_jax.checkpoints.params_io import recorded_generator
     sc = config.sample
     gen = config.get("generator") or {}

@@ -50,7 +50,7 @@ def resolve_generator(config) -> None:
     """generator.t_init / noise_scale of the run, written into `config` (so the run's checkpoints record them):
     a value >= 0 is the user's (logged where student_ckpt records another), -1 takes the student's record
     (checkpoints/params_io.recorded_generator), else configs/marval.py's defaults."""
-    from configs.marval import T_INIT
+    from marval_jax.models.generator import T_INIT
     from marval_jax.checkpoints.params_io import recorded_generator
     rec = recorded_generator(config.student_ckpt) if config.student_ckpt else None
     for field, fallback in (("t_init", T_INIT), ("noise_scale", 1.0)):
