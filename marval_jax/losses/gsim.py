@@ -329,7 +329,7 @@ class GSIMSettings:
     guided_fake_score: bool = False
     on_policy_fraction: float = 0.0
     on_policy_num_iter: int = 4
-    t_init: int = T_INIT                        # configs/marval.py's (abar ~ 0.14; one source of truth)
+    t_init: int = T_INIT                        # models/generator.py's (abar ~ 0.14; one source of truth)
     trainable: str = "all"
     noise_scale: float = 1.0                    # the one-step input x ~ N(0, noise_scale^2 I) (generator section)
 

@@ -65,7 +65,7 @@ class RLSettings:
     prompt_template: str = "a high-quality and harmonious picture of {class}"
     regularizer: str = "none"
     reg_weight: float = 0.0
-    t_init: int = T_INIT    # configs/marval.py's (one source of truth)
+    t_init: int = T_INIT    # models/generator.py's (one source of truth)
     noise_scale: float = 1.0
     trainable: str = "all"
 

@@ -56,7 +56,7 @@ def test_distill_without_teacher_is_a_clear_error(tmp_path):
 
 
 def test_one_t_init_default():
-    """configs/marval.py's T_INIT is the one default: the loss dataclasses and both configs agree with it."""
+    """models/generator.py's T_INIT is the one default (configs/marval.py re-reads it): the loss dataclasses and both configs agree with it."""
     from marval_jax.losses.gsim import GSIMSettings
     from marval_jax.losses.rl import RLSettings
     assert GSIMSettings().t_init == RLSettings().t_init == marval_configs.T_INIT
