@@ -95,6 +95,32 @@ def _shard_bounds(n: int, num_shards: int) -> list[tuple[int, int]]:
     return list(zip(edges[:-1], edges[1:]))
 
 
+def _encode_batch(images, encode_fn: Callable[[np.ndarray], Any], batch_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(moments, moments of the mirrored images) of one batch, float32 (b, h, w, 2C). A short last batch is padded
+    with copies of its last image so every call has one compiled shape; the padding is dropped."""
+    images = np.asarray(images, np.float32)
+    b = images.shape[0]
+    if images.ndim != 4:
+        raise ValueError(f"build_latent_cache: images must be (B, H, W, C), got shape {images.shape}")
+    if b < batch_size:
+        images = np.concatenate([images, np.repeat(images[-1:], batch_size - b, axis=0)])
+    both = np.asarray(encode_fn(np.concatenate([images, images[:, :, ::-1]])), np.float32)
+    if both.shape[0] != 2 * images.shape[0] or both.ndim != 4 or both.shape[-1] % 2:
+        raise ValueError(f"build_latent_cache: encode_fn must map (B, H, W, C) to moments (B, h, w, 2C); "
+                         f"got {both.shape} for input batch {2 * images.shape[0]}")
+    return both[:b], both[images.shape[0]: images.shape[0] + b]
+
+
+def _write_metadata(meta_file: epath.Path, metadata: dict, remote: bool) -> None:
+    """Readers open the metadata first, so it appears whole: one object write (atomic on GCS) or a local rename."""
+    if remote:
+        meta_file.write_text(json.dumps(metadata, indent=2))
+    else:
+        tmp = meta_file.with_name(meta_file.name + ".tmp")
+        tmp.write_text(json.dumps(metadata, indent=2))
+        tmp.replace(meta_file)
+
+
 def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset,
                        encode_fn: Callable[[np.ndarray], Any], cache_dir: str, split: str, *,
                        batch_size: int = 128, num_shards: int | None = None, process_index: int = 0,
@@ -130,17 +156,8 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
         batches = ds[start:stop].batch(batch_size, drop_remainder=False).to_iter_dataset(
             grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads))
         for batch in batches:
-            images = np.asarray(batch["image"], np.float32)
-            b = images.shape[0]
-            if images.ndim != 4:
-                raise ValueError(f"build_latent_cache: images must be (B, H, W, C), got shape {images.shape}")
-            if b < batch_size:  # keep one compiled shape: pad with copies of the last image
-                images = np.concatenate([images, np.repeat(images[-1:], batch_size - b, axis=0)])
-            both = np.asarray(encode_fn(np.concatenate([images, images[:, :, ::-1]])), np.float32)
-            if both.shape[0] != 2 * images.shape[0] or both.ndim != 4 or both.shape[-1] % 2:
-                raise ValueError(f"build_latent_cache: encode_fn must map (B, H, W, C) to moments (B, h, w, 2C); "
-                                 f"got {both.shape} for input batch {2 * images.shape[0]}")
-            moments, moments_flip = both[:b], both[images.shape[0]: images.shape[0] + b]
+            moments, moments_flip = _encode_batch(batch["image"], encode_fn, batch_size)
+            b = moments.shape[0]
             moments_shape = list(moments.shape[1:])
             labels = np.asarray(batch["label"]).reshape(-1)
             for i in range(b):
@@ -169,13 +186,7 @@ def build_latent_cache(image_source: Sequence[dict[str, Any]] | grain.MapDataset
         "layout": "NHWC; last axis = mean || logvar (raw, unclamped); moments_flip = encode(image[:, ::-1])",
     }
     if process_index == 0:
-        meta_file = epath.Path(metadata_path(cache_dir, split))
-        if remote:  # one object write is atomic
-            meta_file.write_text(json.dumps(metadata, indent=2))
-        else:
-            tmp = meta_file.with_name(meta_file.name + ".tmp")
-            tmp.write_text(json.dumps(metadata, indent=2))
-            tmp.replace(meta_file)
+        _write_metadata(epath.Path(metadata_path(cache_dir, split)), metadata, remote)
     if barrier is not None:
         barrier("latent_cache_metadata_written")
     return metadata
