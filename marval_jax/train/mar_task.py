@@ -16,7 +16,7 @@ from flax import nnx
 
 from marval_jax.losses.mar_loss import mar_loss
 from marval_jax.models import mar as mar_lib
-from marval_jax.models.factory import (Frozen, abstract_model, decoder_fn, decoder_parts, frozen_decoder,  # noqa: F401
+from marval_jax.models.factory import (abstract_model, decoder_fn, decoder_parts, frozen_decoder,  # noqa: F401
                                        grid_labels, model_config)
 from marval_jax.models.mar import MAR, train_encoder_len
 from marval_jax.sampling import ar_sampler
