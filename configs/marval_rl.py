@@ -51,7 +51,6 @@ def rl_config(variant: str) -> mlc.ConfigDict:
     small = variant in ("tiny", "fmnist")
     return mlc.ConfigDict(dict(
         num_iter=4 if variant == "tiny" else 64,  # K AR iterations of the sampled trajectory
-        num_buckets=4,              # static encoder-length buckets of the AR loop (compiled loop bodies)
         backprop_steps=-1,          # -1: gradient through all K iterations; k: only the last k carry gradient
         remat=True,                 # jax.checkpoint per AR iteration (keep only the carried tokens)
         reward="classifier_logprob" if small else "pickscore",   # name in marval_jax.rewards.registry

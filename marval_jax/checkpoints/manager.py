@@ -157,11 +157,42 @@ def _storage_error(e: Exception) -> bool:
     return bool(re.match(r"[A-Z_]{5,}: ", str(e)))
 
 
+class OldFormatError(ConfigMismatchError):
+    """A checkpoint in a layout this version no longer resumes (a distillation state with the teacher inside)."""
+
+
+def _top_keys(tree) -> set[str] | None:
+    import dataclasses
+    if isinstance(tree, dict) or hasattr(tree, "keys"):
+        return {str(k) for k in tree.keys()}
+    if dataclasses.is_dataclass(tree):
+        return {f.name for f in dataclasses.fields(tree)}
+    return None
+
+
+def check_layout(manager, step: int, abstract_state) -> None:
+    """Refuse a distillation checkpoint that holds the frozen teacher inside its state (written before the teacher
+    became an input of the step, read from teacher_ckpt at every start): one line saying what to do."""
+    try:
+        saved = _top_keys(manager.item_metadata(step)["state"])
+    except Exception:  # noqa: BLE001  (unreadable metadata: the restore itself names the error)
+        return
+    target = _top_keys(abstract_state)
+    if saved is None or target is None or "teacher" not in saved - target or "generator" not in target:
+        return
+    raise OldFormatError(
+        f"checkpoint {manager.directory}/{step} holds the frozen teacher inside its distillation state, a layout "
+        f"this version does not resume (the teacher is now read from teacher_ckpt at every start, not saved): start "
+        f"the distillation in a new workdir; the old workdir still works as student_ckpt and for sampling "
+        f"(its generator's weights are read as before)")
+
+
 def restore(manager, step: int, abstract_state, data_iter, current_config: dict):
     """Restore (state, config) of `step` into `abstract_state`'s structure; the data iterator in place."""
     saved_cfg = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     check_config(saved_cfg, current_config, where=f"{manager.directory}/{step}")
     check_batch(saved_cfg, current_config, where=f"{manager.directory}/{step}")
+    check_layout(manager, step, abstract_state)
     args = {"state": ocp.args.StandardRestore(abstract_state)}
     if data_iter is not None:
         args["data"] = grain.checkpoint.CheckpointRestore(data_iter)

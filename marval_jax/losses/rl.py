@@ -16,7 +16,6 @@ the schedule, each a `lax.scan` over its steps (one compiled body per segment). 
                      they hold no residuals for the backward pass.
   rl.remat           jax.checkpoint around each AR iteration: only the carried tokens are kept per iteration, the
                      transformer / head activations are recomputed in the backward pass.
-  rl.num_buckets     static encoder-length buckets of the AR loop (compiled loop bodies), as the samplers.
   rl.reward_scale    multiplies the mean reward.
   rl.regularizer     none | l2 (mean squared difference between the generator's tokens and a frozen reference
                      generator's tokens on the same orders and noise) | gsim (a caller-supplied
@@ -60,7 +59,6 @@ class RLSettings:
     num_iter: int = 64
     backprop_steps: int = -1
     remat: bool = True
-    num_buckets: int = 4
     reward_scale: float = 1.0
     prompt_template: str = "a high-quality and harmonious picture of {class}"
     regularizer: str = "none"
@@ -75,7 +73,7 @@ class RLSettings:
         d = cls()
         get = lambda cfg, name: _get(cfg, name, getattr(d, name))
         st = cls(num_iter=int(get(rl_cfg, "num_iter")), backprop_steps=int(get(rl_cfg, "backprop_steps")),
-                 remat=bool(get(rl_cfg, "remat")), num_buckets=int(get(rl_cfg, "num_buckets")),
+                 remat=bool(get(rl_cfg, "remat")),
                  reward_scale=float(get(rl_cfg, "reward_scale")), prompt_template=str(get(rl_cfg, "prompt_template")),
                  regularizer=str(get(rl_cfg, "regularizer")), reg_weight=float(get(rl_cfg, "reg_weight")),
                  t_init=_or_default(int(get(generator_cfg, "t_init")), d.t_init),
@@ -99,8 +97,6 @@ class RLSettings:
         if self.backprop_steps != -1 and not 1 <= self.backprop_steps <= self.num_iter:
             raise UserError(f"rl.backprop_steps must be -1 (all) or in [1, num_iter={self.num_iter}], "
                              f"got {self.backprop_steps}")
-        if self.num_buckets < 1:
-            raise UserError(f"rl.num_buckets must be >= 1, got {self.num_buckets}")
 
     @property
     def grad_start(self) -> int:
@@ -141,12 +137,12 @@ def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec:
     with the rl.backprop_steps truncation and rl.remat; labels < 0 are the null class. `orders[:, :n]` are the
     positions still masked when n tokens remain (the last iterations write the first positions of `orders`). `spec`:
     the loop's SamplerSpec (`sampler_from_config(config, "rl")`: K = rl.num_iter, buckets = sample.num_buckets, no
-    CFG); None takes rl.num_iter and rl.num_buckets. Not jitted: it is traced inside the caller's jitted loss / step.
+    CFG); None takes rl.num_iter and SamplerSpec's default buckets. Not jitted: it is traced inside the caller's jitted loss / step.
     """
     st = RLSettings.from_config(rl_cfg, generator_cfg)
     st.validate(model_cfg.seq_len)
     if spec is None:
-        spec = SamplerSpec(num_iter=st.num_iter, num_buckets=st.num_buckets)
+        spec = SamplerSpec(num_iter=st.num_iter)
     if spec.cfg != 1.0:
         raise ValueError(f"the RL sampler has no CFG (the guidance is distilled into the generator), got cfg {spec.cfg}")
     plan = make_plan(spec, seq_len=model_cfg.seq_len, buffer_size=model_cfg.buffer_size,
@@ -165,20 +161,21 @@ def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec:
 
 
 def make_rl_loss(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, decode_fn: DecodeFn, reward_fn: RewardFn,
-                 reg_fn: RegFn | None = None) -> LossFn:
+                 reg_fn: RegFn | None = None, spec: SamplerSpec | None = None) -> LossFn:
     """Returns `loss_fn(graphdef, gen_params, ref_params, labels (B,), rng) -> (loss, metrics)`.
 
     `gen_params`: the generator's nnx state (`nnx.split(model)[1]`); `ref_params`: the frozen reference
     generator's state, read only when rl.regularizer == "l2" (pass None otherwise). `decode_fn(tokens) -> images`
     (NHWC, frozen), `reward_fn(images, labels) -> (B,)` (frozen, parameters closed over, e.g. `Reward.bind`),
     `reg_fn(graphdef, gen_params, labels, rng) -> scalar` for rl.regularizer == "gsim" (weighted here by
-    rl.reg_weight). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches
+    rl.reg_weight). `spec`: the trajectory's SamplerSpec, `sampler_from_config(config, "rl")` (passed to
+    `make_rl_sampler`). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches
     (`settings.prompt_template` for the reward's prompt preparation, see `format_prompts`).
     """
     st = RLSettings.from_config(rl_cfg, generator_cfg)
     if st.regularizer == "gsim" and reg_fn is None:
         raise ValueError("rl.regularizer='gsim' needs reg_fn(graphdef, gen_params, labels, rng) -> scalar")
-    sample = make_rl_sampler(rl_cfg, generator_cfg, model_cfg)
+    sample = make_rl_sampler(rl_cfg, generator_cfg, model_cfg, spec=spec)
 
     def loss_fn(graphdef, gen_params, ref_params, labels, rng):
         r_sample, r_reg = jax.random.split(rng)

@@ -210,7 +210,8 @@ def generate_samples(config, workdir: str):
     from marval_jax.sampling import ar_sampler
     from marval_jax.sampling.from_config import sampler_from_config
     from marval_jax.sampling.sample_run import labels_for, make_predictor, onestep_settings
-    from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+    from marval_jax.checkpoints.decoders import decoder_fn
+    from marval_jax.models.factory import abstract_model, model_config
     sc = config.sample
     # t_init / noise_scale as the variant's checkpoint records them (sample.* overrides), as `--mode=sample`
     onestep = list(onestep_settings(config, workdir)) if sc.sampler == "onestep" else None

@@ -20,7 +20,7 @@ from marval_jax.user_errors import run_cli
 def export(config, source: str, out: str, fmt: str = "npz", dtype: str | None = None, use_ema: bool = True) -> str:
     from marval_jax.checkpoints.load import load_model_params
     from marval_jax.checkpoints.params_io import save_params
-    from marval_jax.train.mar_task import abstract_model, model_config
+    from marval_jax.models.factory import abstract_model, model_config
     _, abstract = abstract_model(model_config(config))
     params = load_model_params(source, abstract, config.model.to_dict(), use_ema=use_ema)
     return save_params(out, params, config.model.to_dict(), fmt=fmt, dtype=dtype or None,

@@ -55,18 +55,33 @@ class Task:
     logical_axes: list                              # LOGICAL_AXES of the model (regex -> logical axes)
     sample_images: Callable[[Any, jax.Array], jax.Array] | None = None  # (state, rng) -> NHWC [-1, 1]
     uses_data: bool = True
-    post_init: Callable[[Any], Any] | None = None   # host-side hook after a fresh init (e.g. load a teacher)
+    # host-side hook after a fresh init, (state, *frozen) -> state: initial weights of the trained roles (a
+    # student, a teacher copy); reads files, called only when no checkpoint is resumed
+    post_init: Callable[..., Any] | None = None
     loss_key: str = "loss"
-    # Frozen weights the step reads but never changes (RL: the reward model, prompt embeddings, the tokenizer's
-    # decoder). With `frozen` set, train_step and sample_images take it as their last argument: it is put on the
-    # devices once (replicated) and passed through the jit boundary, not closed over, which would bake it into the
-    # compiled programs as constants (a CLIP-H reward: ~1B parameters). Not checkpointed: rebuilt from the config.
+    # Frozen inputs the step reads but never changes (distillation: the teacher; RL: the reward model, prompt
+    # embeddings, GSIM's teacher and fake score; every task: the tokenizer's decoder for grids). A task module's
+    # `build_step(config)` is pure (reads no file) and leaves this to its `load_frozen(config)`. With `frozen` set,
+    # train_step, sample_images and post_init take it as their last argument: it is put on the devices once
+    # (replicated) and passed through the jit boundary, not closed over, which would bake it into the compiled
+    # programs as constants (a CLIP-H reward: ~1B parameters). Never checkpointed: loaded again from the config.
     frozen: Any = None
+    # Top-level keys of `frozen` (a dict) holding MAR parameters (a distillation teacher, RL's GSIM teacher and fake
+    # score): sharded like the trained state (`logical_axes`, FSDP); every other frozen input is replicated.
+    frozen_sharded: tuple = ()
 
 
 def state_shardings(abstract_state, task: Task, mesh, rules):
     specs = shd.param_specs(abstract_state, task.logical_axes, mesh, rules)
     return shd.named(mesh, specs)
+
+
+def frozen_shardings(frozen: dict, sharded_keys, logical_axes, mesh, rules) -> dict:
+    """Shardings of a task's frozen inputs: the `sharded_keys` entries by the model's logical axes, the rest
+    replicated."""
+    repl = shd.replicated(mesh)
+    return {k: (shd.named(mesh, shd.param_specs(v, logical_axes, mesh, rules)) if k in sharded_keys
+                else jax.tree_util.tree_map(lambda _: repl, v)) for k, v in frozen.items()}
 
 
 def config_json(config) -> dict:
@@ -166,7 +181,7 @@ def _data_iterator(config, global_batch: int, seed: int):
     return pipeline.make_train_iterator(dcfg, global_batch, seed)
 
 
-def _init_or_resume(task: Task, config, workdir, manager, abstract, shardings, data_iter, rng):
+def _init_or_resume(task: Task, config, workdir, manager, abstract, shardings, data_iter, rng, extra=()):
     """(state, start step): the newest intact checkpoint (or train.restore_step), else a fresh init."""
     target = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, shardings)
@@ -177,8 +192,9 @@ def _init_or_resume(task: Task, config, workdir, manager, abstract, shardings, d
         return state, int(step)
     state = jax.jit(task.init_state, out_shardings=shardings)(rng)
     if task.post_init is not None:
-        # roles initialised from one checkpoint share buffers: copy, since the step donates each leaf
-        state = jax.device_put(jax.tree_util.tree_map(jnp.copy, task.post_init(state)), shardings)
+        # roles initialised from one checkpoint (or from a frozen input) share buffers: copy, since the step
+        # donates each leaf
+        state = jax.device_put(jax.tree_util.tree_map(jnp.copy, task.post_init(state, *extra)), shardings)
     logging.info("%s: fresh start in %s", task.name, workdir)
     return state, 0
 
@@ -214,13 +230,13 @@ def _train_locked(config, workdir: str, task: Task, lock) -> Any:
                                 async_save=tc.async_checkpoints)
     data_iter = _data_iterator(config, tc.global_batch_size, tc.seed) if task.uses_data else None
     cfg_json = config_json(config)
-    state, start = _init_or_resume(task, config, workdir, manager, abstract, shardings, data_iter, rng)
-    _drop_metrics_after(workdir, start)
-
     extra, extra_shd = (), ()
     if task.frozen is not None:
-        extra_shd = (replicated,)
-        extra = (jax.device_put(task.frozen, replicated),)
+        extra_shd = (frozen_shardings(task.frozen, task.frozen_sharded, task.logical_axes, mesh, rules),)
+        extra = (jax.device_put(task.frozen, extra_shd[0]),)
+    state, start = _init_or_resume(task, config, workdir, manager, abstract, shardings, data_iter, rng, extra)
+    _drop_metrics_after(workdir, start)
+
     guard_shd = jax.tree_util.tree_map(lambda _: replicated, init_guard(0))
     step_fn = jax.jit(guarded(task.train_step, task.loss_key),
                       in_shardings=(shardings, guard_shd, batch_shd) + extra_shd,

@@ -1,5 +1,13 @@
-"""MAR pretraining as a Task for the shared loop: state init, the jitted train step, sample grids."""
+"""MAR pretraining as a Task for the shared loop: state init, the jitted train step, sample grids.
+
+`build_step(config)` is the pure part (reads no file: constructible abstractly, tools/scale_check);
+`load_frozen(config)` the loaded part (the tokenizer decoder's weights for grids); `make_mar_task` both.
+The model factory (`model_config`, `abstract_model`, `decoder_parts`, `decoder_fn`, `grid_labels`) lives in
+marval_jax/models/factory.py; the names below are re-exported for modules that still import them from here.
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +16,9 @@ from flax import nnx
 
 from marval_jax.losses.mar_loss import mar_loss
 from marval_jax.models import mar as mar_lib
-from marval_jax.models.mar import MAR, MARConfig, train_encoder_len
+from marval_jax.checkpoints.decoders import decoder_fn, decoder_parts, frozen_decoder  # noqa: F401
+from marval_jax.models.factory import abstract_model, grid_labels, model_config  # noqa: F401
+from marval_jax.models.mar import MAR, train_encoder_len
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.from_config import sampler_from_config
 from marval_jax.train.loop import Task
@@ -16,47 +26,28 @@ from marval_jax.train.optimizer import ema_update, mar_optimizer
 from marval_jax.train.state import TrainState
 
 
-def model_config(config) -> MARConfig:
-    return MARConfig(**config.model.to_dict())
+def load_frozen(config) -> dict:
+    """The run's frozen inputs, read from files: {"decoder": the tokenizer decoder (grids)}."""
+    return {"decoder": frozen_decoder(config, model_config(config))}
 
 
-def abstract_model(cfg: MARConfig):
-    """(graphdef, abstract params) without allocating."""
-    return nnx.split(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(0))))
-
-
-def decoder_parts(config, cfg: MARConfig):
-    """(decode(params, tokens (B, S, C)) -> images NHWC in [-1, 1], params): the tokenizer's decoder as a pure function
-    of its weights (None for pixel patches; the KL-16 VAE's for latents), so a jitted step can take them as an
-    argument."""
-    tok = config.tokenizer
-    if tok.kind == "pixel_patch":
-        from marval_jax.data.tokenizers import PixelPatchTokenizer
-        size = cfg.grid * tok.patch_size
-        patches = PixelPatchTokenizer(tok.patch_size, tok.channels, size, size)
-        return (lambda params, tokens: patches.decode(tokens)), None
-    if tok.kind == "vae":
-        from marval_jax.checkpoints.convert_vae import vae_decoder_parts
-        return vae_decoder_parts(tok, cfg)
-    raise ValueError(f"tokenizer.kind must be 'pixel_patch' or 'vae', got {tok.kind!r}")
-
-
-def decoder_fn(config, cfg: MARConfig):
-    """tokens (B, S, C) -> images NHWC in [-1, 1] for grids (the decoder's weights closed over)."""
-    decode, params = decoder_parts(config, cfg)
-    return lambda tokens: decode(params, tokens)
-
-
-def grid_labels(n: int, class_num: int) -> jax.Array:
-    return jnp.arange(n) % class_num
+def abstract_frozen(config) -> dict:
+    """`load_frozen(config)`'s structure and shapes, no file read."""
+    return {"decoder": frozen_decoder(config, model_config(config), abstract=True)}
 
 
 def make_mar_task(config) -> Task:
+    """`build_step(config)` with its frozen inputs loaded."""
+    return dataclasses.replace(build_step(config), frozen=load_frozen(config))
+
+
+def build_step(config) -> Task:
+    """The pure part of MAR pretraining: state init, train step and grid sampler as functions of the config only
+    (the Task's `frozen` is left to the caller: `load_frozen` or `abstract_frozen`)."""
     cfg = model_config(config)
     graphdef, abstract_params = abstract_model(cfg)
     tx = mar_optimizer(config.train, abstract_params)
     enc_len = train_encoder_len(cfg, config.diffusion.mask_ratio_min)
-    decode = decoder_fn(config, cfg)
     tc = config.train
 
     def init_state(rng):
@@ -64,14 +55,14 @@ def make_mar_task(config) -> Task:
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                           ema_params=params, rng=jax.random.fold_in(rng, 1))
 
-    def post_init(state):
+    def post_init(state, fz=None):  # loads train.init_from's weights, if set (a fresh start only)
         if not config.init_from:
             return state
         from marval_jax.checkpoints.params_io import load_params
         params = load_params(config.init_from, state.params, config.model.to_dict())
         return state.replace(params=params, ema_params=params, opt_state=tx.init(params))
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, fz=None):  # fz: the frozen inputs (unused by the step)
         key = jax.random.fold_in(state.rng, state.step)
 
         def loss_fn(params):
@@ -91,11 +82,11 @@ def make_mar_task(config) -> Task:
     predictor = ar_sampler.teacher_predictor(config.sample.num_sampling_steps, config.sample.temperature,
                                              config.sample.clip_denoised)
 
-    def sample_images(state, rng):
+    def sample_images(state, rng, fz):
         n = tc.grid_size ** 2
         fn = ar_sampler.make_sampler(graphdef, spec, predictor, seq_len=cfg.seq_len, buffer_size=cfg.buffer_size,
                                      token_dim=cfg.token_dim)
-        return decode(fn(state.ema_params, grid_labels(n, cfg.class_num), rng))
+        return fz["decoder"](fn(state.ema_params, grid_labels(n, cfg.class_num), rng))
 
     return Task(name="mar", init_state=init_state, train_step=train_step, logical_axes=mar_lib.LOGICAL_AXES,
                 sample_images=sample_images, post_init=post_init)

@@ -1,16 +1,18 @@
 """MARVAL-RL as a Task: reward backpropagation through K AR iterations of the one-step generator.
 
-Labels are drawn uniformly per step from the step key. The reward's weights, the prompt embeddings and the
-tokenizer decoder's weights are the task's `frozen` pytree: arguments of the jitted step, not constants baked
-into it.
+Labels are drawn uniformly per step from the step key. `build_step(config)` is the pure part (reads no file);
+`load_frozen(config)` loads the task's `frozen` pytree: the reward (a `models.factory.Frozen`: weights and apply
+function), the prompt embeddings and the tokenizer decoder, arguments of the jitted step, not constants baked into
+it. `make_rl_task` first resolves the generator's t_init / noise_scale from the student's record, then both.
 
 rl.regularizer = "gsim": the regulariser is GSIM's generator loss (`make_gsim_losses(config.rl.gsim, ...)`) on
 real-data contexts, against the frozen teacher (`teacher_ckpt`) and a frozen fake score (`fake_ckpt`, "" = the
-teacher); both go into `frozen["gsim"]`. Only then does the task read data (uses_data): the batch's tokens and
+teacher); both go into `frozen["gsim"]` (`load_frozen`). Only then does the task read data (uses_data): the batch's tokens and
 labels are the contexts; the RL labels are still drawn per step.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import jax
@@ -22,10 +24,12 @@ from marval_jax.checkpoints.load import load_model_params
 from marval_jax.losses.gsim import make_gsim_losses, onestep_predictor, trainable_mask
 from marval_jax.losses.rl import format_prompts, make_rl_loss
 from marval_jax.models import mar as mar_lib
+from marval_jax.checkpoints.decoders import frozen_decoder
+from marval_jax.models.factory import Frozen, abstract_model, grid_labels, model_config
 from marval_jax.sampling import ar_sampler
+from marval_jax.sampling.from_config import sampler_from_config
 from marval_jax.train.distill_task import role_optimizer
 from marval_jax.train.loop import Task
-from marval_jax.train.mar_task import abstract_model, decoder_parts, grid_labels, model_config
 from marval_jax.train.optimizer import ema_update
 from marval_jax.train.state import RLState
 from marval_jax.user_errors import UserError
@@ -64,43 +68,62 @@ def resolve_generator(config) -> None:
         config.generator[field] = type(config.generator[field])(value)
 
 
-def make_rl_task(config) -> Task:
+def load_frozen(config) -> dict:
+    """The frozen inputs, read from files: {"reward": Frozen(reward weights, reward.fn), "prompts": the class
+    prompts' embeddings (text rewards) or None, "decoder": the tokenizer decoder, and with rl.regularizer="gsim"
+    "gsim": {"teacher", "fake"} params}."""
     from marval_jax.rewards.registry import make_reward
-    resolve_generator(config)
     cfg = model_config(config)
-    graphdef, abstract_params = abstract_model(cfg)
-    decode_with, decoder_params = decoder_parts(config, cfg)
     reward = make_reward(config.rl.reward, config.rl.reward_config.to_dict())
     prompt_emb = None
     if reward.prepare_fn is not None:  # text rewards: prompt embeddings computed once per run
         prompts = format_prompts(config.rl.prompt_template, class_names(config))
         prompt_emb = reward.prepare(reward.params, prompts)
-    frozen = {"reward": reward.params, "prompts": prompt_emb, "decoder": decoder_params}
-    use_gsim = config.rl.regularizer == "gsim"
-    gsim = None
-    if use_gsim:
-        gsim = make_gsim_losses(config.rl.gsim, config.generator, cfg)
+    frozen = {"reward": Frozen(reward.params, reward.fn), "prompts": prompt_emb,
+              "decoder": frozen_decoder(config, cfg)}
+    if config.rl.regularizer == "gsim":
         if not config.teacher_ckpt:
             raise UserError("rl.regularizer='gsim' needs teacher_ckpt: the MAR teacher's checkpoint directory "
                             "(set --config.teacher_ckpt=DIR)")
+        abstract_params = abstract_model(cfg)[1]
         teacher = load_model_params(config.teacher_ckpt, abstract_params, config.model.to_dict())
         fake = (load_model_params(config.fake_ckpt, abstract_params, config.model.to_dict())
                 if config.fake_ckpt else teacher)
         frozen["gsim"] = {"teacher": teacher, "fake": fake}
+    return frozen
+
+
+def make_rl_task(config) -> Task:
+    """The generator's settings resolved from the student's record, then `build_step(config)` with its frozen
+    inputs loaded."""
+    resolve_generator(config)
+    frozen = load_frozen(config)
+    return dataclasses.replace(build_step(config), frozen=frozen)
+
+
+def build_step(config) -> Task:
+    """The pure part of RL: init, step and grid sampler as functions of the config only; the step, post_init and
+    sampler take the frozen inputs (`load_frozen`, or abstract ones of the same structure) as their last
+    argument."""
+    cfg = model_config(config)
+    graphdef, abstract_params = abstract_model(cfg)
+    use_gsim = config.rl.regularizer == "gsim"
+    gsim = make_gsim_losses(config.rl.gsim, config.generator, cfg) if use_gsim else None
+    spec = sampler_from_config(config, "rl")
 
     def loss_with(fz, batch=None):
-        """The RL loss over the frozen weights `fz` (traced arguments inside the step); `batch` holds the GSIM
+        """The RL loss over the frozen inputs `fz` (traced arguments inside the step); `batch` holds the GSIM
         regulariser's contexts."""
-        decode = lambda tokens: decode_with(fz["decoder"], tokens)  # noqa: E731
-        reward_fn = lambda images, labels=None: reward.fn(fz["reward"], images, labels, fz["prompts"])  # noqa: E731
+        decode = lambda tokens: fz["decoder"](tokens)  # noqa: E731
+        reward_fn = lambda images, labels=None: fz["reward"](images, labels, fz["prompts"])  # noqa: E731
         reg_fn = None
         if use_gsim:
             def reg_fn(gd, params, labels, rng):   # labels: the RL step's; GSIM uses the batch's own with its tokens
                 ctx = {"tokens": batch["tokens"], "labels": batch["labels"]}
                 return gsim.generator_loss(gd, params, fz["gsim"]["fake"], fz["gsim"]["teacher"], ctx, rng)[0]
-        return make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn, reg_fn=reg_fn)
+        return make_rl_loss(config.rl, config.generator, cfg, decode, reward_fn, reg_fn=reg_fn, spec=spec)
 
-    loss_with(frozen)  # config errors now, not at the first step's trace
+    settings = loss_with(None).settings  # config errors now, not at the first step's trace
     tx = role_optimizer(config.generator, config.train,
                         trainable_mask(abstract_params, config.generator.trainable)
                         if config.generator.trainable != "all" else None)
@@ -111,7 +134,7 @@ def make_rl_task(config) -> Task:
         return RLState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), ema_params=params,
                        ref_params=params, rng=jax.random.fold_in(rng, 1))
 
-    def post_init(state):
+    def post_init(state, fz):  # the student's weights (student_ckpt; ref_ckpt's for the reference), a fresh start
         student = load_model_params(config.student_ckpt, state.params, config.model.to_dict())
         ref = load_model_params(config.ref_ckpt, state.params, config.model.to_dict()) if config.ref_ckpt else student
         return state.replace(params=student, opt_state=tx.init(student), ema_params=student, ref_params=ref)
@@ -131,13 +154,12 @@ def make_rl_task(config) -> Task:
         metrics = dict(aux, loss=loss, grad_norm=optax.global_norm(grads))
         return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema), metrics
 
-    spec = ar_sampler.SamplerSpec(num_iter=config.rl.num_iter, num_buckets=config.rl.num_buckets)
-
     def sample_images(state, rng, fz):
-        predictor = onestep_predictor(int(config.generator.t_init), float(config.generator.noise_scale))
+        predictor = onestep_predictor(settings.t_init, settings.noise_scale)
         fn = ar_sampler.make_sampler(graphdef, spec, predictor,
                                      seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
-        return decode_with(fz["decoder"], fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
+        return fz["decoder"](fn(state.ema_params, grid_labels(tc.grid_size ** 2, cfg.class_num), rng))
 
     return Task(name="rl", init_state=init_state, train_step=train_step, logical_axes=mar_lib.LOGICAL_AXES,
-                sample_images=sample_images, post_init=post_init, uses_data=use_gsim, frozen=frozen)
+                sample_images=sample_images, post_init=post_init, uses_data=use_gsim,
+                frozen_sharded=("gsim",))

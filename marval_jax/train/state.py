@@ -26,9 +26,9 @@ class RoleState:
 
 @flax.struct.dataclass
 class DistillState:
-    """Role-keyed GSIM state: frozen teacher (no optimizer state), generator and fake score."""
+    """Role-keyed GSIM state: the generator and the fake score. The frozen teacher is not state: it is an input of
+    the step (train/distill_task.py `load_frozen`) and no checkpoint holds it."""
     step: jax.Array
-    teacher: Any
     generator: RoleState
     fake: RoleState
     rng: jax.Array

@@ -109,3 +109,21 @@ def test_config_mismatch_is_a_user_error_not_corruption(tmp_path):
     with pytest.raises(ckpt.ConfigMismatchError, match="encoder_embed_dim"):
         ckpt.restore_run(m, _target(), None, other)
     assert m.all_steps() == [1, 2]  # nothing set aside
+
+
+def test_distill_checkpoint_with_the_teacher_inside_is_refused(tmp_path):
+    """The old distillation layout (the frozen teacher saved in the state) is refused with one line naming the step
+    and what to do; the same state without the teacher restores."""
+    role = {"params": _state(1), "ema_params": _state(1)}
+    new_state = {"step": np.int32(1), "generator": role, "fake": role}
+    workdir = str(tmp_path / "run")
+    m = ckpt.make_manager(workdir, save_interval=1, keep=10, async_save=False)
+    assert ckpt.save(m, 1, dict(new_state, teacher=_state(0)), None, _config(), force=True)
+    target = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(np.shape(a), np.asarray(a).dtype), new_state)
+    with pytest.raises(ckpt.OldFormatError) as e:
+        ckpt.restore_run(m, target, None, _config())
+    msg = one_line(e.value)
+    assert f"{m.directory}/1 holds the frozen teacher" in msg and "new workdir" in msg and msg == str(e.value)
+    assert ckpt.save(m, 2, new_state, None, _config(), force=True)
+    state, step = ckpt.restore_run(m, target, None, _config(), restore_step=2)
+    assert step == 2 and set(state) == {"step", "generator", "fake"}

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from configs import marval as marval_configs
-from marval_jax.train.distill_task import make_distill_task
+from marval_jax.train.distill_task import build_step
 from marval_jax.train.state import RoleState
 
 GEN = dict(lr=1e-3, eps=1e-3, b2=0.5, ema_decay=0.9)
@@ -52,20 +52,22 @@ def test_distill_step_alternation_per_role_adam_and_ema():
     config.generator.update(GEN)
     config.fake_score.update(FAKE)
     config.lock()
-    task = make_distill_task(config)
+    task = build_step(config)
     state = task.init_state(jax.random.PRNGKey(0))
-    # three different roles (a fresh MAR's head outputs zeros: every role would agree and y = 0)
-    gen0, fake0 = _perturbed(state.teacher, 2), _perturbed(state.teacher, 3)
-    gen_ema0 = _perturbed(state.teacher, 4)
-    state = state.replace(teacher=_perturbed(state.teacher, 1),
-                          generator=RoleState(gen0, state.generator.opt_state, gen_ema0),
+    init = state.generator.params
+    # three different roles (a fresh MAR's head outputs zeros: every role would agree and y = 0); the teacher is
+    # the step's frozen input
+    gen0, fake0 = _perturbed(init, 2), _perturbed(init, 3)
+    gen_ema0 = _perturbed(init, 4)
+    frozen = {"teacher": _perturbed(init, 1)}
+    state = state.replace(generator=RoleState(gen0, state.generator.opt_state, gen_ema0),
                           fake=RoleState(fake0, state.fake.opt_state, fake0))
     m = config.model
     rng = np.random.default_rng(0)
     batch = {"tokens": jnp.asarray(rng.normal(size=(2, (m.img_size // m.vae_stride // m.patch_size) ** 2,
                                                     m.vae_embed_dim * m.patch_size ** 2)), jnp.float32),
              "labels": jnp.asarray([0, 1], jnp.int32)}
-    new, metrics = jax.jit(task.train_step)(state, batch)
+    new, metrics = jax.jit(task.train_step)(state, batch, frozen)
     assert int(new.step) == 1 and np.isfinite(float(metrics["loss"]))
 
     # alternation: the fake role's Adam advanced fake_steps_per_generator_step = 2 times, the generator's once

@@ -79,7 +79,7 @@ def test_recorded_t_init_and_noise_scale_reach_every_consumer(tmp_path, tiny_tea
     from marval_jax.main import run
     from marval_jax.sampling.sample_run import generate, make_predictor, onestep_settings
     from marval_jax.tools.export_params import export
-    from marval_jax.train.mar_task import abstract_model, model_config
+    from marval_jax.models.factory import abstract_model, model_config
     from marval_jax.train.rl_task import resolve_generator
 
     student = str(tmp_path / "student")
@@ -133,11 +133,12 @@ def test_fake_init_reaches_the_distill_state(tiny_teacher):
     for init in ("teacher", "fresh_head"):
         task = make_distill_task(_cfg(marval_configs, **{"teacher_ckpt": tiny_teacher, "fake_score.init": init}))
         fresh = task.init_state(jax.random.PRNGKey(0))
-        states[init] = (fresh, task.post_init(fresh))
+        states[init] = (fresh, task.post_init(fresh, task.frozen))
+    teacher = task.frozen["teacher"]   # the frozen input: not part of the state
     fresh, st = states["fresh_head"]
     n_head = n_diff = 0
     for (path, f), t, fr, g in zip(jax.tree_util.tree_flatten_with_path(st.fake.params)[0],
-                                   jax.tree.leaves(st.teacher), jax.tree.leaves(fresh.fake.params),
+                                   jax.tree.leaves(teacher), jax.tree.leaves(fresh.fake.params),
                                    jax.tree.leaves(st.generator.params)):
         head = HEAD_MODULE in jax.tree_util.keystr(path)
         n_head += head
@@ -146,5 +147,5 @@ def test_fake_init_reaches_the_distill_state(tiny_teacher):
         n_diff += head and not np.array_equal(fr, t)
     assert n_head > 0 and n_diff > 0      # the fresh head differs from the teacher's: the check has power
     _, st = states["teacher"]
-    for f, t in zip(jax.tree.leaves(st.fake.params), jax.tree.leaves(st.teacher)):
+    for f, t in zip(jax.tree.leaves(st.fake.params), jax.tree.leaves(teacher)):
         np.testing.assert_array_equal(f, t)

@@ -39,19 +39,21 @@ prediction of the executed batch's peak, since the CPU compiler holds bf16 activ
 Each compiled program is also checked for batch sharding: the report flags a step whose arrays lead with the
 global batch rather than the per-device batch (every device would compute the whole batch).
 
-Steps: `mar` (configs/mar.py, make_mar_task), `mar_fix` (recorded runs of a diffusion-row layout that is now
+Steps: `mar` (configs/mar.py, mar_task.build_step), `mar_fix` (recorded runs of a diffusion-row layout that is now
 `losses/mar_loss.diffusion_loss` itself: today the same step as `mar`), `gsim` (configs/marval.py,
-make_distill_task: frozen teacher + generator + fake score, each trained role with Adam moments and EMA), `rl`
-(configs/marval_rl.py, the real make_rl_task's train step with rl.remat on and off). The RL step's frozen reward
-(PickScore, CLIP ViT-H/14) and VAE decoder parameters enter the jitted step as replicated arguments (abstract,
-random-weight shapes of the real sizes: no converted checkpoint is needed), as the registry recommends for CLIP-H
-size rewards. Sample-grid decoders are not part of any train step and are not built.
+distill_task.build_step: generator + fake score, each trained role with Adam moments and EMA, and the frozen teacher
+as the step's input, sharded like the state), `rl` (configs/marval_rl.py, rl_task.build_step's train step with
+rl.remat on and off). Every case is the task's own pure step (`build_step(config)`, no file read, nothing patched)
+with its frozen inputs as abstract shapes (`abstract_frozen`) placed as the training loop places them. The RL
+step's frozen reward (PickScore, CLIP ViT-H/14: `abstract_clip_reward`) and VAE decoder parameters are replicated
+arguments (abstract, random-weight shapes of the real sizes: no converted checkpoint is needed), as the registry
+recommends for CLIP-H size rewards.
 Layout: `cases` (parsing, building and compiling one case), `measurement` (the fit, `--execute`, the worker
 subprocesses and the cache), `report` (docs/scale.md), `cli` (`main`); every name is re-exported here.
 """
 from marval_jax.tools.scale_check.cases import (  # noqa: F401
     _root, HBM_DEFAULT, STEPS, CONFIG_FILES, GB, VIT_H_14, parse_mesh, parse_hbm, parse_options, parse_list, case_key,
-    _state_breakdown, _leading_dims, _tree_bytes_per_device, _patched, _no_grid_decoder, load_config, Built,
+    _state_breakdown, _leading_dims, _tree_bytes_per_device, load_config, Built, abstract_clip_reward,
     build_case, _build_rl, _nbytes, run_case,)
 from marval_jax.tools.scale_check.measurement import (  # noqa: F401
     _outside_steps, _commit, _memory_analysis, _memory_stats, find_prediction, _write_json, execute_case,

@@ -2,7 +2,6 @@
 model, step) abstractly and compiling it on a forced-CPU mesh (`run_case`)."""
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import os
@@ -141,26 +140,6 @@ def _tree_bytes_per_device(tree, sharding) -> float:
                      for x in jax.tree_util.tree_leaves(tree)))
 
 
-@contextlib.contextmanager
-def _patched(obj, name, value):
-    old = getattr(obj, name)
-    setattr(obj, name, value)
-    try:
-        yield
-    finally:
-        setattr(obj, name, old)
-
-
-def _no_grid_decoder():
-    """The tasks build a VAE decoder for sample grids (it loads tokenizer.vae_ckpt); no train step uses it."""
-    from marval_jax.train import distill_task, mar_task
-    stub = lambda config, cfg: (lambda tokens: tokens)  # noqa: E731
-    stack = contextlib.ExitStack()
-    for mod in (mar_task, distill_task):
-        stack.enter_context(_patched(mod, "decoder_fn", stub))
-    return stack
-
-
 def load_config(step: str, model: str, mesh: dict | None, remat: bool | None, rl_num_iter: int):
     import importlib
     mod = importlib.import_module(CONFIG_FILES[step][:-3].replace("/", "."))
@@ -183,79 +162,94 @@ class Built:
     train_step: Any              # (state, batch, *extra) -> (state, metrics)
     logical_axes: list
     batch_fn: Any                # global batch size -> pytree of ShapeDtypeStruct (no sharding)
-    extra: tuple = ()            # abstract frozen arguments (replicated), RL only
+    extra: tuple = ()            # the task's frozen inputs, abstract (one dict: the step's last argument)
     extra_bytes: dict = dataclasses.field(default_factory=dict)
+    frozen_sharded: tuple = ()   # keys of the frozen dict sharded like the state (Task.frozen_sharded)
+
+    def extra_shardings(self, mesh, rules) -> tuple:
+        """The frozen inputs' shardings, as the training loop places them (train/loop.py frozen_shardings)."""
+        from marval_jax.train.loop import frozen_shardings
+        return tuple(frozen_shardings(e, self.frozen_sharded, self.logical_axes, mesh, rules) for e in self.extra)
 
 
 def build_case(step: str, config) -> Built:
+    """The task's own pure step (`build_step(config)`, no file read) and its frozen inputs as abstract shapes."""
     import jax
     import jax.numpy as jnp
 
-    from marval_jax.train.mar_task import model_config
+    from marval_jax.models.factory import model_config
     cfg = model_config(config)
     tokens_batch = lambda b: {"tokens": jax.ShapeDtypeStruct((b, cfg.seq_len, cfg.token_dim), jnp.float32),  # noqa
                               "labels": jax.ShapeDtypeStruct((b,), jnp.int32)}
     if step in ("mar", "mar_fix"):
-        from marval_jax.train.mar_task import make_mar_task
-        with _no_grid_decoder():
-            task = make_mar_task(config)
+        from marval_jax.train import mar_task as module
         # `mar_fix` measured a per-copy diffusion-row layout side by side with the tiled one; that layout is now
         # losses/mar_loss.diffusion_loss itself, so both steps compile the library's loss (kept for the records)
-        return Built(task.init_state, task.train_step, task.logical_axes, tokens_batch)
-    if step == "gsim":
-        from marval_jax.train.distill_task import make_distill_task
-        with _no_grid_decoder():
-            task = make_distill_task(config)
-        return Built(task.init_state, task.train_step, task.logical_axes, tokens_batch)
-    if step != "rl":
+    elif step == "gsim":
+        from marval_jax.train import distill_task as module
+    elif step == "rl":
+        return _build_rl(config, cfg)
+    else:
         raise UserError(f"unknown step {step!r}; choose one of {STEPS}")
-    return _build_rl(config, cfg)
+    task, frozen = module.build_step(config), module.abstract_frozen(config)
+    return Built(task.init_state, task.train_step, task.logical_axes, tokens_batch, (frozen,),
+                 {k: _nbytes(v) for k, v in frozen.items()}, task.frozen_sharded)
 
 
-def _build_rl(config, cfg) -> Built:
-    """make_rl_task's own train step; its frozen weights (reward, class prompts' text embeddings, VAE decoder: the
-    task's `frozen`) are the step's extra argument, as in the training loop. CLIP-H and the VAE are built abstract
-    (shapes only, nothing allocated, no text tower run)."""
+def abstract_clip_reward(config, cfg):
+    """PickScore / CLIPScore's reward at the real CLIP-H size (VIT_H_14), as a `Frozen` of abstract weights (shapes
+    only, nothing allocated), and its prompt embeddings' shape (one per class)."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
-    from marval_jax.models.vae import AutoencoderKL
-    from marval_jax.models.vae_tokenizer import vae_decode_fn
+    from marval_jax.models.factory import Frozen
     from marval_jax.models import clip as clip_lib
-    from marval_jax.rewards import registry
+    from marval_jax.rewards import clip as clip_reward
+
+    cc = clip_lib.CLIPConfig.from_hf_dict(dict(VIT_H_14))
+    dtype = jnp.dtype(config.rl.reward_config.get("dtype", None) or "float32")
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: clip_lib.CLIP(cc, rngs=nnx.Rngs(0), dtype=dtype)))
+    name = config.rl.reward
+
+    def fn(p, images, labels, prompt_embeddings):   # rewards/registry.py's pickscore / clip_score
+        from marval_jax.rewards.registry import select_prompt_embeddings
+        txt = select_prompt_embeddings(prompt_embeddings, labels, images.shape[0], name)
+        model = nnx.merge(graphdef, p)
+        img = model.encode_image(clip_lib.preprocess(images, cc.vision.image_size, mean=cc.image_mean,
+                                                     std=cc.image_std))
+        if name == "pickscore":
+            return clip_reward.pickscore(img, txt, model.logit_scale[...])
+        return clip_reward.clip_score(img, txt)
+
+    emb = jax.ShapeDtypeStruct((cfg.class_num, VIT_H_14["projection_dim"]), jnp.float32)
+    return Frozen(params, fn), emb
+
+
+def _build_rl(config, cfg) -> Built:
+    """rl_task.build_step's own train step; its frozen inputs (reward, class prompts' text embeddings, VAE decoder)
+    are the step's extra argument, as in the training loop, built abstract: CLIP-H and the VAE as shapes, nothing
+    allocated, no text tower run. The tiny/fmnist classifier reward is small: loaded as the run loads it."""
+    import jax
+    import jax.numpy as jnp
+
+    from marval_jax.checkpoints.decoders import frozen_decoder
     from marval_jax.train import rl_task
 
     tok = config.tokenizer
     reward_name = config.rl.reward
-    patches = contextlib.ExitStack()
     if reward_name in ("pickscore", "clip_score") and tok.kind == "vae":
-        def abstract_clip(cc, seed=0):  # stands in for clip.random_params: shapes only, nothing allocated
-            return nnx.split(nnx.eval_shape(lambda: clip_lib.CLIP(cc, rngs=nnx.Rngs(0))))[1]
-        real_make_reward = registry.make_reward
-        emb = jax.ShapeDtypeStruct((cfg.class_num, VIT_H_14["projection_dim"]), jnp.float32)
-
-        def make_reward(name, _cfg=None):  # CLIP-H (PickScore's size), prompt embeddings as shapes
-            r = real_make_reward(name, {"clip_config": VIT_H_14, "seed": 0, "dtype": config.rl.reward_config.dtype})
-            return dataclasses.replace(r, prepare_fn=lambda params, prompts: emb)
-
-        def decoder_parts(_config, cfg_):
-            vae = nnx.eval_shape(lambda: AutoencoderKL(ch=tok.vae_ch, ch_mult=tuple(tok.vae_ch_mult),
-                                                       embed_dim=cfg_.vae_embed_dim, rngs=nnx.Rngs(0)))
-            graphdef, state = nnx.split(vae)
-            return vae_decode_fn(graphdef, float(tok.scale), cfg_), state
-
-        patches.enter_context(_patched(clip_lib, "random_params", abstract_clip))
-        patches.enter_context(_patched(registry, "make_reward", make_reward))
-        patches.enter_context(_patched(rl_task, "decoder_parts", decoder_parts))
-        patches.enter_context(_patched(rl_task, "class_names", lambda c: [str(i) for i in range(cfg.class_num)]))
-    elif tok.kind != "pixel_patch":
+        reward, emb = abstract_clip_reward(config, cfg)
+        frozen = {"reward": reward, "prompts": emb, "decoder": frozen_decoder(config, cfg, abstract=True)}
+    elif tok.kind == "pixel_patch":
+        frozen = rl_task.load_frozen(config)
+    else:
         raise ValueError(f"scale check: RL with reward {reward_name!r} and tokenizer {tok.kind!r} is not modelled")
-    with patches:
-        task = rl_task.make_rl_task(config)
+    task = rl_task.build_step(config)
     labels_batch = lambda b: {"labels": jax.ShapeDtypeStruct((b,), jnp.int32)}  # noqa: E731
-    extra_bytes = {k: _nbytes(v) for k, v in task.frozen.items()}
-    return Built(task.init_state, task.train_step, task.logical_axes, labels_batch, (task.frozen,), extra_bytes)
+    extra_bytes = {k: _nbytes(v) for k, v in frozen.items()}
+    return Built(task.init_state, task.train_step, task.logical_axes, labels_batch, (frozen,), extra_bytes,
+                 task.frozen_sharded)
 
 
 def _nbytes(tree) -> float:
@@ -282,7 +276,6 @@ def run_case(devices: int, model: str, step: str, mesh_spec: dict | None, remat:
     state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       abstract, shardings)
     batch_shd = shd.batch_sharding(mesh, rules)
-    repl = shd.replicated(mesh)
     shards = mesh.shape["data"] * mesh.shape["fsdp"]  # batch rule: ("data", "fsdp")
     breakdown = _state_breakdown(abstract, shardings)
 
@@ -298,10 +291,11 @@ def run_case(devices: int, model: str, step: str, mesh_spec: dict | None, remat:
         except ValueError as e:
             cfg_mesh_state = {"error": str(e)}
 
-    jitted = jax.jit(built.train_step, in_shardings=(shardings, batch_shd) + (repl,) * len(built.extra),
+    extra_shd = built.extra_shardings(mesh, rules)
+    jitted = jax.jit(built.train_step, in_shardings=(shardings, batch_shd) + extra_shd,
                      out_shardings=(shardings, None), donate_argnums=0)
-    extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
-                     for e in built.extra)
+    extra_in = tuple(jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), e, es)
+                     for e, es in zip(built.extra, extra_shd))
     probes = []
     for b in batches:
         batch = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),

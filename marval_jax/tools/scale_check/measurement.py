@@ -191,6 +191,7 @@ def _execute_setup(step: str, model: str, mesh_spec: dict | None, remat: bool | 
     shards = mesh.shape["data"] * mesh.shape["fsdp"]
     return SimpleNamespace(config=config, built=built, mesh=mesh, abstract=abstract, shardings=shardings,
                            batch_shd=batch_shd, repl=shd.replicated(mesh), shards=shards,
+                           extra_shd=built.extra_shardings(mesh, rules),
                            batch_abstract=built.batch_fn(batch * shards))
 
 
@@ -227,13 +228,13 @@ def _step_compiler(env: SimpleNamespace, rec: dict) -> Callable[[int], tuple[Any
     and compiled with rec["compile_options"]; (compiled, seconds). An option this XLA rejects is dropped (the error
     noted in rec, its options emptied) and the step compiled with the defaults, then and at every later batch."""
     import jax
-    built, batch_shd, repl = env.built, env.batch_shd, env.repl
-    jitted = jax.jit(built.train_step, in_shardings=(env.shardings, batch_shd) + (repl,) * len(built.extra),
+    built, batch_shd = env.built, env.batch_shd
+    jitted = jax.jit(built.train_step, in_shardings=(env.shardings, batch_shd) + env.extra_shd,
                      out_shardings=(env.shardings, None), donate_argnums=0)
     state_in = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                       env.abstract, env.shardings)
-    extra_in = tuple(jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl), e)
-                     for e in built.extra)
+    extra_in = tuple(jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), e, es)
+                     for e, es in zip(built.extra, env.extra_shd))
 
     def compile_at(b: int):
         batch_in = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=batch_shd),
@@ -276,8 +277,8 @@ def _random_inputs(rec: dict, env: SimpleNamespace, seed: int) -> tuple:
     t0 = time.time()
     state = random_init.random_like(env.abstract, seed, random_init.train_state_rule, env.shardings)
     batch_arr = random_init.random_like(env.batch_abstract, seed + 1, random_init.data_rule, env.batch_shd)
-    extra = tuple(random_init.random_like(e, seed + 2 + i, _frozen_input_rule, env.repl)
-                  for i, e in enumerate(env.built.extra))
+    extra = tuple(random_init.random_like(e, seed + 2 + i, _frozen_input_rule, es)
+                  for i, (e, es) in enumerate(zip(env.built.extra, env.extra_shd)))
     jax.block_until_ready((state, batch_arr, extra))
     rec["init_s"] = round(time.time() - t0, 1)
     rec["init"] = "random_init.random_like (host draws + device zeros, per leaf; no compiled initialiser)"
