@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 
 from marval_jax.benchmarks import random_init, suite
+from marval_jax.models.mar import MAR
 
 COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
 
@@ -43,11 +44,11 @@ def test_mar_b_random_state_compiles_no_initialiser():
     scale = np.asarray(next(x for n, x in names.items() if n.endswith("norm1/scale")))
     assert scale.mean() == pytest.approx(1.0, abs=0.01) and scale.std() == pytest.approx(0.02, rel=0.3)
     model = nnx.merge(graphdef, state)  # the state fits the graph
-    assert isinstance(model, suite.MAR)
+    assert isinstance(model, MAR)
 
 
 def test_train_state_rule_zero_optimizer_and_random_params():
-    """The scale check's GSIM train state (tiny): optimizer state zeros (optax's init), parameters / EMA / teacher
+    """The scale check's GSIM train state (tiny): optimizer state zeros (optax's init), parameters / EMA
     random, one small program per distinct zero shape at most; deterministic in the seed; onto given shardings."""
     from marval_jax.tools import scale_check as sc
     config = sc.load_config("gsim", "tiny", {"data": 1, "fsdp": 1, "tensor": 1}, None, 64)
