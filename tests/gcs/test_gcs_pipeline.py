@@ -1,6 +1,8 @@
-"""train -> distill -> sample with the workdirs, the teacher checkpoint and a latent cache all on gs://bucket/... of
-a local GCS emulator (tests/gcs/conftest.py): orbax checkpoints (tensorstore), metrics.jsonl, TensorBoard events,
-grids and the latent cache go through the emulator, and no local folder named `gs:` appears."""
+"""train -> distill -> sample with the workdirs, the teacher checkpoint, the sample outputs and a latent cache all on
+gs://bucket/... of a local GCS emulator (tests/gcs/conftest.py): orbax checkpoints (tensorstore), metrics.jsonl,
+TensorBoard events, grids, `--mode sample`'s grid / npz / json and the latent cache go through the emulator, and no
+local folder named `gs:` appears."""
+import io
 import json
 import os
 
@@ -53,10 +55,14 @@ def test_train_distill_sample_on_gcs(gcs_emulator, tmp_path, monkeypatch):
     png = epath.Path(student) / "samples" / "step_00000002.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the student is sampled from its gs:// workdir; outputs to a local folder (sampling/ writes with os)
-    out = str(tmp_path / "samples_out")
+    # the student is sampled from its gs:// workdir into a gs:// output folder (grid, npz, json: one object each)
+    out = f"{ROOT}/samples_out"
     report = run("sample", _cfg(marval_configs, **{"sample.num_images": 4, "sample.batch_size": 4}), student, out)
     assert report["sampler"] == "onestep" and report["num_images"] == 4
+    assert sorted(p.name for p in epath.Path(out).iterdir()) == ["onestep_K4.json", "onestep_K4.npz", "onestep_K4.png"]
+    assert json.loads((epath.Path(out) / "onestep_K4.json").read_text())["num_images"] == 4
+    with np.load(io.BytesIO((epath.Path(out) / "onestep_K4.npz").read_bytes())) as npz:
+        assert npz["images"].shape[0] == 4 and npz["images"].dtype == np.uint8
     _no_local_gs_folder(tmp_path, os.getcwd())
 
 
