@@ -171,7 +171,10 @@ def pod(tmp_path_factory, eval_inputs, reference_started):
             ["rl", "configs/marval_rl.py:tiny", workdir / "rl",
              TINY + steps + [f"--config.student_ckpt={workdir / 'distill'}"]]]
     run = launch("train", "configs/mar.py:tiny", workdir, RUN, on_line=on_line, then=then, tmp=eval_inputs["tmp"],
-                 env={"MARVAL_WATCH_WRITES": str(workdir)}, log=workdir.parent / "two_processes.log")
+                 env={"MARVAL_WATCH_WRITES": str(workdir),
+                      # the resume compiles the preempted run's programs again: read them from JAX's cache
+                      "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache_two_processes")},
+                 log=workdir.parent / "two_processes.log")
     assert sent, f"signal at step {SIGNAL_AT}: " + run.text()[-4000:]
     return workdir, run
 
