@@ -7,6 +7,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from etils import epath
 
 from configs import mar as mar_configs, marval as marval_configs
@@ -112,4 +113,28 @@ def test_params_export_on_gcs(gcs_emulator, tmp_path, monkeypatch):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    _no_local_gs_folder(tmp_path)
+
+
+def test_evaluation_files_on_gcs(gcs_emulator, tmp_path, monkeypatch):
+    """FID statistics written to and read from gs://, and the config checks of --mode evaluate (sample.fid_ref,
+    sample.inception) on gs:// paths: a present file passes, a missing one is a UserError naming its field."""
+    from marval_jax import config_checks
+    from marval_jax.evaluation import fid
+    from marval_jax.evaluation.files import write_npz
+    from marval_jax.user_errors import UserError
+    monkeypatch.chdir(tmp_path)
+    mu, sigma = np.linspace(0, 1, 2048), np.diag(np.linspace(0.5, 1.5, 2048))
+    stats = fid.save_statistics(f"{ROOT}/eval/ref.npz", mu, sigma)
+    got_mu, got_sigma = fid.load_statistics(stats)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, sigma)
+    weights = write_npz(f"{ROOT}/eval/inception.npz", **{"conv.weight": np.zeros((1,), np.float32)})
+    cfg = _cfg(mar_configs, **{"sample.fid_ref": stats, "sample.inception": str(weights)})
+    config_checks.check_fid_ref(cfg)
+    config_checks.check_inception(cfg)
+    for field, value in (("sample.fid_ref", f"{ROOT}/eval/missing.npz"), ("sample.inception", f"{ROOT}/nope.npz")):
+        with pytest.raises(UserError, match=field.replace(".", r"\.")):
+            config_checks.check_evaluation_files(_cfg(mar_configs, **{"sample.fid_ref": stats, "sample.inception":
+                                                                       str(weights), field: value}))
     _no_local_gs_folder(tmp_path)
