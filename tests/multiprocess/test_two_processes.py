@@ -145,6 +145,8 @@ def reference_started(tmp_path_factory, eval_inputs):
 
 @pytest.fixture(scope="module")
 def reference(reference_started):
+    """The finished reference launch (tests name `pod` before it, so the pod runs while the reference does, whichever
+    tests are selected)."""
     run = reference_started["job"].get()
     assert run.returncode == 0, run.text()[-4000:]
     return reference_started
@@ -218,7 +220,7 @@ def test_sigterm_to_one_process_stops_both_at_the_same_saved_step(pod):
         assert any(f"resumed from step {k0}" in line for line in _stage(run, p, 1)), run.text()[-4000:]
 
 
-def test_resume_on_two_processes_gives_the_one_process_loss_curve(reference, pod):
+def test_resume_on_two_processes_gives_the_one_process_loss_curve(pod, reference):
     workdir, run = pod
     assert _done(run, 0, 1) and _done(run, 1, 1), run.text()[-4000:]
     ref, got = losses(reference["workdir"]), losses(workdir)
@@ -243,7 +245,7 @@ def test_only_process_zero_writes_files(pod):
         assert str(pathlib.Path(workdir, name)) in wrote[0], (name, wrote[0][-20:])
 
 
-def test_grid_on_two_processes_is_the_one_process_grid(reference, pod):
+def test_grid_on_two_processes_is_the_one_process_grid(pod, reference):
     """Every process enters the jitted sampler (the state is sharded over both): with process 0 alone the step-10
     grid hangs the resumed run (killed by the hang guard)."""
     workdir, run = pod
@@ -255,7 +257,7 @@ def test_grid_on_two_processes_is_the_one_process_grid(reference, pod):
     assert (a != b).mean() <= 255 * RTOL
 
 
-def test_evaluate_on_two_processes_gives_the_one_process_fid_and_grid(reference, pod):
+def test_evaluate_on_two_processes_gives_the_one_process_fid_and_grid(pod, reference):
     """--mode evaluate of one params checkpoint (written by 1 process x 8 devices) split over 2 processes x 4
     devices (each samples 2 of every 16 images, Inception and classifier where the images are, features gathered)
     gives the 1 x 8 numbers; process 0 alone writes and prints the report."""
