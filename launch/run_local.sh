@@ -7,7 +7,7 @@
 #   bash launch/run_local.sh --dry-run --platform=gpu --mode=rl --config=configs/marval_rl.py:base --workdir=/tmp/rl
 #
 # Options (--opt=value or --opt value):
-#   --mode         train | distill | rl | sample (required)
+#   --mode         train | distill | rl | sample | evaluate | demo (required; every mode of marval_jax.main)
 #   --config       configs/FILE.py:VARIANT (required)
 #   --workdir      local directory or gs:// path (required); rerunning resumes from its latest checkpoint
 #   --platform     cpu (default) | gpu (JAX_PLATFORMS=cuda, XLA_PYTHON_CLIENT_MEM_FRACTION=--mem_fraction)
@@ -55,7 +55,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 need_value --mode "$MODE"; need_value --config "$CONFIG"; need_value --workdir "$WORKDIR"
-case $MODE in train|distill|rl|sample) ;; *) die "--mode must be train, distill, rl or sample, got $MODE" ;; esac
+case $MODE in train|distill|rl|sample|evaluate|demo) ;;
+  *) die "--mode must be train, distill, rl, sample, evaluate or demo, got $MODE" ;; esac
 [ -f "$ROOT/${CONFIG%%:*}" ] || die "config file ${CONFIG%%:*} not found under $ROOT"
 [[ $PROCESSES =~ ^[1-9][0-9]*$ ]] || die "--processes must be an integer >= 1, got $PROCESSES"
 [ -z "$DEVICES_PER_PROCESS" ] || [[ $DEVICES_PER_PROCESS =~ ^[1-9][0-9]*$ ]] \

@@ -72,9 +72,15 @@ def _choice(config, dotted: str, allowed: tuple[str, ...]) -> None:
         raise UserError(f"{dotted}={value!r} is not allowed: choose one of {', '.join(allowed)}")
 
 
-def _exists(path: str) -> bool:
+def _path(path: str):
+    """`path` (local, `~` expanded, or gs://...) as an etils.epath.Path."""
     from etils import epath  # pylint: disable=import-outside-toplevel
-    return epath.Path(os.path.expanduser(path)).exists()
+    path = os.fspath(path)
+    return epath.Path(path if "://" in path else os.path.expanduser(path))
+
+
+def _exists(path: str) -> bool:
+    return _path(path).exists()
 
 
 def _resumable(workdir: str) -> bool:
@@ -201,9 +207,10 @@ def check_sample(config) -> None:
 
 
 def _zip_names(field: str, path: str) -> list[str]:
-    """Array names of an .npz (a zip of NAME.npy) without loading any array."""
+    """Array names of an .npz (a zip of NAME.npy) without loading any array (local or gs://: zipfile reads only the
+    archive's directory at its end, through epath's seekable file)."""
     try:
-        with zipfile.ZipFile(os.path.expanduser(path)) as z:
+        with _path(path).open("rb") as f, zipfile.ZipFile(f) as z:
             return [n[:-4] if n.endswith(".npy") else n for n in z.namelist()]
     except (zipfile.BadZipFile, OSError) as e:
         raise UserError(f"{field}={path!r} is not a readable .npz ({e})") from None
@@ -216,7 +223,7 @@ def check_fid_ref(config, raw_dir: str | None = None) -> None:
         raise UserError("sample.fid_ref is empty: --mode evaluate needs a statistics .npz (mu, sigma) or "
                         "raw:NAME/SPLIT (e.g. raw:fashion_mnist/test)")
     if spec.endswith(".npz"):
-        if not os.path.isfile(os.path.expanduser(spec)):
+        if not _path(spec).is_file():
             raise UserError(f"sample.fid_ref={spec!r} not found; make one with `python -m marval_jax.tools.fid stats "
                             f"--images X --out {spec}` or use raw:NAME/SPLIT")
         names = _zip_names("sample.fid_ref", spec)
@@ -234,7 +241,7 @@ def check_fid_ref(config, raw_dir: str | None = None) -> None:
     if split not in raw_datasets.SPLITS[name]:
         raise UserError(f"sample.fid_ref={spec!r}: {name} has splits {', '.join(raw_datasets.SPLITS[name])}")
     for path in raw_datasets.raw_files(name, split, raw_dir):
-        if not os.path.isfile(path):
+        if not _path(path).is_file():
             raise UserError(f"sample.fid_ref={spec!r} needs the raw file {path}, not found (data.raw_dir="
                             f"{raw_dir or ''!r})")
 
@@ -242,9 +249,9 @@ def check_fid_ref(config, raw_dir: str | None = None) -> None:
 def check_inception(config) -> None:
     from marval_jax.evaluation.inception import CONVERT_COMMAND, DEFAULT_NPZ  # pylint: disable=import-outside-toplevel
     given = _field(config, "sample.inception", "")
-    path = os.path.expanduser(given or DEFAULT_NPZ)
+    path = os.fspath(_path(given or DEFAULT_NPZ))
     where = f"sample.inception={given!r}" if given else f"sample.inception is empty, default {path}"
-    if not os.path.isfile(path):
+    if not _path(path).is_file():
         raise UserError(f"FID Inception weights not found ({where}): convert them once with "
                         f"`{CONVERT_COMMAND} --out {path}` or set sample.inception")
     names = _zip_names("sample.inception", path)
@@ -258,11 +265,11 @@ def check_classifier(config) -> None:
     if not path:
         return
     from marval_jax.evaluation.classifier_train import META_FILE, PARAMS_FILE  # pylint: disable=import-outside-toplevel
-    if not os.path.isdir(os.path.expanduser(path)):
+    if not _path(path).is_dir():
         raise UserError(f"sample.classifier={path!r} is not a directory (train one with "
                         f"python -m marval_jax.tools.train_classifier, or leave it empty for the default)")
     for f in (META_FILE, PARAMS_FILE):
-        if not os.path.isfile(os.path.join(os.path.expanduser(path), f)):
+        if not (_path(path) / f).is_file():
             raise UserError(f"sample.classifier={path!r} lacks {f} (expected {META_FILE} and {PARAMS_FILE})")
 
 
@@ -274,6 +281,8 @@ def check_evaluation_files(config) -> None:
 
 
 def check_demo(config) -> None:
+    if _field(config, "mesh") is not None:
+        check_mesh_fields(config)
     _int(config, "per_class", 1, "the images per class")
     _int(config, "num_iter", 1, "the AR iterations K")
     assets = _field(config, "assets", "")

@@ -3,6 +3,10 @@
 The three models are params directories under marval_jax/assets/ (model.json + float16 params.npz, 4.3 MB each),
 exported from the Fashion-MNIST reproduction (docs/results.md). Each sampler is compiled ahead of time and then
 run once, timed, so the printed seconds per image exclude compilation.
+
+On several processes (a pod, `launch/run_local.sh --processes=N --mode=demo`) every process runs the demo with the
+same config: `mesh` (configs/demo.py) forms the process group and lays the samplers over all processes' devices;
+process 0 writes the grids and demo.json. The workdir may be gs:// (files through etils.epath).
 """
 from __future__ import annotations
 
@@ -31,7 +35,10 @@ def run_demo(config, workdir: str) -> dict:
     from marval_jax.sampling.sample_run import GlobalBatches, is_writer, make_predictor
     from marval_jax.train.mar_task import decoder_fn
     from marval_jax.tools.results import load_role
-    os.makedirs(workdir, exist_ok=True)
+    from etils import epath  # pylint: disable=import-outside-toplevel
+    out = epath.Path(workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir)))
+    if is_writer():
+        out.mkdir(parents=True, exist_ok=True)
     assets = config.assets or ASSETS
     if config.full:
         from marval_jax.tools import reproduce  # pylint: disable=import-outside-toplevel
@@ -61,7 +68,7 @@ def run_demo(config, workdir: str) -> dict:
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         rng = jax.random.PRNGKey(config.seed)
         # every process, the global mesh: params replicated, the batch split over the batch axes (padded to them)
-        layout = GlobalBatches(run_cfg.mesh)
+        layout = GlobalBatches(config.mesh if "mesh" in config else run_cfg.mesh)
         n = labels.shape[0]
         lab = layout.put(layout.pad(np.asarray(labels)))
         params = layout.replicate(params)
@@ -76,7 +83,7 @@ def run_demo(config, workdir: str) -> dict:
         images = jax.block_until_ready(compiled(params, lab, rng))
         per_image = (time.time() - t0) / n
         images = layout.gather(images)[:n]
-        path = os.path.join(workdir, f"{role}_grid.png")
+        path = str(out / f"{role}_grid.png")
         if is_writer():
             save_grid(path, images, ncol=10)
         what = (f"teacher, {config.teacher_steps} head steps, CFG {teacher_cfg:g}" if role == "teacher"
@@ -91,6 +98,5 @@ def run_demo(config, workdir: str) -> dict:
         print(f"one-step student is {report['speedup_student_vs_teacher']:.1f}x faster per image than the teacher "
               f"here (K = {config.num_iter})", flush=True)
     if is_writer():
-        with open(os.path.join(workdir, "demo.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        (out / "demo.json").write_text(json.dumps(report, indent=1))
     return report

@@ -9,13 +9,12 @@ parameters are read (orbax partial restore): a checkpoint written under another 
 from __future__ import annotations
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import nnx
 
 from marval_jax.checkpoints import manager as ckpt
-from marval_jax.checkpoints.params_io import load_params
+from marval_jax.checkpoints.params_io import current_sharding, load_params
 from marval_jax.user_errors import UserError
 
 # Where each run kind keeps the weights to sample with: state key path of the trained role's EMA.
@@ -30,14 +29,6 @@ def _unwrap(node):
             return node["value"]
         return {k: _unwrap(v) for k, v in node.items()}
     return node
-
-
-def _sharding_of(x) -> jax.sharding.Sharding:
-    s = getattr(x, "sharding", None)
-    if isinstance(s, jax.sharding.Sharding):
-        return s
-    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 def _child(node: dict, key: str):
@@ -68,7 +59,7 @@ def _restore_target(meta, want, where: str):
     shape = tuple(getattr(meta, "shape", ()) or ())
     if shape != tuple(want.shape):
         raise UserError(f"{where}: shape {shape} in the checkpoint, the model wants {tuple(want.shape)}")
-    return jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=_sharding_of(want))
+    return jax.ShapeDtypeStruct(want.shape, want.dtype, sharding=current_sharding(want))
 
 
 def _subtree(tree, keys):

@@ -208,8 +208,8 @@ def restore(manager, step: int, abstract_state, data_iter, current_config: dict)
 
 
 def read_config(ckpt_dir: str) -> dict:
-    with open(os.path.join(ckpt_dir, "config", "metadata")) as f:
-        return json.load(f)
+    """The config a checkpoint step directory records (local or gs://, through epath)."""
+    return json.loads((epath.Path(ckpt_dir) / "config" / "metadata").read_text())
 
 
 # Errors of an unreadable step (orbax/tensorstore raise ValueError, a missing file OSError); a UserError (another

@@ -102,12 +102,24 @@ def load_params(directory: str, abstract_params: nnx.State, model_config: dict) 
                 raise UserError(f"{npz}: {k} has shape {flat[k].shape}, the model wants {tuple(v.shape)}")
         return unflatten_into_state(abstract_params,
                                     {k: jax.numpy.asarray(flat[k], dtype=v.dtype) for k, v in want.items()})
-    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), nnx.to_pure_dict(abstract_params))
+    # each leaf restored into its current sharding (replicated over all devices where it has none), never the
+    # saved one: an export written by 1 process x 8 devices loads on 2 processes x 4 and the other way round
+    target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=current_sharding(x)),
+                                    nnx.to_pure_dict(abstract_params))
     with ocp.StandardCheckpointer() as ckptr:
         pure = ckptr.restore(directory / "params", target)
     out = jax.tree_util.tree_map(lambda x: x, abstract_params)
     nnx.replace_by_pure_dict(out, pure)
     return out
+
+
+def current_sharding(x) -> jax.sharding.Sharding:
+    """`x`'s own sharding, or one replicating it over every device of every process (an abstract leaf without one)."""
+    s = getattr(x, "sharding", None)
+    if isinstance(s, jax.sharding.Sharding):
+        return s
+    mesh = jax.sharding.Mesh(np.asarray(jax.devices()), ("all",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
 GENERATOR_RECORD = ("t_init", "noise_scale")   # the one-step generator's fields a checkpoint records

@@ -201,16 +201,14 @@ def train_classifier(cfg: TrainConfig, *, train_data: tuple[np.ndarray, np.ndarr
 
 
 def save_classifier(out_dir: str, params: Any, meta: dict[str, Any]) -> None:
-    """Writes `params.npz` and `classifier.json` into `out_dir` (created if needed)."""
-    os.makedirs(out_dir, exist_ok=True)
+    """Writes `params.npz` and `classifier.json` into `out_dir` (created if needed; local or gs://, through epath:
+    each file encoded in memory and written once)."""
+    from marval_jax.evaluation.files import as_path, write_npz  # pylint: disable=import-outside-toplevel
+    out = as_path(out_dir)
     flat = {k: np.asarray(v, np.float32) for k, v in flatten_params(params).items()}
-    tmp = os.path.join(out_dir, PARAMS_FILE + ".tmp.npz")
-    np.savez(tmp, **flat)
-    os.replace(tmp, os.path.join(out_dir, PARAMS_FILE))
+    write_npz(out / PARAMS_FILE, **flat)
     meta = dict(meta, format_version=FORMAT_VERSION)
-    with open(os.path.join(out_dir, META_FILE), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
+    (out / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def load_classifier(path: str, dataset: str | None = None, copy: str | None = None
@@ -220,21 +218,21 @@ def load_classifier(path: str, dataset: str | None = None, copy: str | None = No
     Raises FileNotFoundError when the directory or a file is missing, ValueError when `dataset` / `copy` are
     given and differ from the checkpoint's, or when the parameters do not match the recorded model config.
     """
-    if not os.path.isdir(path):
+    from marval_jax.evaluation.files import as_path, local_file  # pylint: disable=import-outside-toplevel
+    if not as_path(path).is_dir():
         raise FileNotFoundError(f"classifier directory {path} not found (train one with "
                                 f"`python -m marval_jax.tools.train_classifier --dataset ... --copy ... --out {path}`)")
-    meta_path, params_path = os.path.join(path, META_FILE), os.path.join(path, PARAMS_FILE)
+    meta_path, params_path = as_path(path) / META_FILE, as_path(path) / PARAMS_FILE
     for p in (meta_path, params_path):
-        if not os.path.exists(p):
+        if not p.exists():
             raise FileNotFoundError(f"classifier file {p} not found; expected {META_FILE} and {PARAMS_FILE} in {path}")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    meta = json.loads(meta_path.read_text())
     if dataset is not None and meta.get("dataset") != dataset:
         raise ValueError(f"classifier in {path} was trained on dataset {meta.get('dataset')!r}, "
                          f"expected {dataset!r}")
     if copy is not None and meta.get("copy") != copy:
         raise ValueError(f"classifier in {path} is the {meta.get('copy')!r} copy, expected {copy!r}")
-    with open_npz(params_path, what="classifier weights") as z:
+    with local_file(params_path) as local, open_npz(local, what="classifier weights") as z:
         flat = {k: z[k] for k in z.files}
     config = ClassifierConfig.from_dict(meta["model"]) if "model" in meta else None
     try:

@@ -14,18 +14,20 @@ batch, the Inception and the classifier run on the devices that hold the images,
 are gathered (`multihost_utils.process_allgather`), so a 50k-sample FID is split across all devices. Process 0
 writes the grid, the JSON, the sample statistics `<tag>_stats.npz` and the cached reference statistics.
 With N <= 2048 samples the FID's trace term is computed exactly from an N x N matrix (`fid.frechet_distance_few`).
+Files go through etils.epath: `--out` (default <workdir>/eval), `sample.fid_ref` and the Inception weights may be
+gs:// paths.
 """
 from __future__ import annotations
 
 import functools
 import json
-import os
 
 import jax
 import numpy as np
 
 from marval_jax import config_checks
 from marval_jax.evaluation import fid as fid_lib
+from marval_jax.evaluation.files import as_path, write_npz
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
@@ -63,8 +65,8 @@ def reference_stats(spec: str, inception, cache_dir: str, layout=None, **raw_kw)
     existence is process 0's answer, broadcast (the computation is a collective every process must enter)."""
     if spec.endswith(".npz"):
         return fid_lib.load_statistics(spec)
-    path = os.path.join(cache_dir, "fid_ref_" + spec.replace(":", "_").replace("/", "_") + ".npz")
-    if _agreed(os.path.exists(path)):
+    path = as_path(cache_dir) / ("fid_ref_" + spec.replace(":", "_").replace("/", "_") + ".npz")
+    if _agreed(path.exists()):
         return fid_lib.load_statistics(path)
     feats = inception_features(inception, real_images(spec, **raw_kw), layout=layout)
     mu, sigma = fid_lib.statistics_from_features(feats)
@@ -124,9 +126,9 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
             grid.append(layout.gather(uint8_images(images))[:n])
     feats = np.concatenate(feats)
     mu, sigma = fid_lib.statistics_from_features(feats)
-    out = out or os.path.join(workdir, "eval")
+    out = as_path(out or as_path(workdir) / "eval")
     if is_writer():
-        os.makedirs(out, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
     ref_mu, ref_sigma = reference_stats(sc.fid_ref, inception, out, layout=layout, **raw_kw)
     fid = (fid_lib.frechet_distance_few(feats, ref_mu, ref_sigma) if len(feats) <= feats.shape[1]
            else fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma))
@@ -140,9 +142,8 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
         report["classifier"] = {k: cls_meta.get(k) for k in ("dataset", "copy", "seed", "test_accuracy")}
     if is_writer():
         tag = sample_tag(config)
-        save_grid(os.path.join(out, f"{tag}.png"), np.concatenate(grid)[:100].astype(np.float32) / 127.5 - 1.0)
-        np.savez(os.path.join(out, f"{tag}_stats.npz"), mu=mu, sigma=sigma)
-        with open(os.path.join(out, f"{tag}.json"), "w") as f:
-            json.dump(report, f, indent=1, default=float)
+        save_grid(out / f"{tag}.png", np.concatenate(grid)[:100].astype(np.float32) / 127.5 - 1.0)
+        write_npz(out / f"{tag}_stats.npz", mu=mu, sigma=sigma)
+        (out / f"{tag}.json").write_text(json.dumps(report, indent=1, default=float))
         print(json.dumps({k: v for k, v in report.items() if k != "settings"}, default=float), flush=True)
     return report

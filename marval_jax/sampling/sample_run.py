@@ -4,20 +4,22 @@ npz of uint8 images and a JSON with the settings and seconds per image.
 Every process of a multi-process run (a pod's hosts) runs this with the same config: the sampler is jitted over the
 global mesh (`mesh.*`) with the parameters replicated and the batch split over the mesh's batch axes
 (`GlobalBatches`); each device samples its share of every batch, the results are gathered to every process
-(`multihost_utils.process_allgather`), and process 0 alone writes files (`is_writer`).
+(`multihost_utils.process_allgather`), and process 0 alone writes files (`is_writer`). Outputs go through
+etils.epath: `--out` (or the workdir) may be gs://.
 """
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
 from marval_jax.checkpoints.load import load_model_params
+from marval_jax.evaluation.files import write_npz
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
@@ -219,13 +221,12 @@ def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> 
     report = {"source": source, "sampler": sc.sampler, "num_iter": sc.num_iter, "cfg": sc.cfg,
               "num_images": int(len(images)), **timing}
     if is_writer():
-        out = out or os.path.join(workdir, "samples_final")
-        os.makedirs(out, exist_ok=True)
+        out = epath.Path(out or epath.Path(workdir) / "samples_final")
+        out.mkdir(parents=True, exist_ok=True)
         tag = sample_tag(config)
-        save_grid(os.path.join(out, f"{tag}.png"), _as_float(images[: min(len(images), 100)]))
-        np.savez_compressed(os.path.join(out, f"{tag}.npz"), images=images, labels=labels)
-        with open(os.path.join(out, f"{tag}.json"), "w") as f:
-            json.dump(report, f, indent=1)
+        save_grid(out / f"{tag}.png", _as_float(images[: min(len(images), 100)]))
+        write_npz(out / f"{tag}.npz", compressed=True, images=images, labels=labels)
+        (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report), flush=True)
     return report
 

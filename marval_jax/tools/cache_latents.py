@@ -9,6 +9,10 @@ Multi-host: run the same command on every worker. The process group is joined fi
 --num_processes=N --process_id=i`); process i encodes shards i, i + N, ... and a barrier after the shards and
 another after the metadata keep any process from reading a cache another is still writing. --cache_dir and
 --data_dir may be gs:// paths.
+The process-group flags are also accepted under main's names, `--config.mesh.distributed_init`,
+`--config.mesh.coordinator_address`, `--config.mesh.num_processes`, `--config.mesh.process_id`,
+`--config.mesh.distributed_timeout_s` (aliases of the flags above), so the arguments a launcher passes to every
+process of `marval_jax.main` (launch/run_local.sh --processes=N, launch/tpu_vm.sh) start this tool the same way.
 A .ckpt is read with torch.load(weights_only=True), so no code from the file runs; --trust_pickle unpickles it fully
 (only for files from a source you trust). A bad input prints one `error:` line and exits 2 (--verbose: traceback).
 """
@@ -23,25 +27,39 @@ from marval_jax.user_errors import run_cli
 FLAGS = flags.FLAGS
 
 
-def define_flags() -> None:
+MESH_FLAGS = ("distributed_init", "coordinator_address", "num_processes", "process_id", "distributed_timeout_s")
+
+
+def define_flags(fv: flags.FlagValues = FLAGS) -> flags.FlagValues:
     """Defined on demand: importing this module from tests or other tools must not register flags."""
-    flags.DEFINE_string("vae_ckpt", None, "VAE weights (.ckpt needs torch; .safetensors / .npz do not).")
-    flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.")
-    flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).")
-    flags.DEFINE_string("data_dir", None, "tfds data dir.")
-    flags.DEFINE_string("cache_dir", None, "Output directory.")
-    flags.DEFINE_integer("image_size", 256, "Center-crop size.")
-    flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).")
+    _define(fv)
+    for name in MESH_FLAGS:  # main's names of the process-group fields (what launchers pass)
+        flags.DEFINE_alias(f"config.mesh.{name}", name, flag_values=fv)
+    return fv
+
+
+def _define(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("vae_ckpt", None, "VAE weights (.ckpt needs torch; .safetensors / .npz do not).",
+                        flag_values=fv)
+    flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.", flag_values=fv)
+    flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).", flag_values=fv)
+    flags.DEFINE_string("data_dir", None, "tfds data dir.", flag_values=fv)
+    flags.DEFINE_string("cache_dir", None, "Output directory.", flag_values=fv)
+    flags.DEFINE_integer("image_size", 256, "Center-crop size.", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).", flag_values=fv)
     flags.DEFINE_bool("trust_pickle", False, "Unpickle a --vae_ckpt .ckpt fully instead of with weights_only=True. "
                       "A pickle can execute any code it names when it is loaded: only for files from a source you "
-                      "trust.")
+                      "trust.", flag_values=fv)
     flags.DEFINE_bool("distributed_init", False, "jax.distributed.initialize with JAX's own detection (TPU VMs, "
-                      "SLURM, ...).")
-    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (with --num_processes, --process_id).")
-    flags.DEFINE_integer("num_processes", -1, "Number of processes (with --coordinator_address).")
-    flags.DEFINE_integer("process_id", -1, "This process's id, 0..N-1 (with --coordinator_address).")
-    flags.DEFINE_integer("distributed_timeout_s", 300, "How long initialisation waits for every process.")
-    flags.DEFINE_bool("verbose", False, "Print the traceback of a user error (bad path, file or data set).")
+                      "SLURM, ...).", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (with --num_processes, --process_id).",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", -1, "Number of processes (with --coordinator_address).", flag_values=fv)
+    flags.DEFINE_integer("process_id", -1, "This process's id, 0..N-1 (with --coordinator_address).", flag_values=fv)
+    flags.DEFINE_integer("distributed_timeout_s", 300, "How long initialisation waits for every process.",
+                        flag_values=fv)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of a user error (bad path, file or data set).",
+                        flag_values=fv)
 
 
 def main(argv):

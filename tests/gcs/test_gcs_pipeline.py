@@ -1,10 +1,13 @@
-"""train -> distill -> sample with the workdirs, the teacher checkpoint and a latent cache all on gs://bucket/... of
-a local GCS emulator (tests/gcs/conftest.py): orbax checkpoints (tensorstore), metrics.jsonl, TensorBoard events,
-grids and the latent cache go through the emulator, and no local folder named `gs:` appears."""
+"""train -> distill -> sample with the workdirs, the teacher checkpoint, the sample outputs and a latent cache all on
+gs://bucket/... of a local GCS emulator (tests/gcs/conftest.py): orbax checkpoints (tensorstore), metrics.jsonl,
+TensorBoard events, grids, `--mode sample`'s grid / npz / json and the latent cache go through the emulator, and no
+local folder named `gs:` appears."""
+import io
 import json
 import os
 
 import numpy as np
+import pytest
 from etils import epath
 
 from configs import mar as mar_configs, marval as marval_configs
@@ -53,10 +56,14 @@ def test_train_distill_sample_on_gcs(gcs_emulator, tmp_path, monkeypatch):
     png = epath.Path(student) / "samples" / "step_00000002.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
-    # the student is sampled from its gs:// workdir; outputs to a local folder (sampling/ writes with os)
-    out = str(tmp_path / "samples_out")
+    # the student is sampled from its gs:// workdir into a gs:// output folder (grid, npz, json: one object each)
+    out = f"{ROOT}/samples_out"
     report = run("sample", _cfg(marval_configs, **{"sample.num_images": 4, "sample.batch_size": 4}), student, out)
     assert report["sampler"] == "onestep" and report["num_images"] == 4
+    assert sorted(p.name for p in epath.Path(out).iterdir()) == ["onestep_K4.json", "onestep_K4.npz", "onestep_K4.png"]
+    assert json.loads((epath.Path(out) / "onestep_K4.json").read_text())["num_images"] == 4
+    with np.load(io.BytesIO((epath.Path(out) / "onestep_K4.npz").read_bytes())) as npz:
+        assert npz["images"].shape[0] == 4 and npz["images"].dtype == np.uint8
     _no_local_gs_folder(tmp_path, os.getcwd())
 
 
@@ -106,4 +113,28 @@ def test_params_export_on_gcs(gcs_emulator, tmp_path, monkeypatch):
         assert len(got) == len(want)
         for g, w in zip(got, want):
             np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+    _no_local_gs_folder(tmp_path)
+
+
+def test_evaluation_files_on_gcs(gcs_emulator, tmp_path, monkeypatch):
+    """FID statistics written to and read from gs://, and the config checks of --mode evaluate (sample.fid_ref,
+    sample.inception) on gs:// paths: a present file passes, a missing one is a UserError naming its field."""
+    from marval_jax import config_checks
+    from marval_jax.evaluation import fid
+    from marval_jax.evaluation.files import write_npz
+    from marval_jax.user_errors import UserError
+    monkeypatch.chdir(tmp_path)
+    mu, sigma = np.linspace(0, 1, 2048), np.diag(np.linspace(0.5, 1.5, 2048))
+    stats = fid.save_statistics(f"{ROOT}/eval/ref.npz", mu, sigma)
+    got_mu, got_sigma = fid.load_statistics(stats)
+    np.testing.assert_array_equal(got_mu, mu)
+    np.testing.assert_array_equal(got_sigma, sigma)
+    weights = write_npz(f"{ROOT}/eval/inception.npz", **{"conv.weight": np.zeros((1,), np.float32)})
+    cfg = _cfg(mar_configs, **{"sample.fid_ref": stats, "sample.inception": str(weights)})
+    config_checks.check_fid_ref(cfg)
+    config_checks.check_inception(cfg)
+    for field, value in (("sample.fid_ref", f"{ROOT}/eval/missing.npz"), ("sample.inception", f"{ROOT}/nope.npz")):
+        with pytest.raises(UserError, match=field.replace(".", r"\.")):
+            config_checks.check_evaluation_files(_cfg(mar_configs, **{"sample.fid_ref": stats, "sample.inception":
+                                                                       str(weights), field: value}))
     _no_local_gs_folder(tmp_path)

@@ -49,3 +49,32 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_dry_run_of_every_mode_passes_the_process_group_fields(tmp_path):
+    """evaluate and demo start on every process like train (demo's config has a `mesh` section for them); the
+    process-group arguments are names cache_latents accepts too (its aliases of --coordinator_address, ...)."""
+    import subprocess
+    from absl import flags
+    from launcher import ROOT
+    from marval_jax.tools import cache_latents
+    for mode, config in (("evaluate", "configs/mar.py:tiny"), ("demo", "configs/demo.py"),
+                         ("sample", "configs/marval.py:tiny")):
+        out = subprocess.run(["bash", str(ROOT / "launch" / "run_local.sh"), "--dry-run", "--processes=2",
+                              "--devices_per_process=4", "--port=4321", f"--mode={mode}", f"--config={config}",
+                              f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True, text=True, check=False)
+        assert out.returncode == 0, out.stderr
+        cmds = [line for line in out.stdout.splitlines() if line.startswith("+ [")]
+        assert len(cmds) == 2, out.stdout
+        for i, cmd in enumerate(cmds):
+            assert f"-m marval_jax.main --mode={mode} --config={config}" in cmd, cmd
+            group = [a for a in cmd.split() if a.startswith("--config.mesh.")]
+            assert group == ["--config.mesh.coordinator_address=localhost:4321", "--config.mesh.num_processes=2",
+                             f"--config.mesh.process_id={i}"], cmd
+            fv = cache_latents.define_flags(flags.FlagValues())
+            fv(["cache_latents", *group])
+            assert (fv.coordinator_address, fv.num_processes, fv.process_id) == ("localhost:4321", 2, i)
+    bad = subprocess.run(["bash", str(ROOT / "launch" / "run_local.sh"), "--dry-run", "--mode=export",
+                          "--config=configs/mar.py:tiny", f"--workdir={tmp_path}"], cwd=ROOT, capture_output=True,
+                         text=True, check=False)
+    assert bad.returncode != 0 and "--mode must be train, distill, rl, sample, evaluate or demo" in bad.stderr
