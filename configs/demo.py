@@ -24,7 +24,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         raise ValueError(f"configs/demo.py has no variants, got {arg!r}")
     cfg = mlc.ConfigDict()
     cfg.assets = ""             # params directories fmnist_{teacher,student,rl} ("" = the shipped marval_jax/assets)
-    cfg.full = False            # rerun the whole pipeline from data first (marval_jax.tools.reproduce)
+    cfg.full = False            # rerun the whole pipeline from data first (marval_jax.programs.reproduce)
     cfg.per_class = 4           # grid rows: images per class (10 classes)
     cfg.num_iter = 64           # AR iterations K of every sampler
     cfg.teacher_cfg = -1.0      # teacher CFG scale; -1 = the best scale of the results run (assets/sampling.json)

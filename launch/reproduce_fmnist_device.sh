@@ -24,7 +24,7 @@ if [ "$STAGE" = first ]; then
       --raw-dir=$X/fmnist
 fi
 log "train $TEACHER_S s"
-python3 -m marval_jax.tools.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
+python3 -m marval_jax.programs.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
     --set teacher:data.raw_dir=$X/fmnist --set teacher:train.num_steps=100000
 cp $W/teacher/metrics.jsonl $W/export/stages.json $OUT/ 2>/dev/null
 log "curve $CURVE_S s"

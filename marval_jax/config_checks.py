@@ -24,7 +24,7 @@ What is checked (only fields the code reads, per mode):
 * evaluate, before any image is sampled: `sample.fid_ref` (a statistics .npz holding `mu` and `sigma`, or
   "raw:NAME/SPLIT" whose raw files exist), the FID Inception weights (`sample.inception`, default
   ~/.cache/marval_jax/fid_inception.npz) and `sample.classifier` when set. `check_evaluation_files` is also called
-  by `marval_jax.evaluation.evaluate.evaluate` for library callers.
+  by `marval_jax.programs.evaluate.evaluate` for library callers.
 * demo: `per_class`, `num_iter` >= 1, `assets` exists when set.
 
 Device-dependent checks (mesh, batch split) come last and ask JAX for the device and process counts, which starts

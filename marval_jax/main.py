@@ -65,13 +65,13 @@ def run(mode: str, config, workdir: str, out: str = ""):
         from marval_jax.train.rl_task import make_rl_task
         return train(config, workdir, make_rl_task(config))
     if mode == "sample":
-        from marval_jax.sampling.sample_run import sample_from_workdir
+        from marval_jax.programs.sample import sample_from_workdir
         return sample_from_workdir(config, workdir, out)
     if mode == "evaluate":
-        from marval_jax.evaluation.evaluate import evaluate
+        from marval_jax.programs.evaluate import evaluate
         return evaluate(config, workdir, out)
     if mode == "demo":
-        from marval_jax.demo import run_demo
+        from marval_jax.programs.demo import run_demo
         return run_demo(config, workdir)
     raise UserError(f"unknown mode {mode!r}; choose one of {MODES}")
 

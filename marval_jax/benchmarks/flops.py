@@ -168,11 +168,11 @@ def cached_sampler_flops(cfg: MARConfig, *, batch: int, num_iter: int, cfg_scale
     ("approx", r, R) at step % R == 0) or an incremental step: the segment's ingest cap W of new token rows through
     every block and the P predicted rows through the decoder blocks, each query over all L = buffer + S + 1 cache
     rows; the exact policy first ingests the buffer rows. The head is counted as in `sampler_flops`."""
-    from marval_jax.sampling.ar_sampler import SamplerSpec
+    from marval_jax.sampling.from_config import sampler_spec
     from marval_jax.sampling.cached_sampler import cache_len
     from marval_jax.sampling.decode import make_plan
     # the sampler's own static plan: its pieces (one per segment, inference), ingest caps and refresh steps
-    plan = make_plan(SamplerSpec(num_iter=num_iter, cfg=cfg_scale, num_buckets=num_buckets), seq_len=cfg.seq_len,
+    plan = make_plan(sampler_spec(num_iter, cfg_scale, num_buckets=num_buckets), seq_len=cfg.seq_len,
                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim, policy=policy)
     rows = (2 if plan.use_cfg else 1) * batch
     refresh = plan.refresh_step

@@ -21,6 +21,7 @@ from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.models.transformer import Block, attention_core, cast_linear_params
 from marval_jax.parallel.compiler_options import gpu_compiler_options, jit_options
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
+from marval_jax.sampling.from_config import sampler_spec
 from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
@@ -123,8 +124,8 @@ class ModelBench:
 
     # -- samplers ------------------------------------------------------------------------------------------------
     def spec(self, kind: str) -> SamplerSpec:
-        return SamplerSpec(num_iter=self.s.num_iter, cfg=self.cfg_scale if kind == "teacher" else 1.0,
-                           cfg_schedule="linear", num_buckets=self.s.num_buckets)
+        return sampler_spec(self.s.num_iter, self.cfg_scale if kind == "teacher" else 1.0, "linear",
+                            self.s.num_buckets)
 
     def predictor(self, kind: str):
         return teacher_predictor(self.s.head_steps, 1.0) if kind == "teacher" else onestep_predictor(self.s.t_init)

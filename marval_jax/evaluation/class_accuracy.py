@@ -43,7 +43,7 @@ def predict(params: Any, images: Any, batch_size: int = 1000) -> np.ndarray:
 
 def predict_sharded(params: Any, layout):
     """`predict(images) -> int32 (N,)` for global float NHWC batches in [-1, 1] split over `layout`'s batch axes
-    (`sampling.sample_run.GlobalBatches`): classifier weights replicated once, predictions gathered."""
+    (`programs.sample.GlobalBatches`): classifier weights replicated once, predictions gathered."""
     state = layout.replicate(params)
     fn = jax.jit(lambda p, x: jnp.argmax(classifier_logits(p, x), axis=-1).astype(jnp.int32),
                  in_shardings=(layout.replicated, layout.sharding(4)), out_shardings=layout.sharding(1))

@@ -359,7 +359,7 @@ def inception_features(params, images, batch_size: int = 200, layout=None) -> np
 
     Runs in batches of `batch_size` (the last one is zero-padded, so one compilation per batch shape serves all).
     Grey images repeat their channel to 3; all images are resized to 299 as documented in the module docstring.
-    With `layout` (`sampling.sample_run.GlobalBatches`; every process calls this with the same images) each batch is
+    With `layout` (`programs.sample.GlobalBatches`; every process calls this with the same images) each batch is
     split over the mesh's batch axes and the features are gathered to every process."""
     params = _as_params(params)
     images = check_images(images)

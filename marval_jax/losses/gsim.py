@@ -499,8 +499,9 @@ def _context_fn(st: GSIMSettings, model_cfg: MARConfig) -> Callable:
     def rollout(graphdef, gen_params, labels, rng):
         """The generator's own K = on_policy_num_iter-step one-step AR samples (no gradient, no host round trip)."""
         from marval_jax.sampling import ar_sampler
+        from marval_jax.sampling.from_config import sampler_spec
         if graphdef not in rollout_fns:   # one jitted sampler per graphdef (eager callers compile it once)
-            spec = ar_sampler.SamplerSpec(num_iter=st.on_policy_num_iter, num_buckets=1)
+            spec = sampler_spec(st.on_policy_num_iter, iter_field="gsim.on_policy_num_iter")
             rollout_fns[graphdef] = ar_sampler.make_sampler(
                 graphdef, spec, onestep_predictor(st.t_init, st.noise_scale), seq_len=s,
                 buffer_size=model_cfg.buffer_size, token_dim=c)

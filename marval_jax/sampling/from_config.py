@@ -35,14 +35,22 @@ def sampler_from_config(config: Any, role: str, *, num_iter: int | None = None,
         raise ValueError(f"sampler role must be one of {ROLES}, got {role!r}")
     k = int(k if num_iter is None else num_iter)
     scale = float(scale if cfg is None else cfg)
-    if k < 1:
-        raise UserError(f"the number of AR steps of the {role!r} sampler must be >= 1, got {k}: set "
-                        f"{_iter_field(role)} to a positive number")
-    if int(sample.num_buckets) < 1:
-        raise UserError(f"sample.num_buckets must be >= 1, got {sample.num_buckets}")
-    if schedule not in ("linear", "constant"):
-        raise UserError(f"sample.cfg_schedule must be 'linear' or 'constant', got {schedule!r}")
-    return SamplerSpec(num_iter=k, cfg=scale, cfg_schedule=schedule, num_buckets=int(sample.num_buckets))
+    return sampler_spec(k, scale, schedule, int(sample.num_buckets), iter_field=_iter_field(role))
+
+
+def sampler_spec(num_iter: int, cfg: float = 1.0, cfg_schedule: str = "linear", num_buckets: int = 1, *,
+                 iter_field: str = "num_iter") -> SamplerSpec:
+    """The one constructor of a SamplerSpec, with its checks; for samplers whose settings are not a config's sample
+    section (the benchmark suite's flags, GSIM's on-policy rollouts, RL's default). `iter_field` names the setting
+    in the error."""
+    if int(num_iter) < 1:
+        raise UserError(f"the number of AR steps must be >= 1, got {num_iter}: set {iter_field} to a positive number")
+    if int(num_buckets) < 1:
+        raise UserError(f"sample.num_buckets must be >= 1, got {num_buckets}")
+    if cfg_schedule not in ("linear", "constant"):
+        raise UserError(f"sample.cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+    return SamplerSpec(num_iter=int(num_iter), cfg=float(cfg), cfg_schedule=cfg_schedule,
+                       num_buckets=int(num_buckets))
 
 
 def _iter_field(role: str) -> str:

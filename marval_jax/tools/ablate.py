@@ -8,7 +8,7 @@ each evaluated the same way, summarised in one table and one plot (docs/gsim.md 
 Every variant is the base config + `--set` overrides + its own overrides, trained with `train.num_steps=--steps`
 through the same library entry point as `marval_jax.main --mode=distill` (`marval_jax.main.run`), so all variants
 share the teacher, the seed and the data order; then `--eval_samples` one-step samples with the same labels and keys
-(`sampling.sample_run.generate`: key from train.seed) are scored with what can be computed: FID / precision /
+(`programs.sample.generate`: key from train.seed) are scored with what can be computed: FID / precision /
 recall when the Inception weights and `sample.fid_ref` exist, class accuracy of the committed eval classifier for
 MNIST-family data (or `sample.classifier`); other columns are "-".
 
@@ -202,14 +202,14 @@ _SAMPLERS: dict[str, tuple] = {}
 
 
 def generate_samples(config, workdir: str):
-    """`sampling.sample_run.generate` (same params, labels, keys and batches) with the compiled sampler and decoder
+    """`programs.sample.generate` (same params, labels, keys and batches) with the compiled sampler and decoder
     kept across variants that share the model, tokenizer and sampling settings: one compile for the whole sweep.
     Returns (images NHWC [-1, 1], labels, seconds per image)."""
     import jax
     from marval_jax.checkpoints.load import load_model_params
     from marval_jax.sampling import ar_sampler
     from marval_jax.sampling.from_config import sampler_from_config
-    from marval_jax.sampling.sample_run import labels_for, make_predictor, onestep_settings
+    from marval_jax.programs.sample import labels_for, make_predictor, onestep_settings
     from marval_jax.checkpoints.decoders import decoder_fn
     from marval_jax.models.factory import abstract_model, model_config
     sc = config.sample
@@ -239,7 +239,7 @@ def evaluate_variant(config, workdir: str, cache_dir: str) -> dict:
     """The scores of `sample.num_images` one-step samples of the run's EMA generator (same labels and keys for
     every variant): FID / precision / recall where the Inception weights and sample.fid_ref exist, class accuracy
     of the eval classifier for MNIST-family data or sample.classifier."""
-    from marval_jax.evaluation import evaluate as ev
+    from marval_jax.programs import evaluate as ev
     from marval_jax.evaluation.grid import to_uint8
     from marval_jax.evaluation.inception import DEFAULT_NPZ
     sc = config.sample
@@ -278,7 +278,7 @@ def distill_task(config):
     import dataclasses
     from marval_jax.losses import gsim
     from marval_jax.train.distill_task import make_distill_task
-    from marval_jax.train.mar_task import model_config
+    from marval_jax.models.factory import model_config
     task = make_distill_task(config)
     if task.frozen is not None:   # the task passes arguments of its own: leave it as it is
         return task

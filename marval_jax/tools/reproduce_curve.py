@@ -60,7 +60,7 @@ def compare(inception, real_feats: np.ndarray, ref: tuple, images_uint8: np.ndar
 def reference(inception_path: str, raw_dir: str):
     """(inception params, test features, (mu, sigma)) of the 10k test images."""
     from marval_jax.evaluation import fid as fid_lib  # pylint: disable=import-outside-toplevel
-    from marval_jax.evaluation.evaluate import real_images  # pylint: disable=import-outside-toplevel
+    from marval_jax.programs.evaluate import real_images  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.inception import inception_features, load_inception  # pylint: disable=import-outside-toplevel
     inception = load_inception(inception_path or None)
     real = real_images(REAL_SPEC, raw_dir or None)
@@ -140,11 +140,13 @@ def curve(a) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.classifier_train import load_default_classifier  # pylint: disable=import-outside-toplevel
-    from marval_jax.evaluation.evaluate import center_crop  # pylint: disable=import-outside-toplevel
+    from marval_jax.programs.evaluate import center_crop  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.grid import to_uint8  # pylint: disable=import-outside-toplevel
     from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
-    from marval_jax.sampling.sample_run import make_predictor  # pylint: disable=import-outside-toplevel
-    from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config  # pylint: disable=import-outside-toplevel
+    from marval_jax.sampling.from_config import sampler_from_config  # pylint: disable=import-outside-toplevel
+    from marval_jax.programs.sample import make_predictor  # pylint: disable=import-outside-toplevel
+    from marval_jax.checkpoints.decoders import decoder_fn  # pylint: disable=import-outside-toplevel
+    from marval_jax.models.factory import abstract_model, model_config  # pylint: disable=import-outside-toplevel
     if a.num <= 0 or a.batch <= 0:
         raise UserError(f"--num and --batch must be positive, got {a.num} and {a.batch}")
     t_start = time.time()
@@ -159,8 +161,7 @@ def curve(a) -> int:
     config.sample.sampler, config.sample.num_iter, config.sample.cfg = "teacher", a.num_iter, a.cfg
     cfg = model_config(config)
     graphdef, abstract = abstract_model(cfg)
-    spec = ar_sampler.SamplerSpec(num_iter=a.num_iter, cfg=a.cfg, cfg_schedule=config.sample.cfg_schedule,
-                                  num_buckets=config.sample.num_buckets)
+    spec = sampler_from_config(config, "eval")
     fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config), seq_len=cfg.seq_len,
                                  buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
     decode = jax.jit(decoder_fn(config, cfg))

@@ -17,35 +17,13 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
 import time
 
 import numpy as np
 from etils import epath
 
+from marval_jax.programs.assets import FAMILY, load_role, role_dir
 from marval_jax.user_errors import add_verbose_flag, run_cli
-
-FAMILY = {"teacher": "configs/mar.py", "student": "configs/marval.py", "rl": "configs/marval_rl.py"}
-
-
-def role_config(role: str):
-    """The fmnist config of a pipeline role (teacher / student / rl)."""
-    from configs import mar, marval, marval_rl  # pylint: disable=import-outside-toplevel
-    return {"teacher": mar, "student": marval, "rl": marval_rl}[role].get_config("fmnist")
-
-
-def load_role(assets: str, role: str):
-    """(config, MARConfig, graphdef, params) of `<assets>/fmnist_<role>`, or None when that directory is absent.
-    Shared by the results run and `--mode=demo`."""
-    from marval_jax.checkpoints.load import load_model_params  # pylint: disable=import-outside-toplevel
-    from marval_jax.train.mar_task import abstract_model, model_config  # pylint: disable=import-outside-toplevel
-    path = os.path.join(assets, f"fmnist_{role}")
-    if not os.path.exists(path):
-        return None
-    config = role_config(role)
-    cfg = model_config(config)
-    graphdef, abstract = abstract_model(cfg)
-    return config, cfg, graphdef, load_model_params(path, abstract, config.model.to_dict())
 
 
 class Evaluator:
@@ -55,14 +33,14 @@ class Evaluator:
         import jax  # pylint: disable=import-outside-toplevel
         from marval_jax.evaluation import fid as fid_lib
         from marval_jax.evaluation.classifier_train import load_default_classifier
-        from marval_jax.evaluation.evaluate import real_images
+        from marval_jax.programs.evaluate import real_images
         from marval_jax.evaluation.inception import inception_features, load_inception
         from marval_jax.rewards.registry import make_reward
-        from marval_jax.train.mar_task import decoder_fn
+        from marval_jax.checkpoints.decoders import decoder_fn
         self.jax = jax
         self.fid_lib = fid_lib
         self.features = inception_features
-        self.models = {}
+        self.models, self.assets = {}, assets
         for role in FAMILY:
             loaded = load_role(assets, role)
             if loaded is None:
@@ -88,21 +66,21 @@ class Evaluator:
     def sampler(self, role: str, num_iter: int, cfg_scale: float, cache: str):
         """Compiled sampler (one per role family, K, CFG and cache policy; RL shares the student's program)."""
         from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
+        from marval_jax.sampling.from_config import sampler_from_config  # pylint: disable=import-outside-toplevel
         from marval_jax.sampling.cached_sampler import make_cached_sampler  # pylint: disable=import-outside-toplevel
-        from marval_jax.sampling.sample_run import make_predictor  # pylint: disable=import-outside-toplevel
+        from marval_jax.programs.sample import make_predictor  # pylint: disable=import-outside-toplevel
         config, cfg, graphdef, _ = self.models[role]
         kind = "teacher" if role == "teacher" else "onestep"
         key = (kind, num_iter, cfg_scale, cache)
         if key not in self.samplers:
             config.sample.sampler, config.sample.num_iter, config.sample.cfg = kind, num_iter, cfg_scale
-            spec = ar_sampler.SamplerSpec(num_iter=num_iter, cfg=cfg_scale, cfg_schedule=config.sample.cfg_schedule,
-                                          num_buckets=config.sample.num_buckets)
+            spec = sampler_from_config(config, "eval")
             kw = dict(seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
             if cache == "none":
-                fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config), **kw)
+                fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, role_dir(self.assets, role)), **kw)
             else:
                 r, big_r = (int(x) for x in cache.split(","))
-                fn = make_cached_sampler(graphdef, spec, make_predictor(config), policy=("approx", r, big_r), **kw)
+                fn = make_cached_sampler(graphdef, spec, make_predictor(config, role_dir(self.assets, role)), policy=("approx", r, big_r), **kw)
             self.samplers[key] = fn
         return self.samplers[key]
 
@@ -123,7 +101,7 @@ class Evaluator:
     def measure(self, role: str, num_iter: int, cfg_scale: float, num: int, cache: str = "none",
                 batch: int = 256, timing: bool = True) -> dict:
         from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
-        from marval_jax.evaluation.evaluate import center_crop  # pylint: disable=import-outside-toplevel
+        from marval_jax.programs.evaluate import center_crop  # pylint: disable=import-outside-toplevel
         from marval_jax.evaluation.grid import to_uint8  # pylint: disable=import-outside-toplevel
         from marval_jax.evaluation.precision_recall import precision_recall  # pylint: disable=import-outside-toplevel
         jax = self.jax
@@ -250,7 +228,7 @@ def main(argv=None) -> int:
     d = sub.add_parser("render", help="docs/results.md, docs/results.json, plots and grids")
     d.add_argument("--run", required=True, help="results_run.json of `run`")
     d.add_argument("--grids", default="", help="grids.npz of `run` (default: next to --run)")
-    d.add_argument("--stages", default="", help="stages.json of marval_jax.tools.reproduce")
+    d.add_argument("--stages", default="", help="stages.json of marval_jax.programs.reproduce")
     d.add_argument("--metrics", default="", help="folder with <stage>/metrics.jsonl (training curves)")
     d.add_argument("--out", default="docs")
     a = p.parse_args(argv)

@@ -10,7 +10,6 @@ settings, test accuracy, the command) into --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import shlex
 import sys
 

@@ -2,8 +2,8 @@
 
 `build_step(config)` is the pure part (reads no file: constructible abstractly, tools/scale_check);
 `load_frozen(config)` the loaded part (the tokenizer decoder's weights for grids); `make_mar_task` both.
-The model factory (`model_config`, `abstract_model`, `decoder_parts`, `decoder_fn`, `grid_labels`) lives in
-marval_jax/models/factory.py; the names below are re-exported for modules that still import them from here.
+The model factory (`model_config`, `abstract_model`, `grid_labels`) is marval_jax/models/factory.py; the tokenizer
+decoders are marval_jax/checkpoints/decoders.py.
 """
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from marval_jax.checkpoints.decoders import frozen_decoder
 from marval_jax.losses.mar_loss import mar_loss
 from marval_jax.models import mar as mar_lib
-from marval_jax.checkpoints.decoders import decoder_fn, decoder_parts, frozen_decoder  # noqa: F401
-from marval_jax.models.factory import abstract_model, grid_labels, model_config  # noqa: F401
+from marval_jax.models.factory import abstract_model, grid_labels, model_config
 from marval_jax.models.mar import MAR, train_encoder_len
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.from_config import sampler_from_config

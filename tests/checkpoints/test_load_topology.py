@@ -20,7 +20,7 @@ from flax import nnx
 from marval_jax.checkpoints import manager as ckpt
 from marval_jax.checkpoints.load import load_model_params
 from marval_jax.models.mar import MARConfig
-from marval_jax.train.mar_task import abstract_model
+from marval_jax.models.factory import abstract_model
 
 RESAVE = textwrap.dedent("""
     import json, sys
@@ -30,7 +30,7 @@ RESAVE = textwrap.dedent("""
     from marval_jax.checkpoints import manager as ckpt
     from marval_jax.checkpoints.load import load_model_params
     from marval_jax.models.mar import MARConfig
-    from marval_jax.train.mar_task import abstract_model
+    from marval_jax.models.factory import abstract_model
     src, dst = sys.argv[1], sys.argv[2]
     assert jax.device_count() == 8, jax.device_count()
     mesh = Mesh(np.asarray(jax.devices()), ("fsdp",))

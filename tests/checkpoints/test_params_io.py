@@ -12,7 +12,7 @@ from configs import mar as mar_configs
 from marval_jax.checkpoints.params_io import load_params, save_params
 from marval_jax.tree_paths import flatten_state
 from marval_jax.models.mar import MAR
-from marval_jax.train.mar_task import abstract_model, model_config
+from marval_jax.models.factory import abstract_model, model_config
 
 
 @pytest.fixture(scope="module")

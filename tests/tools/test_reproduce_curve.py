@@ -7,14 +7,15 @@ import jax
 import numpy as np
 import pytest
 
-from marval_jax.tools import reproduce, reproduce_curve
+from marval_jax.programs import reproduce
+from marval_jax.tools import reproduce_curve
 from marval_jax.user_errors import UserError
 from tests.conftest import TEACHER_STEPS, tiny_teacher_config
 
 
 def test_load_step_params_reads_that_steps_ema(tiny_teacher):
     from marval_jax.checkpoints.load import load_model_params
-    from marval_jax.train.mar_task import abstract_model, model_config
+    from marval_jax.models.factory import abstract_model, model_config
     config = tiny_teacher_config()
     assert reproduce_curve.checkpoint_steps(tiny_teacher) == [TEACHER_STEPS]
     _, abstract = abstract_model(model_config(config))

@@ -77,7 +77,7 @@ def test_recorded_t_init_and_noise_scale_reach_every_consumer(tmp_path, tiny_tea
     from marval_jax.losses.gsim import onestep_predictor
     from marval_jax.losses.rl import RLSettings
     from marval_jax.main import run
-    from marval_jax.sampling.sample_run import generate, make_predictor, onestep_settings
+    from marval_jax.programs.sample import generate, make_predictor, onestep_settings
     from marval_jax.tools.export_params import export
     from marval_jax.models.factory import abstract_model, model_config
     from marval_jax.train.rl_task import resolve_generator

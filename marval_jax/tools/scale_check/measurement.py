@@ -22,7 +22,7 @@ def _outside_steps(path: str) -> bool:
     """Files no train step imports (benchmarks, evaluation, CLI entry points, other tools): edits there leave the
     compiled programs unchanged, so they do not make a stamp dirty."""
     return (path.startswith(("marval_jax/benchmarks/", "marval_jax/evaluation/", "marval_jax/main.py",
-                             "marval_jax/demo.py")) or
+                             "marval_jax/programs/demo.py")) or
             (path.startswith("marval_jax/tools/") and not path.startswith("marval_jax/tools/scale_check/")))
 
 

@@ -31,7 +31,7 @@ from marval_jax.evaluation.files import as_path, write_npz
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
-from marval_jax.sampling.sample_run import Sampler, is_writer, sample_tag, uint8_images
+from marval_jax.programs.sample import Sampler, is_writer, sample_tag, uint8_images
 from marval_jax.user_errors import UserError
 
 

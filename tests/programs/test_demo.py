@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from configs import demo as demo_configs
-from marval_jax import demo
+from marval_jax.programs import demo
 
 
 def _config(**fields):

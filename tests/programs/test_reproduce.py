@@ -8,7 +8,7 @@ import pytest
 
 from marval_jax.user_errors import UserError
 
-from marval_jax.tools import reproduce
+from marval_jax.programs import reproduce
 
 
 def test_parse_budget():

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
+ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 ROLES = ("student", "teacher", "rl")
 
 
@@ -32,16 +32,17 @@ def run_demo(config, workdir: str) -> dict:
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.grid import save_grid
     from marval_jax.sampling import ar_sampler
-    from marval_jax.sampling.sample_run import GlobalBatches, is_writer, make_predictor
-    from marval_jax.train.mar_task import decoder_fn
-    from marval_jax.tools.results import load_role
+    from marval_jax.sampling.from_config import sampler_from_config
+    from marval_jax.programs.sample import GlobalBatches, is_writer, make_predictor
+    from marval_jax.checkpoints.decoders import decoder_fn
+    from marval_jax.programs.assets import load_role, role_dir
     from etils import epath  # pylint: disable=import-outside-toplevel
     out = epath.Path(workdir if "://" in workdir else os.path.abspath(os.path.expanduser(workdir)))
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
     assets = config.assets or ASSETS
     if config.full:
-        from marval_jax.tools import reproduce  # pylint: disable=import-outside-toplevel
+        from marval_jax.programs import reproduce  # pylint: disable=import-outside-toplevel
         assets = os.path.join(workdir, "export")
         rc = reproduce.main([f"--workdir={workdir}", f"--export={assets}"])
         if rc:
@@ -62,9 +63,8 @@ def run_demo(config, workdir: str) -> dict:
         sc.sampler, sc.num_iter, sc.num_sampling_steps = ("teacher" if role == "teacher" else "onestep",
                                                           config.num_iter, config.teacher_steps)
         sc.cfg = teacher_cfg if role == "teacher" else 1.0
-        spec = ar_sampler.SamplerSpec(num_iter=sc.num_iter, cfg=sc.cfg, cfg_schedule=sc.cfg_schedule,
-                                      num_buckets=sc.num_buckets)
-        fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(run_cfg), seq_len=cfg.seq_len,
+        spec = sampler_from_config(run_cfg, "eval")
+        fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(run_cfg, role_dir(assets, role)), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         rng = jax.random.PRNGKey(config.seed)
         # every process, the global mesh: params replicated, the batch split over the batch axes (padded to them)

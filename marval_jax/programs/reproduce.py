@@ -1,8 +1,8 @@
 """The Fashion-MNIST reproduction, stage by stage: teacher (MAR) -> student (GSIM) -> RL student (MARVAL-RL).
 
-    python -m marval_jax.tools.reproduce --workdir=workdirs/fmnist                     # all stages, config steps
-    python -m marval_jax.tools.reproduce --workdir=W --stages=teacher --budget=teacher=240 --export=EXPORT_DIR
-    python -m marval_jax.tools.reproduce --workdir=W --stages=student,rl --teacher=EXPORT_DIR/fmnist_teacher \
+    python -m marval_jax.programs.reproduce --workdir=workdirs/fmnist                     # all stages, config steps
+    python -m marval_jax.programs.reproduce --workdir=W --stages=teacher --budget=teacher=240 --export=EXPORT_DIR
+    python -m marval_jax.programs.reproduce --workdir=W --stages=student,rl --teacher=EXPORT_DIR/fmnist_teacher \
         --budget=student=300,rl=180 --export=EXPORT_DIR
 
 Each stage is `python -m marval_jax.main` in its own process on `<workdir>/<stage>` (so it resumes from its latest
@@ -80,7 +80,7 @@ def last_step(workdir: str) -> int | None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m marval_jax.tools.reproduce", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m marval_jax.programs.reproduce", description=__doc__.split("\n")[0])
     add_verbose_flag(p)
     p.add_argument("--workdir", required=True, help="run directories <workdir>/<stage>")
     p.add_argument("--stages", default="teacher,student,rl")

@@ -18,7 +18,7 @@ def inception_npz(tmp_path_factory):
 
 def test_evaluate_writes_all_numbers(tmp_path, inception_npz, monkeypatch):
     from marval_jax.checkpoints.params_io import save_params
-    from marval_jax.evaluation import evaluate as ev
+    from marval_jax.programs import evaluate as ev
     from marval_jax.models.mar import MAR, MARConfig
     cfg = mar_configs.get_config("tiny")
     model = MAR(MARConfig(**cfg.model.to_dict()), rngs=nnx.Rngs(0))
@@ -42,7 +42,7 @@ def test_evaluate_writes_all_numbers(tmp_path, inception_npz, monkeypatch):
 
 
 def test_evaluate_needs_a_reference(tmp_path):
-    from marval_jax.evaluation.evaluate import evaluate
+    from marval_jax.programs.evaluate import evaluate
     with pytest.raises(ValueError, match="fid_ref"):
         evaluate(mar_configs.get_config("tiny"), str(tmp_path))
 
@@ -51,7 +51,7 @@ def test_missing_inception_weights_fail_before_sampling(tmp_path):
     """evaluate() checks what it reads after sampling (reference, Inception weights) before it samples: a missing
     Inception file is a UserError naming sample.inception while nothing has been traced or compiled yet."""
     import jax
-    from marval_jax.evaluation.evaluate import evaluate
+    from marval_jax.programs.evaluate import evaluate
     from marval_jax.user_errors import UserError
     events, recording = [], [True]
     jax.monitoring.register_event_duration_secs_listener(

@@ -26,7 +26,8 @@ from marval_jax.parallel import sharding as shd
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.from_config import sampler_from_config
-from marval_jax.train.mar_task import abstract_model, decoder_fn, model_config
+from marval_jax.checkpoints.decoders import decoder_fn
+from marval_jax.models.factory import abstract_model, model_config
 from marval_jax.user_errors import UserError
 
 
