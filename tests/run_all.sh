@@ -7,7 +7,10 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
-python -m pytest -q tests --ignore=tests/multidevice --ignore=tests/multiprocess --durations=15 "$@"  # the slowest
+# The main part runs in TEST_WORKERS pytest-xdist workers (default 2: the CI machine's cores), whole files per
+# worker (module fixtures stay shared); its tests are mostly single-threaded compiles, so two workers nearly halve it.
+python -m pytest -q tests --ignore=tests/multidevice --ignore=tests/multiprocess -n "${TEST_WORKERS:-2}" \
+    --dist loadfile --durations=15 "$@"  # the slowest
 main_rc=$?
 XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@"
 multi_rc=$?
