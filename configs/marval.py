@@ -29,35 +29,58 @@ import ml_collections as mlc
 
 from configs import common
 from configs import mar
+from marval_jax.losses.gsim import GSIMSettings
 from marval_jax.models.generator import T_INIT  # the one default (models/generator.py); read as marval.T_INIT
 
 VARIANTS = mar.VARIANTS
 
 
 def gsim_config(**overrides) -> mlc.ConfigDict:
-    """The GSIM objective's switches; defaults of docs/method.md section 2 (equations: docs/gsim.md)."""
+    """The GSIM objective's switches; defaults of docs/method.md section 2 (equations: docs/gsim.md). The values are
+    `losses.gsim.GSIMSettings`' defaults (the one source of truth); the comments say what each switch means."""
+    D = GSIMSettings()
     cfg = dict(
-        distance="pseudo_huber",       # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
-        huber_r=1e-5,                  # r of the pseudo-Huber distance
-        use_l2_term=True,              # L = L1 + L2; False drops L2 = d(y) (SiD alpha = 1 form, biased gradient)
-        l2_weight=1.0,                 # alpha in L = L1 + alpha L2 (1: the true gradient; SiD's alpha 1.2 is -0.4)
-        stop_grad_dprime=False,        # True: d'(y) in L1 under stop_gradient (the SIM paper's form, biased)
-        norm_axes="token",             # |y| per token ("token") or over each image's masked tokens ("image")
-        t_min=20,                      # diffusion timesteps of L: the bounded range [t_min, t_max] of the 1000-step chain
-        t_max=980,
-        t_sampling="uniform",          # law of t on [t_min, t_max]: "uniform" | "logit_normal" (sigmoid(mean + std n))
-        t_logit_mean=0.0,              # logit_normal: mean of the logit (> 0 favours the noisy end)
-        t_logit_std=1.0,               # logit_normal: std of the logit
-        weighting="none",              # "none" | "sid" x0-unit residual / mean|x0-x0_teacher| | "kl" beta_t
-        guidance_scale=1.2,            # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
-        guidance_schedule="constant",  # "constant" w | "linear" 1 + (w-1) * visible / seq_len
-        guided_fake_score=False,       # True: fake score under the teacher's CFG (w), its null branch label-dropped
-        mask_ratio_min=0.7,            # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
-        context_mask_ratio="mar",      # contexts' masked count: "mar" (above) | "uniform" U(0,1] | "inference"
-        context_num_iter=64,           # "inference": masked count at a uniform step of MAR's K-step cosine schedule
-        on_policy_fraction=0.0,        # share of each batch whose context tokens are the generator's own AR samples
-        on_policy_num_iter=4,          # AR iterations of those on-policy rollouts
-        fake_steps_per_generator_step=1,   # fake-score updates before each generator update
+        # d(y): "pseudo_huber" sqrt(|y|^2+r^2)-r | "l2" |y| | "squared_l2" |y|^2
+        distance=D.distance,
+        # r of the pseudo-Huber distance
+        huber_r=D.huber_r,
+        # L = L1 + L2; False drops L2 = d(y) (SiD alpha = 1 form, biased gradient)
+        use_l2_term=D.use_l2_term,
+        # alpha in L = L1 + alpha L2 (1: the true gradient; SiD's alpha 1.2 is -0.4)
+        l2_weight=D.l2_weight,
+        # True: d'(y) in L1 under stop_gradient (the SIM paper's form, biased)
+        stop_grad_dprime=D.stop_grad_dprime,
+        # |y| per token ("token") or over each image's masked tokens ("image")
+        norm_axes=D.norm_axes,
+        # diffusion timesteps of L: the bounded range [t_min, t_max] of the 1000-step chain
+        t_min=D.t_min,
+        t_max=D.t_max,
+        # law of t on [t_min, t_max]: "uniform" | "logit_normal" (sigmoid(mean + std n))
+        t_sampling=D.t_sampling,
+        # logit_normal: mean of the logit (> 0 favours the noisy end)
+        t_logit_mean=D.t_logit_mean,
+        # logit_normal: std of the logit
+        t_logit_std=D.t_logit_std,
+        # "none" | "sid" x0-unit residual / mean|x0-x0_teacher| | "kl" beta_t
+        weighting=D.weighting,
+        # teacher CFG scale w (MAR's convention; 1 = no guidance, no null-class pass)
+        guidance_scale=D.guidance_scale,
+        # "constant" w | "linear" 1 + (w-1) * visible / seq_len
+        guidance_schedule=D.guidance_schedule,
+        # True: fake score under the teacher's CFG (w), its null branch label-dropped
+        guided_fake_score=D.guided_fake_score,
+        # contexts: MAR's mask ratio, truncated normal (1, 0.25) on [min, 1]
+        mask_ratio_min=D.mask_ratio_min,
+        # contexts' masked count: "mar" (above) | "uniform" U(0,1] | "inference"
+        context_mask_ratio=D.context_mask_ratio,
+        # "inference": masked count at a uniform step of MAR's K-step cosine schedule
+        context_num_iter=D.context_num_iter,
+        # share of each batch whose context tokens are the generator's own AR samples
+        on_policy_fraction=D.on_policy_fraction,
+        # AR iterations of those on-policy rollouts
+        on_policy_num_iter=D.on_policy_num_iter,
+        # fake-score updates before each generator update
+        fake_steps_per_generator_step=1,
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)
