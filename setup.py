@@ -27,6 +27,10 @@ setup(
         # etils.epath's gs:// backend where TensorFlow is absent: every gs:// path outside orbax's arrays
         # (teacher checkpoints, metrics, grids, evaluation outputs, latent cache) goes through it
         "gcsfs>=2024.6",
+        # TensorBoard event files (scalars, sample grids, hparams) without TensorFlow: numpy + protobuf only
+        "tensorboardX>=2.6,<3",
+        # progress bars of the long host loops (sampling, FID features, latent caching)
+        "tqdm>=4.66",
     ],
     extras_require={
         # Test-only: reference implementations that the parity tests compare against; the Batch API's message

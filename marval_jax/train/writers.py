@@ -1,82 +1,30 @@
 """Metric writers: stdout, JSONL and TensorBoard event files.
 
 Decided once, here: clu's `metric_writers` import TensorFlow's SummaryWriter at module load, which we do not
-install. clu.metrics (no TensorFlow) accumulates; this module writes. The TensorBoard writer is a small
-TFRecord + Event-protobuf encoder of our own (scalars only), readable by TensorBoard. Only process 0 writes.
+install. clu.metrics (no TensorFlow) accumulates; this module writes. TensorBoard events come from tensorboardX
+(numpy + protobuf only): its summary builders (scalars, images, the hparams plugin's session start) and its
+synchronous `EventsWriter` (no background thread: `flush` writes everything written so far). Only process 0 writes.
 A resumed run first drops the metrics.jsonl rows past its checkpoint (`truncate_metrics`), so each step is
 written once.
 
 Paths go through etils.epath, so a `gs://` workdir gets its files in the bucket (never a local folder named `gs:`).
 Object stores have no append: there `_AppendFile` keeps the file's bytes and rewrites the object at each flush
-(the writers flush once per log step; a metrics file of a long run is a few hundred kB).
+(the writers flush once per log step; a metrics file of a long run is a few hundred kB). tensorboardX's own gs://
+backend needs google-cloud-storage; its registry of path prefixes gets ours instead (`_EpathRecordFactory`), so
+event files take the same epath route (an event file with a grid every few hundred steps stays a few MB).
 """
 from __future__ import annotations
 
 import json
-import socket
-import struct
 import time
+import uuid
 
 import jax
 import numpy as np
 from etils import epath
-
-# -- TensorBoard event files -----------------------------------------------------------------------------------
-_CRC_TABLE = []
-for _i in range(256):
-    _c = _i
-    for _ in range(8):
-        _c = (_c >> 1) ^ 0x82F63B78 if _c & 1 else _c >> 1
-    _CRC_TABLE.append(_c)
-
-
-def _crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    return crc ^ 0xFFFFFFFF
-
-
-def _masked_crc(data: bytes) -> int:
-    crc = _crc32c(data)
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    return _varint((num << 3) | wire) + payload
-
-
-def _len_field(num: int, data: bytes) -> bytes:
-    return _field(num, 2, _varint(len(data)) + data)
-
-
-def encode_event(wall_time: float, step: int, scalars: dict[str, float] | None = None,
-                 file_version: str | None = None) -> bytes:
-    """Serialised tensorflow.Event (wall_time=1 double, step=2 int64, file_version=3, summary=5)."""
-    msg = _field(1, 1, struct.pack("<d", wall_time)) + _field(2, 0, _varint(step))
-    if file_version is not None:
-        msg += _len_field(3, file_version.encode())
-    if scalars:
-        values = b"".join(_len_field(1, _len_field(1, tag.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-                          for tag, v in scalars.items())
-        msg += _len_field(5, values)
-    return msg
-
-
-def tfrecord(data: bytes) -> bytes:
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc(header)) + data + struct.pack("<I", _masked_crc(data))
-
+from tensorboardX import record_writer, summary as tbx_summary
+from tensorboardX.event_file_writer import EventsWriter
+from tensorboardX.proto import event_pb2
 
 def _is_local(path: epath.Path) -> bool:
     return "://" not in str(path)
@@ -116,20 +64,66 @@ class _AppendFile:
             self._f.close()
 
 
+class _EpathRecordFactory:
+    """tensorboardX's writer factory for a path prefix: gs:// event files through `_AppendFile` (etils.epath)."""
+
+    def open(self, path):
+        return _AppendFile(path)
+
+    def directory_check(self, path):
+        pass  # object stores have no folders
+
+
+record_writer.register_writer_factory("gs", _EpathRecordFactory())
+
+
+def flatten_config(cfg: dict, prefix: str = "") -> dict:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4}; values TensorBoard's hparams accept (str, bool, int, float),
+    anything else (lists, None) as its JSON text."""
+    out = {}
+    for k, v in cfg.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten_config(v, key + "."))
+        elif isinstance(v, (str, bool, int, float)):
+            out[key] = v
+        else:
+            out[key] = json.dumps(v, default=str)
+    return out
+
+
 class TensorBoardWriter:
+    """One event file per writer (a unique name: a resume in the same second does not overwrite the first run's)."""
+
     def __init__(self, logdir: str):
-        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.marval"
-        self._f = _AppendFile(epath.Path(logdir) / name)
-        self._f.write(tfrecord(encode_event(time.time(), 0, file_version="brain.Event:2")))
+        logdir = str(logdir)
+        record_writer.directory_check(logdir)
+        self._w = EventsWriter(f"{logdir.rstrip('/')}/events", filename_suffix=f".{uuid.uuid4().hex[:8]}.marval")
+
+    def _write(self, step: int, summary) -> None:
+        self._w.write_event(event_pb2.Event(wall_time=time.time(), step=int(step), summary=summary))
 
     def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
-        self._f.write(tfrecord(encode_event(time.time(), step, scalars)))
+        for tag, v in scalars.items():
+            self._write(step, tbx_summary.scalar(tag, float(v)))
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        """images: tag -> uint8 HWC (or HW) array, e.g. a sample grid (`evaluation.grid.make_grid`)."""
+        for tag, img in images.items():
+            img = np.asarray(img)
+            self._write(step, tbx_summary.image(tag, img[..., None] if img.ndim == 2 else img, dataformats="HWC"))
+
+    def write_hparams(self, hparams: dict) -> None:
+        """The hparams plugin's session start (the flattened config); TensorBoard takes the metrics from the run's
+        scalars."""
+        _, session_start, _ = tbx_summary.hparams(flatten_config(hparams), {})
+        self._write(0, session_start)
 
     def flush(self):
-        self._f.flush()
+        self._w.flush()
 
     def close(self):
-        self._f.close()
+        self._w.close()
 
 
 class JsonlWriter:
@@ -182,11 +176,13 @@ class StdoutWriter:
 class MultiWriter:
     """stdout + `<workdir>/metrics.jsonl` + `<workdir>/tensorboard/` on process 0; nothing elsewhere."""
 
-    def __init__(self, workdir: str, stdout: bool = True):
-        self.writers = []
+    def __init__(self, workdir: str, stdout: bool = True, hparams: dict | None = None):
+        self.writers, self.tensorboard = [], None
         if jax.process_index() == 0:
-            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"),
-                            TensorBoardWriter(epath.Path(workdir) / "tensorboard")]
+            self.tensorboard = TensorBoardWriter(str(epath.Path(workdir) / "tensorboard"))
+            if hparams is not None:
+                self.tensorboard.write_hparams(hparams)
+            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"), self.tensorboard]
             if stdout:
                 self.writers.append(StdoutWriter())
 
@@ -195,6 +191,12 @@ class MultiWriter:
         for w in self.writers:
             w.write_scalars(step, clean)
             w.flush()
+
+    def write_images(self, step: int, images: dict) -> None:
+        """TensorBoard only (the PNG files are written by their owner, `evaluation.grid.save_grid`)."""
+        if self.tensorboard is not None:
+            self.tensorboard.write_images(step, images)
+            self.tensorboard.flush()
 
     def __enter__(self):
         return self
