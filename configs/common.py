@@ -57,6 +57,7 @@ def train_config(**overrides) -> mlc.ConfigDict:
         sample_num_iter=16,
         sample_cfg=1.0,
         grid_size=8,
+        profile_steps=(),        # (a, b): jax.profiler trace of steps a..b into <workdir>/profile; () = off
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

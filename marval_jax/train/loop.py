@@ -22,10 +22,13 @@ the named checkpoint with a lower lr or a smaller grad_clip).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import logging
 import os
+import shutil
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -207,10 +210,71 @@ def _drop_metrics_after(workdir: str, step: int) -> None:
                             dropped, step)
 
 
+# -- the profiler hook ----------------------------------------------------------------------------------------------
+def profile_window(steps) -> tuple[int, int] | None:
+    """`train.profile_steps`: () or None = off; (a, b) = trace steps a..b (1-based, as logged), 1 <= a <= b."""
+    if steps is None or len(steps) == 0:
+        return None
+    try:
+        a, b = (int(x) for x in steps)
+        ok = 1 <= a <= b and tuple(steps) == (a, b)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise UserError(f"train.profile_steps={tuple(steps)!r}: expected two step numbers (a, b) with 1 <= a <= b, "
+                        "e.g. --config.train.profile_steps='(10, 15)', or () to turn profiling off")
+    return a, b
+
+
+class StepProfiler:
+    """A jax.profiler trace of steps a..b into `<workdir>/profile` (docs/observability.md: how to open it).
+
+    Every process traces its own devices (each host's file is named after the host). It starts before the first step
+    of the window this run executes (a resume inside the window traces the rest) and stops after step b's state is
+    ready, or when the loop leaves early. A gs:// workdir: traced into a local temporary folder, then copied there
+    through etils.epath."""
+
+    def __init__(self, steps, workdir: str):
+        self.window = profile_window(steps)
+        self.target = os.path.join(workdir, "profile") if "://" not in workdir else f"{workdir.rstrip('/')}/profile"
+        self.active, self.finished, self._local = False, False, None
+
+    def close(self) -> None:  # contextlib.closing: the loop left (end, preemption, error) inside the window
+        self.stop()
+
+    def before(self, done: int) -> None:
+        if self.window and not (self.active or self.finished) and self.window[0] <= done <= self.window[1]:
+            self._local = self.target if "://" not in self.target else tempfile.mkdtemp(prefix="marval_profile_")
+            jax.profiler.start_trace(self._local)
+            self.active = True
+
+    def after(self, done: int, state) -> None:
+        if self.active and done >= self.window[1]:
+            jax.block_until_ready(state)
+            self.stop()
+
+    def stop(self) -> None:
+        if not self.active:
+            return
+        jax.profiler.stop_trace()
+        self.active, self.finished = False, True
+        if self._local != self.target:
+            from etils import epath
+            for here, _, files in os.walk(self._local):
+                for name in files:
+                    rel = os.path.relpath(os.path.join(here, name), self._local)
+                    out = epath.Path(self.target) / rel
+                    out.parent.mkdir(parents=True, exist_ok=True)
+                    out.write_bytes(open(os.path.join(here, name), "rb").read())
+            shutil.rmtree(self._local, ignore_errors=True)
+        logging.info("profile of steps %d-%d written to %s", *self.window, self.target)
+
+
 # -- the loop -------------------------------------------------------------------------------------------------------
 def train(config, workdir: str, task: Task) -> Any:
     """Runs `task` to config.train.num_steps (resuming if the workdir has checkpoints); returns the final state."""
     tc = config.train
+    profile_window(tc.get("profile_steps", ()))  # a bad pair is refused before anything starts
     mesh_lib.maybe_initialize_distributed(config.mesh)
     ckpt.install_sigterm_handler()
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
@@ -272,10 +336,13 @@ class _Run:
     def steps(self, state, guard, batches, start: int):
         tc, task = self.tc, self.task
         sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
-        with writers.MultiWriter(self.workdir) as writer:
+        profiler = StepProfiler(tc.get("profile_steps", ()), self.workdir)
+        with writers.MultiWriter(self.workdir) as writer, contextlib.closing(profiler):
             t0, seen, window = time.time(), 0, None
             for step in range(start, tc.num_steps):
+                profiler.before(step + 1)
                 state, guard, metrics = self.step_fn(state, guard, next(batches), *self.extra)
+                profiler.after(step + 1, state)
                 if window is None:
                     window = WindowAverage([k for k, v in metrics.items() if jnp.ndim(v) == 0])
                 window.add(metrics)
