@@ -369,16 +369,22 @@ def inception_features(params, images, batch_size: int = 200, layout=None) -> np
         images = images.astype(np.float32)
     if layout is not None:
         state = layout.replicate(params.state)
-        feats = layout.map(functools.partial(_features_unjitted, params.graphdef), (state,), images, batch_size)
+        feats = layout.map(functools.partial(_features_unjitted, params.graphdef), (state,), images, batch_size,
+                           desc="Inception features")
         return np.asarray(feats, np.float64)
     n = images.shape[0]
     bs = min(batch_size, n)
     out = np.empty((n, FEATURE_DIM), np.float64)
-    for start in range(0, n, bs):
-        batch = images[start:start + bs]
-        m = batch.shape[0]
-        if m < bs:
-            batch = np.concatenate([batch, np.zeros((bs - m,) + batch.shape[1:], batch.dtype)])
-        feats = _features(params.graphdef, params.state, batch)
-        out[start:start + m] = np.asarray(jax.device_get(feats), np.float64)[:m]
+    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+    # process 0 only; quiet when stderr is not a terminal
+    with tqdm(total=n, desc="Inception features", unit="img",
+              disable=None if jax.process_index() == 0 else True) as bar:
+        for start in range(0, n, bs):
+            batch = images[start:start + bs]
+            m = batch.shape[0]
+            if m < bs:
+                batch = np.concatenate([batch, np.zeros((bs - m,) + batch.shape[1:], batch.dtype)])
+            feats = _features(params.graphdef, params.state, batch)
+            out[start:start + m] = np.asarray(jax.device_get(feats), np.float64)[:m]
+            bar.update(m)
     return out

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
+from tqdm import tqdm
 
 from marval_jax.checkpoints.load import load_model_params
 from marval_jax.evaluation.files import write_npz
@@ -29,6 +30,11 @@ from marval_jax.sampling.from_config import sampler_from_config
 from marval_jax.checkpoints.decoders import decoder_fn
 from marval_jax.models.factory import abstract_model, model_config
 from marval_jax.user_errors import UserError
+
+
+def progress(desc: str, total: int, enabled: bool = True) -> tqdm:
+    """A tqdm bar (images, rate, ETA) on stderr: process 0 only, and quiet when stderr is not a terminal."""
+    return tqdm(total=total, desc=desc, unit="img", disable=None if enabled and jax.process_index() == 0 else True)
 
 
 def is_writer() -> bool:
@@ -89,18 +95,20 @@ class GlobalBatches:
         from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
-    def map(self, fn, replicated_args, x, batch_size: int) -> np.ndarray:
+    def map(self, fn, replicated_args, x, batch_size: int, desc: str = "") -> np.ndarray:
         """`fn(*replicated_args, batch)` over the rows of host array `x` in global batches of `batch_size` (rounded
         up to `ways`; the last one padded), jitted with the batch split over the devices; results gathered, the
-        padding dropped."""
+        padding dropped. `desc`: a progress bar of that name (`progress`)."""
         x = np.asarray(x)
         bs = self.round_up(min(batch_size, x.shape[0]))
         jitted = jax.jit(fn, in_shardings=(self.replicated,) * len(replicated_args) + (self.sharding(x.ndim),),
                          out_shardings=self.sharding(2))
         out = []
-        for start in range(0, x.shape[0], bs):
-            chunk = x[start:start + bs]
-            out.append(self.gather(jitted(*replicated_args, self.put(self.pad(chunk, bs))))[: chunk.shape[0]])
+        with progress(desc, x.shape[0], enabled=bool(desc)) as bar:
+            for start in range(0, x.shape[0], bs):
+                chunk = x[start:start + bs]
+                out.append(self.gather(jitted(*replicated_args, self.put(self.pad(chunk, bs))))[: chunk.shape[0]])
+                bar.update(chunk.shape[0])
         return np.concatenate(out)
 
 
@@ -190,11 +198,14 @@ class Sampler:
         compiled = self._fn.lower(self.params, first, self.rng).compile()  # ahead of time: every batch runs once
         self.timing["compile_s"] = time.time() - t0
         t0 = time.time()
-        for i in range(0, sc.num_images, self.batch_size):
-            lab = self.labels[i: i + self.batch_size]
-            images = compiled(self.params, lay.put(lay.pad(lab, self.batch_size)), jax.random.fold_in(self.rng, i))
-            yield images, lab, len(lab)
-        jax.block_until_ready(images)
+        with progress(f"sampling ({sc.sampler})", sc.num_images) as bar:
+            for i in range(0, sc.num_images, self.batch_size):
+                lab = self.labels[i: i + self.batch_size]
+                images = compiled(self.params, lay.put(lay.pad(lab, self.batch_size)),
+                                  jax.random.fold_in(self.rng, i))
+                yield images, lab, len(lab)
+                bar.update(len(lab))
+            jax.block_until_ready(images)
         self.timing["seconds_per_image"] = (time.time() - t0) / max(sc.num_images, 1)
 
 

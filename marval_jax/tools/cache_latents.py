@@ -80,10 +80,19 @@ def main(argv):
     encode = jax.jit(lambda x: nnx.merge(graphdef, state).encode(x).moments)
     cfg = pipeline.default_config(name=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
                                   image_size=FLAGS.image_size, patch_size=0)
-    meta = latent_cache.build_latent_cache(
-        pipeline.image_source_for_cache(cfg), lambda x: np.asarray(encode(x)), FLAGS.cache_dir, FLAGS.split,
-        batch_size=FLAGS.batch_size, process_index=jax.process_index(), process_count=jax.process_count(),
-        barrier=multihost_utils.sync_global_devices)
+    from tqdm import tqdm
+    # process 0's share of the examples (process 0 only; quiet when stderr is not a terminal)
+    bar = tqdm(desc="latent cache", unit="img", disable=None if jax.process_index() == 0 else True)
+
+    def progress(done, total):
+        bar.total = -(-total // jax.process_count())
+        bar.update(done - bar.n)
+
+    with bar:
+        meta = latent_cache.build_latent_cache(
+            pipeline.image_source_for_cache(cfg), lambda x: np.asarray(encode(x)), FLAGS.cache_dir, FLAGS.split,
+            batch_size=FLAGS.batch_size, process_index=jax.process_index(), process_count=jax.process_count(),
+            progress=progress, barrier=multihost_utils.sync_global_devices)
     if jax.process_index() == 0:
         print(meta)
 
