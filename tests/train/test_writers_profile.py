@@ -8,6 +8,7 @@ import pytest
 
 from marval_jax.train.loop import train
 from marval_jax.user_errors import UserError
+from tests.gcs.conftest import gcs_emulator  # noqa: F401  (the session fixture, reused)
 from tests.train.test_loop_guards import config, growth_task
 
 
@@ -36,3 +37,15 @@ def test_bad_profile_steps_are_refused_before_the_run(tmp_path, steps):
     with pytest.raises(UserError, match=r"train.profile_steps=.*expected two step numbers \(a, b\) with 1 <= a <= b"):
         train(config(num_steps=2, profile_steps=steps), str(tmp_path / "run"), growth_task(1.01))
     assert not os.path.exists(tmp_path / "run")  # refused before the workdir (and its lock) was made
+
+
+def test_profile_of_a_gcs_workdir_is_copied_into_the_bucket(gcs_emulator, tmp_path, monkeypatch):
+    """jax.profiler writes local files only: traced into a temporary folder, then copied to gs://.../profile
+    (tests/gcs/conftest.py's emulator); no local 'gs:' folder appears."""
+    from etils import epath
+    monkeypatch.chdir(tmp_path)
+    workdir = "gs://bucket/profiled"
+    train(config(num_steps=1, ckpt_every=1, log_every=1, profile_steps=(1, 1)), workdir, growth_task(1.01))
+    names = [p.name for p in epath.Path(f"{workdir}/profile").glob("plugins/profile/*/*")]
+    assert any(n.endswith(".xplane.pb") for n in names) and any(n.endswith(".trace.json.gz") for n in names), names
+    assert not os.path.exists(tmp_path / "gs:")
