@@ -159,3 +159,43 @@ def test_tiny_run_log_has_no_library_info_lines_and_notes_the_noise(tmp_path):
     assert sum(l.startswith("[      ") for l in out) == 2  # one metrics line per step
     assert (tmp_path / "w" / "checkpoints" / "2").is_dir()  # orbax did save (it just said nothing)
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# --mode=evaluate's reference statistics: computed once with progress lines, cached outside every workdir
+# ---------------------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def inception_npz(tmp_path_factory):
+    pytest.importorskip("torch")
+    from marval_jax.tools.convert_inception import convert
+    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
+
+
+def test_reference_statistics_are_computed_once_with_progress_and_cached_outside_the_workdir(
+        tmp_path, monkeypatch, capsys, inception_npz):
+    import numpy as np
+    from marval_jax.evaluation.inception import load_inception
+    from marval_jax.programs import evaluate as ev
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert ev.stats_cache_dir() == str(tmp_path / "cache" / "marval_jax" / "fid_stats")
+    spec, full = "raw:fashion_mnist/test", ev.real_images
+    monkeypatch.setattr(ev, "real_images", lambda s: full(s)[:12])  # 12 real images keep it fast
+    monkeypatch.setattr(ev, "REFERENCE_BATCH", 2)
+    monkeypatch.setattr(ev, "PROGRESS_EVERY", 3)                      # a progress line per 6 images
+    inception = load_inception(inception_npz)
+    mu, sigma = ev.reference_stats(spec, inception, inception_path=inception_npz)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"FID reference {spec}: computing Inception statistics of 12 images once")
+    assert [l.split(": ", 1)[1].split(",")[0] for l in lines[1:]] == ["6/12 images", "12/12 images"]
+    cached = os.listdir(ev.stats_cache_dir())
+    key = ev.reference_key(spec, full(spec)[:12], inception_npz)
+    assert cached == [f"fid_ref_raw_fashion_mnist_test_{key}.npz"]
+    # a second evaluation (any workdir: none is an input) reads the file and computes nothing: no Inception given
+    mu2, sigma2 = ev.reference_stats(spec, None, inception_path=inception_npz)
+    assert capsys.readouterr().out.startswith(f"FID reference {spec}: cached statistics")
+    np.testing.assert_array_equal(mu, mu2)
+    np.testing.assert_array_equal(sigma, sigma2)
+    # another image set or other Inception weights is another file, never the stale one
+    assert ev.reference_key(spec, full(spec)[1:13], inception_npz) != key  # same count, other images
+    other = tmp_path / "other_weights.npz"
+    other.write_bytes(open(inception_npz, "rb").read() + b"\0")
+    assert ev.reference_key(spec, full(spec)[:12], str(other)) != key
