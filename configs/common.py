@@ -79,7 +79,9 @@ def sample_config(**overrides) -> mlc.ConfigDict:
         use_ema=True,
         t_init=-1,                  # one-step generator timestep; -1 takes generator.t_init
         # --mode evaluate
-        fid_ref="",                 # stats npz (mu, sigma) or "raw:fashion_mnist/test" (computed once, cached)
+        # stats npz (mu, sigma) or "raw:fashion_mnist/test": raw statistics are computed once, with progress lines,
+        # and cached for every workdir in ~/.cache/marval_jax/fid_stats ($XDG_CACHE_HOME), keyed by images + Inception
+        fid_ref="",                 # stats npz (mu, sigma) or "raw:NAME/SPLIT" (computed once, cached in ~/.cache)
         pr_num_real=0,              # > 0: precision/recall against that many real images of fid_ref (raw: only)
         classifier="",              # eval-copy classifier dir; "" = the committed default for the data set
         crop=0,                     # > 0: center-crop generated images to crop x crop (32 -> 28 for MNIST family)

@@ -12,7 +12,16 @@ SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null && SUDO="sudo"
 
 if [ ! -d /usr/share/datasets/fashion-mnist ]; then
   if command -v apt-get >/dev/null; then
-    $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null
+    # quiet when it works; apt's whole output when it fails (a missing sources entry, a held lock, no network)
+    APT_LOG="$(mktemp)"
+    if ! { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >"$APT_LOG" 2>&1; then
+      cat "$APT_LOG" >&2
+      echo "error: apt-get could not install dataset-fashion-mnist (its output above); fix apt or pass" \
+           "--config.data.raw_dir to a folder holding the Fashion-MNIST files" >&2
+      rm -f "$APT_LOG"
+      exit 1
+    fi
+    rm -f "$APT_LOG"
   else
     echo "warning: apt-get not found; install Debian's dataset-fashion-mnist or pass --config.data.dir" >&2
   fi

@@ -7,6 +7,10 @@
     python -m marval_jax.main --mode=evaluate --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny \
         --config.sample.fid_ref=raw:fashion_mnist/test --config.sample.crop=28
     python -m marval_jax.main --mode=demo --config=configs/demo.py --workdir=/tmp/marval_demo   # embedded default
+    python -m marval_jax.main --mode=show_config --config=configs/mar.py:tiny    # variants, fields, defaults
+
+Library log lines (orbax, absl, jax) below WARNING are hidden: a tiny run's log would be mostly orbax's INFO lines.
+`--log_level=info` (or `--verbose`) shows them; this package's own lines are always shown.
 
 Configs are locked: `--config.train.num_stpes=5` is an error naming the nearest valid fields. The whole config is
 validated (`marval_jax.config_checks`) before anything is compiled or read. User errors (a bad flag, config field,
@@ -16,7 +20,9 @@ importable modules; this file parses flags. `cli(argv)` runs the command line in
 from __future__ import annotations
 
 import difflib
+import logging
 import os
+import re
 import sys
 
 from absl import flags
@@ -24,7 +30,8 @@ from ml_collections import config_flags
 
 from marval_jax.user_errors import UserError, call_cli, one_line, report, verbose_requested
 
-MODES = ("train", "distill", "rl", "sample", "evaluate", "demo")
+MODES = ("train", "distill", "rl", "sample", "evaluate", "demo", "show_config")
+LOG_LEVELS = ("debug", "info", "warning", "error")
 
 FLAGS = flags.FLAGS
 
@@ -39,8 +46,23 @@ def define_flags(flag_values: flags.FlagValues = FLAGS, argv: list[str] | None =
     flags.DEFINE_enum("mode", "train", MODES, "What to run.", flag_values=flag_values)
     flags.DEFINE_string("out", "", "sample: output directory (default <workdir>/samples_final).",
                         flag_values=flag_values)
-    flags.DEFINE_bool("verbose", False, "Print the traceback of user errors too.", flag_values=flag_values)
+    flags.DEFINE_bool("verbose", False, "Print the traceback of user errors too, and library INFO log lines.",
+                      flag_values=flag_values)
+    flags.DEFINE_enum("log_level", "warning", LOG_LEVELS, "Lowest level of library (orbax, absl, jax) log lines "
+                      "shown; this package's own lines are always shown.", flag_values=flag_values)
     return flag_values
+
+
+TEST_VARIANTS = ("tiny", "test")
+
+
+def tiny_note(config) -> str | None:
+    """The log's note for a test-sized variant: its models train for seconds, so its sample grids are noise."""
+    variant = str(config.get("variant", "")) if hasattr(config, "get") else ""
+    if variant in TEST_VARIANTS:
+        return (f"note: config variant {variant!r} is a test-sized model trained for seconds; its sample grids are "
+                f"noise by design (configs/mar.py:fmnist or the demo show real images)")
+    return None
 
 
 def run(mode: str, config, workdir: str, out: str = ""):
@@ -52,6 +74,9 @@ def run(mode: str, config, workdir: str, out: str = ""):
     if mesh is not None:
         mesh_lib.maybe_initialize_distributed(mesh)
     config_checks.validate(mode, config, workdir, out)  # before any compile or data read
+    note = tiny_note(config) if mode in ("train", "distill", "rl", "sample", "evaluate") else None
+    if note:
+        print(note, flush=True)
     if mode == "train":
         from marval_jax.train.loop import train
         from marval_jax.train.mar_task import make_mar_task
@@ -74,6 +99,54 @@ def run(mode: str, config, workdir: str, out: str = ""):
         from marval_jax.programs.demo import run_demo
         return run_demo(config, workdir)
     raise UserError(f"unknown mode {mode!r}; choose one of {MODES}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# show_config: a config file's variants and fields
+# ---------------------------------------------------------------------------------------------------------------
+_COMMENTED = re.compile(r"^\s*(\w+)\s*=[^#]*#\s*(.+?)\s*$")
+
+
+def _field_notes(paths: list[str]) -> dict[str, str]:
+    """Leaf name -> its one-line comment in the config sources (`name=value,  # meaning`), names with one meaning."""
+    seen: dict[str, set[str]] = {}
+    for path in paths:
+        if not os.path.isfile(path):
+            continue
+        with open(path) as f:
+            for line in f:
+                m = _COMMENTED.match(line)
+                if m:
+                    seen.setdefault(m.group(1), set()).add(m.group(2))
+    return {k: next(iter(v)) for k, v in seen.items() if len(v) == 1}
+
+
+def _flatten(node, prefix: str = ""):
+    for key in node.keys():
+        value = node[key]
+        path = f"{prefix}{key}"
+        if hasattr(value, "keys"):
+            yield from _flatten(value, path + ".")
+        else:
+            yield path, value
+
+
+def show_config(spec: str, config) -> str:
+    """The text of `--mode=show_config`: the file's variants, then every field (override name, value, meaning)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    path, _, variant = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_shown_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    variants = getattr(module, "VARIANTS", None)
+    lines = [f"{path}: " + (f"variants {', '.join(variants)} (--config={path}:<variant>)" if variants
+                            else "no variants"),
+             f"fields of --config={spec} (override with --config.<field>=<value>):"]
+    notes = _field_notes([path, os.path.join(os.path.dirname(path), "common.py")])
+    for name, value in _flatten(config):
+        note = notes.get(name.rsplit(".", 1)[-1])
+        lines.append(f"  {name} = {value!r}" + (f"    # {note}" if note else ""))
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -147,12 +220,42 @@ def _flag_error_line(exc: BaseException, argv: list[str]) -> str | None:
     return f"--config={spec}: {one_line(cause)}" if user_cause else None
 
 
-def _main(fv: flags.FlagValues, rest: list[str]):
+def _main(fv: flags.FlagValues, rest: list[str], argv: list[str]):
     if len(rest) > 1:
         raise UserError(f"unexpected arguments: {rest[1:]} (flags are --name=value)")
+    if fv.mode == "show_config":
+        if fv.config is None:
+            raise UserError("--mode=show_config needs --config, e.g. --config=configs/mar.py:tiny")
+        print(show_config(_config_arg(argv), fv.config), flush=True)
+        return 0
     if fv.config is None or fv.workdir is None:
         raise UserError("--config and --workdir are required, e.g. --config=configs/mar.py:tiny --workdir=/tmp/run")
     return run(fv.mode, fv.config, fv.workdir, fv.out)
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class LibraryLogFilter(logging.Filter):
+    """Drops library log records (orbax, absl, jax: any source file outside this package) below `level`."""
+
+    def __init__(self, level: int):
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= self.level or record.pathname.startswith(_PACKAGE_DIR)
+
+
+def configure_logging(library_level: str = "warning") -> None:
+    """absl's handler at INFO for this package's lines; library lines below `library_level` dropped."""
+    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
+    absl_logging.use_absl_handler()
+    absl_logging.set_verbosity(absl_logging.DEBUG if library_level == "debug" else absl_logging.INFO)
+    handler = absl_logging.get_absl_handler()
+    for f in [f for f in handler.filters if isinstance(f, LibraryLogFilter)]:
+        handler.removeFilter(f)
+    handler.addFilter(LibraryLogFilter(getattr(logging, library_level.upper())))
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -173,10 +276,8 @@ def cli(argv: list[str] | None = None) -> int:
         return report(UserError(line))
     if not FLAGS.is_parsed():  # libraries that read absl flags (grain's workers) see the defaults
         FLAGS.mark_as_parsed()
-    from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-    absl_logging.use_absl_handler()
-    absl_logging.set_verbosity(absl_logging.INFO)
-    result = call_cli(lambda: _main(fv, rest), argv)
+    configure_logging("info" if fv.verbose else fv.log_level)
+    result = call_cli(lambda: _main(fv, rest, argv), argv)
     return result if isinstance(result, int) and not isinstance(result, bool) else 0
 
 

@@ -29,6 +29,8 @@ def best_teacher_cfg(assets: str) -> float:
 
 
 def run_demo(config, workdir: str) -> dict:
+    print(f"demo: sampling the shipped Fashion-MNIST teacher, MARVAL student and RL student into {workdir}; each "
+          f"sampler is compiled first (about a minute on a 2-core CPU), then timed", flush=True)
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.grid import save_grid
     from marval_jax.sampling import ar_sampler
@@ -76,6 +78,7 @@ def run_demo(config, workdir: str) -> dict:
         sample = jax.jit(lambda p, lb, r: decode(fn(p, lb, r)),
                          in_shardings=(layout.replicated, layout.sharding(1), layout.replicated),
                          out_shardings=layout.sharding(4))
+        print(f"{role}: compiling its sampler (K = {config.num_iter}, batch {n}) ...", flush=True)
         t0 = time.time()
         compiled = sample.lower(params, lab, rng).compile()  # ahead of time: the timed call is the only run
         compile_s = time.time() - t0

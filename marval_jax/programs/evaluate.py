@@ -13,6 +13,9 @@ Multi-process (a pod): every process runs `evaluate` with the same config. Each 
 batch, the Inception and the classifier run on the devices that hold the images, and only features / predictions
 are gathered (`multihost_utils.process_allgather`), so a 50k-sample FID is split across all devices. Process 0
 writes the grid, the JSON, the sample statistics `<tag>_stats.npz` and the cached reference statistics.
+Reference statistics of a "raw:" source are computed once per (images, Inception weights) and cached outside the
+workdir, in `$XDG_CACHE_HOME/marval_jax/fid_stats/` (~/.cache by default), so every later workdir reuses them; the
+computation (about 50 minutes for 10k images on a CPU) prints a progress line every 2,000 images.
 With N <= 2048 samples the FID's trace term is computed exactly from an N x N matrix (`fid.frechet_distance_few`).
 Files go through etils.epath: `--out` (default <workdir>/eval), `sample.fid_ref` and the Inception weights may be
 gs:// paths.
@@ -20,7 +23,10 @@ gs:// paths.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
+import time
 
 import jax
 import numpy as np
@@ -29,7 +35,7 @@ from marval_jax import config_checks
 from marval_jax.evaluation import fid as fid_lib
 from marval_jax.evaluation.files import as_path, write_npz
 from marval_jax.evaluation.grid import save_grid
-from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
+from marval_jax.evaluation.inception import DEFAULT_NPZ, inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
 from marval_jax.programs.sample import Sampler, is_writer, sample_tag, uint8_images
 from marval_jax.user_errors import UserError
@@ -59,18 +65,59 @@ def _raw_kw(config) -> dict:
     return {"raw_dir": raw_dir} if raw_dir else {}
 
 
-def reference_stats(spec: str, inception, cache_dir: str, layout=None, **raw_kw) -> tuple[np.ndarray, np.ndarray]:
+REFERENCE_BATCH = 200        # images per Inception call while computing reference statistics
+PROGRESS_EVERY = 10          # ... and one progress line per this many calls
+
+
+def stats_cache_dir() -> str:
+    """Where raw-data reference statistics are cached, shared by every workdir: $XDG_CACHE_HOME/marval_jax/fid_stats
+    (default ~/.cache/marval_jax/fid_stats)."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "marval_jax", "fid_stats")
+
+
+def reference_key(spec: str, images: np.ndarray, inception_path: str | None) -> str:
+    """The cache name of a reference's statistics: a hash of the spec, of the reference images themselves (so another
+    raw_dir, split or subset never reads a stale file) and of the Inception weights file's bytes."""
+    h = hashlib.sha256()
+    h.update(spec.encode())
+    h.update(str(images.shape).encode())
+    h.update(np.ascontiguousarray(images).tobytes())
+    weights = as_path(os.path.expanduser(inception_path or DEFAULT_NPZ))
+    h.update(weights.read_bytes() if weights.exists() else str(weights).encode())
+    return h.hexdigest()[:16]
+
+
+def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=None, inception_path: str | None = None,
+                    **raw_kw) -> tuple[np.ndarray, np.ndarray]:
     """(mu, sigma) of `sample.fid_ref`: a statistics .npz, or a raw data set's statistics, computed once (split
-    over `layout`'s devices) and cached in `cache_dir` by process 0. Every process takes the same branch: the cache's
-    existence is process 0's answer, broadcast (the computation is a collective every process must enter)."""
+    over `layout`'s devices, a progress line every PROGRESS_EVERY batches) and cached by process 0 as
+    `<cache_dir>/fid_ref_<name>_<reference_key>.npz` (cache_dir None: `stats_cache_dir()`, shared by all workdirs).
+    Every process takes the same branch: the cache's existence is process 0's answer, broadcast (the computation is
+    a collective every process must enter)."""
     if spec.endswith(".npz"):
         return fid_lib.load_statistics(spec)
-    path = as_path(cache_dir) / ("fid_ref_" + spec.replace(":", "_").replace("/", "_") + ".npz")
+    images = real_images(spec, **raw_kw)
+    name = spec.replace(":", "_").replace("/", "_")
+    path = as_path(cache_dir or stats_cache_dir()) / f"fid_ref_{name}_{reference_key(spec, images, inception_path)}.npz"
     if _agreed(path.exists()):
+        if is_writer():
+            print(f"FID reference {spec}: cached statistics {path}", flush=True)
         return fid_lib.load_statistics(path)
-    feats = inception_features(inception, real_images(spec, **raw_kw), layout=layout)
-    mu, sigma = fid_lib.statistics_from_features(feats)
+    acc = fid_lib.StatsAccumulator()
+    chunk, start = REFERENCE_BATCH * PROGRESS_EVERY, time.time()
     if is_writer():
+        print(f"FID reference {spec}: computing Inception statistics of {len(images)} images once (cached in "
+              f"{path})", flush=True)
+    for lo in range(0, len(images), chunk):
+        acc.update(inception_features(inception, images[lo:lo + chunk], REFERENCE_BATCH, layout=layout))
+        done, elapsed = min(lo + chunk, len(images)), time.time() - start
+        if is_writer():
+            print(f"FID reference {spec}: {done}/{len(images)} images, {elapsed:.0f} s, about "
+                  f"{elapsed / done * (len(images) - done):.0f} s left", flush=True)
+    mu, sigma = acc.finalize()
+    if is_writer():
+        path.parent.mkdir(parents=True, exist_ok=True)
         fid_lib.save_statistics(path, mu, sigma)
     return mu, sigma
 
@@ -129,7 +176,8 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
     out = as_path(out or as_path(workdir) / "eval")
     if is_writer():
         out.mkdir(parents=True, exist_ok=True)
-    ref_mu, ref_sigma = reference_stats(sc.fid_ref, inception, out, layout=layout, **raw_kw)
+    ref_mu, ref_sigma = reference_stats(sc.fid_ref, inception, layout=layout, inception_path=sc.inception or None,
+                                         **raw_kw)
     fid = (fid_lib.frechet_distance_few(feats, ref_mu, ref_sigma) if len(feats) <= feats.shape[1]
            else fid_lib.frechet_distance(mu, sigma, ref_mu, ref_sigma))
     report = {"source": source, "settings": sc.to_dict(), "num_images": int(len(feats)), **sampler.timing,

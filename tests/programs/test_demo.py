@@ -18,9 +18,14 @@ def _config(**fields):
     return cfg
 
 
-def test_demo_samples_every_shipped_model(tmp_path):
+def test_demo_samples_every_shipped_model(tmp_path, capsys):
     out = str(tmp_path / "demo")
     report = demo.run_demo(_config(per_class=1, num_iter=2, teacher_steps="2"), out)
+    printed = capsys.readouterr().out.splitlines()
+    # what it is doing comes first, before the first compile (the demo used to be silent for ~80 s)
+    assert printed[0].startswith("demo: sampling the shipped") and out in printed[0]
+    assert printed[1].startswith(f"{demo.ROLES[0]}: compiling its sampler")
+    assert sum("compiling its sampler" in line for line in printed) == len(demo.ROLES)
     with open(os.path.join(out, "demo.json")) as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(report))
