@@ -143,7 +143,7 @@ def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec:
     st = RLSettings.from_config(rl_cfg, generator_cfg)
     st.validate(model_cfg.seq_len)
     if spec is None:
-        spec = sampler_spec(st.num_iter, iter_field="rl.num_iter")
+        spec = sampler_spec(st.num_iter, num_buckets=SamplerSpec.num_buckets, iter_field="rl.num_iter")
     if spec.cfg != 1.0:
         raise ValueError(f"the RL sampler has no CFG (the guidance is distilled into the generator), got cfg {spec.cfg}")
     plan = make_plan(spec, seq_len=model_cfg.seq_len, buffer_size=model_cfg.buffer_size,

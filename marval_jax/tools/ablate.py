@@ -270,6 +270,9 @@ def evaluate_variant(config, workdir: str, cache_dir: str) -> dict:
     return out
 
 
+SWITCHES = "gsim_switches"   # the frozen-input key of the traced switch values
+
+
 def distill_task(config):
     """`--mode=distill`'s task (train/distill_task.py) with GSIM's real-valued switches (losses.gsim.NUMERIC_SWITCHES:
     l2_weight, guidance_scale, huber_r, t range, logit-normal law, noise_scale) passed into the jitted step as
@@ -280,20 +283,22 @@ def distill_task(config):
     from marval_jax.train.distill_task import make_distill_task
     from marval_jax.models.factory import model_config
     task = make_distill_task(config)
-    if task.frozen is not None:   # the task passes arguments of its own: leave it as it is
-        return task
     values = gsim.switch_values(gsim.settings_from_config(config.gsim, config.generator, model_config(config)))
     step, sample = task.train_step, task.sample_images
 
-    def train_step(state, batch, switches):
+    def split(frozen):
+        rest = dict(frozen)
+        return rest, rest.pop(SWITCHES)
+
+    def train_step(state, batch, frozen):
+        rest, switches = split(frozen)
         with gsim.traced_switches(switches):
-            return step(state, batch)
+            return step(state, batch, rest)
 
-    def sample_images(state, rng, switches):
-        del switches   # the one-step sampler reads none of them
-        return sample(state, rng)
+    def sample_images(state, rng, frozen):
+        return sample(state, rng, split(frozen)[0])   # the one-step sampler reads no switch
 
-    return dataclasses.replace(task, train_step=train_step, frozen=values,
+    return dataclasses.replace(task, train_step=train_step, frozen={**(task.frozen or {}), SWITCHES: values},
                                sample_images=sample_images if sample is not None else None)
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from marval_jax.checkpoints import manager as ckpt
 from marval_jax.checkpoints import workdir_lock
-from marval_jax.evaluation.grid import save_grid
+from marval_jax.evaluation.grid import make_grid, save_grid
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
@@ -337,7 +337,7 @@ class _Run:
         tc, task = self.tc, self.task
         sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
         profiler = StepProfiler(tc.get("profile_steps", ()), self.workdir)
-        with writers.MultiWriter(self.workdir) as writer, contextlib.closing(profiler):
+        with writers.MultiWriter(self.workdir, hparams=self.cfg_json) as writer, contextlib.closing(profiler):
             t0, seen, window = time.time(), 0, None
             for step in range(start, tc.num_steps):
                 profiler.before(step + 1)
@@ -368,6 +368,7 @@ class _Run:
                                                       *self.extra))
                     if jax.process_index() == 0:
                         save_grid(os.path.join(self.workdir, "samples", f"step_{done:08d}.png"), images)
+                        writer.write_images(done, {"samples": make_grid(images)})
                 if must_save and ckpt.save(self.manager, done, state, self.data_iter, self.cfg_json, force=True):
                     self.last_ckpt = done
                 if stop:

@@ -1,6 +1,7 @@
 """teacher -> GSIM distillation (checkpoint, resume) -> student samples -> RL with the classifier reward (resume),
 through the real task entry points on the tiny configs."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -34,6 +35,12 @@ def test_distill_then_rl_resume(tmp_path, tiny_teacher):
     run("distill", d(4), student)  # resumes at 2
     assert sorted(os.listdir(os.path.join(student, "checkpoints"))) == ["2", "4"]
     assert os.path.exists(os.path.join(student, "samples", "step_00000004.png"))
+    # the loop also sends the grid and the run's config to TensorBoard (train/writers.py)
+    from tests.train.test_writers import read_events
+    events = [e for f in pathlib.Path(student, "tensorboard").iterdir() for e in read_events(f)]
+    values = [(e.step, v) for e in events for v in e.summary.value]
+    assert [s for s, v in values if v.HasField("image") and v.tag == "samples"] == [4]
+    assert any(v.metadata.plugin_data.plugin_name == "hparams" for _, v in values)
     report = run("sample", _cfg(marval_configs, **{"sample.num_images": 4, "sample.batch_size": 4}), student)
     assert report["sampler"] == "onestep" and report["num_images"] == 4
     with np.load(os.path.join(student, "samples_final", "onestep_K4.npz")) as z:
