@@ -1,6 +1,8 @@
 """Pieces shared by the config families: argument parsing, mesh, training, sampling and data defaults."""
 from __future__ import annotations
 
+import copy
+
 import ml_collections as mlc
 
 
@@ -10,6 +12,21 @@ def parse_arg(arg: str | None, allowed: tuple[str, ...], default: str) -> str:
     if arg not in allowed:
         raise ValueError(f"unknown config variant {arg!r}; choose one of {', '.join(allowed)}")
     return arg
+
+
+def with_fields(cfg: mlc.ConfigDict, fields: dict) -> mlc.ConfigDict:
+    """A copy of a (locked) config with dotted `fields` set, e.g. {"train.num_steps": 2}; locked again, so a
+    misspelt field fails as on the command line."""
+    out = copy.deepcopy(cfg)
+    out.unlock()
+    for key, value in fields.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    out.lock()
+    return out
 
 
 def mesh_config(data: int = -1, fsdp: int = 1, tensor: int = 1) -> mlc.ConfigDict:

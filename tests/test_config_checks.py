@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import demo as demo_configs, mar as mar_configs, marval as marval_configs, marval_rl as rl_configs
+from configs.common import with_fields
 from marval_jax import config_checks
 from marval_jax.main import run
 from marval_jax.user_errors import UserError
@@ -47,16 +48,7 @@ def refused(mode, config, workdir, *needles):
 
 
 def cfg(module, variant="tiny", **fields):
-    c = module.get_config(variant)
-    c.unlock()
-    for k, v in fields.items():
-        node = c
-        *parts, last = k.split(".")
-        for p in parts:
-            node = node[p]
-        node[last] = v
-    c.lock()
-    return c
+    return with_fields(module.get_config(variant), fields)
 
 
 @pytest.fixture

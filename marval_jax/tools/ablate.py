@@ -107,17 +107,8 @@ def parse_value(cfg, key: str, text: str, where: str):
 
 def apply(cfg, overrides: dict):
     """A copy of `cfg` with the dotted `overrides` set (locked again)."""
-    import copy
-    out = copy.deepcopy(cfg)
-    out.unlock()
-    for key, value in overrides.items():
-        node = out
-        *parts, last = key.split(".")
-        for p in parts:
-            node = node[p]
-        node[last] = value
-    out.lock()
-    return out
+    from configs.common import with_fields  # pylint: disable=import-outside-toplevel
+    return with_fields(cfg, overrides)
 
 
 def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:

@@ -11,6 +11,7 @@ import pytest
 from etils import epath
 
 from configs import mar as mar_configs, marval as marval_configs
+from configs.common import with_fields
 from marval_jax.data import latent_cache as lc
 
 ROOT = "gs://bucket"
@@ -18,15 +19,7 @@ ROOT = "gs://bucket"
 
 def _cfg(module_or_cfg, **fields):
     cfg = module_or_cfg.get_config("tiny") if hasattr(module_or_cfg, "get_config") else module_or_cfg
-    cfg.unlock()
-    for k, v in fields.items():
-        node = cfg
-        *parts, last = k.split(".")
-        for p in parts:
-            node = node[p]
-        node[last] = v
-    cfg.lock()
-    return cfg
+    return with_fields(cfg, fields)
 
 
 def _no_local_gs_folder(*dirs):

@@ -7,19 +7,11 @@ import numpy as np
 import pytest
 
 from configs import marval as marval_configs, marval_rl as rl_configs
+from configs.common import with_fields
 
 
 def _cfg(module, variant="tiny", **fields):
-    cfg = module.get_config(variant)
-    cfg.unlock()
-    for k, v in fields.items():
-        node = cfg
-        *parts, last = k.split(".")
-        for p in parts:
-            node = node[p]
-        node[last] = v
-    cfg.lock()
-    return cfg
+    return with_fields(module.get_config(variant), fields)
 
 
 def test_distill_then_rl_resume(tmp_path, tiny_teacher):
