@@ -4,6 +4,8 @@ sections 1-2, docs/gsim.md).
 Variants (the model is the teacher's, from configs/mar.py):
   tiny    a few-second CPU smoke run on the tiny Fashion-MNIST MAR of configs/mar.py:tiny
   fmnist  the Fashion-MNIST student of the end-to-end reproduction (teacher: configs/mar.py:fmnist)
+  fmnist_l  the student of the larger teacher configs/mar.py:fmnist_l (docs/reproduction.md): EMA decay 0.99, so
+            that a run of a few thousand steps exports its trained weights, not the teacher-initialised average
   base / large / huge   MARVAL-B/L/H on ImageNet 256 with cached KL-16 latents (teachers: MAR-B/L/H)
 
 Run (teacher_ckpt is required: "" is an error at run time):
@@ -122,11 +124,16 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     if variant == "tiny":
         cfg.train = common.train_config(global_batch_size=16, num_steps=20, warmup_steps=0, log_every=5,
                                         ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4)
-    elif variant == "fmnist":
+    elif variant in ("fmnist", "fmnist_l"):
         # a 2.2M-parameter model tolerates a larger step than the ImageNet defaults (1e-5)
         cfg.generator.lr = cfg.fake_score.lr = 5e-5
         cfg.train = common.train_config(global_batch_size=256, num_steps=6000, warmup_steps=0, log_every=100,
                                         ckpt_every=1000, sample_every=2000, sample_num_iter=16)
+        if variant == "fmnist_l":
+            # The generator starts as the teacher's head at t_init, i.e. a blurred conditional mean; with decay
+            # 0.999 a 1252-step run exported an EMA holding 0.999^1252 = 29% of that start (docs/results.md: the
+            # collapsed, blurred student of 2026-11-29). 0.99 forgets it within a few hundred steps.
+            cfg.generator.ema_decay = 0.99
     else:
         # 30 ImageNet epochs per scale (the reported budget); the batch size is not reported [I].
         steps_per_epoch = 1_281_167 // 512

@@ -6,6 +6,8 @@ decoded samples, L = - rl.reward_scale * E[R(decode(G(z, c, K)))] + rl.reg_weigh
 Variants:
   tiny    a few-second CPU smoke run: the tiny Fashion-MNIST model of configs/mar.py, K = 4, classifier reward
   fmnist  the Fashion-MNIST reproduction: classifier log-prob reward trained by marval_jax.tools.train_classifier
+  fmnist_l  the same for the student of configs/marval.py:fmnist_l, EMA decay 0.99 (a 222-step run's 0.999 EMA
+            exported 80% of the starting student: docs/results.md)
   base / large / huge   MARVAL-B/L/H on ImageNet 256 (KL-16 latents), PickScore reward on class-name prompts
 
 Run:
@@ -23,7 +25,7 @@ import ml_collections as mlc
 from configs import common, marval
 from configs import mar
 
-VARIANTS = ("tiny", "fmnist", "base", "large", "huge")
+VARIANTS = ("tiny", "fmnist", "fmnist_l", "base", "large", "huge")
 
 FMNIST_REWARD = "marval_jax/evaluation/weights/fashion_mnist_reward"
 PROMPT_TEMPLATE = "a high-quality and harmonious picture of {class}"
@@ -48,7 +50,7 @@ def generator_config(lr: float, t_init: int = -1, trainable: str = "all") -> mlc
 
 
 def rl_config(variant: str) -> mlc.ConfigDict:
-    small = variant in ("tiny", "fmnist")
+    small = variant in ("tiny", "fmnist", "fmnist_l")
     return mlc.ConfigDict(dict(
         num_iter=4 if variant == "tiny" else 64,  # K AR iterations of the sampled trajectory
         backprop_steps=-1,          # -1: gradient through all K iterations; k: only the last k carry gradient
@@ -77,18 +79,20 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.teacher_ckpt = ""   # rl.regularizer = "gsim": the MAR teacher's checkpoint directory (required then)
     cfg.fake_ckpt = ""      # rl.regularizer = "gsim": frozen fake score's checkpoint ("" = the teacher)
     cfg.rl = rl_config(variant)
-    cfg.generator = generator_config(lr=1e-5 if variant in ("tiny", "fmnist") else 1e-6)
+    cfg.generator = generator_config(lr=1e-5 if variant in ("tiny", "fmnist", "fmnist_l") else 1e-6)
     cfg.mesh = common.mesh_config()
     if variant == "tiny":
         cfg.train = common.train_config(global_batch_size=8, num_steps=10, warmup_steps=0, log_every=5,
                                         ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4)
         cfg.data = common.data_config(name="fashion_mnist", split="train[:512]", read_threads=1, prefetch=8)
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
-    elif variant == "fmnist":
+    elif variant in ("fmnist", "fmnist_l"):
         cfg.train = common.train_config(global_batch_size=64, num_steps=600, warmup_steps=0, log_every=25,
                                         ckpt_every=100, sample_every=200, sample_num_iter=64)
         cfg.data = common.data_config(name="fashion_mnist")
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+        if variant == "fmnist_l":
+            cfg.generator.ema_decay = 0.99
     else:
         cfg.train = common.train_config(global_batch_size=64, num_steps=2000, warmup_steps=0, log_every=20,
                                         ckpt_every=200, sample_every=500, sample_num_iter=64)
@@ -103,7 +107,7 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.sample = common.sample_config(sampler="onestep", num_iter=cfg.rl.num_iter, cfg=1.0, t_init=-1, noise_scale=-1.0,
                                       num_images=16 if variant == "tiny" else 64,
                                       batch_size=16 if variant == "tiny" else 64,
-                                      crop=28 if variant == "fmnist" else 0,
-                                      fid_ref="raw:fashion_mnist/test" if variant == "fmnist" else "")
+                                      crop=28 if variant.startswith("fmnist") else 0,
+                                      fid_ref="raw:fashion_mnist/test" if variant.startswith("fmnist") else "")
     cfg.lock()
     return cfg

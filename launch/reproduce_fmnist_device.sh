@@ -4,21 +4,52 @@
 # the checkout, so earlier calls of the same warm machine left them, split, in /tmp/stash (chunk0..N + pack.sha).
 #   STAGE=first   unpack, data floor, train TEACHER_S seconds, FID curve of the kept checkpoints
 #   STAGE=more    resume the training in /tmp/w for TEACHER_S seconds, FID curve of the new checkpoints
+#   STAGE=distill GSIM student (configs/marval.py:fmnist_l, STUDENT_S s) and RL student (RL_S s) from the exported
+#                 teacher, then the results table (tools/results.py run, 10k samples, RESULTS_S s at most)
+#   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
 STAGE=${STAGE:-first}; TEACHER_S=${TEACHER_S:-300}; CURVE_S=${CURVE_S:-120}
+STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLATE_STEPS=${ABLATE_STEPS:-300}
 X=/tmp/stash/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l
 log() { echo "[$(date +%T)] $*"; }
 if [ ! -d $X ]; then
   log unpack; cat /tmp/stash/chunk? > /tmp/stash/pack.tar && (cd /tmp/stash && echo "$(cat pack.sha | cut -d' ' -f1)  pack.tar" | sha256sum -c -) || exit 3
   mkdir -p $X && tar -xf /tmp/stash/pack.tar -C $X && rm /tmp/stash/pack.tar || exit 3
 fi
-if [ ! -d /tmp/site ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $X/whl/*.whl || exit 3
+if [ ! -d /tmp/site ]; then   # the checkout's carried .whl when present (newer than the packed copy)
+  WHL=$X/whl; [ -d .whl ] && WHL=.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 3
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# the default locations every tool reads (data/raw_datasets.py, evaluation/inception.py): no per-tool flags
+mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist \
+    && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
 nvidia-smi --query-gpu=name --format=csv,noheader
+if [ "$STAGE" = distill ]; then
+  log "student $STUDENT_S s, rl $RL_S s"
+  python3 -m marval_jax.programs.reproduce --workdir=$W --stages=student,rl --config student=configs/marval.py:fmnist_l \
+      --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
+      --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
+      --set student:train.sample_every=0 --set rl:train.sample_every=0
+  log "results $RESULTS_S s"
+  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=1.5,2.5,4.0 \
+      --time-budget=$RESULTS_S
+  mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl
+  tar -czf $OUT/distill.tgz -C $W export/stages.json m results   # one file: at most 8 come back
+  (cd $W/export && tar -cf - fmnist_student fmnist_rl | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
+  log done; exit 0
+fi
+if [ "$STAGE" = ablate ]; then
+  log "ablate $ABLATE_STEPS steps per variant"
+  python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=$W/export/fmnist_teacher \
+      --variants=configs/ablations/fmnist_gsim.json --steps=$ABLATE_STEPS --eval_samples=2000 --out=$W/ablate \
+      --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss
+  (cd $W/ablate && tar -czf $OUT/ablate.tgz --ignore-failed-read plan.json ablation.md ablation.json *.png \
+      runs/*/metrics.jsonl runs/*/*.json)
+  log done; exit 0
+fi
 if [ "$STAGE" = first ]; then
   log floor; python3 -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
       --raw-dir=$X/fmnist
