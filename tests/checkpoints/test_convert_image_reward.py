@@ -53,6 +53,9 @@ def test_strict_conversion_lists_all_problems():
     assert "unexpected: blip.itm_head.weight" in msg
     assert "mis-shaped: mlp.layers.2.weight" in msg
     assert "position_ids" not in msg and "proj" not in msg.replace("proj.weight", "").replace("/proj", "")
+    extra = {**release_state_dict(), "blip.text_decoder.cls.predictions.bias": np.zeros(50)}   # one extra key only
+    with pytest.raises(UserError, match="unexpected: blip.text_decoder.cls.predictions.bias"):
+        ci.convert_state_dict(extra, CONFIG)
 
 
 def test_cli_round_trip_and_refusal(tmp_path, capsys):
