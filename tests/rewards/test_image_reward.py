@@ -241,3 +241,17 @@ def test_reward_input_errors(tmp_path):
         blip.ImageRewardConfig.from_dict({"vision": V, "text": {**T, "encoder_width": 32}})
     with pytest.raises(UserError, match="unknown fields"):
         blip.ImageRewardConfig.from_dict({"text": {"hidden": 3}})
+
+
+def test_registered_by_name_in_a_fresh_process():
+    """make_reward imports marval_jax.rewards.image_reward itself (KNOWN_REWARD_MODULES): rl.reward=image_reward
+    works from the command line, where nothing imported the module before."""
+    import os
+    import subprocess
+    import sys
+    code = ("import sys; from marval_jax.rewards import registry as R; "
+            "assert 'marval_jax.rewards.image_reward' not in sys.modules; "
+            "assert 'image_reward' in R.available_rewards()")
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
