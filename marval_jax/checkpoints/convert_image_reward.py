@@ -42,7 +42,8 @@ PARAMS_FILE, CONFIG_FILE, VOCAB_FILE = "params.npz", "config.json", "vocab.txt"
 RELEASE_WEIGHTS = ("ImageReward.pt", "model.safetensors")
 UNUSED_PREFIXES = ("blip.vision_proj.", "blip.text_proj.")
 IGNORED_SUFFIXES = ("position_ids",)
-MLP_RELEASE_INDICES = (0, 2, 4, 6, 7)   # nn.Sequential(Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear)
+# the head is nn.Sequential(Linear, Dropout, Linear, Dropout, Linear, Dropout, Linear, Linear): its linears' indices
+MLP_RELEASE_INDICES = (0, 2, 4, 6, 7)
 # med_config.json fields that set TextConfig (the rest - dropouts, type_vocab_size, add_cross_attention - do not
 # change the inference computation)
 MED_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
@@ -110,7 +111,8 @@ class ImageRewardConfig:
     def from_dict(cls, d: Mapping[str, Any]) -> ImageRewardConfig:
         """From `to_dict()` output (or a partial dict: missing fields take the release's values)."""
         d = dict(d)
-        vision, text = _sub(VisionConfig, d.pop("vision", None), "vision"), _sub(TextConfig, d.pop("text", None), "text")
+        vision = _sub(VisionConfig, d.pop("vision", None), "vision")
+        text = _sub(TextConfig, d.pop("text", None), "text")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:

@@ -147,10 +147,30 @@ def _crop(images, size):
     return images[:, o:o + size, o:o + size]
 
 
-def image_reward_column(config, layout, labels: np.ndarray):
-    """`score(images, labels) -> (n,)` ImageReward of a sampled global batch against its class prompts, or None
-    when the config names no ImageReward (`rl.image_reward_checkpoint`, or `rl.reward == "image_reward"` with its
-    `rl.reward_config`). `labels`: every sample's class (prompts need classes: unconditional samples are refused)."""
+class ImageRewardColumn:
+    """The ImageReward column: `add(images, labels)` scores a sampled global batch against its class prompts on the
+    devices that hold it (only the scores are gathered); `result()` -> {"image_reward": mean, "image_reward_std"}."""
+
+    def __init__(self, reward, prompt_tokens, layout):
+        self.layout, self.scores = layout, []
+        self.params, self.tokens = layout.replicate(reward.params), layout.replicate(prompt_tokens)
+        self.fn = jax.jit(reward.fn)
+
+    def add(self, images, labels) -> np.ndarray:
+        lab = self.layout.put(self.layout.pad(np.asarray(labels, np.int32), images.shape[0]))
+        scores = self.layout.gather(self.fn(self.params, images, lab, self.tokens))[: len(labels)]
+        self.scores.append(scores)
+        return scores
+
+    def result(self) -> dict:
+        scores = np.concatenate(self.scores)
+        return {"image_reward": float(np.mean(scores)), "image_reward_std": float(np.std(scores))}
+
+
+def image_reward_column(config, layout, labels: np.ndarray) -> ImageRewardColumn | None:
+    """The ImageReward column, or None when the config names no ImageReward (`rl.image_reward_checkpoint`, or
+    `rl.reward == "image_reward"` with its `rl.reward_config`). `labels`: every sample's class (its prompt is the
+    class prompt, so unconditional samples are refused)."""
     rl = config.get("rl", None) if hasattr(config, "get") else None
     if rl is None:
         return None
@@ -168,14 +188,7 @@ def image_reward_column(config, layout, labels: np.ndarray):
     from marval_jax.train.rl_task import class_names
     reward = make_reward("image_reward", reward_config)
     tokens = reward.prepare(reward.params, format_prompts(rl.prompt_template, class_names(config)))
-    params, tokens = layout.replicate(reward.params), layout.replicate(tokens)
-    fn = jax.jit(reward.fn)
-
-    def score(images, batch_labels) -> np.ndarray:
-        lab = layout.put(layout.pad(np.asarray(batch_labels, np.int32), images.shape[0]))
-        return layout.gather(fn(params, images, lab, tokens))[: len(batch_labels)]
-
-    return score
+    return ImageRewardColumn(reward, tokens, layout)
 
 
 def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
@@ -200,7 +213,7 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
         classify = predict_sharded(cls_params, layout)
     image_reward = image_reward_column(config, layout, sampler.labels)
     crop = int(sc.crop)
-    feats, preds, grid, rewards = [], [], [], []
+    feats, preds, grid = [], [], []
     for images, lab, n in sampler.batches():
         if crop and images.shape[1] < crop:
             raise UserError(f"sample.crop={crop} is larger than the {images.shape[1]}px images; use 0 or <= "
@@ -209,7 +222,7 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
         if classify is not None:
             preds.append(classify(images)[:n])
         if image_reward is not None:
-            rewards.append(image_reward(images, lab))
+            image_reward.add(images, lab)
         if sum(len(g) for g in grid) < 100:
             grid.append(layout.gather(uint8_images(images))[:n])
     feats = np.concatenate(feats)
@@ -230,8 +243,7 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
         report["class_accuracy"] = float(np.mean(np.concatenate(preds) == sampler.labels))
         report["classifier"] = {k: cls_meta.get(k) for k in ("dataset", "copy", "seed", "test_accuracy")}
     if image_reward is not None:
-        rewards = np.concatenate(rewards)
-        report.update(image_reward=float(np.mean(rewards)), image_reward_std=float(np.std(rewards)))
+        report.update(image_reward.result())
     if is_writer():
         tag = sample_tag(config)
         save_grid(out / f"{tag}.png", np.concatenate(grid)[:100].astype(np.float32) / 127.5 - 1.0)

@@ -17,6 +17,10 @@ Parameter names mirror the released checkpoint's state dict (`ImageReward.pt`: `
 
 `preprocess` maps generated NHWC images in [-1, 1] to the encoder's input differentiably (bicubic resize of the
 shorter side, centre crop, BLIP / CLIP mean and std).
+
+The configs (`ImageRewardConfig`, `VisionConfig`, `TextConfig`) and the release's constants are defined in the
+converter, one layer below the rewards, so that it knows the parameter layout without importing this module; they
+are re-exported here.
 """
 from __future__ import annotations
 

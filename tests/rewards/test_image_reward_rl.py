@@ -1,6 +1,6 @@
 """rl.reward=image_reward end to end on the tiny RL config (random ImageReward weights, width 32; K = 2 AR
-iterations): the RL task loads it with its class prompts, one train step has a finite, non-zero gradient; and the ImageReward column of
---mode evaluate scores sampled batches against their class prompts."""
+iterations): the RL task loads it with its class prompts, one train step has a finite, non-zero gradient; and the
+ImageReward column of --mode evaluate scores sampled batches against their class prompts."""
 import jax
 import jax.numpy as jnp
 import ml_collections as mlc
@@ -63,7 +63,8 @@ def test_evaluate_column(vocab, tmp_path):
     from marval_jax.user_errors import UserError
 
     cfg = ImageRewardConfig.from_dict(TINY)
-    arrays = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(random_params(cfg, 3, std=0.2))}
+    params = random_params(cfg, 3, std=0.2)   # larger than the default 0.02: prompts then move the score visibly
+    arrays = {"/".join(map(str, p)): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(params)}
     save_image_reward(str(tmp_path), cfg, arrays, vocab)
     config = _config(image_reward_checkpoint=str(tmp_path))
     layout = GlobalBatches(config.mesh)
@@ -71,9 +72,9 @@ def test_evaluate_column(vocab, tmp_path):
     assert image_reward_column(marval_rl.get_config("tiny"), layout, labels) is None   # named nowhere: no column
     with pytest.raises(UserError, match="uncond"):
         image_reward_column(config, layout, np.array([-1, -1]))
-    score = image_reward_column(config, layout, labels)
+    column = image_reward_column(config, layout, labels)
     images = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (4, 32, 32, 1)), jnp.float32)  # padded batch of 4
-    got = score(layout.put(np.asarray(images)), labels)
+    got = column.add(layout.put(np.asarray(images)), labels)
     names = ["T-shirt/top", "Ankle boot", "Coat"]
     ids, mask = get_tokenizer(vocab)([f"a high-quality and harmonious picture of {n}" for n in names], 35)
     model = load_image_reward(str(tmp_path))
@@ -92,3 +93,7 @@ def test_evaluate_column(vocab, tmp_path):
     np.testing.assert_allclose(got, direct, rtol=0, atol=atol)
     other = jax.jit(lambda x, i, m: model(x, i, m))(images[:3], ids[::-1], mask[::-1])   # the prompts matter
     assert np.abs(np.asarray(other) - np.asarray(direct)).max() > 100 * atol
+    column.add(layout.put(np.asarray(images[::-1])), labels[:2])   # a last, partial batch: 2 of 4 rows
+    scores = np.concatenate([np.asarray(got), np.asarray(column.scores[1])])
+    assert column.scores[1].shape == (2,)
+    assert column.result() == {"image_reward": float(np.mean(scores)), "image_reward_std": float(np.std(scores))}
