@@ -55,12 +55,14 @@ def rl_config(variant: str) -> mlc.ConfigDict:
         num_iter=4 if variant == "tiny" else 64,  # K AR iterations of the sampled trajectory
         backprop_steps=-1,          # -1: gradient through all K iterations; k: only the last k carry gradient
         remat=True,                 # jax.checkpoint per AR iteration (keep only the carried tokens)
-        reward="classifier_logprob" if small else "pickscore",   # name in marval_jax.rewards.registry
+        reward="classifier_logprob" if small else "pickscore",   # classifier_logprob|clip_score|pickscore|image_reward
         # the reward's own config (make_reward(reward, reward_config)); checkpoint = its weights directory
         reward_config=dict(checkpoint=FMNIST_REWARD if small else "", dtype="float32"),
         reward_scale=1.0,
         prompt_template=PROMPT_TEMPLATE,   # text rewards: one prompt per class name
         class_names_file="",        # text rewards: one class name per line (ImageNet names ship in no package here)
+        # --mode evaluate: each sample scored against its class prompt ("" and reward != "image_reward": no column)
+        image_reward_checkpoint="",  # converted ImageReward dir (convert_image_reward): the image_reward column
         regularizer="none",         # "none" | "gsim" | "l2" (tokens of the frozen reference, same noise/orders)
         reg_weight=0.0,
         # regularizer="gsim": GSIM's generator loss on real-data contexts (docs/gsim.md), frozen teacher / fake

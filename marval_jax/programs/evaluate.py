@@ -19,6 +19,13 @@ computation (about 50 minutes for 10k images on a CPU) prints a progress line ev
 With N <= 2048 samples the FID's trace term is computed exactly from an N x N matrix (`fid.frechet_distance_few`).
 Files go through etils.epath: `--out` (default <workdir>/eval), `sample.fid_ref` and the Inception weights may be
 gs:// paths.
+
+ImageReward column (`image_reward`, `image_reward_std`: mean and standard deviation over the samples): with a
+configs/marval_rl.py config whose `rl.image_reward_checkpoint` names a converted ImageReward
+(`python -m marval_jax.checkpoints.convert_image_reward`), or whose `rl.reward` is "image_reward", each sample is
+scored against its class prompt (`rl.prompt_template` with the class names of `rl.class_names_file` or the data
+set's, the RL prompts). The reward is loaded before sampling (a missing checkpoint fails at once) and runs on the
+devices that hold the images; only the scores are gathered.
 """
 from __future__ import annotations
 
@@ -140,6 +147,50 @@ def _crop(images, size):
     return images[:, o:o + size, o:o + size]
 
 
+class ImageRewardColumn:
+    """The ImageReward column: `add(images, labels)` scores a sampled global batch against its class prompts on the
+    devices that hold it (only the scores are gathered); `result()` -> {"image_reward": mean, "image_reward_std"}."""
+
+    def __init__(self, reward, prompt_tokens, layout):
+        self.layout, self.scores = layout, []
+        self.params, self.tokens = layout.replicate(reward.params), layout.replicate(prompt_tokens)
+        self.fn = jax.jit(reward.fn)
+
+    def add(self, images, labels) -> np.ndarray:
+        lab = self.layout.put(self.layout.pad(np.asarray(labels, np.int32), images.shape[0]))
+        scores = self.layout.gather(self.fn(self.params, images, lab, self.tokens))[: len(labels)]
+        self.scores.append(scores)
+        return scores
+
+    def result(self) -> dict:
+        scores = np.concatenate(self.scores)
+        return {"image_reward": float(np.mean(scores)), "image_reward_std": float(np.std(scores))}
+
+
+def image_reward_column(config, layout, labels: np.ndarray) -> ImageRewardColumn | None:
+    """The ImageReward column, or None when the config names no ImageReward (`rl.image_reward_checkpoint`, or
+    `rl.reward == "image_reward"` with its `rl.reward_config`). `labels`: every sample's class (its prompt is the
+    class prompt, so unconditional samples are refused)."""
+    rl = config.get("rl", None) if hasattr(config, "get") else None
+    if rl is None:
+        return None
+    if rl.get("image_reward_checkpoint", ""):
+        reward_config = {"checkpoint": rl.image_reward_checkpoint}
+    elif rl.get("reward", "") == "image_reward":
+        reward_config = rl.reward_config.to_dict()
+    else:
+        return None
+    if int(np.min(labels)) < 0:
+        raise UserError("the ImageReward column scores each sample against its class prompt: set sample.labels to "
+                        "'cycle' or 'random' (not 'uncond'), or leave rl.image_reward_checkpoint empty")
+    from marval_jax.losses.rl import format_prompts
+    from marval_jax.rewards.registry import make_reward
+    from marval_jax.train.rl_task import class_names
+    reward = make_reward("image_reward", reward_config)
+    tokens = reward.prepare(reward.params, format_prompts(rl.prompt_template, class_names(config)))
+    return ImageRewardColumn(reward, tokens, layout)
+
+
 def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
     """Every process runs this with the same config (a pod's hosts): sampling, the Inception and the classifier run
     split over the global mesh's batch axes; features and predictions are gathered to every process (so each holds
@@ -160,15 +211,18 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
         cls_params, cls_meta = (load_classifier(sc.classifier) if sc.classifier
                                 else load_default_classifier(dataset, "eval"))
         classify = predict_sharded(cls_params, layout)
+    image_reward = image_reward_column(config, layout, sampler.labels)
     crop = int(sc.crop)
     feats, preds, grid = [], [], []
-    for images, _, n in sampler.batches():
+    for images, lab, n in sampler.batches():
         if crop and images.shape[1] < crop:
             raise UserError(f"sample.crop={crop} is larger than the {images.shape[1]}px images; use 0 or <= "
                             f"{images.shape[1]}")
         feats.append(features_of(_crop_uint8(images, crop if crop != images.shape[1] else 0))[:n])
         if classify is not None:
             preds.append(classify(images)[:n])
+        if image_reward is not None:
+            image_reward.add(images, lab)
         if sum(len(g) for g in grid) < 100:
             grid.append(layout.gather(uint8_images(images))[:n])
     feats = np.concatenate(feats)
@@ -188,6 +242,8 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
     if classify is not None:
         report["class_accuracy"] = float(np.mean(np.concatenate(preds) == sampler.labels))
         report["classifier"] = {k: cls_meta.get(k) for k in ("dataset", "copy", "seed", "test_accuracy")}
+    if image_reward is not None:
+        report.update(image_reward.result())
     if is_writer():
         tag = sample_tag(config)
         save_grid(out / f"{tag}.png", np.concatenate(grid)[:100].astype(np.float32) / 127.5 - 1.0)

@@ -28,6 +28,8 @@ Modules listed in `KNOWN_REWARD_MODULES` are imported lazily by `make_reward`, s
 Registered here:
 * `clip_score`: `scale * max(cos(image, prompt), clamp_min)` (default 100 and 0, as torchmetrics' CLIPScore).
 * `pickscore`: `exp(logit_scale) * cos(image, prompt)` with PickScore (CLIP-H) weights.
+* `image_reward` (in `marval_jax/rewards/image_reward.py`): ImageReward's BLIP score, whose `prepare` returns the
+  prompts' tokens (its text encoder attends to the image, so there is no image-free prompt embedding).
 
 Config keys of both (a dict, an `ml_collections.ConfigDict` or any object with attributes):
 `checkpoint` (directory written by `python -m marval_jax.checkpoints.convert_clip`) or `clip_config` (a
@@ -50,7 +52,7 @@ RewardFn = Callable[[Any, jax.Array, "jax.Array | None", Any], jax.Array]
 PrepareFn = Callable[[Any, Any], Any]
 Builder = Callable[[Any], "Reward"]
 
-KNOWN_REWARD_MODULES: tuple[str, ...] = ("marval_jax.rewards.classifier_reward",)
+KNOWN_REWARD_MODULES: tuple[str, ...] = ("marval_jax.rewards.classifier_reward", "marval_jax.rewards.image_reward")
 
 _REGISTRY: dict[str, Builder] = {}
 
