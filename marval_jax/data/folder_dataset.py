@@ -28,7 +28,8 @@ reused; ``--overwrite`` rebuilds it after the folder changed. Its only split is 
 
 Build::
 
-    python -m marval_jax.data.folder_dataset --folder_dir ~/my_images --image_size 64 [--data_dir DIR]
+    python -m marval_jax.data.folder_dataset --folder_dir ~/my_images --image_size 64 [--data_dir DIR] \
+        [--export_npz ~/my_images_64.npz]   # the prepared images as one .npz, for FID reference statistics
 
 Train with ``--config.data.name=folder --config.data.folder_dir=~/my_images`` (``data.image_size`` picks the size;
 a missing data set is built on first use in a one-process run). Bad inputs (no folder, an empty folder, a folder
@@ -345,6 +346,32 @@ def open_folder_source(data_config: Any, *, build_if_missing: bool | None = None
                        decoders={"image": tfds.decode.SkipDecoding()})
 
 
+def export_images(folder_dir: str, image_size: int, out: str, data_dir: str | None = None, num: int = 0,
+                  min_size: int | None = None) -> str:
+    """Write the prepared images as ``out`` (.npz: ``images`` uint8 (N, S, S, 3), ``labels`` int32, ``class_names``),
+    the input of ``python -m marval_jax.tools.fid stats --images out`` (FID reference statistics of your data).
+    ``num`` > 0 keeps that many, evenly spaced over the records (which are in class order); 0 keeps all (held in
+    host memory: N * S * S * 3 bytes)."""
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+    from marval_jax.data.tfds_builders import open_source  # pylint: disable=import-outside-toplevel
+    source = open_source(tfds_name(folder_dir, image_size, min_size), "train", data_dir,
+                         decoders={"image": tfds.decode.SkipDecoding()})
+    n = len(source)
+    idx = np.arange(n) if not num or num >= n else np.linspace(0, n - 1, int(num)).round().astype(np.int64)
+    images = np.empty((len(idx), image_size, image_size, 3), np.uint8)
+    labels = np.empty((len(idx),), np.int32)
+    for j, i in enumerate(idx):
+        rec = source[int(i)]
+        with Image.open(io.BytesIO(rec["image"])) as im:
+            images[j] = np.asarray(im.convert("RGB"))
+        labels[j] = rec["label"]
+    out = os.path.expanduser(out)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    np.savez(out, images=images, labels=labels,
+             class_names=np.array(class_names_from_dir(_version_dir(folder_dir, image_size, data_dir, min_size))))
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description="Prepare an image folder (root/<class>/*.png|jpg|jpeg|webp, or a flat folder = one class) as a "
@@ -356,6 +383,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--min_size", type=int, default=None,
                         help="skip images whose short side is below this (default image_size // 2; 0 keeps all)")
     parser.add_argument("--overwrite", action="store_true", help="rebuild after the folder changed")
+    parser.add_argument("--export_npz", default=None, help="also write the prepared images to this .npz (the input "
+                        "of python -m marval_jax.tools.fid stats: FID reference statistics of your data)")
+    parser.add_argument("--export_num", type=int, default=0, help="images in --export_npz, evenly spaced (0: all)")
     add_verbose_flag(parser)
     args = parser.parse_args(argv)
     info = build(args.folder_dir, args.image_size, args.data_dir, min_size=args.min_size, overwrite=args.overwrite)
@@ -367,6 +397,11 @@ def main(argv: list[str] | None = None) -> None:
           f"{info.get('min_size')} px, {skipped.get('top_level_ignored', 0)} beside the class folders", flush=True)
     shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
     print(f"classes ({len(names)}): {shown}; names in {info['class_names_file']}", flush=True)
+    if args.export_npz:
+        path = export_images(args.folder_dir, args.image_size, args.export_npz, args.data_dir, args.export_num,
+                             args.min_size)
+        print(f"images written to {path}: FID reference statistics with python -m marval_jax.tools.fid stats "
+              f"--images {path} --out <stats.npz>", flush=True)
     print(f"train with: --config.data.folder_dir={args.folder_dir} --config.data.image_size={args.image_size} "
           f"--config.model.class_num={len(names)}" + (f" --config.data.data_dir={args.data_dir}"
                                                         if args.data_dir else ""), flush=True)
