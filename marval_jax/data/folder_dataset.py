@@ -20,7 +20,7 @@ is >= 2 * size, BICUBIC resize of the short side to size, center crop) and store
 whose short side is below ``min_size`` (default ``image_size // 2``; 0 keeps every size) is skipped and counted, never
 a crash: the counts are printed at the end and stored in the data set's ``metadata.json`` (``skipped``).
 
-The prepared data set is ``image_folder/<folder name>_<size>px_<hash of the folder path, size, min_size>`` in
+The prepared data set is ``image_folder/<folder name>_<size>px_<hash of the folder path and size>`` in
 ``data_dir`` (default ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``): one per (folder, size), built once and
 reused; ``--overwrite`` rebuilds it after the folder changed. Its only split is ``train``. Class names are the
 ``label`` feature's names (``dataset_info``) and ``class_names.txt`` next to the records (one per line, usable as
@@ -145,10 +145,11 @@ def encode_png(pixels: np.ndarray) -> bytes:
 
 # -- the tfds builder ------------------------------------------------------------------------------------------------
 def config_name(folder_dir: str, image_size: int, min_size: int | None = None) -> str:
-    """The builder config (sub-folder of ``data_dir/image_folder``) of a (folder, size, min_size)."""
+    """The builder config (sub-folder of ``data_dir/image_folder``) of a (folder, size). ``min_size`` is not part of
+    it (a run finds a folder built with any ``--min_size``; rebuild with ``--overwrite`` to change it)."""
+    del min_size
     root = os.path.abspath(os.path.expanduser(os.fspath(folder_dir))).rstrip(os.sep)
-    min_size = default_min_size(image_size) if min_size is None else int(min_size)
-    digest = hashlib.sha256(f"{root}|{int(image_size)}|{min_size}".encode()).hexdigest()[:10]
+    digest = hashlib.sha256(f"{root}|{int(image_size)}".encode()).hexdigest()[:10]
     base = re.sub(r"[^a-z0-9]+", "_", os.path.basename(root).lower()).strip("_")[:40] or "folder"
     return f"{base}_{int(image_size)}px_{digest}"
 
@@ -263,14 +264,27 @@ def build(folder_dir: str, image_size: int, data_dir: str | None = None, *, min_
     if int(image_size) < 1:
         raise UserError(f"data.image_size={image_size} must be >= 1")
     data_dir = default_data_dir(data_dir)
-    builder = _builder_class()(folder_dir=folder_dir, image_size=image_size, min_size=min_size, progress=progress,
-                               data_dir=data_dir, file_format="array_record")
+    import logging  # pylint: disable=import-outside-toplevel
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(max(level, logging.ERROR))  # "Using custom data configuration": every folder is one
+    try:
+        builder = _builder_class()(folder_dir=folder_dir, image_size=image_size, min_size=min_size,
+                                   progress=progress, data_dir=data_dir, file_format="array_record")
+    finally:
+        absl_logger.setLevel(level)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
     if overwrite and builder.is_prepared():
         import shutil  # pylint: disable=import-outside-toplevel
         shutil.rmtree(builder.data_dir)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
+    shown = tqdm_utils._active  # pylint: disable=protected-access
+    tqdm_utils.display_progress_bar(False)  # our own bar counts images; tfds' would count splits and shards
+    try:
+        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(download_mode=mode))
+    finally:
+        tqdm_utils.display_progress_bar(shown)
     names = builder.info.features["label"].names
     with open(os.path.join(builder.data_dir, CLASS_NAMES_FILE), "w") as f:
         f.write("".join(n + "\n" for n in names))

@@ -176,6 +176,17 @@ def test_flat_folder_is_one_class(tmp_path):
     info = fd.build(str(flat), 32, str(tmp_path / "tfds"), progress=False)
     assert info["class_names"] == ["My Pets"] and info["num_examples"] == 3
     assert os.path.basename(os.path.dirname(info["path"])).startswith("my_pets_32px_")
+    # a new file: the prepared set is reused as is until --overwrite rebuilds it (with its own --min_size, which a
+    # run then finds: the name depends on the folder and the size only)
+    Image.fromarray(np.full((60, 60, 3), 250, np.uint8)).save(flat / "3.png")
+    assert fd.build(str(flat), 32, str(tmp_path / "tfds"), progress=False)["num_examples"] == 3
+    fd.main(["--folder_dir", str(flat), "--image_size", "32", "--data_dir", str(tmp_path / "tfds"), "--overwrite",
+             "--min_size", "41"])
+    again = fd.summary(str(flat), 32, str(tmp_path / "tfds"))
+    assert again["num_examples"] == 1 and again["skipped"]["too_small"] == 3 and again["min_size"] == 41
+    source = fd.open_folder_source({"folder_dir": str(flat), "image_size": 32, "data_dir": str(tmp_path / "tfds")},
+                                   build_if_missing=False)
+    assert len(source) == 1 and source[0]["file_name"] == b"3.png"
 
 
 def test_bad_folders_are_one_line_user_errors(tmp_path):
