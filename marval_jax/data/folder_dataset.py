@@ -275,9 +275,6 @@ def build(folder_dir: str, image_size: int, data_dir: str | None = None, *, min_
         absl_logger.setLevel(level)
     mode = (tfds.download.GenerateMode.REUSE_CACHE_IF_EXISTS if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    if overwrite and builder.is_prepared():
-        import shutil  # pylint: disable=import-outside-toplevel
-        shutil.rmtree(builder.data_dir)
     from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=import-outside-toplevel
     shown = tqdm_utils._active  # pylint: disable=protected-access
     tqdm_utils.display_progress_bar(False)  # our own bar counts images; tfds' would count splits and shards
