@@ -43,7 +43,8 @@ Data config (`default_config`), an ``ml_collections.ConfigDict``:
   naming ``data.raw_dir`` as the field this path reads.
 
 Bad inputs (unknown ``name``, a missing ``cache_dir``, a missing / empty / image-less ``folder_dir``, a split the
-in-memory path cannot slice, fewer examples than the global batch) are `marval_jax.user_errors.UserError`s that name the ``data.*`` field.
+in-memory path cannot slice, fewer examples than the global batch) are `marval_jax.user_errors.UserError`s that
+name the ``data.*`` field.
 """
 from __future__ import annotations
 

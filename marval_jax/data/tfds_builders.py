@@ -273,8 +273,12 @@ def prepared_version(name: str, data_dir: str | None = None) -> str:
             if os.path.isfile(os.path.join(root, v, "dataset_info.json")):
                 versions.append(v)
     if not versions:
-        hint = (f"python -m marval_jax.data.tfds_builders {name} --data_dir {data_dir}"
-                + (" --manual_dir <dir>" if name.startswith("imagenet") else ""))
+        if name.startswith("image_folder/"):  # marval_jax.data.folder_dataset: one set per (folder, size)
+            hint = (f"python -m marval_jax.data.folder_dataset --folder_dir <folder> --image_size <size> "
+                    f"--data_dir {data_dir}")
+        else:
+            hint = (f"python -m marval_jax.data.tfds_builders {name} --data_dir {data_dir}"
+                    + (" --manual_dir <dir>" if name.startswith("imagenet") else ""))
         raise FileNotFoundError(
             f"tfds data set {name!r} is not prepared in data_dir {data_dir!r} (no {root}/<version>/"
             f"dataset_info.json); build it with: {hint}")
