@@ -10,6 +10,9 @@ Builders (registered with tfds when this module is imported):
   (``ILSVRC2012_img_train.tar`` with one tar per class inside, ``ILSVRC2012_img_val.tar``) or extracted
   ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` folders (the ImageFolder layout MAR reads).
 
+Your own image folders are built by `marval_jax.data.folder_dataset` (``image_folder/<folder>_<size>px_<hash>``, the
+same offline base class, read with `open_source`).
+
 The stock tfds ``imagenet2012`` works too if it was prepared with ``file_format="array_record"`` (its preparation
 needs TensorFlow; reading does not): `open_source` reads any prepared array_record data set, and
 `resolve_imagenet_name` picks ``imagenet2012`` or ``imagenet2012_local``, whichever is in ``data_dir``.

@@ -211,6 +211,8 @@ def test_bad_folders_are_one_line_user_errors(tmp_path):
     with pytest.raises(UserError, match="python -m marval_jax.data.folder_dataset --folder_dir"):
         fd.open_folder_source({"folder_dir": str(tmp_path / "one"), "image_size": SIZE,
                                "data_dir": str(tmp_path / "tfds")}, build_if_missing=False)
+    with pytest.raises(FileNotFoundError, match="python -m marval_jax.data.folder_dataset --folder_dir"):
+        fd.export_images(str(tmp_path / "one"), SIZE, str(tmp_path / "x.npz"), str(tmp_path / "tfds"))
     with pytest.raises(UserError, match="data.folder_dir=.*does not exist"):
         pipeline.make_source(pipeline.default_config(name="folder", folder_dir=str(tmp_path / "missing"),
                                                      data_dir=str(tmp_path / "tfds"), image_size=SIZE))
