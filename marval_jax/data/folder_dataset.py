@@ -40,9 +40,10 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import json
+import logging
 import os
 import re
-import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any
@@ -264,7 +265,6 @@ def build(folder_dir: str, image_size: int, data_dir: str | None = None, *, min_
     if int(image_size) < 1:
         raise UserError(f"data.image_size={image_size} must be >= 1")
     data_dir = default_data_dir(data_dir)
-    import logging  # pylint: disable=import-outside-toplevel
     absl_logger = logging.getLogger("absl")
     level = absl_logger.level
     absl_logger.setLevel(max(level, logging.ERROR))  # "Using custom data configuration": every folder is one
@@ -289,22 +289,22 @@ def build(folder_dir: str, image_size: int, data_dir: str | None = None, *, min_
 
 
 def _version_dir(folder_dir: str, image_size: int, data_dir: str | None, min_size: int | None) -> str:
-    from marval_jax.data.tfds_builders import prepared_version  # pylint: disable=import-outside-toplevel
+    from marval_jax.data import tfds_builders  # pylint: disable=import-outside-toplevel
     name = tfds_name(folder_dir, image_size, min_size)
-    from marval_jax.data.tfds_builders import default_data_dir  # pylint: disable=import-outside-toplevel
-    return os.path.join(default_data_dir(data_dir), name, prepared_version(name, data_dir))
+    return os.path.join(tfds_builders.default_data_dir(data_dir), name, tfds_builders.prepared_version(name, data_dir))
 
 
 def summary(folder_dir: str, image_size: int, data_dir: str | None = None,
             min_size: int | None = None) -> dict[str, Any]:
     """What a prepared folder data set holds: path, class names, example count, skip counts (metadata.json)."""
-    import json  # pylint: disable=import-outside-toplevel
     path = _version_dir(folder_dir, image_size, data_dir, min_size)
     with open(os.path.join(path, "dataset_info.json")) as f:
         info = json.load(f)
-    meta_file = os.path.join(path, "metadata.json")
-    meta = json.load(open(meta_file)) if os.path.isfile(meta_file) else {}
-    num = sum(int(s.get("shardLengths", [0]) and sum(int(x) for x in s["shardLengths"])) for s in info["splits"])
+    meta = {}
+    if os.path.isfile(os.path.join(path, "metadata.json")):
+        with open(os.path.join(path, "metadata.json")) as f:
+            meta = json.load(f)
+    num = sum(int(n) for split in info["splits"] for n in split.get("shardLengths", []))
     return {"path": path, "class_names": class_names_from_dir(path), "num_examples": num,
             "class_names_file": os.path.join(path, CLASS_NAMES_FILE), **{k: meta[k] for k in meta if k != "folder_dir"}}
 
@@ -327,7 +327,8 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 def class_names(data_config: Any) -> list[str]:
     """Class names of the data config's folder data set (prepared), in label order."""
     folder, size = _get(data_config, "folder_dir"), int(_get(data_config, "image_size", 256))
-    scan_folder(folder) if not is_prepared(folder, size, _get(data_config, "data_dir")) else None
+    if not folder:
+        scan_folder(folder)  # the one-line error naming data.folder_dir
     return class_names_from_dir(_version_dir(folder, size, _get(data_config, "data_dir"), None))
 
 
