@@ -100,6 +100,9 @@ def test_build_counts_skips_and_lists_classes(clipart):
     assert info["per_class"] == {"animals": 6, "food": 6, "transportation": 6, "odd": len(ODD_KEPT)}
     with open(info["class_names_file"]) as f:
         assert f.read().split("\n")[:-1] == info["class_names"]
+    import tensorflow_datasets as tfds
+    stored = tfds.builder_from_directory(info["path"]).info      # what any tfds reader sees
+    assert stored.features["label"].names == info["class_names"] and stored.splits["train"].num_examples == 24
     assert fd.class_names({"folder_dir": folder, "image_size": SIZE, "data_dir": data_dir}) == info["class_names"]
     # a second build is a no-op: same records
     again = fd.build(folder, SIZE, data_dir, progress=False)
