@@ -214,15 +214,18 @@ def _builder_class():
             per_class = [0] * len(classes)
             todo = [(label, path) for label, paths in enumerate(files) for path in paths]
             from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-            for label, path in tqdm(todo, desc=f"building {os.path.basename(root)}", unit="img",
-                                    disable=None if self._progress else True):
+            bar = tqdm(todo, desc=f"building {os.path.basename(root)}", unit="img",
+                       disable=None if self._progress else True)
+            for key, (label, path) in enumerate(bar):
                 pixels, reason = load_image(path, self._image_size, self._min_size)
                 if pixels is None:
                     counts[reason] += 1
                     continue
                 per_class[label] += 1
-                rel = os.path.relpath(path, root)
-                yield rel, {"image": encode_png(pixels), "label": label, "file_name": rel}
+                # a file name that is not valid UTF-8 (bytes the file system kept) is stored with U+FFFD in their
+                # place; the key is the file's position, unique whatever its name
+                rel = os.path.relpath(path, root).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+                yield key, {"image": encode_png(pixels), "label": label, "file_name": rel}
             kept = sum(per_class)
             self.info.metadata.update({"folder_dir": root, "image_size": self._image_size,
                                        "min_size": self._min_size, "found": len(todo), "kept": kept,

@@ -72,12 +72,14 @@ def _odd_files(folder: str) -> dict[str, str]:
         f.write("not an image")
     with open(os.path.join(odd, "._photo.jpg"), "wb") as f:  # hidden (macOS resource fork): ignored
         f.write(b"junk")
+    Image.fromarray(np.full((64, 64, 3), 30, np.uint8)).save(          # a name that is not valid UTF-8
+        os.path.join(os.fsencode(odd), b"caf\xe9.png"), format="PNG")
     os.makedirs(os.path.join(folder, "no_images"))            # no image inside: not a class
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(os.path.join(folder, "beside.png"))  # top level: ignored
     return paths
 
 
-ODD_KEPT = ("palette", "rgba", "grey16", "rgb16", "jpeg", "webp")
+ODD_KEPT = ("palette", "rgba", "grey16", "rgb16", "jpeg", "webp", "latin1")
 
 
 @pytest.fixture(scope="session")
@@ -95,14 +97,14 @@ def clipart(tmp_path_factory):
 def test_build_counts_skips_and_lists_classes(clipart):
     folder, data_dir, info, _ = clipart
     assert info["class_names"] == ["animals", "food", "odd", "transportation"]  # sorted sub-folders with images
-    assert info["found"] == 18 + 10 and info["kept"] == 18 + len(ODD_KEPT) == info["num_examples"]
+    assert info["found"] == 18 + 11 and info["kept"] == 18 + len(ODD_KEPT) == info["num_examples"]
     assert info["skipped"] == {"unreadable": 3, "too_small": 1, "top_level_ignored": 1}
     assert info["per_class"] == {"animals": 6, "food": 6, "transportation": 6, "odd": len(ODD_KEPT)}
     with open(info["class_names_file"]) as f:
         assert f.read().split("\n")[:-1] == info["class_names"]
     import tensorflow_datasets as tfds
     stored = tfds.builder_from_directory(info["path"]).info      # what any tfds reader sees
-    assert stored.features["label"].names == info["class_names"] and stored.splits["train"].num_examples == 24
+    assert stored.features["label"].names == info["class_names"] and stored.splits["train"].num_examples == 25
     assert fd.class_names({"folder_dir": folder, "image_size": SIZE, "data_dir": data_dir}) == info["class_names"]
     # a second build is a no-op: same records
     again = fd.build(folder, SIZE, data_dir, progress=False)
@@ -120,12 +122,14 @@ def test_records_are_mar_center_crops_of_rgb_on_white(clipart):
     lossless and every step is deterministic, so equality is exact)."""
     folder, data_dir, info, paths = clipart
     recs = _records(folder, data_dir)
-    assert len(recs) == info["num_examples"]
+    assert len(recs) == info["num_examples"] and "odd/caf\ufffd.png" in recs
     for rel, rec in recs.items():
         with Image.open(io.BytesIO(rec["image"])) as im:
             got = np.asarray(im)
         assert got.shape == (SIZE, SIZE, 3) and got.dtype == np.uint8, rel
-        with Image.open(os.path.join(folder, rel)) as im:
+        path = (os.path.join(folder, rel) if "\ufffd" not in rel        # the non-UTF-8 name, as stored
+                else os.path.join(os.fsencode(folder), b"odd", b"caf\xe9.png"))
+        with Image.open(path) as im:
             im.load()
             want = np.asarray(center_crop_arr(fd.to_rgb(im), SIZE))
         np.testing.assert_array_equal(got, want, err_msg=rel)
