@@ -256,7 +256,9 @@ def tfds_name(folder_dir: str, image_size: int, min_size: int | None = None) -> 
 
 def is_prepared(folder_dir: str, image_size: int, data_dir: str | None = None, min_size: int | None = None) -> bool:
     root = prepared_dir(folder_dir, image_size, data_dir, min_size)
-    return os.path.isdir(root) and any(os.path.isfile(os.path.join(root, v, "dataset_info.json"))
+    # version folders only: an interrupted build leaves incomplete.<random>_<version> behind
+    return os.path.isdir(root) and any(re.fullmatch(r"\d+\.\d+\.\d+", v)
+                                       and os.path.isfile(os.path.join(root, v, "dataset_info.json"))
                                        for v in os.listdir(root))
 
 

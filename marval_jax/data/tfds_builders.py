@@ -31,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -272,8 +273,8 @@ def prepared_version(name: str, data_dir: str | None = None) -> str:
     root = os.path.join(data_dir, name)
     versions = []
     if os.path.isdir(root):
-        for v in os.listdir(root):
-            if os.path.isfile(os.path.join(root, v, "dataset_info.json")):
+        for v in os.listdir(root):  # version folders only: tfds builds in incomplete.<random>_<version> first
+            if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(os.path.join(root, v, "dataset_info.json")):
                 versions.append(v)
     if not versions:
         if name.startswith("image_folder/"):  # marval_jax.data.folder_dataset: one set per (folder, size)

@@ -215,6 +215,11 @@ def test_bad_folders_are_one_line_user_errors(tmp_path):
     # training from a folder that is not prepared, where the run may not build it (several processes)
     (tmp_path / "one" / "c").mkdir(parents=True)
     Image.new("RGB", (64, 64)).save(tmp_path / "one" / "c" / "a.png")
+    # an interrupted build: tfds' incomplete.<random>_<version> folder, even with its dataset_info.json, is not a set
+    partial = os.path.join(fd.prepared_dir(str(tmp_path / "one"), SIZE, str(tmp_path / "tfds")), "incomplete.X_1.0.0")
+    os.makedirs(partial)
+    open(os.path.join(partial, "dataset_info.json"), "w").write("{}")
+    assert not fd.is_prepared(str(tmp_path / "one"), SIZE, str(tmp_path / "tfds"))
     with pytest.raises(UserError, match="python -m marval_jax.data.folder_dataset --folder_dir"):
         fd.open_folder_source({"folder_dir": str(tmp_path / "one"), "image_size": SIZE,
                                "data_dir": str(tmp_path / "tfds")}, build_if_missing=False)
