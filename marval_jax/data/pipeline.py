@@ -26,6 +26,8 @@ Data config (`default_config`), an ``ml_collections.ConfigDict``:
 
 * ``name``: ``"fashion_mnist"`` | ``"mnist"`` (tfds ``<name>_local``, 28x28 grey padded to ``pad_to``),
   ``"imagenet2012"`` (tfds ``imagenet2012`` or ``imagenet2012_local``, ADM center crop to ``image_size``),
+  ``"folder"`` (your own images: ``folder_dir`` prepared at ``image_size`` by `marval_jax.data.folder_dataset`,
+  built on first use in a one-process run; RGB, ADM center crop),
   ``"latent_cache"`` (moments in ``cache_dir``, see `marval_jax.data.latent_cache`).
 * ``split`` (tfds slicing allowed: ``"train[:1000]"``), ``data_dir`` (None: ``$TFDS_DATA_DIR`` or
   ``~/tensorflow_datasets``), ``tfds_name`` (None: chosen by ``name``), ``image_size``, ``pad_to``, ``flip``,
@@ -40,8 +42,9 @@ Data config (`default_config`), an ``ml_collections.ConfigDict``:
   ``data.data_dir`` with ``data.in_memory=True`` is refused before the run starts (`marval_jax.config_checks`),
   naming ``data.raw_dir`` as the field this path reads.
 
-Bad inputs (unknown ``name``, a missing ``cache_dir``, a split the in-memory path cannot slice, fewer examples than
-the global batch) are `marval_jax.user_errors.UserError`s that name the ``data.*`` field.
+Bad inputs (unknown ``name``, a missing ``cache_dir``, a missing / empty / image-less ``folder_dir``, a split the
+in-memory path cannot slice, fewer examples than the global batch) are `marval_jax.user_errors.UserError`s that
+name the ``data.*`` field.
 """
 from __future__ import annotations
 
@@ -60,7 +63,7 @@ from marval_jax.data import latent_cache, preprocess
 from marval_jax.data.tokenizers import patchify_np
 from marval_jax.user_errors import UserError
 
-KNOWN_NAMES = ("fashion_mnist", "mnist", "imagenet2012", "latent_cache")
+KNOWN_NAMES = ("fashion_mnist", "mnist", "imagenet2012", "folder", "latent_cache")
 _SMALL_DEFAULT_SIZE = {"fashion_mnist": 28, "mnist": 28}
 
 
@@ -82,6 +85,7 @@ def default_config(**overrides: Any) -> ml_collections.ConfigDict:
         "prefetch": 64,
         "in_memory": True,
         "raw_dir": None,
+        "folder_dir": None,
     })
     config.update(overrides)
     return config
@@ -202,6 +206,10 @@ def make_source(config: Any, *, train: bool = True) -> tuple[Any, grain.transfor
                                            decoders={"image": tfds.decode.SkipDecoding()})
         return source, ImageNetTransform(image_size=_get(config, "image_size", 256), flip=flip,
                                          patch_size=patch_size)
+    if name == "folder":
+        from marval_jax.data import folder_dataset  # pylint: disable=import-outside-toplevel
+        source = folder_dataset.open_folder_source(config)
+        return source, ImageNetTransform(image_size=_get(config, "image_size", 256), flip=flip, patch_size=patch_size)
     if name == "latent_cache":
         cache_dir = _get(config, "cache_dir")
         if not cache_dir:

@@ -10,6 +10,9 @@ Builders (registered with tfds when this module is imported):
   (``ILSVRC2012_img_train.tar`` with one tar per class inside, ``ILSVRC2012_img_val.tar``) or extracted
   ``train/<wnid>/*.JPEG`` and ``val/<wnid>/*.JPEG`` folders (the ImageFolder layout MAR reads).
 
+Your own image folders are built by `marval_jax.data.folder_dataset` (``image_folder/<folder>_<size>px_<hash>``, the
+same offline base class, read with `open_source`).
+
 The stock tfds ``imagenet2012`` works too if it was prepared with ``file_format="array_record"`` (its preparation
 needs TensorFlow; reading does not): `open_source` reads any prepared array_record data set, and
 `resolve_imagenet_name` picks ``imagenet2012`` or ``imagenet2012_local``, whichever is in ``data_dir``.
@@ -28,6 +31,7 @@ import argparse
 import io
 import json
 import os
+import re
 import tarfile
 from collections.abc import Iterator
 from typing import Any
@@ -269,12 +273,16 @@ def prepared_version(name: str, data_dir: str | None = None) -> str:
     root = os.path.join(data_dir, name)
     versions = []
     if os.path.isdir(root):
-        for v in os.listdir(root):
-            if os.path.isfile(os.path.join(root, v, "dataset_info.json")):
+        for v in os.listdir(root):  # version folders only: tfds builds in incomplete.<random>_<version> first
+            if re.fullmatch(r"\d+\.\d+\.\d+", v) and os.path.isfile(os.path.join(root, v, "dataset_info.json")):
                 versions.append(v)
     if not versions:
-        hint = (f"python -m marval_jax.data.tfds_builders {name} --data_dir {data_dir}"
-                + (" --manual_dir <dir>" if name.startswith("imagenet") else ""))
+        if name.startswith("image_folder/"):  # marval_jax.data.folder_dataset: one set per (folder, size)
+            hint = (f"python -m marval_jax.data.folder_dataset --folder_dir <folder> --image_size <size> "
+                    f"--data_dir {data_dir}")
+        else:
+            hint = (f"python -m marval_jax.data.tfds_builders {name} --data_dir {data_dir}"
+                    + (" --manual_dir <dir>" if name.startswith("imagenet") else ""))
         raise FileNotFoundError(
             f"tfds data set {name!r} is not prepared in data_dir {data_dir!r} (no {root}/<version>/"
             f"dataset_info.json); build it with: {hint}")
