@@ -158,8 +158,8 @@ def check_batch_split(config, field: str, num_devices: int, process_count: int) 
 
 def check_data(config) -> None:
     from marval_jax.data import raw_datasets  # pylint: disable=import-outside-toplevel
-    known = ("fashion_mnist", "mnist", "imagenet2012", "latent_cache")  # marval_jax.data.pipeline.KNOWN_NAMES
-    _choice(config, "data.name", known)
+    from marval_jax.data.pipeline import KNOWN_NAMES  # pylint: disable=import-outside-toplevel
+    _choice(config, "data.name", KNOWN_NAMES)
     for name in ("pad_to", "patch_size", "num_workers", "read_threads", "prefetch"):
         _int(config, f"data.{name}", 0, f"data.{name}", required=False)
     _int(config, "data.image_size", 1, "the image size", required=False)
@@ -180,6 +180,13 @@ def check_data(config) -> None:
                 where = f"data.raw_dir={raw_dir!r}" if raw_dir else "data.raw_dir is empty: the installed copy"
                 raise UserError(f"raw {name} file {path} not found ({where}); set data.raw_dir to the folder that "
                                 f"holds it")
+    if name == "folder":
+        folder = _field(config, "data.folder_dir", "")
+        if not folder:
+            raise UserError("data.name='folder' needs data.folder_dir: a folder of <class>/ sub-folders of images "
+                            "(or one flat folder = one class); see docs/data.md")
+        if not _exists(folder):
+            raise UserError(f"data.folder_dir={folder!r} does not exist; set it to your image folder")
     if name == "latent_cache":
         cache_dir = _field(config, "data.cache_dir", "")
         if not cache_dir:

@@ -138,6 +138,13 @@ def test_in_memory_data_refuses_data_dir_and_names_raw_dir(tmp_path):
     refused("distill", cfg(marval_configs, **{"data.name": "cifar10"}), tmp_path / "w", "data.name='cifar10'")
 
 
+def test_folder_data_needs_an_existing_folder(tmp_path):
+    folder = mar_configs.get_config("folder_tiny")
+    refused("train", with_fields(folder, {"data.folder_dir": ""}), tmp_path / "w", "data.folder_dir", "docs/data.md")
+    refused("train", with_fields(folder, {"data.folder_dir": str(tmp_path / "nope")}), tmp_path / "w",
+            f"data.folder_dir={str(tmp_path / 'nope')!r}", "does not exist")
+
+
 def test_teacher_and_student_checkpoints(tmp_path, params_dir):
     wd = tmp_path / "w"
     refused("distill", cfg(marval_configs), wd, "teacher_ckpt is empty")
