@@ -1,0 +1,71 @@
+"""train/live_eval.py in the loop: a tiny distillation with train.eval_every logs FID (+ precision / recall, class
+accuracy) into metrics.jsonl and the TensorBoard event file, loads the Inception once, and shares the reference
+statistics cache of --mode evaluate."""
+import json
+import math
+
+import numpy as np
+import pytest
+
+from configs import marval as marval_configs
+from configs.common import with_fields
+from tests.train.test_writers import read_events
+
+REAL = 8   # real images of the reference (the statistics of the first 8 Fashion-MNIST test images keep it fast)
+
+
+@pytest.fixture(scope="module")
+def inception_npz(tmp_path_factory):
+    pytest.importorskip("torch")
+    from marval_jax.tools.convert_inception import convert
+    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
+
+
+def _config(teacher, inception, **fields):
+    return with_fields(marval_configs.get_config("tiny"), {
+        "teacher_ckpt": teacher, "train.num_steps": 2, "train.log_every": 2, "train.ckpt_every": 2,
+        "train.sample_every": 0, "train.async_checkpoints": False, "train.grid_size": 2,
+        "train.eval_every": 1, "train.eval_samples": 6,           # 2 grids of 4, the last one cut to 2 images
+        "sample.fid_ref": "raw:fashion_mnist/test", "sample.inception": inception, "sample.pr_num_real": 4,
+        "sample.crop": 28, **fields})
+
+
+def test_distillation_logs_live_fid_to_jsonl_and_tensorboard(tmp_path, tiny_teacher, inception_npz, monkeypatch):
+    from marval_jax.evaluation import fid_reference
+    from marval_jax.main import run
+    from marval_jax.programs import evaluate as ev
+    from marval_jax.train import live_eval
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    full = fid_reference.real_images
+    monkeypatch.setattr(fid_reference, "real_images", lambda spec, **kw: full(spec, **kw)[:REAL])
+    loads = []
+    real_load = live_eval.load_inception
+    monkeypatch.setattr(live_eval, "load_inception", lambda *a, **k: loads.append(a) or real_load(*a, **k))
+
+    workdir = tmp_path / "run"
+    run("distill", _config(tiny_teacher, inception_npz), str(workdir))
+
+    assert len(loads) == 1   # the Inception is read once per run, not per evaluation
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/fid" in r}
+    assert sorted(evals) == [1, 2]
+    for r in evals.values():
+        assert math.isfinite(r["eval/fid"]) and r["eval/fid"] > 0
+        assert 0 <= r["eval/precision"] <= 1 and 0 <= r["eval/recall"] <= 1
+        assert 0 <= r["eval/class_accuracy"] <= 1
+        # 6 labels of 10 classes: the accuracy is a multiple of 1/6
+        assert abs(r["eval/class_accuracy"] * 6 - round(r["eval/class_accuracy"] * 6)) < 1e-9
+
+    [events_file] = list((workdir / "tensorboard").iterdir())
+    tb = {(e.step, v.tag): v.simple_value for e in read_events(events_file) for v in e.summary.value
+          if v.HasField("simple_value")}
+    for step, r in evals.items():
+        for tag in ("eval/fid", "eval/precision", "eval/recall", "eval/class_accuracy"):
+            assert tb[(step, tag)] == np.float32(r[tag])   # TensorBoard keeps the float32 of the same number
+
+    # the reference statistics went to the cache --mode evaluate reads (one file per images + Inception weights)
+    monkeypatch.setattr(ev, "real_images", lambda spec, **kw: full(spec, **kw)[:REAL])
+    key = ev.reference_key("raw:fashion_mnist/test", full("raw:fashion_mnist/test")[:REAL], inception_npz)
+    cached = tmp_path / "cache" / "marval_jax" / "fid_stats" / f"fid_ref_raw_fashion_mnist_test_{key}.npz"
+    assert cached.exists()
+    ev.reference_stats("raw:fashion_mnist/test", None, inception_path=inception_npz)   # no Inception: cache only
