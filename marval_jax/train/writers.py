@@ -194,6 +194,8 @@ class WandbWriter:
         self._wandb = wandb
         workdir = str(workdir).rstrip("/")
         local = _is_local(epath.Path(workdir))
+        if local:
+            os.makedirs(workdir, exist_ok=True)   # W&B puts its files elsewhere when the folder is missing
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT") or "marval-jax", name=os.path.basename(workdir),
             id=run_id(workdir), resume="allow", config=flatten_config(hparams) if hparams else None,
@@ -242,15 +244,12 @@ class MultiWriter:
         self.writers, self.tensorboard, self.image_writers = [], None, []
         names = extra_writers(extra)   # checked on every process: a typo fails everywhere alike
         if jax.process_index() == 0:
+            wb = [WandbWriter(workdir, hparams)] if "wandb" in names else []   # first: a failure leaves no file open
             self.tensorboard = TensorBoardWriter(str(epath.Path(workdir) / "tensorboard"))
             if hparams is not None:
                 self.tensorboard.write_hparams(hparams)
-            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"), self.tensorboard]
-            self.image_writers = [self.tensorboard]
-            if "wandb" in names:
-                wb = WandbWriter(workdir, hparams)
-                self.writers.append(wb)
-                self.image_writers.append(wb)
+            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"), self.tensorboard, *wb]
+            self.image_writers = [self.tensorboard, *wb]
             if stdout:
                 self.writers.append(StdoutWriter())
 
