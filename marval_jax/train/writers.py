@@ -189,8 +189,7 @@ class WandbWriter:
         try:
             import wandb  # pylint: disable=import-outside-toplevel
         except ImportError as e:
-            raise UserError("train.writers='wandb' needs the wandb package: pip install '.[wandb]' (or pip install "
-                            "wandb), or drop wandb from train.writers") from e
+            raise UserError(_NO_WANDB) from e
         self._wandb = wandb
         workdir = str(workdir).rstrip("/")
         local = _is_local(epath.Path(workdir))
@@ -227,13 +226,21 @@ EXTRA_WRITERS = ("wandb",)
 
 
 def extra_writers(spec) -> list[str]:
-    """`train.writers`: "" or a comma-separated list of extra writers (today: "wandb"); an unknown name is refused."""
+    """`train.writers`: "" or a comma-separated list of extra writers (today: "wandb"); an unknown name, or one whose
+    package is not installed, is refused (the loop asks before anything is built)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
     names = [n.strip() for n in str(spec or "").split(",") if n.strip()]
     unknown = [n for n in names if n not in EXTRA_WRITERS]
     if unknown:
         raise UserError(f"train.writers={spec!r}: unknown writer {unknown[0]!r}; choose from {', '.join(EXTRA_WRITERS)} "
                         "(metrics.jsonl, TensorBoard and stdout are always written)")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise UserError(_NO_WANDB)
     return names
+
+
+_NO_WANDB = ("train.writers='wandb' needs the wandb package: pip install '.[wandb]' (or pip install wandb), or drop "
+             "wandb from train.writers")
 
 
 class MultiWriter:
