@@ -54,6 +54,17 @@ def enabled(tc) -> bool:
     return every > 0
 
 
+def check(config) -> bool:
+    """`enabled(config.train)`, and with live evaluation on, a reference to score against (`sample.fid_ref`); the
+    loop asks before anything is built."""
+    if not enabled(config.train):
+        return False
+    if not config.sample.fid_ref:
+        raise UserError(f"train.eval_every={config.train.eval_every} needs sample.fid_ref: a statistics .npz (mu, "
+                        f"sigma) or raw:NAME/SPLIT, e.g. --config.sample.fid_ref=raw:fashion_mnist/test")
+    return True
+
+
 def due(tc, done: int) -> bool:
     """Evaluate after step `done`: every `train.eval_every` steps and after the last one."""
     every = int(tc.get("eval_every", 0))
@@ -115,9 +126,7 @@ class LiveEval:
 
     def __init__(self, config, task, mesh, rules, rng):
         tc, sc = config.train, config.sample
-        if not sc.fid_ref:
-            raise UserError(f"train.eval_every={tc.eval_every} needs sample.fid_ref: a statistics .npz (mu, sigma) "
-                            f"or raw:NAME/SPLIT, e.g. --config.sample.fid_ref=raw:fashion_mnist/test")
+        check(config)
         if task.sample_images is None:
             raise UserError(f"train.eval_every: the {task.name} task has no sampler to evaluate; set it to 0")
         self.layout = layout = MeshLayout(mesh, rules)

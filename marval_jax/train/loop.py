@@ -276,6 +276,8 @@ def train(config, workdir: str, task: Task) -> Any:
     """Runs `task` to config.train.num_steps (resuming if the workdir has checkpoints); returns the final state."""
     tc = config.train
     profile_window(tc.get("profile_steps", ()))  # a bad pair is refused before anything starts
+    writers.extra_writers(tc.get("writers", ""))  # so are an unknown writer and a missing package
+    live_eval_lib.check(config)                   # and live evaluation without a reference or images
     mesh_lib.maybe_initialize_distributed(config.mesh)
     ckpt.install_sigterm_handler()
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None

@@ -9,6 +9,7 @@ import pytest
 
 from configs import marval as marval_configs
 from configs.common import with_fields
+from marval_jax.user_errors import UserError
 from tests.train.test_writers import read_events
 
 REAL = 4   # real images of the reference: the first 4 Fashion-MNIST test images (the Inception costs ~1 s an image)
@@ -68,3 +69,29 @@ def test_distillation_logs_live_fid_to_jsonl_and_tensorboard(tmp_path, tiny_teac
     cached = tmp_path / "cache" / "marval_jax" / "fid_stats" / f"fid_ref_raw_fashion_mnist_test_{key}.npz"
     assert cached.exists()
     ev.reference_stats("raw:fashion_mnist/test", None, inception_path=inception_npz)   # no Inception: cache only
+
+    # the ablation runner reads the curve: its last and its best point
+    from marval_jax.tools import ablate
+    best = min(evals, key=lambda s: evals[s]["eval/fid"])
+    assert ablate.live_fid(ablate.read_metrics(str(workdir))) == {
+        "live_fid_last": evals[2]["eval/fid"], "live_fid_best": evals[best]["eval/fid"], "live_fid_best_step": best}
+    assert ablate.live_fid([{"step": 1, "loss": 0.5}]) == {
+        "live_fid_last": None, "live_fid_best": None, "live_fid_best_step": None}
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"train.eval_every": -1}, r"train.eval_every=-1: give a number of steps > 0, or 0"),
+    ({"train.eval_samples": 0}, r"train.eval_samples=0: live evaluation \(train.eval_every=1\) needs >= 1 image"),
+    ({"sample.fid_ref": ""}, r"train.eval_every=1 needs sample.fid_ref"),
+    ({"train.writers": "tensorboard,wandbb"}, r"unknown writer 'tensorboard'; choose from wandb"),
+    ({"sample.inception": "MISSING"}, r"FID Inception weights .*missing.npz not found.*convert_inception"),
+])
+def test_bad_live_evaluation_settings_stop_the_run_before_it_starts(tmp_path, tiny_teacher, fields, message):
+    """Refused with one line before the first step: nothing trained, nothing saved, no metrics row."""
+    from marval_jax.main import run
+    missing = str(tmp_path / "missing.npz")
+    fields = {k: (missing if v == "MISSING" else v) for k, v in fields.items()}
+    workdir = tmp_path / "run"
+    with pytest.raises((UserError, FileNotFoundError), match=message):
+        run("distill", _config(tiny_teacher, missing, **fields), str(workdir))
+    assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
