@@ -102,6 +102,8 @@ def inception_input(images, crop: int):
     """Generated [-1, 1] images -> what the FID network is given by `--mode evaluate`: centre-cropped to `crop`
     (0 or the image size: as is), then uint8 levels as `evaluation.grid.to_uint8` rounds them."""
     size = images.shape[1]
+    if crop > size:   # raised while tracing, at the first evaluation
+        raise UserError(f"sample.crop={crop} is larger than the {size}px images; use 0 or <= {size}")
     if crop and crop != size:
         o = (size - crop) // 2
         images = images[:, o:o + crop, o:o + crop]
