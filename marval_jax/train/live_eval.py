@@ -87,8 +87,9 @@ class MeshLayout:
         return shd.batch_sharding(self.mesh, self.rules, ndim)
 
     def replicate(self, tree):
-        """Host or local leaves (weights read by every process) on every device of the mesh."""
-        return jax.device_put(tree, self.replicated)
+        """Weights every process read from the same file (host or process-local leaves) on every device of the mesh:
+        copied in from each process's host copy."""
+        return jax.device_put(jax.tree_util.tree_map(np.asarray, tree), self.replicated)
 
     def gather(self, x: jax.Array) -> np.ndarray:
         """The whole of `x` as NumPy on every process (a collective with several processes)."""
