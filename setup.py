@@ -42,5 +42,7 @@ setup(
         "torch": ["torch>=2.6"],
         # `python -m marval_jax.tools.results render`: the plots of docs/results.md.
         "docs": ["matplotlib>=3.8"],
+        # train.writers="wandb": metrics, sample grids and the config to Weights & Biases (train/writers.py).
+        "wandb": ["wandb>=0.19"],
     },
 )

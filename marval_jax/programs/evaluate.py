@@ -30,19 +30,19 @@ devices that hold the images; only the scores are gathered.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
-import os
-import time
 
 import jax
 import numpy as np
 
 from marval_jax import config_checks
 from marval_jax.evaluation import fid as fid_lib
+from marval_jax.evaluation import fid_reference
+from marval_jax.evaluation.fid_reference import (  # noqa: F401  (names of this module before the move down)
+    PROGRESS_EVERY, REFERENCE_BATCH, raw_kw as _raw_kw, real_images, reference_key, stats_cache_dir)
 from marval_jax.evaluation.files import as_path, write_npz
 from marval_jax.evaluation.grid import save_grid
-from marval_jax.evaluation.inception import DEFAULT_NPZ, inception_features, load_inception, sharded_features
+from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
 from marval_jax.programs.sample import Sampler, is_writer, sample_tag, uint8_images
 from marval_jax.user_errors import UserError
@@ -58,83 +58,12 @@ def center_crop(images: np.ndarray, size: int) -> np.ndarray:
     return images[:, o:o + size, o:o + size]
 
 
-def real_images(spec: str, raw_dir: str | None = None) -> np.ndarray:
-    """'raw:NAME/SPLIT' -> uint8 (N, 28, 28, 1), read from `raw_dir` (None: the installed copy)."""
-    from marval_jax.data.raw_datasets import load_raw
-    if not spec.startswith("raw:") or "/" not in spec:
-        raise UserError(f"sample.fid_ref: a real image source must look like 'raw:fashion_mnist/test', got {spec!r}")
-    name, split = spec[4:].split("/", 1)
-    return load_raw(name, split, raw_dir)[0][..., None]
-
-
-def _raw_kw(config) -> dict:
-    raw_dir = config.get("data", {}).get("raw_dir", "") if hasattr(config, "get") else ""
-    return {"raw_dir": raw_dir} if raw_dir else {}
-
-
-REFERENCE_BATCH = 200        # images per Inception call while computing reference statistics
-PROGRESS_EVERY = 10          # ... and one progress line per this many calls
-
-
-def stats_cache_dir() -> str:
-    """Where raw-data reference statistics are cached, shared by every workdir: $XDG_CACHE_HOME/marval_jax/fid_stats
-    (default ~/.cache/marval_jax/fid_stats)."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "marval_jax", "fid_stats")
-
-
-def reference_key(spec: str, images: np.ndarray, inception_path: str | None) -> str:
-    """The cache name of a reference's statistics: a hash of the spec, of the reference images themselves (so another
-    raw_dir, split or subset never reads a stale file) and of the Inception weights file's bytes."""
-    h = hashlib.sha256()
-    h.update(spec.encode())
-    h.update(str(images.shape).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
-    weights = as_path(os.path.expanduser(inception_path or DEFAULT_NPZ))
-    h.update(weights.read_bytes() if weights.exists() else str(weights).encode())
-    return h.hexdigest()[:16]
-
-
 def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=None, inception_path: str | None = None,
                     **raw_kw) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) of `sample.fid_ref`: a statistics .npz, or a raw data set's statistics, computed once (split
-    over `layout`'s devices, a progress line every PROGRESS_EVERY batches) and cached by process 0 as
-    `<cache_dir>/fid_ref_<name>_<reference_key>.npz` (cache_dir None: `stats_cache_dir()`, shared by all workdirs).
-    Every process takes the same branch: the cache's existence is process 0's answer, broadcast (the computation is
-    a collective every process must enter)."""
-    if spec.endswith(".npz"):
-        return fid_lib.load_statistics(spec)
-    images = real_images(spec, **raw_kw)
-    name = spec.replace(":", "_").replace("/", "_")
-    path = as_path(cache_dir or stats_cache_dir()) / f"fid_ref_{name}_{reference_key(spec, images, inception_path)}.npz"
-    if _agreed(path.exists()):
-        if is_writer():
-            print(f"FID reference {spec}: cached statistics {path}", flush=True)
-        return fid_lib.load_statistics(path)
-    acc = fid_lib.StatsAccumulator()
-    chunk, start = REFERENCE_BATCH * PROGRESS_EVERY, time.time()
-    if is_writer():
-        print(f"FID reference {spec}: computing Inception statistics of {len(images)} images once (cached in "
-              f"{path})", flush=True)
-    for lo in range(0, len(images), chunk):
-        acc.update(inception_features(inception, images[lo:lo + chunk], REFERENCE_BATCH, layout=layout))
-        done, elapsed = min(lo + chunk, len(images)), time.time() - start
-        if is_writer():
-            print(f"FID reference {spec}: {done}/{len(images)} images, {elapsed:.0f} s, about "
-                  f"{elapsed / done * (len(images) - done):.0f} s left", flush=True)
-    mu, sigma = acc.finalize()
-    if is_writer():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fid_lib.save_statistics(path, mu, sigma)
-    return mu, sigma
-
-
-def _agreed(flag: bool) -> bool:
-    """Process 0's `flag` on every process."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
+    """`evaluation.fid_reference.reference_stats` with this module's `real_images`, `REFERENCE_BATCH` and
+    `PROGRESS_EVERY` (the cache every workdir and the live evaluation of a training share)."""
+    return fid_reference.reference_stats(spec, inception, cache_dir, layout, inception_path, images_of=real_images,
+                                         batch=REFERENCE_BATCH, progress_every=PROGRESS_EVERY, **raw_kw)
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -337,17 +337,34 @@ def run_variant(name: str, overrides: dict, config, workdir: str, cache_dir: str
     t1 = time.time()
     scores = evaluate_variant(config, workdir, cache_dir)
     metrics = read_metrics(workdir)
-    last = metrics[-1] if metrics else {}
+    train_rows = [m for m in metrics if "loss" in m]   # live-evaluation rows (eval/*) share the steps
+    last = train_rows[-1] if train_rows else {}
     eval_s = time.time() - t1
     return {"name": name, "overrides": overrides, "steps": int(config.train.num_steps),
             "final": {k: last.get(k) for k in ("loss", "fake_loss", "gen/l1", "gen/l2")},
-            **scores, "train_s": train_s, "eval_s": eval_s, "seconds": train_s + eval_s, "train_runs": runs}
+            **scores, **live_fid(metrics), "train_s": train_s, "eval_s": eval_s, "seconds": train_s + eval_s,
+            "train_runs": runs}
+
+
+LIVE_FID = "eval/fid"   # train/live_eval.py's metric (train.eval_every > 0)
+
+
+def live_fid(metrics: list[dict]) -> dict:
+    """The live FID curve of a run's metrics.jsonl rows: its last point and its best (lowest) point with the step;
+    None where the run had no live evaluation."""
+    curve = [(m["step"], float(m[LIVE_FID])) for m in metrics if LIVE_FID in m]
+    if not curve:
+        return {"live_fid_last": None, "live_fid_best": None, "live_fid_best_step": None}
+    best_step, best = min(curve, key=lambda p: p[1])
+    return {"live_fid_last": curve[-1][1], "live_fid_best": best, "live_fid_best_step": best_step}
 
 
 # -- the table and the plot -----------------------------------------------------------------------------------------
 COLUMNS = [("gen loss", lambda r: r["final"].get("loss"), ".4g"),
            ("fake loss", lambda r: r["final"].get("fake_loss"), ".4g"),
            ("FID", lambda r: r.get("fid"), ".2f"),
+           ("live FID (last)", lambda r: r.get("live_fid_last"), ".2f"),
+           ("live FID (best)", lambda r: r.get("live_fid_best"), ".2f"),
            ("precision", lambda r: r.get("precision"), ".3f"),
            ("recall", lambda r: r.get("recall"), ".3f"),
            ("class acc.", lambda r: r.get("class_accuracy"), ".3f"),
@@ -441,7 +458,9 @@ def write_outputs(out_dir: str, rows: list[dict], metric: str, command: str) -> 
                           if metric in m] for r in rows}
     header = (f"# Ablation\n\n`{command}`\n\nFinal losses: the last logged window of metrics.jsonl (gen loss = "
               f"`loss`, fake loss = `fake_loss`). \"-\": not computed (FID / precision / recall need the Inception "
-              f"weights and sample.fid_ref). seconds: training (all resumed runs) + evaluation.")
+              f"weights and sample.fid_ref); live FID: the last and the lowest `eval/fid` of the training "
+              f"(`--set train.eval_every=N`; `--metric=eval/fid` plots the curves). seconds: training (all resumed "
+              f"runs) + evaluation.")
     plot = plot_curves(curves, metric, os.path.join(out_dir, f"ablation_{metric.replace('/', '_')}.png"))
     md = table_markdown(rows, header) + f"\n![{metric}]({os.path.basename(plot)})\n"
     summary = {"command": command, "switches": differing_keys(rows), "metric": metric, "plot": plot, "rows": rows}

@@ -42,6 +42,7 @@ from marval_jax.evaluation.grid import make_grid, save_grid
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
+from marval_jax.train import live_eval as live_eval_lib
 from marval_jax.train import writers
 from marval_jax.user_errors import UserError
 
@@ -275,6 +276,8 @@ def train(config, workdir: str, task: Task) -> Any:
     """Runs `task` to config.train.num_steps (resuming if the workdir has checkpoints); returns the final state."""
     tc = config.train
     profile_window(tc.get("profile_steps", ()))  # a bad pair is refused before anything starts
+    writers.extra_writers(tc.get("writers", ""))  # so are an unknown writer and a missing package
+    live_eval_lib.check(config)                   # and live evaluation without a reference or images
     mesh_lib.maybe_initialize_distributed(config.mesh)
     ckpt.install_sigterm_handler()
     os.makedirs(workdir, exist_ok=True) if "://" not in workdir else None
@@ -287,6 +290,8 @@ def _train_locked(config, workdir: str, task: Task, lock) -> Any:
     mesh = mesh_lib.make_mesh(config.mesh)
     rules = config.mesh.logical_axis_rules
     rng = jax.random.PRNGKey(tc.seed)
+    # before the data, the state and the first compile: a missing Inception / reference fails in seconds
+    live = live_eval_lib.LiveEval(config, task, mesh, rules, rng) if live_eval_lib.enabled(tc) else None
     abstract = jax.eval_shape(task.init_state, rng)
     shardings = state_shardings(abstract, task, mesh, rules)
     batch_shd, replicated = shd.batch_sharding(mesh, rules), shd.replicated(mesh)
@@ -312,7 +317,8 @@ def _train_locked(config, workdir: str, task: Task, lock) -> Any:
     else:
         dummy = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
         batches = (jax.device_put(dummy, batch_shd) for _ in itertools.count())
-    run = _Run(task, tc, workdir, manager, lock, step_fn, extra, data_iter, cfg_json, rng, last_ckpt=start or None)
+    run = _Run(task, tc, workdir, manager, lock, step_fn, extra, data_iter, cfg_json, rng, last_ckpt=start or None,
+               live_eval=live)
     try:
         return run.steps(state, jax.device_put(init_guard(start), guard_shd), batches, start)
     finally:
@@ -332,12 +338,14 @@ class _Run:
     cfg_json: dict
     rng: jax.Array
     last_ckpt: int | None
+    live_eval: Any = None   # live_eval.LiveEval (train.eval_every > 0) or None
 
     def steps(self, state, guard, batches, start: int):
         tc, task = self.tc, self.task
         sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
         profiler = StepProfiler(tc.get("profile_steps", ()), self.workdir)
-        with writers.MultiWriter(self.workdir, hparams=self.cfg_json) as writer, contextlib.closing(profiler):
+        with writers.MultiWriter(self.workdir, hparams=self.cfg_json, extra=tc.get("writers", "")) as writer, \
+                contextlib.closing(profiler):
             t0, seen, window = time.time(), 0, None
             for step in range(start, tc.num_steps):
                 profiler.before(step + 1)
@@ -353,7 +361,8 @@ class _Run:
                 # with several, a local flag is gathered only at the steps where the loop syncs anyway
                 stop = ckpt.preempted(self.manager, done, agree=scheduled or done % tc.log_every == 0)
                 must_save = scheduled or stop
-                if done % tc.log_every == 0 or must_save:
+                evaluate = self.live_eval is not None and not stop and live_eval_lib.due(tc, done)
+                if done % tc.log_every == 0 or must_save or evaluate:  # a non-finite state is never evaluated
                     m, g = jax.device_get((metrics, guard))  # the one sync point: log steps and saves
                     check_finite(g, m, name=task.name, at_step=done, last_ckpt=self.last_ckpt,
                                  ckpt_dir=str(self.manager.directory))
@@ -369,6 +378,10 @@ class _Run:
                     if jax.process_index() == 0:
                         save_grid(os.path.join(self.workdir, "samples", f"step_{done:08d}.png"), images)
                         writer.write_images(done, {"samples": make_grid(images)})
+                if evaluate:
+                    scores = self.live_eval(state, *self.extra)   # every process; process 0's writers write
+                    writer.write_scalars(done, scores)
+                    t0 += scores["eval/seconds"]                  # not counted as training time in images_per_s
                 if must_save and ckpt.save(self.manager, done, state, self.data_iter, self.cfg_json, force=True):
                     self.last_ckpt = done
                 if stop:

@@ -1,4 +1,4 @@
-"""Metric writers: stdout, JSONL and TensorBoard event files.
+"""Metric writers: stdout, JSONL, TensorBoard event files, and optionally Weights & Biases.
 
 Decided once, here: clu's `metric_writers` import TensorFlow's SummaryWriter at module load, which we do not
 install. clu.metrics (no TensorFlow) accumulates; this module writes. TensorBoard events come from tensorboardX
@@ -12,10 +12,17 @@ Object stores have no append: there `_AppendFile` keeps the file's bytes and rew
 (the writers flush once per log step; a metrics file of a long run is a few hundred kB). tensorboardX's own gs://
 backend needs google-cloud-storage; its registry of path prefixes gets ours instead (`_EpathRecordFactory`), so
 event files take the same epath route (an event file with a grid every few hundred steps stays a few MB).
+
+`train.writers="wandb"` adds a Weights & Biases run (`pip install .[wandb]`; imported only then): the flattened
+config as its config, scalars and sample grids at their steps, files under `<workdir>/wandb/`, one run id per
+workdir so a resumed training continues the same run. `WANDB_MODE=offline` writes it locally (`wandb sync` uploads
+it later); W&B's project / entity come from `WANDB_PROJECT` / `WANDB_ENTITY` (default project "marval-jax").
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 import uuid
 
@@ -25,6 +32,8 @@ from etils import epath
 from tensorboardX import record_writer, summary as tbx_summary
 from tensorboardX.event_file_writer import EventsWriter
 from tensorboardX.proto import event_pb2
+
+from marval_jax.user_errors import UserError
 
 def _is_local(path: epath.Path) -> bool:
     return "://" not in str(path)
@@ -173,16 +182,81 @@ class StdoutWriter:
         pass
 
 
-class MultiWriter:
-    """stdout + `<workdir>/metrics.jsonl` + `<workdir>/tensorboard/` on process 0; nothing elsewhere."""
+class WandbWriter:
+    """A Weights & Biases run: scalars and images logged at their step, the flattened config as the run's config."""
 
-    def __init__(self, workdir: str, stdout: bool = True, hparams: dict | None = None):
-        self.writers, self.tensorboard = [], None
+    def __init__(self, workdir: str, hparams: dict | None = None):
+        try:
+            import wandb  # pylint: disable=import-outside-toplevel
+        except ImportError as e:
+            raise UserError(_NO_WANDB) from e
+        self._wandb = wandb
+        workdir = str(workdir).rstrip("/")
+        local = _is_local(epath.Path(workdir))
+        if local:
+            os.makedirs(workdir, exist_ok=True)   # W&B puts its files elsewhere when the folder is missing
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT") or "marval-jax", name=os.path.basename(workdir),
+            id=run_id(workdir), resume="allow", config=flatten_config(hparams) if hparams else None,
+            # W&B writes through the local file system only: a gs:// workdir keeps its W&B files in the default
+            # place (./wandb)
+            dir=workdir if local else None,
+            settings=wandb.Settings(console="off", x_disable_stats=True, silent=True))
+
+    def write_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        self.run.log(dict(scalars), step=int(step))
+
+    def write_images(self, step: int, images: dict[str, np.ndarray]) -> None:
+        self.run.log({tag: self._wandb.Image(np.asarray(img)) for tag, img in images.items()}, step=int(step))
+
+    def flush(self):
+        pass
+
+    def close(self):
+        self.run.finish()
+
+
+def run_id(workdir: str) -> str:
+    """The W&B run id of a workdir: the same on every (re)start, so a resumed training continues its run."""
+    path = str(workdir) if "://" in str(workdir) else os.path.abspath(str(workdir))
+    return hashlib.sha256(path.encode()).hexdigest()[:16]
+
+
+EXTRA_WRITERS = ("wandb",)
+
+
+def extra_writers(spec) -> list[str]:
+    """`train.writers`: "" or a comma-separated list of extra writers (today: "wandb"); an unknown name, or one whose
+    package is not installed, is refused (the loop asks before anything is built)."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+    names = [n.strip() for n in str(spec or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in EXTRA_WRITERS]
+    if unknown:
+        raise UserError(f"train.writers={spec!r}: unknown writer {unknown[0]!r}; choose from {', '.join(EXTRA_WRITERS)} "
+                        "(metrics.jsonl, TensorBoard and stdout are always written)")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise UserError(_NO_WANDB)
+    return names
+
+
+_NO_WANDB = ("train.writers='wandb' needs the wandb package: pip install '.[wandb]' (or pip install wandb), or drop "
+             "wandb from train.writers")
+
+
+class MultiWriter:
+    """stdout + `<workdir>/metrics.jsonl` + `<workdir>/tensorboard/` (+ the `extra` writers, `train.writers`) on
+    process 0; nothing elsewhere."""
+
+    def __init__(self, workdir: str, stdout: bool = True, hparams: dict | None = None, extra: str = ""):
+        self.writers, self.tensorboard, self.image_writers = [], None, []
+        names = extra_writers(extra)   # checked on every process: a typo fails everywhere alike
         if jax.process_index() == 0:
+            wb = [WandbWriter(workdir, hparams)] if "wandb" in names else []   # first: a failure leaves no file open
             self.tensorboard = TensorBoardWriter(str(epath.Path(workdir) / "tensorboard"))
             if hparams is not None:
                 self.tensorboard.write_hparams(hparams)
-            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"), self.tensorboard]
+            self.writers = [JsonlWriter(epath.Path(workdir) / "metrics.jsonl"), self.tensorboard, *wb]
+            self.image_writers = [self.tensorboard, *wb]
             if stdout:
                 self.writers.append(StdoutWriter())
 
@@ -193,10 +267,10 @@ class MultiWriter:
             w.flush()
 
     def write_images(self, step: int, images: dict) -> None:
-        """TensorBoard only (the PNG files are written by their owner, `evaluation.grid.save_grid`)."""
-        if self.tensorboard is not None:
-            self.tensorboard.write_images(step, images)
-            self.tensorboard.flush()
+        """TensorBoard (and W&B) only (the PNG files are written by their owner, `evaluation.grid.save_grid`)."""
+        for w in self.image_writers:
+            w.write_images(step, images)
+            w.flush()
 
     def __enter__(self):
         return self
