@@ -221,6 +221,19 @@ def make_source(config: Any, *, train: bool = True) -> tuple[Any, grain.transfor
     raise UserError(f"unknown data set name {name!r} (data.name); known: {', '.join(KNOWN_NAMES)}")
 
 
+def class_names(config: Any) -> list[str] | None:
+    """The data set's class names in label order (Fashion-MNIST / MNIST: their published names; folder: the class
+    sub-folders of the prepared set), or None where none are known here (ImageNet, latent caches)."""
+    name = _get(config, "name")
+    if name in ("fashion_mnist", "mnist"):
+        from marval_jax.data.raw_datasets import FASHION_MNIST_CLASSES, MNIST_CLASSES  # pylint: disable=import-outside-toplevel
+        return list(FASHION_MNIST_CLASSES if name == "fashion_mnist" else MNIST_CLASSES)
+    if name == "folder":
+        from marval_jax.data import folder_dataset  # pylint: disable=import-outside-toplevel
+        return folder_dataset.class_names(config)
+    return None
+
+
 def derive_seeds(seed: int, n: int = 2) -> list[int]:
     """``n`` independent 32-bit seeds from one integer seed (grain needs seeds in [0, 2**32))."""
     return [int(s) for s in np.random.SeedSequence(int(seed)).generate_state(n, dtype=np.uint32)]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 
 import jax
@@ -20,6 +21,7 @@ from etils import epath
 from tqdm import tqdm
 
 from marval_jax.checkpoints.load import load_model_params
+from marval_jax.data import pipeline
 from marval_jax.evaluation.files import write_npz
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.parallel import mesh as mesh_lib
@@ -236,11 +238,25 @@ def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> 
         out = epath.Path(out or epath.Path(workdir) / "samples_final")
         out.mkdir(parents=True, exist_ok=True)
         tag = sample_tag(config)
-        save_grid(out / f"{tag}.png", _as_float(images[: min(len(images), 100)]))
+        shown = images[: min(len(images), 100)]
+        save_grid(out / f"{tag}.png", _as_float(shown))
+        report.update(grid_class_names(config, labels[: len(shown)]))
         write_npz(out / f"{tag}.npz", compressed=True, images=images, labels=labels)
         (out / f"{tag}.json").write_text(json.dumps(report, indent=1))
         print(json.dumps(report), flush=True)
     return report
+
+
+def grid_class_names(config, labels) -> dict:
+    """{"grid_classes": one list of class names per grid row, "class_names": label order}, so the PNG grid can be
+    read without the data set at hand; {} where the data set's names are not known (data/pipeline.class_names)."""
+    names = pipeline.class_names(config.data)
+    labels = np.asarray(labels)
+    if names is None or labels.size == 0 or int(labels.min()) < 0:
+        return {}
+    ncol = int(math.ceil(math.sqrt(len(labels))))   # evaluation/grid.make_grid's layout
+    cells = [names[int(l)] for l in labels]
+    return {"class_names": names, "grid_classes": [cells[i: i + ncol] for i in range(0, len(cells), ncol)]}
 
 
 def _as_float(images_uint8: np.ndarray) -> np.ndarray:

@@ -39,9 +39,9 @@ def class_names(config) -> list[str]:
     if config.rl.class_names_file:
         with open(config.rl.class_names_file) as f:
             names = [line.strip() for line in f if line.strip()]
-    elif config.data.name in ("fashion_mnist", "mnist"):
-        from marval_jax.data.raw_datasets import FASHION_MNIST_CLASSES, MNIST_CLASSES
-        names = list(FASHION_MNIST_CLASSES if config.data.name == "fashion_mnist" else MNIST_CLASSES)
+    elif config.data.name in ("fashion_mnist", "mnist", "folder"):   # the data set's own (folder: sub-folders)
+        from marval_jax.data.pipeline import class_names as data_class_names
+        names = data_class_names(config.data)
     else:
         raise ValueError(f"rl.reward={config.rl.reward!r} needs class names for its prompts: set "
                          f"rl.class_names_file (one name per line, {config.model.class_num} lines)")

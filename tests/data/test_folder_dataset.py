@@ -304,8 +304,6 @@ def test_end_to_end_build_train_sample_evaluate(clipart, tmp_path, capsys):
     from marval_jax.main import run
     from marval_jax.tools import fid as fid_tool
     from marval_jax.tools.convert_inception import convert
-    from marval_jax.train.loop import train
-    from marval_jax.train.mar_task import make_mar_task
     folder, data_dir, info, _ = clipart
     export = str(tmp_path / "clipart_64.npz")
     fd.main(["--folder_dir", folder, "--image_size", str(SIZE), "--data_dir", data_dir, "--export_npz", export])
@@ -322,9 +320,7 @@ def test_end_to_end_build_train_sample_evaluate(clipart, tmp_path, capsys):
 
     cfg = folder_tiny_config(folder, data_dir, len(info["class_names"]))
     workdir = str(tmp_path / "run")
-    # config_checks' data.name list does not name "folder" yet: the loop is entered directly (same as --mode=train
-    # after validation)
-    train(cfg, workdir, make_mar_task(cfg))
+    run("train", cfg, workdir)   # config_checks accepts data.name=folder with an existing folder
     import json
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
@@ -332,6 +328,12 @@ def test_end_to_end_build_train_sample_evaluate(clipart, tmp_path, capsys):
     run("sample", cfg, workdir)
     grids = [f for f in os.listdir(os.path.join(workdir, "samples_final")) if f.endswith(".png")]
     assert grids and Image.open(os.path.join(workdir, "samples_final", grids[0])).mode == "RGB"
+    with open(os.path.join(workdir, "samples_final", grids[0].replace(".png", ".json"))) as f:
+        sampled = json.load(f)
+    # the grid's cells named by the class folders (8 samples, labels cycling: a 3-column grid)
+    assert sampled["class_names"] == info["class_names"]
+    assert sampled["grid_classes"] == [[info["class_names"][i % 4] for i in range(r, min(r + 3, 8))]
+                                       for r in range(0, 8, 3)]
     from configs.common import with_fields
     report = run("evaluate", with_fields(cfg, {"sample.fid_ref": ref, "sample.inception": inception}), workdir)
     assert report["num_images"] == 8 and np.isfinite(report["fid"]) and report["fid"] > 0
