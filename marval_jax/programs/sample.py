@@ -189,7 +189,7 @@ class Sampler:
                            in_shardings=(lay.replicated, lay.sharding(1), lay.replicated),
                            out_shardings=lay.sharding(4), **jit_options(self.batch_size // lay.ways))
         self.timing = {"batch_size": self.batch_size, "device": jax.devices()[0].device_kind,
-                       "processes": jax.process_count(), "devices": jax.device_count()}
+                       "processes": jax.process_count(), "devices": jax.device_count(), "kv_cache": spec.cache.label}
 
     def batches(self):
         sc, lay = self.config.sample, self.layout
@@ -223,7 +223,16 @@ def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def sample_tag(config) -> str:
-    return f"{config.sample.sampler}_K{config.sample.num_iter}"
+    """File name stem of a sample run: sampler and K, and the KV cache when one is used (so a cached run never
+    overwrites the uncached run's files)."""
+    sc = config.sample
+    tag = f"{sc.sampler}_K{sc.num_iter}"
+    kind = sc.get("kv_cache", "none")
+    if kind == "approx":
+        tag += f"_kvapprox{sc.kv_reuse_after}-{sc.kv_refresh_every}"
+    elif kind != "none":
+        tag += f"_kv{kind}"
+    return tag
 
 
 def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
