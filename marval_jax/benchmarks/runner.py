@@ -59,6 +59,7 @@ class Settings:
     seed: int = 0
     rows: tuple[str, ...] | None = None  # fnmatch patterns of the row names to run (None: every row of `what`)
     plan: bool = False  # list the rows in order with their estimated need, compile and run nothing
+    scan_blocks: bool = False  # model.scan_blocks for every row: the blocks as one scanned layer stack
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -287,7 +288,7 @@ class Suite:
                 self.report["peaks"]["matmul_measured_error"] = repr(e)
         self.write()
         for name in s.models:
-            cfg = model_config(name)
+            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks)
             graphdef, state = (None, None) if s.plan else self.random_model(name, cfg)
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             self.run_rows(ModelBench(self, name, cfg, graphdef, state), name)

@@ -66,6 +66,9 @@ class MARConfig:
     # what a training step keeps for its backward pass (models/transformer.py REMAT_POLICIES): "none",
     # "dots_saveable", "per_block" or "full"; "" follows `remat` (True: "per_block", False: "none")
     remat_policy: str = ""
+    # the encoder's and the decoder's blocks as one jax.lax.scan each over their stacked parameters (full passes:
+    # training, uncached sampling); the parameters stay one module per block (names, checkpoints unchanged)
+    scan_blocks: bool = False
     attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
     # how attention is computed (not what it computes): "xla" (the reference's numerics), "cudnn" (fused flash
     # attention, GPU bf16 only) or "auto" (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
@@ -272,7 +275,8 @@ class MAR(nnx.Module):
         else:  # padding rows are queries like mask tokens (their output is never used)
             r = jnp.take_along_axis(lrank, idx, axis=1)
             attn_mask = causal_mask(r, r, valid, ~valid)
-        x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv)
+        x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
+                           scan=cfg.scan_blocks)
         out = (self.encoder_norm(x), keep, valid)
         return out + (kv,) if return_kv else out
 
@@ -312,7 +316,8 @@ class MAR(nnx.Module):
         if lrank is not None:
             eye = jnp.eye(keep.shape[1], dtype=bool)[None]
             attn_mask = causal_mask(lrank, lrank, keep, ~keep, eye)
-        x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv)
+        x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
+                           scan=cfg.scan_blocks)
         x = self.decoder_norm(x)[:, cfg.buffer_size:]
         x = x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
         return (x, kv) if return_kv else x

@@ -238,14 +238,18 @@ def checkpointed(module: nnx.Module, policy: str, *args, **kwargs):
 
 
 def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,
-               cache_positions=None, remat: bool | str = False, return_kv: bool = False
+               cache_positions=None, remat: bool | str = False, return_kv: bool = False, scan: bool = False
                ) -> tuple[jax.Array, list[KVCache] | None]:
     """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat (`remat`: a
     REMAT_POLICIES name, or True = "per_block" / False = "none"; "full" rematerialises each block as "per_block").
+    scan=True (model.scan_blocks): without caches, the blocks run as one jax.lax.scan over their stacked parameters
+    (`scan_blocks`), so a program compiles one block body, not one per block.
 
     Returns (x, per-block caches): the updated caches when `caches` is given, each block's own keys/values when
     `return_kv`, else None."""
     policy = remat_policy_of(remat)
+    if scan and caches is None and len(blocks) > 1:
+        return scan_blocks(blocks, x, mask=mask, rng=rng, remat=policy, return_kv=return_kv)
     new_caches = [] if caches is not None or return_kv else None
     for i, block in enumerate(blocks):
         r = None if rng is None else jax.random.fold_in(rng, i)
@@ -258,3 +262,25 @@ def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCach
         if new_caches is not None:
             new_caches.append(c)
     return x, new_caches
+
+
+def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none", return_kv: bool = False
+                ) -> tuple[jax.Array, list[KVCache] | None]:
+    """run_blocks as one jax.lax.scan: the blocks' parameters stacked along a leading axis inside the program (the
+    model keeps one module per block, so parameter names, checkpoints and the reference converter are unchanged), the
+    body one block with the step's parameters, key fold_in(rng, i) and remat policy. The same operations as the
+    unrolled loop; XLA compiles the body once instead of once per block."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(x, inputs):
+        state, i = inputs
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        block = nnx.merge(graphdef, state)
+        if remat != "none":
+            return checkpointed(block, remat, x, mask=mask, rng=r, return_kv=return_kv)
+        return block(x, mask=mask, rng=r, return_kv=return_kv)
+
+    x, kv = jax.lax.scan(body, x, (stacked, jnp.arange(len(blocks), dtype=jnp.uint32)))
+    return x, ([jax.tree.map(lambda a, i=i: a[i], kv) for i in range(len(blocks))] if return_kv else None)

@@ -135,6 +135,12 @@ def test_remat_rows_one_per_policy(tmp_path):
     assert names == ["train/mar"] + [f"remat/mar/{p}" for p in REMAT_POLICIES]
 
 
+def test_scan_blocks_flag_sets_every_rows_model(tmp_path):
+    """--scan-blocks: every row's model with scan_blocks (recorded in the report's model_configs)."""
+    assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["scan_blocks"] is False
+    assert plan(tmp_path, "--rows", "sample/onestep", "--scan-blocks")["model_configs"]["tiny"]["scan_blocks"] is True
+
+
 def test_quick_remat_row(quick):
     """A remat/* row is MAR's training step with the policy set: its recomputed matmuls counted, the compiled
     program's temporaries recorded and shown in their table."""
