@@ -175,9 +175,9 @@ class Sampler:
         cfg = model_config(config)
         graphdef, abstract = abstract_model(cfg)
         sc = config.sample
+        spec = sampler_from_config(config, "eval")  # its settings checked (sample.kv_cache ...) before any load
         params = load_model_params(source, abstract, config.model.to_dict(), use_ema=sc.use_ema)
         self.params = self.layout.replicate(params)
-        spec = sampler_from_config(config, "eval")
         fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, source), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         decode = decoder_fn(config, cfg)

@@ -130,3 +130,11 @@ def test_results_tool_cache_values(tmp_path):
     assert sampler_from_config(ev.models["student"][0], "eval").cache == CachePolicy("approx", 1, 3)
     with pytest.raises(UserError, match="needs model.attention='causal'"):
         ev.sampler("student", 4, 1.0, "exact")
+
+
+def test_sample_mode_checks_the_cache_before_loading(tmp_path):
+    """--mode sample / evaluate (programs.sample.Sampler): a bad sample.kv_cache is the error, not the missing
+    checkpoint it would have loaded first."""
+    from marval_jax.programs.sample import Sampler
+    with pytest.raises(UserError, match="sample.kv_cache must be one of"):
+        Sampler(config(**{"sample.kv_cache": "fast"}), str(tmp_path / "no_such_run"))
