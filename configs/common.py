@@ -95,6 +95,13 @@ def sample_config(**overrides) -> mlc.ConfigDict:
         num_sampling_steps="100",
         clip_denoised=False,        # teacher chain: clip x0 estimates to [-1, 1] (pixel tokens; MAR's latents: False)
         num_buckets=4,              # static encoder-length buckets of the AR loop (compiled loop bodies)
+        # KV cache of the AR loop (docs/kv_cache.md): "none" re-runs the whole transformer every step (the
+        # reference); "approx" (bidirectional models) reuses older tokens' keys/values, recomputing the tokens of
+        # the last kv_reuse_after steps (r) and refreshing the whole cache with a full pass every kv_refresh_every
+        # steps (R; 1 = every step = "none"); "exact" (model.attention="causal" only) is exact
+        kv_cache="none",
+        kv_reuse_after=2,           # approx: r
+        kv_refresh_every=4,         # approx: R
         num_images=64,
         batch_size=64,
         labels="cycle",             # "cycle" (class i % class_num) | "uncond" | "random"

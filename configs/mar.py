@@ -45,7 +45,7 @@ _SIZES = mar_lib.RELEASED_SIZES
 def model_config(variant: str) -> mlc.ConfigDict:
     """Fields of marval_jax.models.mar.MARConfig."""
     base = dict(mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, dtype="bfloat16",
-                remat=False, attention="bidirectional", attention_impl="auto")
+                remat=False, remat_policy="", scan_blocks=False, attention="bidirectional", attention_impl="auto")
     if variant == "tiny":
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,
                     encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,

@@ -2,8 +2,13 @@
 first), with the estimates behind the batch sizes."""
 
 TRAIN_STEPS = ("mar", "gsim", "rl", "rl_noremat")
-WHAT = ("sample", "train", "kv", "breakdown", "block")
-DEFAULT_WHAT = ("sample", "train", "kv", "breakdown")  # block runs only when asked for
+WHAT = ("sample", "train", "kv", "breakdown", "block", "remat")
+DEFAULT_WHAT = ("sample", "train", "kv", "breakdown")  # block and remat run only when asked for
+
+# The remat/mar/<policy> rows (--what remat): MAR's training step at --train-batch with model.remat_policy = each of
+# models/transformer.REMAT_POLICIES (the names repeated here: this module is read before jax is imported), for the
+# speed and the compiled program's memory of each.
+REMAT_ROWS = ("none", "dots_saveable", "per_block", "full")
 
 # The block/* rows: one transformer block of the model (and its parts) at this batch over the decoder's positions
 # (buffer + tokens: 320 for ImageNet-256), each part called BLOCK_CALLS times in one compiled loop (24: the blocks

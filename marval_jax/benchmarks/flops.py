@@ -116,12 +116,14 @@ def train_encoder_length(cfg: MARConfig, mask_ratio_min: float) -> int:
 
 def mar_train_flops(cfg: MARConfig, *, batch: int, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4) -> dict:
     """One MAR training step: forward (transformer at the training encoder length + head over S * mul rows per
-    sample), backward = 2 x forward; with cfg.remat the forward of the transformer is computed twice."""
+    sample), backward = 2 x forward; the matmuls rematerialisation recomputes come on top (cfg.remat_mode):
+    "per_block" the transformer's forward, "full" the transformer's and the head's (the head's time / condition
+    embeddings, not recomputed, are counted too: an upper bound), "dots_saveable" none (matmul outputs are kept)."""
     enc_len = train_encoder_length(cfg, mask_ratio_min)
     tr = batch * condition_flops(cfg, enc_len)
     hd = batch * cfg.seq_len * diffusion_batch_mul * head_flops(cfg)
     forward = tr + hd
-    total = 3 * forward + (tr if cfg.remat else 0)
+    total = 3 * forward + {"per_block": tr, "full": tr + hd}.get(cfg.remat_mode, 0)
     return dict(forward=forward, transformer_forward=tr, head_forward=hd, total=total, enc_len=enc_len)
 
 

@@ -22,7 +22,6 @@ from marval_jax.models.transformer import Block, attention_core, cast_linear_par
 from marval_jax.parallel.compiler_options import gpu_compiler_options, jit_options
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.from_config import sampler_spec
-from marval_jax.sampling.cached_sampler import make_cached_sampler
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
 
 if TYPE_CHECKING:
@@ -123,9 +122,10 @@ class ModelBench:
         return need
 
     # -- samplers ------------------------------------------------------------------------------------------------
-    def spec(self, kind: str) -> SamplerSpec:
+    def spec(self, kind: str, cache="none") -> SamplerSpec:
+        """The row's SamplerSpec; `cache` its KV-cache policy, carried by the spec as sample.kv_cache's is."""
         return sampler_spec(self.s.num_iter, self.cfg_scale if kind == "teacher" else 1.0, "linear",
-                            self.s.num_buckets)
+                            self.s.num_buckets, cache=cache)
 
     def predictor(self, kind: str):
         return teacher_predictor(self.s.head_steps, 1.0) if kind == "teacher" else onestep_predictor(self.s.t_init)
@@ -189,25 +189,30 @@ class ModelBench:
         kv/<kind>/causal: the uncached sampler with attention="causal"; kv/<kind>/causal_exact: the exact KV cache of
         the causal model, against kv/<kind>/causal. Same weights, labels and keys as the uncached rows (the first
         timed call draws the same key, so the outputs are compared too)."""
+        # the policy travels in the SamplerSpec, as sample.kv_cache's does in the sampling programs
+        # (sampling/from_config.py), and make_sampler takes it from there
         kw = dict(seq_len=self.cfg.seq_len, buffer_size=self.cfg.buffer_size, token_dim=self.cfg.token_dim)
-        spec, predictor = self.spec(kind), self.predictor(kind)
+        predictor = self.predictor(kind)
+        policy = {"approx": ("approx",) + tuple(int(x) for x in self.s.kv_approx), "causal": "none",
+                  "causal_exact": "exact"}.get(variant)
+        if policy is None:
+            raise ValueError(f"unknown kv variant {variant!r}")
+        spec = self.spec(kind, cache=policy)
         flop_kw = dict(batch=b, num_iter=self.s.num_iter, cfg_scale=spec.cfg, head_calls=self.head_calls(kind),
                        num_buckets=self.s.num_buckets)
+        cache = spec.cache.label
         if variant == "approx":
-            policy = ("approx",) + tuple(int(x) for x in self.s.kv_approx)
-            fn = make_cached_sampler(self.graphdef, spec, predictor, policy=policy, **kw)
-            attention, cache, baseline = "bidirectional", "approx r={} R={}".format(*policy[1:]), f"sample/{kind}"
+            fn = make_sampler(self.graphdef, spec, predictor, **kw)
+            attention, baseline = "bidirectional", f"sample/{kind}"
             fl = F.cached_sampler_flops(self.cfg, policy=policy, **flop_kw)
         elif variant == "causal":
             fn = make_sampler(self.causal_graphdef, spec, predictor, **kw)
-            attention, cache, baseline = "causal", "none", f"sample/{kind}"
+            attention, baseline = "causal", f"sample/{kind}"
             fl = F.sampler_flops(self.cfg, **flop_kw)
-        elif variant == "causal_exact":
-            fn = make_cached_sampler(self.causal_graphdef, spec, predictor, policy="exact", **kw)
-            attention, cache, baseline = "causal", "exact", f"kv/{kind}/causal"
-            fl = F.cached_sampler_flops(self.cfg, policy="exact", **flop_kw)
         else:
-            raise ValueError(f"unknown kv variant {variant!r}")
+            fn = make_sampler(self.causal_graphdef, spec, predictor, **kw)
+            attention, baseline = "causal", f"kv/{kind}/causal"
+            fl = F.cached_sampler_flops(self.cfg, policy=policy, **flop_kw)
         entry.update(sampler=kind, attention=attention, cache=cache, baseline=baseline)
         labels = self.labels(b)
         out = self._time_program(entry, fn, lambda k: (self.state, labels, k), b)
@@ -398,11 +403,16 @@ class ModelBench:
         entry["images_per_s"] = b / t["median_s"]
         entry["finite_loss"] = t["finite_loss"]
 
-    def train_mar(self, entry: dict, b: int) -> None:
+    def train_mar(self, entry: dict, b: int, remat_policy: str | None = None) -> None:
+        """train/mar at batch b; remat_policy (the remat/mar/* rows): the same step with model.remat_policy set."""
         import optax
         from marval_jax.losses.mar_loss import mar_loss
         from marval_jax.train.optimizer import ema_update, mar_optimizer
         cfg, graphdef = self.cfg, self.graphdef
+        if remat_policy is not None:  # the same parameter tree; only the graph's config differs
+            cfg = dataclasses.replace(cfg, remat_policy=remat_policy)
+            graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(self.s.seed))))
+            entry["remat_policy"] = cfg.remat_mode
         tc = _train_namespace(b)
         tx = mar_optimizer(tc, self.state)
         enc_len = train_encoder_len(cfg, 0.7)
@@ -431,6 +441,7 @@ class ModelBench:
         fl = F.mar_train_flops(cfg, batch=b, mask_ratio_min=0.7, diffusion_batch_mul=4)
         entry["flops_detail"] = fl
         entry["settings"] = dict(mask_ratio_min=0.7, diffusion_batch_mul=4, enc_len=enc_len, remat=cfg.remat,
+                                 remat_policy=cfg.remat_mode,
                                  dropout=True, optimizer="adamw b2 0.95 wd 0.02 clip 3.0 + EMA", data="fixed batch")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 

@@ -110,6 +110,7 @@ def render_markdown(report: dict) -> str:
     kv = [e for e in res if e["name"].startswith("kv/")]
     brk = [e for e in res if e["name"].startswith("breakdown/")]
     blk = [e for e in res if e["name"].startswith("block/")]
+    rem = [e for e in res if e["name"].startswith("remat/")]
     lines = _header_lines(report)
     if samp:
         lines += _sampling_lines(samp)
@@ -121,6 +122,8 @@ def render_markdown(report: dict) -> str:
         lines += _breakdown_lines(report, brk, samp)
     if blk:
         lines += _block_lines(blk)
+    if rem:
+        lines += _remat_lines(rem)
     lines.append(END)
     return "\n".join(lines)
 
@@ -184,6 +187,27 @@ def _training_lines(train: list[dict]) -> list[str]:
               "process included), or its `peak_bytes_in_use` when the row raised that running peak; `<=` marks "
               "the running peak as an upper bound where neither applies.", ""]
 
+    return lines
+
+
+def _remat_lines(rem: list[dict]) -> list[str]:
+    """### Remat policies: MAR's training step under each model.remat_policy (the remat/mar/* rows)."""
+    lines = ["### Remat policies (MAR training step)", "",
+             "| model | remat_policy | batch | s / step | images / s | compile s | temp GiB | program GiB | "
+             "allocator peak GiB | TFLOP / step | MFU (peak) | status |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for e in rem:
+        mem = (e.get("compile") or {}).get("memory") or {}
+        temp = mem.get("temp_size_in_bytes")
+        lines.append(f"| {e['model']} | {e['name'].split('/')[-1]} | {e.get('batch')} | "
+                     f"{_fmt(e.get('time_s'), '.3f')} | {_fmt(e.get('images_per_s'), '.0f')} | "
+                     f"{_fmt((e.get('compile') or {}).get('total_s'), '.1f')} | "
+                     f"{_fmt(temp / 2 ** 30 if temp is not None else None, '.2f')} | {_gib(e)} | {_alloc_gib(e)} | "
+                     f"{_fmt((e.get('flops') or 0) / 1e12 if e.get('flops') else None, '.1f')} | "
+                     f"{_fmt(e.get('mfu_peak'), '.1%')} | {_status(e, '')} |")
+    lines += ["", "Temp GiB: the temporaries of XLA's buffer assignment of the compiled step (activations kept for "
+              "the backward pass among them); program GiB adds arguments and outputs. FLOPs count the matmuls "
+              "each policy recomputes (benchmarks/flops.py `mar_train_flops`).", ""]
     return lines
 
 

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH,
-                                            TRAIN_STEPS)
+                                            REMAT_ROWS, TRAIN_STEPS)
 from marval_jax.benchmarks.flops import BLOCK_PARTS
 from marval_jax.benchmarks.model_bench import ModelBench, model_config, random_state
 from marval_jax.benchmarks.report import _json_default, write_table
@@ -59,6 +59,7 @@ class Settings:
     seed: int = 0
     rows: tuple[str, ...] | None = None  # fnmatch patterns of the row names to run (None: every row of `what`)
     plan: bool = False  # list the rows in order with their estimated need, compile and run nothing
+    scan_blocks: bool = False  # model.scan_blocks for every row: the blocks as one scanned layer stack
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -162,6 +163,8 @@ class Suite:
         print(f"[{entry['elapsed_s']:7.1f}s] {entry['model']:5s} {entry['name']:34s} b={entry.get('batch')!s:4s} "
               f"{entry['status']:8s} " + (f"time {t:.4g}s" if t is not None else "") +
               (f" compile {entry['compile']['total_s']:.1f}s" if entry.get("compile") else "") +
+              (f" temp {temp / 2 ** 30:.2f}GiB" if (temp := ((entry.get("compile") or {}).get("memory") or {})
+                                                      .get("temp_size_in_bytes")) is not None else "") +
               (f" MFU {entry['mfu_peak']:.1%}" if entry.get("mfu_peak") else "") +
               (f" x{entry['speedup']:.2f} vs {entry['baseline']}" if entry.get("speedup") else "") +
               (f" need {entry['need_s']:.0f}s" if entry["status"] == "planned" else "") +
@@ -285,7 +288,7 @@ class Suite:
                 self.report["peaks"]["matmul_measured_error"] = repr(e)
         self.write()
         for name in s.models:
-            cfg = model_config(name)
+            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks)
             graphdef, state = (None, None) if s.plan else self.random_model(name, cfg)
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             self.run_rows(ModelBench(self, name, cfg, graphdef, state), name)
@@ -350,6 +353,11 @@ class Suite:
             for part in BLOCK_PARTS:
                 self.guarded(name, f"block/{part}", s.block_batch, lambda e, p=part: m.block_part(e, p),
                              m.need_block(part), "block")
+        if "remat" in s.what:  # MAR's training step under each remat policy, halving the batch where it runs out
+            for policy in REMAT_ROWS:
+                self.guarded_halving(name, f"remat/mar/{policy}", s.train_batch,
+                                     lambda e, b, p=policy: m.train_mar(e, b, remat_policy=p), m.need_train("mar"),
+                                     "mar")
 
     def run_rl(self, m: "ModelBench", name: str) -> None:
         """train/rl (remat on) at --rl-batch, then train/rl_noremat at the same batch, halving it after an
@@ -388,7 +396,8 @@ def row_names(what, train_steps=TRAIN_STEPS) -> list[str]:
         "train": [f"train/{t}" for t in TRAIN_STEPS if t in train_steps],
         "kv": [f"kv/{k}/{v}" for k in kinds for v in KV_VARIANTS],
         "breakdown": [f"breakdown/{k}/{c}" for k in kinds for c in ("transformer_loop", "head_loop")],
-        "block": [f"block/{p}" for p in BLOCK_PARTS]}
+        "block": [f"block/{p}" for p in BLOCK_PARTS],
+        "remat": [f"remat/mar/{p}" for p in REMAT_ROWS]}
     return [n for f in what for n in families[f]]
 
 

@@ -13,11 +13,18 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig
+from marval_jax.models.transformer import REMAT_POLICIES
+from marval_jax.user_errors import UserError
 
 
 def model_config(config) -> MARConfig:
-    """The MARConfig of a run config's `model` section."""
-    return MARConfig(**config.model.to_dict())
+    """The MARConfig of a run config's `model` section (model.remat_policy checked here, naming the field)."""
+    fields = config.model.to_dict()
+    policy = fields.get("remat_policy", "")
+    if policy not in ("",) + REMAT_POLICIES:
+        raise UserError(f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)} (or '' to follow "
+                        f"model.remat), got {policy!r}")
+    return MARConfig(**fields)
 
 
 def abstract_model(cfg: MARConfig):

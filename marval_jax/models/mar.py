@@ -30,8 +30,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from marval_jax.models.diffusion_head import SimpleMLPAdaLN
-from marval_jax.models.transformer import ATTENTION_IMPLS, Block, dense, init_kv_cache, layer_norm, run_blocks
+from marval_jax.models.diffusion_head import SimpleMLPAdaLN, timestep_embedding
+from marval_jax.models.transformer import (ATTENTION_IMPLS, REMAT_POLICIES, Block, checkpointed, dense, init_kv_cache,
+                                           layer_norm, run_blocks)
 
 
 ATTENTION_MODES = ("bidirectional", "causal")
@@ -61,7 +62,13 @@ class MARConfig:
     proj_dropout: float = 0.1
     label_drop_prob: float = 0.1
     dtype: str = "float32"
-    remat: bool = False  # rematerialise each transformer block (MAR's --grad_checkpointing)
+    remat: bool = False  # rematerialise each transformer block (MAR's --grad_checkpointing); see remat_policy
+    # what a training step keeps for its backward pass (models/transformer.py REMAT_POLICIES): "none",
+    # "dots_saveable", "per_block" or "full"; "" follows `remat` (True: "per_block", False: "none")
+    remat_policy: str = ""
+    # the encoder's and the decoder's blocks as one jax.lax.scan each over their stacked parameters (full passes:
+    # training, uncached sampling); the parameters stay one module per block (names, checkpoints unchanged)
+    scan_blocks: bool = False
     attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
     # how attention is computed (not what it computes): "xla" (the reference's numerics), "cudnn" (fused flash
     # attention, GPU bf16 only) or "auto" (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
@@ -72,6 +79,14 @@ class MARConfig:
             raise ValueError(f"MARConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"MARConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.remat_policy not in ("",) + REMAT_POLICIES:
+            raise ValueError(f"MARConfig.remat_policy must be one of {REMAT_POLICIES} (or '' to follow remat), got "
+                             f"{self.remat_policy!r}")
+
+    @property
+    def remat_mode(self) -> str:
+        """The effective remat policy: remat_policy, or ("per_block" if remat else "none") when it is ""."""
+        return self.remat_policy or ("per_block" if self.remat else "none")
 
     @property
     def grid(self) -> int:
@@ -260,7 +275,8 @@ class MAR(nnx.Module):
         else:  # padding rows are queries like mask tokens (their output is never used)
             r = jnp.take_along_axis(lrank, idx, axis=1)
             attn_mask = causal_mask(r, r, valid, ~valid)
-        x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat, return_kv=return_kv)
+        x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
+                           scan=cfg.scan_blocks)
         out = (self.encoder_norm(x), keep, valid)
         return out + (kv,) if return_kv else out
 
@@ -300,7 +316,8 @@ class MAR(nnx.Module):
         if lrank is not None:
             eye = jnp.eye(keep.shape[1], dtype=bool)[None]
             attn_mask = causal_mask(lrank, lrank, keep, ~keep, eye)
-        x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat, return_kv=return_kv)
+        x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
+                           scan=cfg.scan_blocks)
         x = self.decoder_norm(x)[:, cfg.buffer_size:]
         x = x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
         return (x, kv) if return_kv else x
@@ -327,7 +344,17 @@ class MAR(nnx.Module):
         return self.decode(enc, keep, rng=r_dec, gen_rank=gen_rank)
 
     def head(self, x: jax.Array, t: jax.Array, z: jax.Array) -> jax.Array:
-        return self.diffloss_net(x, t, z)
+        """The diffusion head: x (N, C) noisy tokens, t (N,), z (N, Dd) -> (N, 2C). Under remat policy "full" its
+        residual blocks are rematerialised one by one (the same operations as SimpleMLPAdaLN.__call__)."""
+        if self.cfg.remat_mode != "full":
+            return self.diffloss_net(x, t, z)
+        net = self.diffloss_net
+        temb = net.time_embed_2(jax.nn.silu(net.time_embed_0(timestep_embedding(t))))
+        y = temb + net.cond_embed(z)
+        h = net.input_proj(x)
+        for block in net.res_blocks:
+            h = checkpointed(block, "full", h, y)
+        return net.final_layer(h, y).astype(jnp.float32)
 
 
 # The released checkpoints (ImageNet 256, KL-16 latents): MAR-B / L / H with their released heads.

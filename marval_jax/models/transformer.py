@@ -200,30 +200,87 @@ class Block(nnx.Module):
         return x, cache
 
 
+# model.remat_policy (MARConfig.remat_policy): what a training step keeps of each transformer block for the backward
+# pass. "none": everything. "dots_saveable": the block under jax.checkpoint with jax.checkpoint_policies.dots_saveable
+# (the outputs of its matmuls - q/k/v, attention logits and p.v, proj, fc1, fc2 - are kept, the elementwise passes -
+# LayerNorms, GELU, softmax, dropout - recomputed). "per_block": the block under jax.checkpoint saving nothing (only
+# its input is kept; the whole block is recomputed; MAR's --grad_checkpointing, model.remat=True). "full": per_block,
+# and the diffusion head's residual blocks rematerialised the same way (models/mar.py `MAR.head`): the head runs on
+# diffusion_batch_mul x the tokens, the other large set of activations of a MAR training step.
+REMAT_POLICIES = ("none", "dots_saveable", "per_block", "full")
+
+
+def remat_policy_of(remat: bool | str) -> str:
+    """A run_blocks `remat` argument as a REMAT_POLICIES name: True is "per_block", False "none"."""
+    if remat is True or remat is False:
+        return "per_block" if remat else "none"
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy must be one of {REMAT_POLICIES}, got {remat!r}")
+    return remat
+
+
+def checkpointed(module: nnx.Module, policy: str, *args, **kwargs):
+    """`module(*args, **kwargs)` under jax.checkpoint with the saving rule of REMAT_POLICIES' `policy` (not "none").
+
+    jax.checkpoint of a pure function of the module's parameters (merged inside), not nnx.remat of the module:
+    nnx.remat writes the module's state back after the call, which flax refuses when the module was merged in an
+    outer trace, e.g. from parameters closed over by a lax.scan body (the RL AR loop with rl.remat off). The modules
+    carry no mutable state (dropout takes explicit keys), so nothing is lost. Keyword arguments are static unless
+    they are arrays or pytrees of arrays (then they are traced arguments like *args)."""
+    save = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
+    graphdef, state = nnx.split(module)
+
+    def call(state, args, kwargs):
+        return nnx.merge(graphdef, state)(*args, **kwargs)
+    static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, str, int, float)) or v is None}
+    dynamic = {k: v for k, v in kwargs.items() if k not in static}
+    return jax.checkpoint(lambda st, a, kw: call(st, a, dict(kw, **static)), policy=save)(state, args, dynamic)
+
+
 def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,
-               cache_positions=None, remat: bool = False, return_kv: bool = False
+               cache_positions=None, remat: bool | str = False, return_kv: bool = False, scan: bool = False
                ) -> tuple[jax.Array, list[KVCache] | None]:
-    """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat.
+    """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat (`remat`: a
+    REMAT_POLICIES name, or True = "per_block" / False = "none"; "full" rematerialises each block as "per_block").
+    scan=True (model.scan_blocks): without caches, the blocks run as one jax.lax.scan over their stacked parameters
+    (`scan_blocks`), so a program compiles one block body, not one per block.
 
     Returns (x, per-block caches): the updated caches when `caches` is given, each block's own keys/values when
     `return_kv`, else None."""
+    policy = remat_policy_of(remat)
+    if scan and caches is None and len(blocks) > 1:
+        return scan_blocks(blocks, x, mask=mask, rng=rng, remat=policy, return_kv=return_kv)
     new_caches = [] if caches is not None or return_kv else None
     for i, block in enumerate(blocks):
         r = None if rng is None else jax.random.fold_in(rng, i)
         c = None if caches is None else caches[i]
-        if remat:
-            # jax.checkpoint of a pure function of the block's parameters (merged inside), not nnx.remat of the
-            # block: nnx.remat writes the block's state back after the call, which flax refuses when the block was
-            # merged in an outer trace, e.g. from parameters closed over by a lax.scan body (the RL AR loop with
-            # rl.remat off). Blocks carry no mutable state (dropout takes explicit keys), so nothing is lost.
-            graphdef, state = nnx.split(block)
-
-            def call(state, x, mask, r, c, cp, graphdef=graphdef):
-                return nnx.merge(graphdef, state)(x, mask=mask, rng=r, cache=c, cache_positions=cp,
-                                                  return_kv=return_kv)
-            x, c = jax.checkpoint(call)(state, x, mask, r, c, cache_positions)
+        if policy != "none":
+            x, c = checkpointed(block, policy, x, mask=mask, rng=r, cache=c, cache_positions=cache_positions,
+                                return_kv=return_kv)
         else:
             x, c = block(x, mask=mask, rng=r, cache=c, cache_positions=cache_positions, return_kv=return_kv)
         if new_caches is not None:
             new_caches.append(c)
     return x, new_caches
+
+
+def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none", return_kv: bool = False
+                ) -> tuple[jax.Array, list[KVCache] | None]:
+    """run_blocks as one jax.lax.scan: the blocks' parameters stacked along a leading axis inside the program (the
+    model keeps one module per block, so parameter names, checkpoints and the reference converter are unchanged), the
+    body one block with the step's parameters, key fold_in(rng, i) and remat policy. The same operations as the
+    unrolled loop; XLA compiles the body once instead of once per block."""
+    graphdef, first = nnx.split(blocks[0])
+    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
+
+    def body(x, inputs):
+        state, i = inputs
+        r = None if rng is None else jax.random.fold_in(rng, i)
+        block = nnx.merge(graphdef, state)
+        if remat != "none":
+            return checkpointed(block, remat, x, mask=mask, rng=r, return_kv=return_kv)
+        return block(x, mask=mask, rng=r, return_kv=return_kv)
+
+    x, kv = jax.lax.scan(body, x, (stacked, jnp.arange(len(blocks), dtype=jnp.uint32)))
+    return x, ([jax.tree.map(lambda a, i=i: a[i], kv) for i in range(len(blocks))] if return_kv else None)

@@ -18,6 +18,7 @@ import numpy as np
 
 ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
 ROLES = ("student", "teacher", "rl")
+KV_FIELDS = ("kv_cache", "kv_reuse_after", "kv_refresh_every")  # as in the sample section (configs/common.py)
 
 
 def best_teacher_cfg(assets: str) -> float:
@@ -65,6 +66,9 @@ def run_demo(config, workdir: str) -> dict:
         sc.sampler, sc.num_iter, sc.num_sampling_steps = ("teacher" if role == "teacher" else "onestep",
                                                           config.num_iter, config.teacher_steps)
         sc.cfg = teacher_cfg if role == "teacher" else 1.0
+        for field in KV_FIELDS:  # the demo config's KV cache (sample.kv_cache's fields), where it has them
+            if field in config:
+                sc[field] = config[field]
         spec = sampler_from_config(run_cfg, "eval")
         fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(run_cfg, role_dir(assets, role)), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
@@ -92,7 +96,7 @@ def run_demo(config, workdir: str) -> dict:
         what = (f"teacher, {config.teacher_steps} head steps, CFG {teacher_cfg:g}" if role == "teacher"
                 else f"{'RL-tuned ' if role == 'rl' else ''}MARVAL student, one head call per AR step")
         report[role] = {"seconds_per_image": per_image, "compile_and_first_call_s": compile_s, "grid": path,
-                        "sampler": what}
+                        "sampler": what, "kv_cache": spec.cache.label}
         print(f"{role:8s} {what}: {per_image:.4f} s per image at batch {labels.shape[0]} "
               f"(compile {compile_s:.0f} s) -> {path}", flush=True)
     if "teacher" in report and "student" in report:

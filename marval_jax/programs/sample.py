@@ -177,9 +177,9 @@ class Sampler:
         cfg = model_config(config)
         graphdef, abstract = abstract_model(cfg)
         sc = config.sample
+        spec = sampler_from_config(config, "eval")  # its settings checked (sample.kv_cache ...) before any load
         params = load_model_params(source, abstract, config.model.to_dict(), use_ema=sc.use_ema)
         self.params = self.layout.replicate(params)
-        spec = sampler_from_config(config, "eval")
         fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, source), seq_len=cfg.seq_len,
                                      buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
         decode = decoder_fn(config, cfg)
@@ -191,7 +191,7 @@ class Sampler:
                            in_shardings=(lay.replicated, lay.sharding(1), lay.replicated),
                            out_shardings=lay.sharding(4), **jit_options(self.batch_size // lay.ways))
         self.timing = {"batch_size": self.batch_size, "device": jax.devices()[0].device_kind,
-                       "processes": jax.process_count(), "devices": jax.device_count()}
+                       "processes": jax.process_count(), "devices": jax.device_count(), "kv_cache": spec.cache.label}
 
     def batches(self):
         sc, lay = self.config.sample, self.layout
@@ -225,7 +225,16 @@ def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
 
 
 def sample_tag(config) -> str:
-    return f"{config.sample.sampler}_K{config.sample.num_iter}"
+    """File name stem of a sample run: sampler and K, and the KV cache when one is used (so a cached run never
+    overwrites the uncached run's files)."""
+    sc = config.sample
+    tag = f"{sc.sampler}_K{sc.num_iter}"
+    kind = sc.get("kv_cache", "none")
+    if kind == "approx":
+        tag += f"_kvapprox{sc.kv_reuse_after}-{sc.kv_refresh_every}"
+    elif kind != "none":
+        tag += f"_kv{kind}"
+    return tag
 
 
 def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> dict:

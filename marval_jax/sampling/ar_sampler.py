@@ -22,7 +22,7 @@ from marval_jax.diffusion.gaussian import GaussianDiffusion
 from marval_jax.models.generator import one_step
 from marval_jax.models.transformer import cast_linear_params
 from marval_jax.parallel.compiler_options import BatchJit
-from marval_jax.sampling.decode import Predictor, decode, make_plan
+from marval_jax.sampling.decode import CachePolicy, Predictor, decode, make_plan
 from marval_jax.sampling.schedule import random_orders  # noqa: F401  (re-exported: the samplers' orders)
 
 
@@ -66,14 +66,18 @@ class SamplerSpec:
     cfg: float = 1.0
     cfg_schedule: str = "linear"
     num_buckets: int = 4
+    # the decode driver's KV-cache policy (sample.kv_cache, sampling/from_config.py); make_sampler uses it unless
+    # given another policy
+    cache: CachePolicy = CachePolicy("none")
 
 
 def make_sampler(graphdef: nnx.GraphDef, spec: SamplerSpec, predictor: Predictor, *, seq_len: int,
-                 buffer_size: int, token_dim: int, policy="none"):
+                 buffer_size: int, token_dim: int, policy=None):
     """Returns a jitted `sample(state, labels (B,), rng) -> tokens (B, S, C)`.
 
     Labels < 0 mean unconditional (the null class). The whole AR loop is one XLA program. policy: the decode
-    driver's cache policy ("none", "exact" for causal models, ("approx", r, R) for bidirectional ones).
+    driver's cache policy ("none", "exact" for causal models, ("approx", r, R) for bidirectional ones); None takes
+    the spec's (`spec.cache`, from sample.kv_cache for the sampling programs).
     """
     plan = make_plan(spec, seq_len=seq_len, buffer_size=buffer_size, token_dim=token_dim, policy=policy)
 

@@ -54,6 +54,11 @@ class CachePolicy:
     refresh_every: int = 1  # R: a full uncached pass refreshes the whole cache every R steps
 
     @property
+    def label(self) -> str:
+        """"none", "exact" or "approx r=.. R=..": the policy as reports and file names show it."""
+        return f"approx r={self.reuse_after} R={self.refresh_every}" if self.kind == "approx" else self.kind
+
+    @property
     def window(self) -> int:
         return 1 if self.kind == "exact" else max(self.reuse_after, 1)
 
@@ -107,10 +112,11 @@ def _window_counts(masked_before: np.ndarray, window: int) -> np.ndarray:
     return (masked_before[np.maximum(k - window, 0)] - masked_before).astype(np.int32)
 
 
-def make_plan(spec, *, seq_len: int, buffer_size: int, token_dim: int, policy="none", differentiable: bool = False,
+def make_plan(spec, *, seq_len: int, buffer_size: int, token_dim: int, policy=None, differentiable: bool = False,
               backprop_steps: int = -1, remat: bool = False) -> DecodePlan:
-    """The static plan of a sampler: `spec` a SamplerSpec (num_iter, cfg, cfg_schedule, num_buckets)."""
-    pol = CachePolicy.parse(policy)
+    """The static plan of a sampler: `spec` a SamplerSpec (num_iter, cfg, cfg_schedule, num_buckets, cache).
+    policy: the cache policy; None takes the spec's (`spec.cache`, "none" where the spec has none)."""
+    pol = CachePolicy.parse(getattr(spec, "cache", "none") if policy is None else policy)
     if pol.kind != "none" and differentiable:
         raise ValueError("the KV-cached decode is inference only: use cache policy 'none' to differentiate")
     k = spec.num_iter

@@ -23,7 +23,22 @@ import numpy as np
 from etils import epath
 
 from marval_jax.programs.assets import FAMILY, load_role, role_dir
-from marval_jax.user_errors import add_verbose_flag, run_cli
+from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
+
+
+def kv_fields(cache: str) -> dict:
+    """The sample section's KV-cache fields of a --cache value: "none", "exact" (causal models), "approx" (the
+    config's r, R) or "r,R" (approx with these)."""
+    if cache in ("none", "exact", "approx"):
+        return {"kv_cache": cache}
+    parts = cache.split(",")
+    try:
+        r, big_r = (int(x) for x in parts)
+    except ValueError:
+        raise UserError(f"--cache takes none, exact, approx or r,R (e.g. 2,4), got {cache!r}") from None
+    if r < 0 or big_r < 1:
+        raise UserError(f"--cache r,R needs r >= 0 and R >= 1, got {cache!r}")
+    return {"kv_cache": "approx", "kv_reuse_after": r, "kv_refresh_every": big_r}
 
 
 class Evaluator:
@@ -67,21 +82,17 @@ class Evaluator:
         """Compiled sampler (one per role family, K, CFG and cache policy; RL shares the student's program)."""
         from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
         from marval_jax.sampling.from_config import sampler_from_config  # pylint: disable=import-outside-toplevel
-        from marval_jax.sampling.cached_sampler import make_cached_sampler  # pylint: disable=import-outside-toplevel
         from marval_jax.programs.sample import make_predictor  # pylint: disable=import-outside-toplevel
         config, cfg, graphdef, _ = self.models[role]
         kind = "teacher" if role == "teacher" else "onestep"
         key = (kind, num_iter, cfg_scale, cache)
         if key not in self.samplers:
             config.sample.sampler, config.sample.num_iter, config.sample.cfg = kind, num_iter, cfg_scale
+            config.sample.update(kv_fields(cache))  # the sample section's KV cache, as --mode sample reads it
             spec = sampler_from_config(config, "eval")
             kw = dict(seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
-            if cache == "none":
-                fn = ar_sampler.make_sampler(graphdef, spec, make_predictor(config, role_dir(self.assets, role)), **kw)
-            else:
-                r, big_r = (int(x) for x in cache.split(","))
-                fn = make_cached_sampler(graphdef, spec, make_predictor(config, role_dir(self.assets, role)), policy=("approx", r, big_r), **kw)
-            self.samplers[key] = fn
+            self.samplers[key] = ar_sampler.make_sampler(graphdef, spec,
+                                                         make_predictor(config, role_dir(self.assets, role)), **kw)
         return self.samplers[key]
 
     def _time(self, fn, params, b: int, reps: int) -> tuple[float, float]:
@@ -221,7 +232,8 @@ def main(argv=None) -> int:
     r.add_argument("--sweep", default="1.0,1.5,2.0,3.0", help="teacher CFG scales tried at K = 64")
     r.add_argument("--small-k", type=int, default=16)
     r.add_argument("--batch", type=int, default=256, help="generation batch (also the timed large batch)")
-    r.add_argument("--cache", default="1,4", help="approximate KV-cache policy r,R of the cache row")
+    r.add_argument("--cache", default="1,4", help="KV cache of the cache row (sample.kv_cache): r,R (approx with "
+                   "these), approx (the config's r, R), exact (causal models) or none")
     r.add_argument("--time-budget", type=float, default=0.0, help="skip settings once this many s are used")
     r.add_argument("--only", default="", help="comma list: run only rows whose name contains one of these, e.g. "
                    "'_cache,rl_K16' (teacher 'best' rows then use the first --sweep scale: pass --sweep=2.5)")
@@ -233,6 +245,7 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="docs")
     a = p.parse_args(argv)
     if a.cmd == "run":
+        kv_fields(a.cache)  # a bad value is an error before any model loads
         return run(a)
     from marval_jax.tools.results_render import render  # pylint: disable=import-outside-toplevel
     return render(a)

@@ -33,6 +33,7 @@ ROWS = {"sample/teacher", "sample/onestep", "train/mar", "train/gsim", "train/rl
 COMPILED = ("sample/onestep", "train/mar", "train/gsim", "train/rl", "kv/onestep/approx", "kv/onestep/causal",
             "kv/onestep/causal_exact", "breakdown/teacher/transformer_loop", "breakdown/teacher/head_loop")
 BLOCK_ROWS = [f"block/{p}" for p in F.BLOCK_PARTS]
+REMAT_COMPILED = ["remat/mar/full"]  # the remat/* rows share train_mar; "full" rematerialises blocks and head
 
 
 def run_quick(tmp, *args: str) -> tuple[dict, str]:
@@ -51,7 +52,7 @@ def run_quick(tmp, *args: str) -> tuple[dict, str]:
 def quick(tmp_path_factory):
     """One `--quick` run over the COMPILED rows and the block parts, shared by the tests below."""
     return run_quick(tmp_path_factory.mktemp("quick"), "--what", ",".join(defaults.WHAT),
-                     "--rows", ",".join(COMPILED) + ",block/*")
+                     "--rows", ",".join(COMPILED + tuple(REMAT_COMPILED)) + ",block/*")
 
 
 def plan(tmp_path, *args: str) -> dict:
@@ -86,8 +87,9 @@ def test_quick_run_is_the_selected_part_of_the_plan(quick, tmp_path):
     report, _ = quick
     results = report["results"]
     names = [r["name"] for r in results]
-    planned = plan(tmp_path, "--what", ",".join(defaults.WHAT), "--rows", ",".join(COMPILED) + ",block/*")
-    assert names == [r["name"] for r in planned["results"]] == list(COMPILED) + BLOCK_ROWS
+    planned = plan(tmp_path, "--what", ",".join(defaults.WHAT), "--rows",
+                   ",".join(COMPILED + tuple(REMAT_COMPILED)) + ",block/*")
+    assert names == [r["name"] for r in planned["results"]] == list(COMPILED) + BLOCK_ROWS + REMAT_COMPILED
     assert all(r["status"] == "ok" for r in results), [(r["name"], r.get("error")) for r in results
                                                        if r["status"] != "ok"]
     assert all(r["time_s"] > 0 and r["flops"] > 0 and r["compile"]["total_s"] > 0 for r in results)
@@ -123,6 +125,34 @@ def test_quick_run_kv_rows(quick):
         assert 0 <= r["max_rel_diff_vs_baseline"] < float("inf")
     assert "### KV cache" in table and "| tiny | onestep | causal | exact | 2 |" in table
     assert "| kv/onestep/causal |" in table and table.count("x |") >= 3
+
+
+def test_remat_rows_one_per_policy(tmp_path):
+    """--what remat plans MAR's training step once per model.remat_policy, after everything else."""
+    from marval_jax.models.transformer import REMAT_POLICIES
+    assert defaults.REMAT_ROWS == REMAT_POLICIES and "remat" not in defaults.DEFAULT_WHAT
+    names = [r["name"] for r in plan(tmp_path, "--what", "train,remat", "--train-steps", "mar")["results"]]
+    assert names == ["train/mar"] + [f"remat/mar/{p}" for p in REMAT_POLICIES]
+
+
+def test_scan_blocks_flag_sets_every_rows_model(tmp_path):
+    """--scan-blocks: every row's model with scan_blocks (recorded in the report's model_configs)."""
+    assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["scan_blocks"] is False
+    assert plan(tmp_path, "--rows", "sample/onestep", "--scan-blocks")["model_configs"]["tiny"]["scan_blocks"] is True
+
+
+def test_quick_remat_row(quick):
+    """A remat/* row is MAR's training step with the policy set: its recomputed matmuls counted, the compiled
+    program's temporaries recorded and shown in their table."""
+    import dataclasses
+    report, table = quick
+    row = next(r for r in report["results"] if r["name"] == "remat/mar/full")
+    assert row["remat_policy"] == row["settings"]["remat_policy"] == "full" and row["finite_loss"]
+    cfg = suite.model_config("tiny")
+    assert row["flops"] == F.mar_train_flops(dataclasses.replace(cfg, remat_policy="full"), batch=2)["total"] \
+        > F.mar_train_flops(cfg, batch=2)["total"]
+    assert row["compile"]["memory"]["temp_size_in_bytes"] > 0
+    assert "### Remat policies" in table and "| tiny | full | 2 |" in table
 
 
 def test_quick_block_rows(quick):
