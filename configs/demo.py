@@ -30,6 +30,9 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
     cfg.teacher_cfg = -1.0      # teacher CFG scale; -1 = the best scale of the results run (assets/sampling.json)
     cfg.teacher_steps = "100"   # teacher head respacing
     cfg.seed = 0
+    cfg.kv_cache = "none"       # none | approx (bidirectional models; docs/kv_cache.md) | exact (causal models)
+    cfg.kv_reuse_after = 2      # approx: r, iterations after a token is fixed before its keys/values are reused
+    cfg.kv_refresh_every = 4    # approx: R, every R-th iteration recomputes the whole cache
     cfg.mesh = common.mesh_config()  # the process group and the samplers' device layout (batch: data x fsdp)
     cfg.lock()
     return cfg

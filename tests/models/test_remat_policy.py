@@ -102,3 +102,14 @@ def test_bad_policy_is_a_user_error_naming_the_field():
         model_config(cfg)
     with pytest.raises(ValueError, match="remat_policy"):
         MARConfig(remat_policy="some")
+
+
+def test_remat_policy_and_scan_restore_across_values():
+    """A checkpoint written with one policy (or before the fields existed) restores with another: same parameters."""
+    import dataclasses
+    from marval_jax.checkpoints import manager
+    from marval_jax.models import mar as mar_lib
+    cfg = dataclasses.asdict(mar_lib.MARConfig())
+    old = {k: v for k, v in cfg.items() if k not in ("remat_policy", "scan_blocks")}
+    manager.check_config({"model": old}, {"model": dict(cfg, remat_policy="full", scan_blocks=True)})
+    manager.check_config({"model": dict(cfg, remat_policy="dots_saveable")}, {"model": dict(cfg, remat_policy="none")})
