@@ -1,7 +1,7 @@
 """Benchmark suite CLI (docs/benchmarks.md).
 
   python -m marval_jax.benchmarks --models base --batch 1,256 --out docs/benchmarks/h200.json \
-      --table docs/benchmarks.md --time-budget 480      # bash launch/h200_bench.sh does this on a GPU machine
+      --table docs/benchmarks.md --time-budget 480      # bash launch/gpu_bench.sh does this on a GPU machine
   python -m marval_jax.benchmarks --quick --out /tmp/bench.json --table /tmp/bench.md   # tiny shapes, CPU, < 60 s
   python -m marval_jax.benchmarks --from-json docs/benchmarks/h200.json --table docs/benchmarks.md  # re-render
   python -m marval_jax.benchmarks --from-json a.json,b.json --table docs/benchmarks.md \

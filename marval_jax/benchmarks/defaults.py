@@ -43,7 +43,7 @@ GSIM_BATCH = 64
 # AR loop's scans come to 29.6 GB per example (jaxpr of the step at batch 1); XLA's buffer assignment of the compiled
 # step on CPU grows by 46 GB per example (temporaries 50.3 GB at batch 1, 96.5 GB at batch 2: copies of the stacked
 # residuals between the forward and backward loops). So 30-46 GB (28-43 GiB) per example: batch 2 (60-92 GB + 2.5 GB
-# of state) fits one H200 (139 GiB; 126 GiB with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 as launch/h200_bench.sh sets),
+# of state) fits one H200 (139 GiB; 126 GiB with XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 as launch/gpu_bench.sh sets),
 # batch 4 (120-185 GB) likely would not, and 16 (~0.5-0.7 TB) certainly not. With rl.remat on only the carried tokens
 # (256 x 16 f32 per example) are kept per iteration, plus one iteration's activations while it is recomputed.
 RL_BATCH = 2

@@ -431,11 +431,11 @@ def test_cli_defaults_and_checks():
 
 def test_h200_script_dry_run():
     env = dict(os.environ, OUT="/tmp/o", BUDGET="300")
-    proc = subprocess.run(["bash", "launch/h200_bench.sh", "--dry-run", "--kv-batch", "256"], cwd=ROOT, env=env,
+    proc = subprocess.run(["bash", "launch/gpu_bench.sh", "--dry-run", "--kv-batch", "256"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     cmd = next(line for line in proc.stdout.splitlines() if line.startswith("+ timeout"))
-    for part in ("--models base", "--batch 1\\,256", "--out /tmp/o/h200.json", "--table /tmp/o/benchmarks.md",
+    for part in ("--models base", "--batch 1\\,256", "--out /tmp/o/gpu.json", "--table /tmp/o/benchmarks.md",
                  "--time-budget 300", f"--rl-batch {defaults.RL_BATCH}", f"--gsim-batch {defaults.GSIM_BATCH}",
                  "--kv-approx 2\\,4", "--kv-batch 256", "tee -a /tmp/o/bench.log"):
         assert part in cmd, part

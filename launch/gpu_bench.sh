@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# The benchmark suite on one GPU (an H200) in one call, from the repository root (docs/benchmarks.md):
+# The benchmark suite on one GPU (H100 or H200; the JSON and the table name the card) in one call, from the
+# repository root (docs/benchmarks.md):
 #
-#   OUT=/path/to/results bash launch/h200_bench.sh            # BUDGET=480 by default
-#   BUDGET=300 WHAT=kv,breakdown OUT=/tmp/b bash launch/h200_bench.sh --kv-batch 256
-#   BUDGET=300 WHAT=block OUT=/tmp/b bash launch/h200_bench.sh       # the transformer block breakdown only
-#   bash launch/h200_bench.sh --dry-run                         # print the commands, run nothing
+#   OUT=/path/to/results bash launch/gpu_bench.sh            # BUDGET=480 by default
+#   BUDGET=300 WHAT=kv,breakdown OUT=/tmp/b bash launch/gpu_bench.sh --kv-batch 256
+#   BUDGET=300 WHAT=block OUT=/tmp/b bash launch/gpu_bench.sh       # the transformer block breakdown only
+#   bash launch/gpu_bench.sh --dry-run                         # print the commands, run nothing
 #
-# Writes $OUT/h200.json (rewritten after every measurement), $OUT/benchmarks.md (a copy of docs/benchmarks.md whose
+# Writes $OUT/gpu.json (rewritten after every measurement), $OUT/benchmarks.md (a copy of docs/benchmarks.md whose
 # generated section holds this run's tables: copy it over docs/benchmarks.md to publish) and $OUT/bench.log (the
 # whole output). Installs nothing: jax with its CUDA plugin, flax and optax must already be installed.
 # Always exits 0 once it has written what it measured: a failed or out-of-memory row is recorded in the JSON
@@ -22,7 +23,7 @@
 #               default), e.g. with --block-batch / --block-calls passed through as extra arguments
 #   GSIM_BATCH, RL_BATCH, KV_APPROX   --gsim-batch (64), --rl-batch (2), --kv-approx (2,4)
 #   XLA_PYTHON_CLIENT_MEM_FRACTION    GPU memory XLA may take (default 0.9 here; XLA's own default 0.75 would leave
-#               a quarter of the H200 unused and make the remat-off RL step fail earlier)
+#               a quarter of the card unused and make the remat-off RL step fail earlier)
 #   PYTHON      the interpreter (default: python, else python3)
 #   Extra arguments are passed to `python -m marval_jax.benchmarks` unchanged (a repeated flag: the last one counts).
 set -uo pipefail
@@ -48,10 +49,10 @@ export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.9}
 PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
 
 SUITE=("$PY" -m marval_jax.benchmarks --models base --batch 1,256 --what "$WHAT"
-       --out "$OUT/h200.json" --table "$OUT/benchmarks.md" --time-budget "$BUDGET"
+       --out "$OUT/gpu.json" --table "$OUT/benchmarks.md" --time-budget "$BUDGET"
        --gsim-batch "${GSIM_BATCH:-64}" --rl-batch "${RL_BATCH:-2}" --kv-approx "${KV_APPROX:-2,4}"
        ${ARGS[@]+"${ARGS[@]}"})
-RENDER=("$PY" -m marval_jax.benchmarks --from-json "$OUT/h200.json" --table "$OUT/benchmarks.md")
+RENDER=("$PY" -m marval_jax.benchmarks --from-json "$OUT/gpu.json" --table "$OUT/benchmarks.md")
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "# OUT=$OUT BUDGET=$BUDGET HARD_LIMIT=$HARD_LIMIT JAX_PLATFORMS=$JAX_PLATFORMS" \
@@ -74,7 +75,7 @@ LOG="$OUT/bench.log"
 timeout --signal=TERM --kill-after=15 "$HARD_LIMIT" "${SUITE[@]}" 2>&1 | tee -a "$LOG"
 rc=${PIPESTATUS[0]}
 echo "# suite exit status $rc (1: some row failed, see the JSON; 124/137: killed at the hard limit)" | tee -a "$LOG"
-if [ -f "$OUT/h200.json" ]; then  # the table from the JSON as it is now (also after a kill mid-write)
+if [ -f "$OUT/gpu.json" ]; then  # the table from the JSON as it is now (also after a kill mid-write)
   "${RENDER[@]}" 2>&1 | tee -a "$LOG"
 fi
 ls -l "$OUT" 2>&1 | tee -a "$LOG"
