@@ -44,6 +44,8 @@ def _define(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("data", "imagenet2012", "Data set name of marval_jax.data.pipeline.", flag_values=fv)
     flags.DEFINE_string("split", "train", "Split (tfds slicing allowed).", flag_values=fv)
     flags.DEFINE_string("data_dir", None, "tfds data dir.", flag_values=fv)
+    flags.DEFINE_string("folder_dir", None, "--data=folder: the image folder (root/<class>/...; built first with "
+                        "python -m marval_jax.data.folder_dataset, docs/data.md).", flag_values=fv)
     flags.DEFINE_string("cache_dir", None, "Output directory.", flag_values=fv)
     flags.DEFINE_integer("image_size", 256, "Center-crop size.", flag_values=fv)
     flags.DEFINE_integer("batch_size", 128, "Images per encoder call (each also encoded flipped).", flag_values=fv)
@@ -62,6 +64,13 @@ def _define(fv: flags.FlagValues) -> None:
                         flag_values=fv)
 
 
+def data_config(fv):
+    """The images to cache, as a data config of marval_jax.data.pipeline (crop only: no patching)."""
+    from marval_jax.data import pipeline  # pylint: disable=import-outside-toplevel
+    return pipeline.default_config(name=fv.data, split=fv.split, data_dir=fv.data_dir, image_size=fv.image_size,
+                                   patch_size=0, folder_dir=fv.folder_dir)
+
+
 def main(argv):
     if not FLAGS.vae_ckpt or not FLAGS.cache_dir:
         raise app.UsageError("--vae_ckpt and --cache_dir are required")
@@ -78,8 +87,7 @@ def main(argv):
     vae = load_vae(FLAGS.vae_ckpt, trust_pickle=FLAGS.trust_pickle)
     graphdef, state = nnx.split(vae)
     encode = jax.jit(lambda x: nnx.merge(graphdef, state).encode(x).moments)
-    cfg = pipeline.default_config(name=FLAGS.data, split=FLAGS.split, data_dir=FLAGS.data_dir,
-                                  image_size=FLAGS.image_size, patch_size=0)
+    cfg = data_config(FLAGS)
     from tqdm import tqdm
     # process 0's share of the examples (process 0 only; quiet when stderr is not a terminal)
     bar = tqdm(desc="latent cache", unit="img", disable=None if jax.process_index() == 0 else True)

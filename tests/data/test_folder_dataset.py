@@ -248,8 +248,12 @@ def test_pipeline_feeds_pixel_tokens_and_the_latent_cache(clipart, tmp_path):
     assert -1.0 <= batch["tokens"].min() and batch["tokens"].max() <= 1.0
     assert set(batch["labels"].tolist()) <= set(range(len(info["class_names"])))
     # the cache path: source order, no flip, (64, 64, 3) images; a 4x4 mean-pool "encoder" gives moments
-    cache_cfg = pipeline.default_config(name="folder", folder_dir=folder, data_dir=data_dir, image_size=SIZE,
-                                        read_threads=1)
+    # ... as `python -m marval_jax.tools.cache_latents --data=folder --folder_dir=...` configures it
+    from absl import flags
+    from marval_jax.tools import cache_latents
+    fv = cache_latents.define_flags(flags.FlagValues())
+    fv(["cache_latents", "--data=folder", f"--folder_dir={folder}", f"--data_dir={data_dir}", f"--image_size={SIZE}"])
+    cache_cfg = cache_latents.data_config(fv)
     source = pipeline.image_source_for_cache(cache_cfg)
     assert len(source) == info["num_examples"] and source[0]["image"].shape == (SIZE, SIZE, 3)
 
