@@ -42,5 +42,10 @@ setup(
         "torch": ["torch>=2.6"],
         # `python -m marval_jax.tools.results render`: the plots of docs/results.md.
         "docs": ["matplotlib>=3.8"],
+        # `python -m marval_jax.tools.scale_check --target=tpu`: the TPU compiler (libtpu, from PyPI through jax's
+        # own tpu extra; 0.0.42.1 for jax 0.10.2: a 213 MB wheel, 684 MB installed) compiles a pod slice's programs
+        # ahead of time on a CPU machine. Never needed to train or sample on CPU/GPU; jax[tpu] pins the libtpu of
+        # the installed jax, so this extra pins jax too.
+        "tpu-aot": ["jax[tpu]==0.10.2"],
     },
 )

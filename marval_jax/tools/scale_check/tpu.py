@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import importlib.util
 import json
 import math
 import os
@@ -88,9 +87,12 @@ def pod_name(topology: str) -> str:
 
 def require_libtpu() -> None:
     """A one-line error naming the extra when libtpu (the TPU compiler) is not installed."""
-    if importlib.util.find_spec("libtpu") is None:
+    try:
+        import libtpu  # noqa: F401  (its Python wrapper only: sets TPU_LIBRARY_PATH; the compiler loads later)
+    except ImportError:
         raise UserError("--target=tpu needs libtpu (the TPU compiler), which is not installed: "
-                        "pip install '.[tpu-aot]' (marval-jax's tpu-aot extra; jax[tpu] of the same jax version)")
+                        "pip install '.[tpu-aot]' (marval-jax's tpu-aot extra; jax[tpu] of the same jax version)"
+                        ) from None
 
 
 def quiet_libtpu_env(topology: str) -> dict[str, str]:
@@ -99,7 +101,10 @@ def quiet_libtpu_env(topology: str) -> dict[str, str]:
     topology is first described in the process; values already set are kept."""
     chip, n = parse_topology(topology)
     env = {"TPU_ACCELERATOR_TYPE": f"{chip.accelerator_prefix}-{n * chip.cores_per_chip}",
-           "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0", "TPU_SKIP_MDS_QUERY": "1"}
+           "TPU_WORKER_HOSTNAMES": "localhost", "TPU_WORKER_ID": "0", "TPU_SKIP_MDS_QUERY": "1",
+           # libtpu otherwise takes /tmp/libtpu_lockfile (one process per TPU host): a compile-only process touches
+           # no TPU, and two of them (a background table and a test) must not exclude each other
+           "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     for k, v in env.items():
         os.environ.setdefault(k, v)
     return env
@@ -114,8 +119,8 @@ def topology_devices(topology: str) -> list:
     try:
         topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:  # libtpu's own message (an unknown shape for the chip)
-        raise UserError(f"--topology={topology}: libtpu cannot describe it ({str(e).splitlines()[0]}); use a "
-                        "slice shape of that chip, e.g. v5e:16x16, v5p:4x4x4, v4:4x4x4, v6e:16x16") from e
+        raise UserError(f"--topology={topology}: libtpu cannot describe it ({str(e).splitlines()[0]}); check "
+                        "the slice shape (e.g. v5e:16x16, v5p:4x4x4, v4:4x4x4, v6e:16x16)") from e
     devices = list(topo.devices)
     if len(devices) != n:
         raise UserError(f"--topology={topology}: libtpu described {len(devices)} chips, expected {n}")
