@@ -60,6 +60,9 @@ def test_report_block_rows_missing_cases_and_splice():
     assert "| v5p-128 (v5p:4x4x4) | MARVAL-B GSIM | 4/16/1 | 8 (512) |" in block and "| 95 | **no** |" in block
     assert "Not measured yet" in block and "v5e-256 MAR-H MAR pretraining" in block and "447 s" in block
     assert "a prediction" in block
+    assert ("- MAR-B MAR pretraining on v5e-4 (mesh data/fsdp/tensor 1/4/1) fits at per-chip batch 8 (global 32): "
+            "3.00 of 16 GiB (19%)") in block
+    assert "- MARVAL-B GSIM on v5p-128 (mesh data/fsdp/tensor 4/16/1) **does not fit** at per-chip batch 8" in block
     old = "# Scale\n\nCPU text\n\n" + tpu.render({"cases": {}, "commands": {}}) + "\nafter\n"
     new = tpu.splice(old, block)
     assert new.count(tpu.BEGIN) == 1 and "MAR-B MAR pretraining" in new and new.endswith("\nafter\n")

@@ -361,6 +361,19 @@ def row_label(r: dict) -> str:
     return f"{prefix}-{MODEL_LETTER.get(r['model'], r['model'])} {step}"
 
 
+def fit_sentence(r: dict) -> str:
+    m = r["memory"]
+    head = (f"{row_label(r)} on {r['pod']} (mesh data/fsdp/tensor "
+            f"{'/'.join(str(r['mesh'][a]) for a in ('data', 'fsdp', 'tensor'))})")
+    if r.get("best_batch") is not None:
+        return (f"{head}: largest per-chip batch that fits {r['best_batch']} (bisected; "
+                f"{_gib(m['total'])} of {r['hbm_bytes'] / GiB:g} GiB)" if r["best_batch"] else
+                f"{head}: does not fit at per-chip batch 1")
+    verdict = "fits" if r["fits"] else "**does not fit**"
+    return (f"{head} {verdict} at per-chip batch {r['per_chip_batch']} (global {r['global_batch']}): "
+            f"{_gib(m['total'])} of {r['hbm_bytes'] / GiB:g} GiB ({100 * m['total'] / r['hbm_bytes']:.0f}%)")
+
+
 def render(data: dict) -> str:
     """The TPU section of docs/scale.md (between BEGIN and END) from the JSON."""
     cases = list(data.get("cases", {}).values())
@@ -391,6 +404,8 @@ def render(data: dict) -> str:
                 f"{r['hbm_bytes'] / GiB:g} | {'yes' if r['fits'] else '**no**'} | {_tf(r['cost']['flops'])} | "
                 f"{_tf(r.get('our_flops'))} | {_ms(rf['step_s'])} ({rf['bound']}) | {r['compile_s']:.0f} | "
                 f"{r.get('commit') or '?'}, jax {r['jax']}, libtpu {r.get('libtpu', '?')} |")
+        lines += ["", "Which fit (per-chip batch as compiled; a fixed batch, not the largest, unless bisected):", ""]
+        lines += [f"- {fit_sentence(r)}" for r in sorted(cases, key=lambda r: (r["pod"], r["model"], r["step"]))]
         lines.append("")
     else:
         lines += ["No case compiled yet.", ""]
