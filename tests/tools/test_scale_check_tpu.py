@@ -80,7 +80,18 @@ def test_report_only_renders_the_json_without_libtpu(tmp_path, monkeypatch):
     js.write_text(json.dumps({"cases": {"a": _rec()}, "commands": {}}))
     out.write_text("# Scale\n")
     assert main(["--target=tpu", "--report_only", "--json", str(js), "--out", str(out)]) == 0
-    assert "| v5e-4 (v5e:2x2) | MAR-B MAR pretraining |" in out.read_text()
+    assert "| v5e-4 (v5e:2x2) | MAR-B MAR pretraining |" in out.read_text() and "Not measured" not in out.read_text()
+    # a planned command is recorded with its cases, which the report lists as not measured yet (nothing compiled)
+    assert main(["--target=tpu", "--report_only", "--topology=v5p:4x4x4", "--models", "huge", "--steps", "gsim,rl",
+                 "--rl_remat", "on", "--mesh", "data=-1,fsdp=16,tensor=1", "--batch", "4", "--json", str(js),
+                 "--out", str(out)]) == 0
+    text = out.read_text()
+    assert ("Not measured yet (recorded by the commands above, not compiled by the time of writing): v5p-128 "
+            "MARVAL-H GSIM at per-chip batch 4; v5p-128 MARVAL-H RL K=64 remat on at per-chip batch 4. The measured "
+            "compile times per case on this 2-core shared machine were 447 s") in text
+    assert ("    python -m marval_jax.tools.scale_check --target=tpu --topology=v5p:4x4x4 --models huge --steps gsim,rl "
+            "--rl_remat on --mesh data=-1,fsdp=16,tensor=1 --batch 4    # ") in text
+    assert list(json.loads(js.read_text())["cases"]) == ["a"]
 
 
 def test_missing_libtpu_is_one_line_naming_the_extra(tmp_path, monkeypatch):

@@ -416,6 +416,13 @@ def render(data: dict) -> str:
         lines.append("")
     missing = [label for e in commands.values() for key, label in e.get("cases", [])
                if key not in data.get("cases", {})]
+    errors = data.get("errors", {})
+    if errors:
+        lines += ["Failed to compile (the compiler's message):", ""]
+        lines += [f"- `{k}`: {e['error']}" for k, e in sorted(errors.items())]
+        lines.append("")
+    missing = [label for label in missing if label not in {lb for e in commands.values()
+                                                           for key, lb in e.get("cases", []) if key in errors}]
     if missing:
         times = sorted(r["compile_s"] for r in cases)
         limit = (f" The measured compile times per case on this 2-core shared machine were "
@@ -463,16 +470,9 @@ def command_line(argv: list[str]) -> str:
     return " ".join(["python -m marval_jax.tools.scale_check", *kept])
 
 
-def main(args, argv: list[str]) -> int:
-    """`--target=tpu`: compile each (topology, model, step) case the JSON lacks, appending each as it finishes."""
+def _plan(args) -> tuple[list[tuple], dict, dict | None, Any]:
+    """The command's cases (topology, model, step, remat), their JSON keys, the mesh override and the batch key."""
     from marval_jax.tools.scale_check.cases import parse_list, parse_mesh
-    data = load_json(args.json)
-    if args.report_only:
-        if not args.out:
-            raise UserError("--report_only needs --out (the markdown file to render the JSON into)")
-        write_report(args.out, data)
-        return 0
-    require_libtpu()
     topologies = parse_list(args.topology, None, "topology")
     for t in topologies:
         parse_topology(t)
@@ -485,48 +485,64 @@ def main(args, argv: list[str]) -> int:
     cases = [(t, m, s, r) for t in topologies for m in models for s in steps
              for r in (remats if s == "rl" else [None])]
     batch_key = f"best<={args.bisect}" if args.bisect else args.batch
-    ids = {c: case_id(c[0], c[1], c[2], mesh, batch_key, c[3]) for c in cases}
-    command = command_line(argv)
+    return cases, {c: case_id(c[0], c[1], c[2], mesh, batch_key, c[3]) for c in cases}, mesh, batch_key
+
+
+def _compile_one(args, case, mesh, devices) -> dict:
+    """One case's record: compiled at --batch, or bisected over compiled programs up to --bisect."""
+    t, m, s, r = case
+    if not args.bisect:
+        return compile_case(t, m, s, mesh, args.batch, r, args.rl_num_iter, devices)
+    recs: dict[int, dict] = {}
+
+    def fits_at(b):
+        recs[b] = compile_case(t, m, s, mesh, b, r, args.rl_num_iter, devices)
+        return recs[b]["fits"]
+
+    best, _ = bisect_batch(fits_at, args.bisect)
+    return dict(recs[best] if best else recs[1], best_batch=best,
+                probes={str(b): recs[b]["memory"]["total"] for b in sorted(recs)})
+
+
+def main(args, argv: list[str]) -> int:
+    """`--target=tpu`: compile each (topology, model, step) case the JSON lacks, appending each as it finishes.
+    With --report_only nothing is compiled (libtpu not needed): a command that names --topology is recorded with its
+    cases (so the report lists them as not measured yet) and the JSON is rendered into --out."""
+    data = load_json(args.json)
+    if args.report_only and not args.out:
+        raise UserError("--report_only needs --out (the markdown file to render the JSON into)")
+    if not args.report_only:
+        require_libtpu()
+    if args.report_only and not any(a.startswith("--topology") for a in argv):
+        write_report(args.out, data)
+        return 0
+    cases, ids, mesh, batch_key = _plan(args)
+    command = command_line([a for a in argv if a != "--report_only"])
     entry = dict(date=datetime.date.today().isoformat(), cases=[
         [ids[c], f"{pod_name(c[0])} {row_label(dict(model=c[1], step=c[2], remat=c[3], rl_num_iter=args.rl_num_iter))}"
          f" at per-chip batch {batch_key}"] for c in cases])
     data.setdefault("commands", {})[command] = entry
     save_json(args.json, data)
-    failed = 0
-    devices_of: dict[str, list] = {}
-    for c in cases:
-        t, m, s, r = c
-        if ids[c] in data["cases"] and not args.recompile:
+    failed, devices_of = 0, {}
+    for c in ([] if args.report_only else cases):
+        if ids[c] in data.get("cases", {}) and not args.recompile:
             continue
-        if t not in devices_of:
-            devices_of[t] = topology_devices(t)
+        if c[0] not in devices_of:
+            devices_of[c[0]] = topology_devices(c[0])
         try:
-            if args.bisect:
-                chip, _ = parse_topology(t)
-                recs: dict[int, dict] = {}
-
-                def fits_at(b):
-                    recs[b] = compile_case(t, m, s, mesh, b, r, args.rl_num_iter, devices_of[t])
-                    return recs[b]["fits"]
-
-                best, _ = bisect_batch(fits_at, args.bisect)
-                rec = dict(recs[best] if best else recs[1], best_batch=best,
-                           probes={str(b): recs[b]["memory"]["total"] for b in sorted(recs)})
-            else:
-                rec = compile_case(t, m, s, mesh, args.batch, r, args.rl_num_iter, devices_of[t])
+            rec = _compile_one(args, c, mesh, devices_of[c[0]])
         except UserError:
             raise
         except Exception as e:  # noqa: BLE001 (one case's compiler error must not lose the others)
             failed += 1
-            print(f"[scale_check tpu] {ids[c]} failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
-                  file=sys.stderr, flush=True)
-            continue
+            rec = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+            print(f"[scale_check tpu] {ids[c]} failed: {rec['error']}", file=sys.stderr, flush=True)
         data = load_json(args.json) if args.json else data  # another run may have appended meanwhile
-        data.setdefault("cases", {})[ids[c]] = rec
+        data.setdefault("errors" if "error" in rec else "cases", {})[ids[c]] = rec
+        if "error" not in rec:
+            data.get("errors", {}).pop(ids[c], None)
         data.setdefault("commands", {})[command] = entry
         save_json(args.json, data)
-        if args.out:
-            write_report(args.out, data)
     if args.out:
         write_report(args.out, data)
     elif not args.json:
