@@ -56,7 +56,7 @@ def test_report_block_rows_missing_cases_and_splice():
     block = tpu.render(data)
     assert block.startswith(tpu.BEGIN) and block.rstrip().endswith(tpu.END)
     assert ("| v5e-4 (v5e:2x2) | MAR-B MAR pretraining | 1/4/1 | 8 (32) | 1.00 | 2.00 | 3.00 | 16 | yes | 2.00 | "
-            "1.90 | 10.2 (compute) | 447 |") in block
+            "1.90 | 1.05 | 10.2 (compute) | 447 |") in block
     assert "| v5p-128 (v5p:4x4x4) | MARVAL-B GSIM | 4/16/1 | 8 (512) |" in block and "| 95 | **no** |" in block
     assert "Not measured yet" in block and "v5e-256 MAR-H MAR pretraining" in block and "447 s" in block
     assert "a prediction" in block

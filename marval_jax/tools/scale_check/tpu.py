@@ -349,6 +349,10 @@ def _tf(x: float | None) -> str:
     return "-" if not x else f"{x / 1e12:.2f}"
 
 
+def _ratio(a: float, b: float | None) -> str:
+    return "-" if not b else f"{a / b:.2f}"
+
+
 def _ms(s: float) -> str:
     return f"{1e3 * s:.1f}"
 
@@ -388,11 +392,20 @@ def render(data: dict) -> str:
              "`TPU FLOPs` is the compiler's `cost_analysis()` per chip, `ours` benchmarks/flops.py's count for the",
              "chip's batch shard; `roofline ms` is **a prediction**: max(FLOPs / peak, bytes accessed / HBM",
              "bandwidth) per chip, no overlap or efficiency loss modelled. The batch is a fixed per-chip batch unless",
-             "the row says `bisected` (the largest that fits, found by compiling).", ""]
+             "the row says `bisected` (the largest that fits, found by compiling). `TPU / ours` near 1 cross-checks",
+             "benchmarks/flops.py; XLA's cost analysis counts a loop body once where it cannot see the trip count",
+             "(the samplers' and RL's AR loops), so a ratio far below 1 there is the loop, not a miscount.", "",
+             "How the rows are made: on the shared 2-core machine the compiles are slow (the issue measured 447 s",
+             "for MAR-B's step on v5e:2x4), so the commands below run in the background one after another at the",
+             "lowest priority (`nice -n 19`), each appending its cases to `docs/scale_tpu.json` as they finish;",
+             "`--report_only --out docs/scale.md` then renders this block from the JSON (a command given with",
+             "`--report_only` and its `--topology` is recorded with its cases without compiling, so the block",
+             "lists what is not measured yet). The CI test (tests/tpu_aot) compiles the tiny MAR step and the",
+             "one-step sampler for v5e:2x2.", ""]
     if cases:
         lines += ["| pod (topology) | program | mesh (data/fsdp/tensor) | per-chip batch (global) | args GiB | "
-                  "temp GiB | total GiB | HBM GiB | fits | TPU FLOPs (T) | ours (T) | roofline ms (bound) | "
-                  "compile s | code |", "|" + "---|" * 14]
+                  "temp GiB | total GiB | HBM GiB | fits | TPU FLOPs (T) | ours (T) | TPU / ours | "
+                  "roofline ms (bound) | compile s | code |", "|" + "---|" * 15]
         for r in sorted(cases, key=lambda r: (r["pod"], r["model"], r["step"], r.get("remat") or False,
                                               r["per_chip_batch"])):
             mesh = "/".join(str(r["mesh"][a]) for a in ("data", "fsdp", "tensor"))
@@ -402,7 +415,8 @@ def render(data: dict) -> str:
                 f"| {r['pod']} ({r['topology']}) | {row_label(r)} | {mesh} | {r['per_chip_batch']} "
                 f"({r['global_batch']}){best} | {_gib(m['argument'])} | {_gib(m['temp'])} | {_gib(m['total'])} | "
                 f"{r['hbm_bytes'] / GiB:g} | {'yes' if r['fits'] else '**no**'} | {_tf(r['cost']['flops'])} | "
-                f"{_tf(r.get('our_flops'))} | {_ms(rf['step_s'])} ({rf['bound']}) | {r['compile_s']:.0f} | "
+                f"{_tf(r.get('our_flops'))} | {_ratio(r['cost']['flops'], r.get('our_flops'))} | "
+                f"{_ms(rf['step_s'])} ({rf['bound']}) | {r['compile_s']:.0f} | "
                 f"{r.get('commit') or '?'}, jax {r['jax']}, libtpu {r.get('libtpu', '?')} |")
         lines += ["", "Which fit (per-chip batch as compiled; a fixed batch, not the largest, unless bisected):", ""]
         lines += [f"- {fit_sentence(r)}" for r in sorted(cases, key=lambda r: (r["pod"], r["model"], r["step"]))]
