@@ -92,6 +92,11 @@ def test_report_only_renders_the_json_without_libtpu(tmp_path, monkeypatch):
     assert ("    python -m marval_jax.tools.scale_check --target=tpu --topology=v5p:4x4x4 --models huge --steps gsim,rl "
             "--rl_remat on --mesh data=-1,fsdp=16,tensor=1 --batch 4    # ") in text
     assert list(json.loads(js.read_text())["cases"]) == ["a"]
+    assert main(["--target=tpu", "--report_only", "--note", "Background run: 1 case in flight.", "--json", str(js),
+                 "--out", str(out)]) == 0
+    assert out.read_text().count("Background run: 1 case in flight.") == 1 and "--note" not in out.read_text()
+    assert tpu.command_line(["--target=tpu", "--report_only", "--json", "j", "--out=o", "--note", "n", "--batch",
+                             "4", "--verbose"]) == "python -m marval_jax.tools.scale_check --target=tpu --batch 4"
 
 
 def test_missing_libtpu_is_one_line_naming_the_extra(tmp_path, monkeypatch):

@@ -443,6 +443,8 @@ def render(data: dict) -> str:
                  f"{', '.join(f'{t:.0f}' for t in times)} s (one compile at a time)." if times else "")
         lines += [f"Not measured yet (recorded by the commands above, not compiled by the time of writing): "
                   f"{'; '.join(dict.fromkeys(missing))}.{limit}", ""]
+    if data.get("note"):
+        lines += [data["note"], ""]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -472,14 +474,15 @@ def write_report(out: str, data: dict) -> None:
 
 # ------------------------------------------------------------------------------------------------ command line
 def command_line(argv: list[str]) -> str:
-    """The command as recorded in the JSON: without where its output goes (--json, --out) and --verbose."""
+    """The command as recorded in the JSON: without where its output goes (--json, --out), --report_only, --note
+    and --verbose (the same command compiles or plans the same cases)."""
     kept, skip = [], False
     for a in argv:
         if skip:
             skip = False
-        elif a in ("--json", "--out"):
+        elif a in ("--json", "--out", "--note"):
             skip = True
-        elif not a.startswith(("--json=", "--out=", "--verbose")):
+        elif not a.startswith(("--json=", "--out=", "--note=", "--verbose", "--report_only")):
             kept.append(a)
     return " ".join(["python -m marval_jax.tools.scale_check", *kept])
 
@@ -527,11 +530,14 @@ def main(args, argv: list[str]) -> int:
         raise UserError("--report_only needs --out (the markdown file to render the JSON into)")
     if not args.report_only:
         require_libtpu()
+    if args.report_only and args.note:  # a sentence of the report's own (e.g. the state of a background run)
+        data["note"] = args.note
+        save_json(args.json, data)
     if args.report_only and not any(a.startswith("--topology") for a in argv):
         write_report(args.out, data)
         return 0
     cases, ids, mesh, batch_key = _plan(args)
-    command = command_line([a for a in argv if a != "--report_only"])
+    command = command_line(argv)
     entry = dict(date=datetime.date.today().isoformat(), cases=[
         [ids[c], f"{pod_name(c[0])} {row_label(dict(model=c[1], step=c[2], remat=c[3], rl_num_iter=args.rl_num_iter))}"
          f" at per-chip batch {batch_key}"] for c in cases])
