@@ -106,3 +106,17 @@ def test_missing_libtpu_is_one_line_naming_the_extra(tmp_path, monkeypatch):
               str(tmp_path / "t.json")])
     assert "pip install '.[tpu-aot]'" in str(e.value) and "\n" not in str(e.value)
     assert not (tmp_path / "t.json").exists()           # refused before anything was recorded
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--report_only"], "--report_only needs --out"),
+    (["--report_only", "--out", "o.md", "--topology=v5e:2x2", "--batch", "0"], "--batch: the per-chip batch"),
+    (["--report_only", "--out", "o.md", "--topology=v5e:2x2", "--steps", "mar,sampler"], "--steps: unknown"),
+    (["--report_only", "--out", "o.md", "--topology=v5e:2x2", "--mesh", "data=2,model=2"], "--mesh: expected"),
+    (["--report_only", "--out", "o.md", "--topology=v5e:2x2,v5e:4x4", "--mesh", "data=-1,fsdp=8,tensor=1"],
+     "4 devices do not divide")])
+def test_bad_arguments_are_user_errors(tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UserError, match=match):
+        main(["--target=tpu", "--json", "t.json", *argv])
+    assert not (tmp_path / "t.json").exists()           # nothing recorded

@@ -25,6 +25,12 @@ out, js = sys.argv[1], sys.argv[2]
 common = ["--target=tpu", "--topology=v5e:2x2", "--models", "tiny", "--batch", "4", "--json", js, "--out", out]
 rc1 = main(common + ["--steps", "mar,onestep", "--mesh", "data=1,fsdp=4,tensor=1"])
 rc2 = main(common + ["--steps", "mar", "--mesh", "data=4,fsdp=1,tensor=1"])
+from marval_jax.user_errors import UserError
+for bad in (["--topology=v5e:3x7"], ["--mesh", "data=3,fsdp=1,tensor=1"]):  # user errors, before any compile
+    try:
+        main(common + ["--steps", "mar", "--recompile"] + bad)
+    except UserError as e:
+        print("USERERROR", str(e).replace(chr(10), " "))
 print("RESULT", rc1, rc2, jax.default_backend(), len(jax.devices()))
 """
 
@@ -39,8 +45,9 @@ def compiled(tmp_path_factory):
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
     result = [line.split()[1:] for line in proc.stdout.splitlines() if line.startswith("RESULT")][0]
+    errors = [line[len("USERERROR "):] for line in proc.stdout.splitlines() if line.startswith("USERERROR")]
     data = json.loads(js.read_text())
-    return result, data, out.read_text(), proc.stderr
+    return result, data, out.read_text(), proc.stderr, errors
 
 
 def _case(data, step, mesh):
@@ -49,13 +56,13 @@ def _case(data, step, mesh):
 
 
 def test_cli_succeeds_and_the_process_stays_on_the_cpu(compiled):
-    result, _, _, stderr = compiled
+    result, _, _, stderr, _ = compiled
     assert result == ["0", "0", "cpu", "1"], result    # both commands ok; the default backend is still the CPU
     assert "TPU_ACCELERATOR_TYPE" not in stderr and "TPU_WORKER_HOSTNAMES" not in stderr  # libtpu kept quiet
 
 
 def test_memory_and_cost_are_the_tpu_compilers_and_positive(compiled):
-    _, data, _, _ = compiled
+    _, data, _, _, _ = compiled
     for step in ("mar", "onestep"):
         r = _case(data, step, "data=1,fsdp=4,tensor=1")
         assert r["device_kind"] == "TPU v5 lite" and r["chips"] == 4 and r["pod"] == "v5e-4"
@@ -70,7 +77,7 @@ def test_memory_and_cost_are_the_tpu_compilers_and_positive(compiled):
 
 
 def test_state_memory_shrinks_with_fsdp(compiled):
-    _, data, _, _ = compiled
+    _, data, _, _, _ = compiled
     sharded, replicated = _case(data, "mar", "data=1,fsdp=4,tensor=1"), _case(data, "mar", "data=4,fsdp=1,tensor=1")
     assert sharded["per_chip_batch"] == replicated["per_chip_batch"] == 4
     s, r = sharded["memory"], replicated["memory"]
@@ -85,10 +92,17 @@ def test_state_memory_shrinks_with_fsdp(compiled):
 
 
 def test_report_block_is_rendered_into_the_markdown(compiled):
-    _, data, text, _ = compiled
+    _, data, text, _, _ = compiled
     assert text.startswith("# Scale check\n\nthe CPU report stays\n")
     assert text.count("<!-- scale_check --target=tpu: begin") == 1 and text.count("--target=tpu: end -->") == 1
     assert "| v5e-4 (v5e:2x2) | MAR-tiny MAR pretraining | 1/4/1 | 4 (16) |" in text
     assert "| v5e-4 (v5e:2x2) | MAR-tiny MAR pretraining | 4/1/1 | 4 (16) |" in text
     assert "| v5e-4 (v5e:2x2) | MARVAL-tiny one-step sampler | 1/4/1 | 4 (16) |" in text
     assert len(data["commands"]) == 2 and "Not measured yet" not in text
+
+
+def test_a_slice_libtpu_cannot_describe_and_a_mesh_that_does_not_fit_it_are_user_errors(compiled):
+    *_, errors = compiled
+    assert len(errors) == 2, errors
+    assert errors[0].startswith("--topology=v5e:3x7: libtpu cannot describe it (") and "check the slice shape" in errors[0]
+    assert "needs 3 devices, have 4" in errors[1], errors[1]

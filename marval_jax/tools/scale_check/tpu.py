@@ -499,6 +499,11 @@ def _plan(args) -> tuple[list[tuple], dict, dict | None, Any]:
     mesh = parse_mesh(args.mesh)
     if args.batch < 1:
         raise UserError(f"--batch: the per-chip batch must be >= 1, got {args.batch}")
+    if mesh is not None:  # the mesh must fit every slice (a UserError before anything is recorded)
+        from types import SimpleNamespace
+        from marval_jax.parallel.mesh import mesh_shape
+        for t in topologies:
+            mesh_shape(SimpleNamespace(shape=mesh), parse_topology(t)[1])
     cases = [(t, m, s, r) for t in topologies for m in models for s in steps
              for r in (remats if s == "rl" else [None])]
     batch_key = f"best<={args.bisect}" if args.bisect else args.batch
@@ -537,18 +542,18 @@ def main(args, argv: list[str]) -> int:
         write_report(args.out, data)
         return 0
     cases, ids, mesh, batch_key = _plan(args)
+    # every slice described before the command is recorded: one libtpu cannot describe is a UserError
+    devices_of = {} if args.report_only else {t: topology_devices(t) for t in dict.fromkeys(c[0] for c in cases)}
     command = command_line(argv)
     entry = dict(date=datetime.date.today().isoformat(), cases=[
         [ids[c], f"{pod_name(c[0])} {row_label(dict(model=c[1], step=c[2], remat=c[3], rl_num_iter=args.rl_num_iter))}"
          f" at per-chip batch {batch_key}"] for c in cases])
     data.setdefault("commands", {})[command] = entry
     save_json(args.json, data)
-    failed, devices_of = 0, {}
+    failed = 0
     for c in ([] if args.report_only else cases):
         if ids[c] in data.get("cases", {}) and not args.recompile:
             continue
-        if c[0] not in devices_of:
-            devices_of[c[0]] = topology_devices(c[0])
         try:
             rec = _compile_one(args, c, mesh, devices_of[c[0]])
         except UserError:
