@@ -45,7 +45,7 @@ def _rec(pod_topology="v5e:2x2", step="mar", total=3 * 2 ** 30, fsdp=4):
                                                 total=total),
                 hbm_bytes=chip.hbm_gib * 2 ** 30, fits=total <= chip.hbm_gib * 2 ** 30,
                 cost=dict(flops=2e12, bytes_accessed=1e9), our_flops=1.9e12,
-                roofline=tpu.roofline_s(chip, 2e12, 1e9), compile_s=447.0, jax="0.10.2", libtpu="0.0.42.1",
+                roofline=tpu.roofline_s(chip, 2e12, 1e9), compile_s=447.0, host_peak_rss_bytes=int(9.5 * 2 ** 30), jax="0.10.2", libtpu="0.0.42.1",
                 commit="abc1234")
 
 
@@ -56,7 +56,7 @@ def test_report_block_rows_missing_cases_and_splice():
     block = tpu.render(data)
     assert block.startswith(tpu.BEGIN) and block.rstrip().endswith(tpu.END)
     assert ("| v5e-4 (v5e:2x2) | MAR-B MAR pretraining | 1/4/1 | 8 (32) | 1.00 | 2.00 | 3.00 | 16 | yes | 2.00 | "
-            "1.90 | 1.05 | 10.2 (compute) | 447 |") in block
+            "1.90 | 1.05 | 10.2 (compute) | 447 (9.5 GiB host) |") in block
     assert "| v5p-128 (v5p:4x4x4) | MARVAL-B GSIM | 4/16/1 | 8 (512) |" in block and "| 95 | **no** |" in block
     assert "Not measured yet" in block and "v5e-256 MAR-H MAR pretraining" in block and "447 s" in block
     assert "a prediction" in block

@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -275,7 +276,9 @@ def compile_case(topology: str, model: str, step: str, mesh_spec: dict | None, p
                global_batch=per_chip_batch * _batch_shards(config, mesh),
                memory=mem, hbm_bytes=hbm, fits=mem["total"] <= hbm, cost=cost, our_flops=ours,
                roofline=roofline_s(chip, cost["flops"], cost["bytes_accessed"]),
-               lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1), jax=jax.__version__,
+               lower_s=round(t1 - t0, 1), compile_s=round(t2 - t1, 1),
+               # the compiling process's peak resident memory so far (Linux: KiB): what a compile host needs
+               host_peak_rss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, jax=jax.__version__,
                libtpu=_libtpu_version(), commit=_commit(), date=datetime.date.today().isoformat())
     print(f"[scale_check tpu] {case_id(topology, model, step, mesh_spec, per_chip_batch, rec['remat'])}: "
           f"{mem['total'] / GiB:.2f} GiB of {chip.hbm_gib:g} (temp {mem['temp'] / GiB:.2f}), "
@@ -353,6 +356,10 @@ def _ratio(a: float, b: float | None) -> str:
     return "-" if not b else f"{a / b:.2f}"
 
 
+def _rss(r: dict) -> str:
+    return f" ({r['host_peak_rss_bytes'] / GiB:.1f} GiB host)" if r.get("host_peak_rss_bytes") else ""
+
+
 def _ms(s: float) -> str:
     return f"{1e3 * s:.1f}"
 
@@ -401,7 +408,9 @@ def render(data: dict) -> str:
              "`--report_only --out docs/scale.md` then renders this block from the JSON (a command given with",
              "`--report_only` and its `--topology` is recorded with its cases without compiling, so the block",
              "lists what is not measured yet). The CI test (tests/tpu_aot) compiles the tiny MAR step and the",
-             "one-step sampler for v5e:2x2.", ""]
+             "one-step sampler for v5e:2x2. `compile s` is the TPU compile's wall time (with the compiling",
+             "process's peak resident memory when recorded: a 256-chip MAR-B compile held ~10 GiB of host memory).",
+             ""]
     if cases:
         lines += ["| pod (topology) | program | mesh (data/fsdp/tensor) | per-chip batch (global) | args GiB | "
                   "temp GiB | total GiB | HBM GiB | fits | TPU FLOPs (T) | ours (T) | TPU / ours | "
@@ -416,7 +425,7 @@ def render(data: dict) -> str:
                 f"({r['global_batch']}){best} | {_gib(m['argument'])} | {_gib(m['temp'])} | {_gib(m['total'])} | "
                 f"{r['hbm_bytes'] / GiB:g} | {'yes' if r['fits'] else '**no**'} | {_tf(r['cost']['flops'])} | "
                 f"{_tf(r.get('our_flops'))} | {_ratio(r['cost']['flops'], r.get('our_flops'))} | "
-                f"{_ms(rf['step_s'])} ({rf['bound']}) | {r['compile_s']:.0f} | "
+                f"{_ms(rf['step_s'])} ({rf['bound']}) | {r['compile_s']:.0f}{_rss(r)} | "
                 f"{r.get('commit') or '?'}, jax {r['jax']}, libtpu {r.get('libtpu', '?')} |")
         lines += ["", "Which fit (per-chip batch as compiled; a fixed batch, not the largest, unless bisected):", ""]
         lines += [f"- {fit_sentence(r)}" for r in sorted(cases, key=lambda r: (r["pod"], r["model"], r["step"]))]
