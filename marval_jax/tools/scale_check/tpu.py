@@ -317,7 +317,18 @@ def _libtpu_version() -> str:
         return "?"
 
 
+_COMMIT: list[str] = []
+
+
 def _commit() -> str:
+    """The checkout's commit when first asked (main asks before compiling: a compile takes an hour here, and the
+    checkout may move meanwhile)."""
+    if not _COMMIT:
+        _COMMIT.append(_git_head())
+    return _COMMIT[0]
+
+
+def _git_head() -> str:
     try:
         root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
@@ -551,6 +562,7 @@ def main(args, argv: list[str]) -> int:
         write_report(args.out, data)
         return 0
     cases, ids, mesh, batch_key = _plan(args)
+    _commit()  # the code that compiles is the code at the start
     # every slice described before the command is recorded: one libtpu cannot describe is a UserError
     devices_of = {} if args.report_only else {t: topology_devices(t) for t in dict.fromkeys(c[0] for c in cases)}
     command = command_line(argv)
