@@ -44,5 +44,10 @@ setup(
         "docs": ["matplotlib>=3.8"],
         # train.writers="wandb": metrics, sample grids and the config to Weights & Biases (train/writers.py).
         "wandb": ["wandb>=0.19"],
+        # `python -m marval_jax.tools.scale_check --target=tpu`: the TPU compiler (libtpu, from PyPI through jax's
+        # own tpu extra; 0.0.42.1 for jax 0.10.2: a 213 MB wheel, 684 MB installed) compiles a pod slice's programs
+        # ahead of time on a CPU machine. Never needed to train or sample on CPU/GPU; jax[tpu] pins the libtpu of
+        # the installed jax, so this extra pins jax too.
+        "tpu-aot": ["jax[tpu]==0.10.2"],
     },
 )

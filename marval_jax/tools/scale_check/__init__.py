@@ -48,8 +48,16 @@ with its frozen inputs as abstract shapes (`abstract_frozen`) placed as the trai
 step's frozen reward (PickScore, CLIP ViT-H/14: `abstract_clip_reward`) and VAE decoder parameters are replicated
 arguments (abstract, random-weight shapes of the real sizes: no converted checkpoint is needed), as the registry
 recommends for CLIP-H size rewards.
+TPU (`--target=tpu --topology=v5e:16x16`, module `tpu`): the same cases plus the one-step sampler compiled by the
+TPU compiler itself, ahead of time on this CPU machine (libtpu from the `tpu-aot` extra, a slice described offline,
+no TPU), per-chip memory against the chip's HBM, the compiler's FLOPs beside benchmarks/flops.py's and the roofline
+step time (a prediction); each case is appended to a JSON (`--json docs/scale_tpu.json`) and rendered into its own
+block of docs/scale.md. `--target=cpu` (the default) and `--target=gpu` (`--execute` / `--device_probes`) are the
+forced-CPU tool described above.
+
 Layout: `cases` (parsing, building and compiling one case), `measurement` (the fit, `--execute`, the worker
-subprocesses and the cache), `report` (docs/scale.md), `cli` (`main`); every name is re-exported here.
+subprocesses and the cache), `report` (docs/scale.md), `cli` (`main`), `tpu` (`--target=tpu`; imported only for
+it); every name but `tpu`'s is re-exported here.
 """
 from marval_jax.tools.scale_check.cases import (  # noqa: F401
     _root, HBM_DEFAULT, STEPS, CONFIG_FILES, GB, VIT_H_14, parse_mesh, parse_hbm, parse_options, parse_list, case_key,

@@ -21,6 +21,9 @@ def main(argv=None) -> int:
     argv = list(argv if argv is not None else sys.argv[1:])
     args = p.parse_args(argv)
     args.argv = argv
+    if args.target == "tpu":
+        from marval_jax.tools.scale_check import tpu  # libtpu is looked for only here
+        return tpu.main(args, argv)
     if args._worker:
         return _worker_main(args)
     if args.execute:
@@ -51,6 +54,16 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=sys.modules["marval_jax.tools.scale_check"].__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_verbose_flag(p)
+    p.add_argument("--target", default="cpu", choices=("cpu", "gpu", "tpu"),
+                   help="cpu: forced host devices (default); gpu: the same, with --execute / --device_probes for the "
+                        "device-compiled prediction; tpu: the TPU compiler ahead of time for --topology (needs the "
+                        "tpu-aot extra: pip install '.[tpu-aot]'; see scale_check/tpu.py)")
+    p.add_argument("--topology", default="v5e:2x2", help="--target=tpu: slice shapes, e.g. v5e:16x16,v5p:4x4x4")
+    p.add_argument("--batch", type=int, default=1, help="--target=tpu: the per-chip batch each case is compiled at")
+    p.add_argument("--bisect", type=int, default=0, help="--target=tpu: find the largest per-chip batch <= this that "
+                                                         "fits the chip's HBM by compiling (0: no, one --batch)")
+    p.add_argument("--json", default="", help="--target=tpu: the JSON every finished case is appended to "
+                                              "(e.g. docs/scale_tpu.json)")
     p.add_argument("--devices", default="64", help="comma-separated simulated device counts, e.g. 64,256")
     p.add_argument("--models", default="base,large,huge", help="config variants")
     p.add_argument("--steps", default="mar,gsim,rl", help=f"any of {','.join(STEPS)}")
@@ -147,8 +160,10 @@ def _write_report(args, cache: dict, registry: dict, hbm: dict[str, float]) -> N
     text = render(records, hbm, args.hbm_fraction, commands, missing=missing,
                   measured=list(cache.get("_measured", {}).values()))
     if args.out:
+        from marval_jax.tools.scale_check.tpu import keep_block  # the --target=tpu section stays (no libtpu import)
+        old = open(args.out).read() if os.path.exists(args.out) else ""
         with open(args.out, "w") as f:
-            f.write(text)
+            f.write(keep_block(old, text))
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text)
