@@ -105,6 +105,7 @@ def sample_config(**overrides) -> mlc.ConfigDict:
         num_images=64,
         batch_size=64,
         labels="cycle",             # "cycle" (class i % class_num) | "uncond" | "random"
+        profile_batches=(),         # (a, b): --mode sample/evaluate trace batches a..b into <workdir>/profile
         use_ema=True,
         t_init=-1,                  # one-step generator timestep; -1 takes generator.t_init
         # --mode evaluate

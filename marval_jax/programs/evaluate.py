@@ -128,7 +128,7 @@ def evaluate(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
     config_checks.check_evaluation_files(config)  # fid_ref, Inception weights, classifier: before sampling
     raw_kw = _raw_kw(config)
     source = ckpt or config.get("init_from", "") or workdir
-    sampler = Sampler(config, source)
+    sampler = Sampler(config, source, profile_dir=workdir)
     layout = sampler.layout
     inception = load_inception(sc.inception or None)
     features_of = sharded_features(inception, layout)

@@ -9,6 +9,7 @@ etils.epath: `--out` (or the workdir) may be gs://.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ from marval_jax.parallel import sharding as shd
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.sampling import ar_sampler
 from marval_jax.sampling.from_config import sampler_from_config
+from marval_jax.train.loop import StepProfiler, profile_window
 from marval_jax.checkpoints.decoders import decoder_fn
 from marval_jax.models.factory import abstract_model, model_config
 from marval_jax.user_errors import UserError
@@ -171,8 +173,11 @@ class Sampler:
     global array (bs, H, W, C) in [-1, 1], split over the batch axes), their labels (NumPy (bs,)) and how many rows
     are real (the last batch is padded). `timing` holds the compile time and, after the loop, seconds per image."""
 
-    def __init__(self, config, source: str, layout: GlobalBatches | None = None):
+    def __init__(self, config, source: str, layout: GlobalBatches | None = None, profile_dir: str = ""):
         self.config, self.source = config, source
+        # sample.profile_batches: a jax.profiler trace of those batches into <profile_dir>/profile (as training's)
+        self.profile = (config.sample.get("profile_batches", ()), profile_dir or source)
+        profile_window(self.profile[0], "sample.profile_batches")   # a bad pair: refused before anything loads
         self.layout = layout or GlobalBatches(config.mesh)
         cfg = model_config(config)
         graphdef, abstract = abstract_model(cfg)
@@ -200,11 +205,14 @@ class Sampler:
         compiled = self._fn.lower(self.params, first, self.rng).compile()  # ahead of time: every batch runs once
         self.timing["compile_s"] = time.time() - t0
         t0 = time.time()
-        with progress(f"sampling ({sc.sampler})", sc.num_images) as bar:
-            for i in range(0, sc.num_images, self.batch_size):
+        profiler = StepProfiler(*self.profile, field="sample.profile_batches")
+        with progress(f"sampling ({sc.sampler})", sc.num_images) as bar, contextlib.closing(profiler):
+            for k, i in enumerate(range(0, sc.num_images, self.batch_size)):
                 lab = self.labels[i: i + self.batch_size]
+                profiler.before(k + 1)
                 images = compiled(self.params, lay.put(lay.pad(lab, self.batch_size)),
                                   jax.random.fold_in(self.rng, i))
+                profiler.after(k + 1, images)
                 yield images, lab, len(lab)
                 bar.update(len(lab))
             jax.block_until_ready(images)
@@ -217,9 +225,9 @@ def uint8_images(images):
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) / 2.0 * 255.0), 0, 255).astype(jnp.uint8)
 
 
-def generate(config, source: str) -> tuple[np.ndarray, np.ndarray, dict]:
+def generate(config, source: str, profile_dir: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample config.sample.num_images images (NHWC uint8) with their labels and timings, on every process."""
-    sampler = Sampler(config, source)
+    sampler = Sampler(config, source, profile_dir=profile_dir)
     images = [sampler.layout.gather(uint8_images(x))[:n] for x, _, n in sampler.batches()]
     return np.concatenate(images), sampler.labels, sampler.timing
 
@@ -239,7 +247,7 @@ def sample_tag(config) -> str:
 
 def sample_from_workdir(config, workdir: str, out: str = "", ckpt: str = "") -> dict:
     source = ckpt or config.get("init_from", "") or workdir
-    images, labels, timing = generate(config, source)
+    images, labels, timing = generate(config, source, profile_dir=workdir)
     sc = config.sample
     report = {"source": source, "sampler": sc.sampler, "num_iter": sc.num_iter, "cfg": sc.cfg,
               "num_images": int(len(images)), **timing}

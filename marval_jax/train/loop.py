@@ -212,8 +212,9 @@ def _drop_metrics_after(workdir: str, step: int) -> None:
 
 
 # -- the profiler hook ----------------------------------------------------------------------------------------------
-def profile_window(steps) -> tuple[int, int] | None:
-    """`train.profile_steps`: () or None = off; (a, b) = trace steps a..b (1-based, as logged), 1 <= a <= b."""
+def profile_window(steps, field: str = "train.profile_steps") -> tuple[int, int] | None:
+    """`train.profile_steps` (or `sample.profile_batches`): () or None = off; (a, b) = trace steps a..b (1-based, as
+    logged), 1 <= a <= b."""
     if steps is None or len(steps) == 0:
         return None
     try:
@@ -222,8 +223,8 @@ def profile_window(steps) -> tuple[int, int] | None:
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise UserError(f"train.profile_steps={tuple(steps)!r}: expected two step numbers (a, b) with 1 <= a <= b, "
-                        "e.g. --config.train.profile_steps='(10, 15)', or () to turn profiling off")
+        raise UserError(f"{field}={tuple(steps)!r}: expected two step numbers (a, b) with 1 <= a <= b, "
+                        f"e.g. --config.{field}='(10, 15)', or () to turn profiling off")
     return a, b
 
 
@@ -235,8 +236,8 @@ class StepProfiler:
     ready, or when the loop leaves early. A gs:// workdir: traced into a local temporary folder, then copied there
     through etils.epath."""
 
-    def __init__(self, steps, workdir: str):
-        self.window = profile_window(steps)
+    def __init__(self, steps, workdir: str, field: str = "train.profile_steps"):
+        self.window = profile_window(steps, field)
         self.target = os.path.join(workdir, "profile") if "://" not in workdir else f"{workdir.rstrip('/')}/profile"
         self.active, self.finished, self._local = False, False, None
 
@@ -268,7 +269,7 @@ class StepProfiler:
                     out.parent.mkdir(parents=True, exist_ok=True)
                     out.write_bytes(open(os.path.join(here, name), "rb").read())
             shutil.rmtree(self._local, ignore_errors=True)
-        logging.info("profile of steps %d-%d written to %s", *self.window, self.target)
+        logging.info("profile of steps (batches) %d-%d written to %s", *self.window, self.target)
 
 
 # -- the loop -------------------------------------------------------------------------------------------------------
