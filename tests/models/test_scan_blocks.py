@@ -26,7 +26,7 @@ BATCH, MUL = 3, 2
 @functools.lru_cache(maxsize=None)
 def _fixture_model(scan: bool):
     """The reference fixture's tiny MAR (2 encoder + 2 decoder blocks) with its converted weights."""
-    from conftest import FIXTURE
+    from tests.conftest import FIXTURE
     with np.load(FIXTURE) as data:
         ref = {k: data[k] for k in data.files}
     cfg = MARConfig.from_dict(dict(json.loads(str(ref["config_json"])), attn_dropout=0.0, proj_dropout=0.0,
