@@ -25,22 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
+from marval_jax.checkpoints.safe_load import float32_array, load_npz, load_safetensors, torch_load
 from marval_jax.models.clip import CLIP, CLIPConfig
 from marval_jax.user_errors import UserError, run_cli
 
 PARAMS_FILE = "params.npz"
 CONFIG_FILE = "config.json"
 IGNORED_SUFFIXES = ("position_ids",)
-
-
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # torch tensor, without importing torch
-        v = v.detach().cpu()
-        if str(v.dtype) == "torch.bfloat16":
-            v = v.float()
-        v = v.numpy()
-    return np.asarray(v).astype(np.float32)
 
 
 def _abstract(config: CLIPConfig):
@@ -75,7 +66,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: CLIPConfig) -> nnx
             missing.append(f"{key} (expected for {'/'.join(map(str, path))}, shape {tuple(var.shape)})")
             continue
         keys.discard(key)
-        w = _from_hf(str(path[-1]), _to_numpy(state_dict[key]))
+        w = _from_hf(str(path[-1]), float32_array(state_dict[key]))
         if w.shape != tuple(var.shape):
             bad_shape.append(f"{key}: expected {tuple(var.shape)} after conversion, got {w.shape} "
                              f"(stored {tuple(np.shape(state_dict[key]))})")
@@ -102,7 +93,7 @@ def read_hf_state_dict(hf_dir: str, *, trust_pickle: bool = False) -> dict[str, 
         files = [st_file] if os.path.isfile(st_file) else _shards(st_index)
         out = {}
         for f in files:
-            out.update({k: _to_numpy(v) for k, v in load_safetensors(f, what="CLIP weights").items()})
+            out.update({k: float32_array(v) for k, v in load_safetensors(f, what="CLIP weights").items()})
         return out
     if os.path.isfile(pt_file) or os.path.isfile(pt_index):
         files = [pt_file] if os.path.isfile(pt_file) else _shards(pt_index)
@@ -111,7 +102,7 @@ def read_hf_state_dict(hf_dir: str, *, trust_pickle: bool = False) -> dict[str, 
             sd = torch_load(f, trust_pickle=trust_pickle, what="CLIP weights")
             if not isinstance(sd, Mapping):
                 raise UserError(f"CLIP weights {f} hold a {type(sd).__name__}, expected a state dict")
-            out.update({k: _to_numpy(v) for k, v in sd.items()})
+            out.update({k: float32_array(v) for k, v in sd.items()})
         return out
     raise FileNotFoundError(f"no weights in {hf_dir}: expected model.safetensors, model.safetensors.index.json, "
                             f"pytorch_model.bin or pytorch_model.bin.index.json (found {sorted(os.listdir(hf_dir))})")

@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from marval_jax.checkpoints.safe_load import load_npz, load_safetensors, torch_load
+from marval_jax.checkpoints.safe_load import float32_array, load_npz, load_safetensors, torch_load
 from marval_jax.models.clip import ACTIVATIONS, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 from marval_jax.user_errors import UserError, run_cli
 
@@ -218,15 +218,6 @@ def param_spec(config: ImageRewardConfig) -> list[Entry]:
 
 
 # ----------------------------------------------------------------------------------------------- conversion
-def _to_numpy(v: Any) -> np.ndarray:
-    if hasattr(v, "detach"):  # torch tensor, without importing torch
-        v = v.detach().cpu()
-        if str(v.dtype) == "torch.bfloat16":
-            v = v.float()
-        v = v.numpy()
-    return np.asarray(v).astype(np.float32)
-
-
 def _from_release(kind: str, w: np.ndarray) -> np.ndarray:
     if kind == "linear" and w.ndim == 2:
         return w.T
@@ -245,7 +236,7 @@ def convert_state_dict(state_dict: Mapping[str, Any], config: ImageRewardConfig)
             missing.append(f"{e.key} (for {e.path}, shape {e.shape})")
             continue
         keys.discard(e.key)
-        w = _from_release(e.kind, _to_numpy(state_dict[e.key]))
+        w = _from_release(e.kind, float32_array(state_dict[e.key]))
         if w.shape != e.shape:
             bad_shape.append(f"{e.key}: expected {e.shape} after conversion, got {w.shape} "
                              f"(stored {tuple(np.shape(state_dict[e.key]))})")
@@ -268,14 +259,14 @@ def read_release_state_dict(release_dir: str, *, trust_pickle: bool = False) -> 
         raise FileNotFoundError(f"ImageReward release directory not found: {release_dir}")
     pt, st = (os.path.join(release_dir, n) for n in RELEASE_WEIGHTS)
     if os.path.isfile(st):
-        return {k: _to_numpy(v) for k, v in load_safetensors(st, what="ImageReward weights").items()}
+        return {k: float32_array(v) for k, v in load_safetensors(st, what="ImageReward weights").items()}
     if os.path.isfile(pt):
         sd = torch_load(pt, trust_pickle=trust_pickle, what="ImageReward weights")
         if isinstance(sd, Mapping) and isinstance(sd.get("state_dict"), Mapping):
             sd = sd["state_dict"]
         if not isinstance(sd, Mapping):
             raise UserError(f"ImageReward weights {pt} hold a {type(sd).__name__}, expected a state dict")
-        return {k: _to_numpy(v) for k, v in sd.items()}
+        return {k: float32_array(v) for k, v in sd.items()}
     raise FileNotFoundError(f"no ImageReward weights in {release_dir}: expected {' or '.join(RELEASE_WEIGHTS)} "
                             f"(found {sorted(os.listdir(release_dir))})")
 

@@ -56,6 +56,17 @@ SAFE_GLOBALS: list[Any] = [
 SAFE_GLOBAL_NAMES = {"argparse.Namespace", "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint"}
 
 
+def float32_array(v: Any) -> np.ndarray:
+    """A state-dict value (torch tensor, bfloat16 included, or array) as float32 NumPy, without importing torch:
+    what the converters store."""
+    if hasattr(v, "detach"):
+        v = v.detach().cpu()
+        if str(v.dtype) == "torch.bfloat16":
+            v = v.float()
+        v = v.numpy()
+    return np.asarray(v).astype(np.float32)
+
+
 def _check_file(path: str, what: str) -> str:
     path = os.fspath(path)
     if not os.path.exists(path):
