@@ -37,7 +37,7 @@ from marval_jax.evaluation import fid_reference
 from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
 from marval_jax.models.factory import grid_labels
-from marval_jax.parallel import sharding as shd
+from marval_jax.parallel.global_batches import GlobalBatches
 from marval_jax.user_errors import UserError
 
 EVAL_KEY = 0x7E57  # fold_in of the run's key: the evaluation keys, the same at every evaluation
@@ -69,34 +69,6 @@ def due(tc, done: int) -> bool:
     """Evaluate after step `done`: every `train.eval_every` steps and after the last one."""
     every = int(tc.get("eval_every", 0))
     return every > 0 and (done % every == 0 or done == int(tc.num_steps))
-
-
-class MeshLayout:
-    """The training mesh through the interface the evaluation functions take (`sharded_features`,
-    `predict_sharded`: `replicated`, `sharding(ndim)`, `replicate(tree)`, `gather(x)`), as `--mode evaluate`'s
-    global batches give it over a mesh built from the same `mesh` config."""
-
-    def __init__(self, mesh, rules):
-        self.mesh, self.rules = mesh, rules
-        self.replicated = shd.replicated(mesh)
-        axes = self.sharding(1).spec[0]
-        axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        self.ways = int(np.prod([mesh.shape[a] for a in axes] or [1]))
-
-    def sharding(self, ndim: int = 1):
-        return shd.batch_sharding(self.mesh, self.rules, ndim)
-
-    def replicate(self, tree):
-        """Weights every process read from the same file (host or process-local leaves) on every device of the mesh:
-        copied in from each process's host copy."""
-        return jax.device_put(jax.tree_util.tree_map(np.asarray, tree), self.replicated)
-
-    def gather(self, x: jax.Array) -> np.ndarray:
-        """The whole of `x` as NumPy on every process (a collective with several processes)."""
-        if jax.process_count() == 1 or x.is_fully_addressable:
-            return np.asarray(x)
-        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def inception_input(images, crop: int):
@@ -132,7 +104,7 @@ class LiveEval:
         check(config)
         if task.sample_images is None:
             raise UserError(f"train.eval_every: the {task.name} task has no sampler to evaluate; set it to 0")
-        self.layout = layout = MeshLayout(mesh, rules)
+        self.layout = layout = GlobalBatches.over(mesh, rules)
         self.per_call = int(tc.grid_size) ** 2
         if self.per_call % layout.ways:
             raise UserError(f"train.eval_every: a sample grid of train.grid_size**2 = {self.per_call} images does not "
