@@ -6,6 +6,7 @@
 #   STAGE=more    resume the training in /tmp/w for TEACHER_S seconds, FID curve of the new checkpoints
 #   STAGE=distill GSIM student (configs/marval.py:fmnist_l, STUDENT_S s) and RL student (RL_S s) from the exported
 #                 teacher, then the results table (tools/results.py run, 10k samples, RESULTS_S s at most)
+#                 (ABLATE_PAR=1: the ablation runs beside them, stopped after ABLATE_WAIT_S more s)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
@@ -14,6 +15,15 @@ STAGE=${STAGE:-first}; TEACHER_S=${TEACHER_S:-300}; CURVE_S=${CURVE_S:-120}
 STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLATE_STEPS=${ABLATE_STEPS:-300}
 X=/tmp/stash/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l
 log() { echo "[$(date +%T)] $*"; }
+ablate() {  # the GSIM variants on the exported teacher (resumable: finished variants are skipped)
+  python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=$W/export/fmnist_teacher \
+      --variants=configs/ablations/fmnist_gsim.json --steps=$ABLATE_STEPS --eval_samples=2000 --out=$W/ablate \
+      --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss
+}
+pack_ablate() {
+  (cd $W/ablate && tar -czf $OUT/ablate.tgz --ignore-failed-read plan.json ablation.md ablation.json *.png \
+      runs/*/metrics.jsonl runs/*/*.json)
+}
 if [ ! -d $X ]; then
   log unpack; cat /tmp/stash/chunk? > /tmp/stash/pack.tar && (cd /tmp/stash && echo "$(cat pack.sha | cut -d' ' -f1)  pack.tar" | sha256sum -c -) || exit 3
   mkdir -p $X && tar -xf /tmp/stash/pack.tar -C $X && rm /tmp/stash/pack.tar || exit 3
@@ -28,11 +38,21 @@ mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
 nvidia-smi --query-gpu=name --format=csv,noheader
 if [ "$STAGE" = distill ]; then
+  if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU
+    log "ablate in the background, $ABLATE_STEPS steps per variant"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ablate > $W/ablate.log 2>&1 &
+    ABLATE_PID=$!; export XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
+  fi
   log "student $STUDENT_S s, rl $RL_S s"
   python3 -m marval_jax.programs.reproduce --workdir=$W --stages=student,rl --config student=configs/marval.py:fmnist_l \
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
       --set student:train.sample_every=0 --set rl:train.sample_every=0
+  if [ -n "${ABLATE_PID:-}" ]; then  # the results' timings need the GPU alone
+    for _ in $(seq ${ABLATE_WAIT_S:-120}); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
+    kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
+    unset XLA_PYTHON_CLIENT_MEM_FRACTION; pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
+  fi
   log "results $RESULTS_S s"
   python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=1.5,2.5,4.0 \
       --time-budget=$RESULTS_S
@@ -42,13 +62,7 @@ if [ "$STAGE" = distill ]; then
   log done; exit 0
 fi
 if [ "$STAGE" = ablate ]; then
-  log "ablate $ABLATE_STEPS steps per variant"
-  python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=$W/export/fmnist_teacher \
-      --variants=configs/ablations/fmnist_gsim.json --steps=$ABLATE_STEPS --eval_samples=2000 --out=$W/ablate \
-      --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss
-  (cd $W/ablate && tar -czf $OUT/ablate.tgz --ignore-failed-read plan.json ablation.md ablation.json *.png \
-      runs/*/metrics.jsonl runs/*/*.json)
-  log done; exit 0
+  log "ablate $ABLATE_STEPS steps per variant"; ablate; pack_ablate; log done; exit 0
 fi
 if [ "$STAGE" = first ]; then
   log floor; python3 -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
