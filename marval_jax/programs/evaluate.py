@@ -29,7 +29,6 @@ devices that hold the images; only the scores are gathered.
 """
 from __future__ import annotations
 
-import functools
 import json
 
 import jax
@@ -44,18 +43,9 @@ from marval_jax.evaluation.files import as_path, write_npz
 from marval_jax.evaluation.grid import save_grid
 from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
 from marval_jax.evaluation.precision_recall import precision_recall
-from marval_jax.programs.sample import Sampler, is_writer, sample_tag, uint8_images
+from marval_jax.evaluation.inception_input import inception_input, uint8_images
+from marval_jax.programs.sample import Sampler, is_writer, sample_tag
 from marval_jax.user_errors import UserError
-
-
-def center_crop(images: np.ndarray, size: int) -> np.ndarray:
-    if not size or images.shape[1] == size:
-        return images
-    if images.shape[1] < size:
-        raise UserError(f"sample.crop={size} is larger than the {images.shape[1]}px images; use 0 or <= "
-                        f"{images.shape[1]}")
-    o = (images.shape[1] - size) // 2
-    return images[:, o:o + size, o:o + size]
 
 
 def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=None, inception_path: str | None = None,
@@ -66,14 +56,7 @@ def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=N
                                          batch=REFERENCE_BATCH, progress_every=PROGRESS_EVERY, **raw_kw)
 
 
-@functools.partial(jax.jit, static_argnums=1)
-def _crop_uint8(images, size: int):
-    return uint8_images(images if not size else _crop(images, size))
-
-
-def _crop(images, size):
-    o = (images.shape[1] - size) // 2
-    return images[:, o:o + size, o:o + size]
+_crop_uint8 = jax.jit(inception_input, static_argnums=1)
 
 
 class ImageRewardColumn:

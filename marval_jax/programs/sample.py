@@ -24,6 +24,7 @@ from marval_jax.checkpoints.load import load_model_params
 from marval_jax.data import pipeline
 from marval_jax.evaluation.files import write_npz
 from marval_jax.evaluation.grid import save_grid
+from marval_jax.evaluation.inception_input import uint8_images
 from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel.global_batches import GlobalBatches, progress  # noqa: F401  (re-exported)
 from marval_jax.sampling import ar_sampler
@@ -143,11 +144,6 @@ class Sampler:
 
 
 @jax.jit
-def uint8_images(images):
-    """[-1, 1] -> uint8 on device, as `grid.to_uint8` (only a quarter of the float bytes are gathered)."""
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) / 2.0 * 255.0), 0, 255).astype(jnp.uint8)
-
-
 def generate(config, source: str, profile_dir: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample config.sample.num_images images (NHWC uint8) with their labels and timings, on every process."""
     sampler = Sampler(config, source, profile_dir=profile_dir)

@@ -232,6 +232,7 @@ def evaluate_variant(config, workdir: str, cache_dir: str) -> dict:
     of the eval classifier for MNIST-family data or sample.classifier."""
     from marval_jax.programs import evaluate as ev
     from marval_jax.evaluation.grid import to_uint8
+    from marval_jax.evaluation.inception_input import center_crop
     from marval_jax.evaluation.inception import DEFAULT_NPZ
     sc = config.sample
     images, labels, s_per_image = generate_samples(config, workdir)
@@ -242,7 +243,7 @@ def evaluate_variant(config, workdir: str, cache_dir: str) -> dict:
         from marval_jax.evaluation import fid as fid_lib
         from marval_jax.evaluation.inception import inception_features, load_inception
         inception = load_inception(inception_path)
-        feats = inception_features(inception, ev.center_crop(to_uint8(images), sc.crop))
+        feats = inception_features(inception, center_crop(to_uint8(images), sc.crop))
         mu, sigma = fid_lib.statistics_from_features(feats)
         os.makedirs(cache_dir, exist_ok=True)
         ref_mu, ref_sigma = ev.reference_stats(sc.fid_ref, inception, cache_dir, **ev._raw_kw(config))

@@ -140,7 +140,7 @@ def curve(a) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.classifier_train import load_default_classifier  # pylint: disable=import-outside-toplevel
-    from marval_jax.programs.evaluate import center_crop  # pylint: disable=import-outside-toplevel
+    from marval_jax.evaluation.inception_input import center_crop  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.grid import to_uint8  # pylint: disable=import-outside-toplevel
     from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
     from marval_jax.sampling.from_config import sampler_from_config  # pylint: disable=import-outside-toplevel

@@ -112,7 +112,7 @@ class Evaluator:
     def measure(self, role: str, num_iter: int, cfg_scale: float, num: int, cache: str = "none",
                 batch: int = 256, timing: bool = True) -> dict:
         from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
-        from marval_jax.programs.evaluate import center_crop  # pylint: disable=import-outside-toplevel
+        from marval_jax.evaluation.inception_input import center_crop  # pylint: disable=import-outside-toplevel
         from marval_jax.evaluation.grid import to_uint8  # pylint: disable=import-outside-toplevel
         from marval_jax.evaluation.precision_recall import precision_recall  # pylint: disable=import-outside-toplevel
         jax = self.jax

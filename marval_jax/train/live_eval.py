@@ -29,12 +29,12 @@ import math
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from marval_jax.evaluation import fid as fid_lib
 from marval_jax.evaluation import fid_reference
 from marval_jax.evaluation.inception import inception_features, load_inception, sharded_features
+from marval_jax.evaluation.inception_input import inception_input
 from marval_jax.evaluation.precision_recall import precision_recall
 from marval_jax.models.factory import grid_labels
 from marval_jax.parallel.global_batches import GlobalBatches
@@ -69,18 +69,6 @@ def due(tc, done: int) -> bool:
     """Evaluate after step `done`: every `train.eval_every` steps and after the last one."""
     every = int(tc.get("eval_every", 0))
     return every > 0 and (done % every == 0 or done == int(tc.num_steps))
-
-
-def inception_input(images, crop: int):
-    """Generated [-1, 1] images -> what the FID network is given by `--mode evaluate`: centre-cropped to `crop`
-    (0 or the image size: as is), then uint8 levels as `evaluation.grid.to_uint8` rounds them."""
-    size = images.shape[1]
-    if crop > size:   # raised while tracing, at the first evaluation
-        raise UserError(f"sample.crop={crop} is larger than the {size}px images; use 0 or <= {size}")
-    if crop and crop != size:
-        o = (size - crop) // 2
-        images = images[:, o:o + crop, o:o + crop]
-    return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) / 2.0 * 255.0), 0, 255).astype(jnp.uint8)
 
 
 def _classifier(config):

@@ -95,18 +95,3 @@ def test_bad_live_evaluation_settings_stop_the_run_before_it_starts(tmp_path, ti
     with pytest.raises((UserError, FileNotFoundError), match=message):
         run("distill", _config(tiny_teacher, missing, **fields), str(workdir))
     assert not (workdir / "checkpoints").exists() and not (workdir / "metrics.jsonl").exists()
-
-
-def test_inception_input_crops_the_centre_and_rounds_as_the_grids_do():
-    """What the FID network sees of generated images, as --mode evaluate gives it: the centre crop (32 -> 28: rows
-    and columns 2..29) in the uint8 levels of `evaluation.grid.to_uint8`; a crop larger than the images is refused."""
-    from marval_jax.evaluation.grid import to_uint8
-    from marval_jax.train.live_eval import inception_input
-    x = np.random.default_rng(0).uniform(-1.2, 1.2, (3, 32, 32, 1)).astype(np.float32)   # clipping included
-    got = np.asarray(inception_input(x, 28))
-    assert got.dtype == np.uint8 and got.shape == (3, 28, 28, 1)
-    np.testing.assert_array_equal(got, to_uint8(x[:, 2:30, 2:30]))
-    np.testing.assert_array_equal(np.asarray(inception_input(x, 0)), to_uint8(x))
-    np.testing.assert_array_equal(np.asarray(inception_input(x, 32)), to_uint8(x))
-    with pytest.raises(UserError, match=r"sample.crop=40 is larger than the 32px images"):
-        inception_input(x, 40)
