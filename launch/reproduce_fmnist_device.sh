@@ -6,7 +6,9 @@
 #   STAGE=more    resume the training in /tmp/w for TEACHER_S seconds, FID curve of the new checkpoints
 #   STAGE=distill GSIM student (configs/marval.py:fmnist_l, STUDENT_S s) and RL student (RL_S s) from the exported
 #                 teacher, then the results table (tools/results.py run, 10k samples, RESULTS_S s at most)
-#                 (ABLATE_PAR=1: the ablation runs beside them, stopped after ABLATE_WAIT_S more s)
+#                 (ABLATE_PAR=1: the ablation runs beside them, stopped after ABLATE_WAIT_S more s;
+#                 RESULTS_ONLY=student,rl SWEEP=4.0: skip the teacher's sweep when its rows are already measured;
+#                 RL_S must cover the RL step's compile: ~85 s of the 89 s budget of 2026-12-06 went to it)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
@@ -33,6 +35,13 @@ if [ ! -d /tmp/site ]; then   # the checkout's carried .whl when present (newer 
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 3
 fi
 export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
+# a teacher export carried from an earlier session (.devstate/c4/teacher.tar -> /tmp/stash): the warm start of
+# STAGE=first (train.init_from: its weights, a fresh optimizer) and the teacher of STAGE=distill / ablate
+if [ -f /tmp/stash/teacher.tar ] && [ ! -d $X/carried ]; then mkdir -p $X/carried && tar -xf /tmp/stash/teacher.tar -C $X/carried; fi
+if [ -d $X/carried/fmnist_teacher ] && [ ! -d $W/export/fmnist_teacher ] && [ "$STAGE" != first ]; then
+  mkdir -p $W/export && cp -r $X/carried/fmnist_teacher $W/export/
+fi
+TEACHER_INIT=${TEACHER_INIT:-$( [ -d $X/carried/fmnist_teacher ] && echo $X/carried/fmnist_teacher )}
 # the default locations every tool reads (data/raw_datasets.py, evaluation/inception.py): no per-tool flags
 mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist \
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
@@ -54,8 +63,8 @@ if [ "$STAGE" = distill ]; then
     unset XLA_PYTHON_CLIENT_MEM_FRACTION; pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
   fi
   log "results $RESULTS_S s"
-  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=1.5,2.5,4.0 \
-      --time-budget=$RESULTS_S
+  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=${SWEEP:-1.5,2.5,4.0} \
+      --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY}
   mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl
   tar -czf $OUT/distill.tgz -C $W export/stages.json m results   # one file: at most 8 come back
   (cd $W/export && tar -cf - fmnist_student fmnist_rl | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
@@ -70,7 +79,8 @@ if [ "$STAGE" = first ]; then
 fi
 log "train $TEACHER_S s"
 python3 -m marval_jax.programs.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
-    --set teacher:data.raw_dir=$X/fmnist --set teacher:train.num_steps=100000
+    --set teacher:data.raw_dir=$X/fmnist --set teacher:train.num_steps=100000 \
+    ${TEACHER_INIT:+--set teacher:init_from=$TEACHER_INIT}
 cp $W/teacher/metrics.jsonl $W/export/stages.json $OUT/ 2>/dev/null
 log "curve $CURVE_S s"
 python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=$CFG --set data.raw_dir=$X/fmnist \
