@@ -73,7 +73,7 @@ fi
 if [ "$STAGE" = ablate ]; then
   log "ablate $ABLATE_STEPS steps per variant"; ablate; pack_ablate; log done; exit 0
 fi
-if [ "$STAGE" = first ]; then
+if [ "$STAGE" = first ] && [ "${FLOOR:-1}" = 1 ]; then   # FLOOR=0: measured already (docs/results/data_floor.json)
   log floor; python3 -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
       --raw-dir=$X/fmnist
 fi
