@@ -9,7 +9,8 @@
 
 `run` evaluates the exported params directories `fmnist_teacher`, `fmnist_student`, `fmnist_rl` under `--assets`
 (the embedded default models). Settings run in priority order and the JSON is rewritten after each one, so a
-`--time-budget` cut keeps everything measured so far. The teacher's CFG scale is chosen by FID on `--sweep-num`
+`--time-budget` cut keeps everything measured so far; a rerun into the same `--out` (same device, assets and sample
+counts) keeps those rows and measures only the rest. The teacher's CFG scale is chosen by FID on `--sweep-num`
 samples at K = 64 and then used for every teacher row. Samples use class labels i % 10 (balanced, as the test set).
 """
 from __future__ import annotations
@@ -172,15 +173,41 @@ def _write_outputs(out: epath.Path, report: dict, grids: dict | None = None) -> 
         (out / "grids.npz").write_bytes(buf.getvalue())
 
 
+SAME_RUN = ("device", "assets", "num", "sweep_num", "real_num")   # what a continued run must share with the earlier
+
+
+def _earlier(out: epath.Path, report: dict) -> tuple[list, dict, float | None]:
+    """Rows, grids and best teacher CFG of an earlier `run` into the same --out with the same settings: a rerun
+    after a time-budget cut, a crash or a lost machine continues where it stopped instead of measuring again. A
+    results_run.json of other settings there is an error (its rows would mix with this run's)."""
+    path = out / "results_run.json"
+    if not path.exists():
+        return [], {}, None
+    prev = json.loads(path.read_text())
+    theirs, ours = {k: prev.get(k) for k in SAME_RUN}, {k: report[k] for k in SAME_RUN}
+    if theirs != ours:
+        diff = ", ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in SAME_RUN if theirs[k] != ours[k])
+        raise UserError(f"--out={out} holds the results of another run ({diff}); give another --out or remove "
+                        f"{path} to measure again")
+    grids = {}
+    if (out / "grids.npz").exists():
+        with np.load(io.BytesIO((out / "grids.npz").read_bytes())) as z:
+            grids = {k: z[k] for k in z.files}
+    return prev.get("rows", []), grids, prev.get("best_teacher_cfg")
+
+
 def run(a) -> int:
     out = epath.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_begin = time.time()
     ev = Evaluator(a.assets, a.inception, real_num=a.real_num)
     report = {"date": time.strftime("%Y-%m-%d"), "device": ev.jax.devices()[0].device_kind,
-              "jax": ev.jax.__version__, "num": a.num, "sweep_num": a.sweep_num, "rows": [], "skipped": []}
-    grids = {}
-    best = None
+              "jax": ev.jax.__version__, "assets": str(a.assets), "num": a.num, "sweep_num": a.sweep_num,
+              "real_num": a.real_num, "rows": [], "skipped": []}
+    report["rows"], grids, best = _earlier(out, report)
+    if best is not None:
+        report["best_teacher_cfg"] = best
+    done = {(r["name"], bool(r["sweep"])) for r in report["rows"]}
     sweep = [float(x) for x in a.sweep.split(",")]
     only = [t for t in a.only.split(",") if t]
     for item in plan(a.num, a.sweep_num, sweep, a.small_k, a.cache):
@@ -191,6 +218,9 @@ def run(a) -> int:
         name = f"{role}_K{item['num_iter']}_cfg{cfg_scale:g}" + (f"_cache{item['cache']}" if item.get("cache") else "")
         if only and not any(tok in name for tok in only):
             continue  # not asked for (a follow-up run of rows an earlier run skipped)
+        if (name, bool(item.get("sweep"))) in done:
+            print(f"{name}: measured by the earlier run into {out}; kept", flush=True)
+            continue
         elapsed = time.time() - t_begin
         if role not in ev.models or (a.time_budget and elapsed > a.time_budget):
             report["skipped"].append({"name": name, "why": "no weights" if role not in ev.models else

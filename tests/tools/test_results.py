@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from marval_jax.tools import results
+from marval_jax.user_errors import UserError
 
 
 def test_plan_order_and_content():
@@ -144,3 +145,31 @@ def test_render_checks_come_from_the_committed_rows():
     table = results_render.table(rows)
     assert table.count("\n") == 2 + sum(not r["sweep"] for r in rows)
     assert results_render.checks([]) == {}
+
+
+def test_a_rerun_into_the_same_out_keeps_the_measured_rows_and_measures_the_rest(tmp_path, monkeypatch):
+    """A run cut by its time budget, run again into the same --out: the rows (sweep and 10k rows apart, though they
+    share a name), the grids and the chosen CFG are kept, only the missing rows are measured; another run's
+    results_run.json there is refused."""
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("teacher", "student", "rl"), {1.0: 9.0, 2.0: 4.0, 3.0: 6.0}, seconds=100.0)
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path, "--time-budget=350") == 0   # the sweep (300 s) and the teacher's 10k row
+    assert len(calls) == 4
+    calls.clear()
+    assert _run(tmp_path) == 0
+    assert [(c["role"], c["num_iter"], c["cfg"], c["cache"]) for c in calls] == [
+        ("student", 64, 1.0, "none"), ("rl", 64, 1.0, "none"), ("student", 8, 1.0, "none"),
+        ("teacher", 8, 2.0, "none"), ("student", 64, 1.0, "1,4"), ("rl", 8, 1.0, "none")]
+    with open(tmp_path / "results_run.json") as f:
+        report = json.load(f)
+    assert [(r["name"], r["sweep"]) for r in report["rows"]][:4] == [
+        ("teacher_K64_cfg1", True), ("teacher_K64_cfg2", True), ("teacher_K64_cfg3", True),
+        ("teacher_K64_cfg2", False)]
+    assert len(report["rows"]) == 10 and report["best_teacher_cfg"] == 2.0 and report["skipped"] == []
+    with np.load(tmp_path / "grids.npz") as z:
+        assert sorted(z.files) == sorted({r["name"] for r in report["rows"]})
+    with pytest.raises(UserError, match=r"holds the results of another run \(num 50 there, 60 here\)"):
+        results.main(["run", "--assets=unused", f"--out={tmp_path}", "--num=60", "--sweep-num=10",
+                      "--sweep=1.0,2.0,3.0", "--small-k=8", "--batch=5"])
