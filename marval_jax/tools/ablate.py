@@ -453,7 +453,7 @@ def _plot_pil(curves, metric, path):
     return path
 
 
-def write_outputs(out_dir: str, rows: list[dict], metric: str, command: str) -> dict:
+def write_outputs(out_dir: str, rows: list[dict], metric: str, command: str, unfinished: list[str] = ()) -> dict:
     curves = {r["name"]: [(m["step"], float(m[metric])) for m in read_metrics(os.path.join(out_dir, "runs",
                                                                                             r["name"]))
                           if metric in m] for r in rows}
@@ -464,7 +464,11 @@ def write_outputs(out_dir: str, rows: list[dict], metric: str, command: str) -> 
               f"runs) + evaluation.")
     plot = plot_curves(curves, metric, os.path.join(out_dir, f"ablation_{metric.replace('/', '_')}.png"))
     md = table_markdown(rows, header) + f"\n![{metric}]({os.path.basename(plot)})\n"
-    summary = {"command": command, "switches": differing_keys(rows), "metric": metric, "plot": plot, "rows": rows}
+    if unfinished:
+        md += (f"\nNot finished: {', '.join(unfinished)} (the sweep was stopped; rerunning its command continues "
+               f"them).\n")
+    summary = {"command": command, "switches": differing_keys(rows), "metric": metric, "plot": plot, "rows": rows,
+               "unfinished": list(unfinished)}
     with open(os.path.join(out_dir, "ablation.md"), "w") as f:
         f.write(md)
     _write_json(os.path.join(out_dir, "ablation.json"), summary)
@@ -498,6 +502,25 @@ def ablate(base_spec: str, sweeps: list[str], *, steps: int, eval_samples: int, 
     summary = write_outputs(out, rows, metric, command or "ablate")
     print(f"ablate: wrote {os.path.join(out, 'ablation.md')}, ablation.json and {summary['plot']}", flush=True)
     return summary
+
+
+def report_finished(base_spec: str, sweeps: list[str], *, out: str, variants_file: str = "", metric: str = "loss",
+                    command: str = "") -> dict:
+    """The table and plot of the variants of a stopped sweep that finished (their runs/NAME/result.json), in the
+    sweep's order, naming the unfinished ones; nothing is trained or evaluated."""
+    todo = plan(load_base(base_spec), list(sweeps), variants_file)
+    rows, unfinished = [], []
+    for name in todo:
+        path = os.path.join(out, "runs", name, RESULT)
+        if os.path.exists(path):
+            with open(path) as f:
+                rows.append(json.load(f))
+        else:
+            unfinished.append(name)
+    if not rows:
+        raise UserError(f"--report_only: no finished variant under {os.path.join(out, 'runs')} (no {RESULT} there); "
+                        f"check --out and the sweep's --sweep / --variants")
+    return write_outputs(out, rows, metric, command or "ablate", unfinished)
 
 
 def _run_all(todo: dict, base, common: dict, runs_dir: str, out: str, steps: int, eval_samples: int,
@@ -539,6 +562,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--eval_samples", type=int, required=True, help="one-step samples evaluated per variant")
     p.add_argument("--out", required=True, help="output directory (runs/, ablation.md, ablation.json, plot)")
     p.add_argument("--metric", default="loss", help="metrics.jsonl key plotted over steps (default: gen loss)")
+    p.add_argument("--report_only", action="store_true", help="write the table and plot of the finished variants of "
+                   "a stopped sweep (same --base / --sweep / --variants / --out); train nothing")
     add_verbose_flag(p)
     return p.parse_args(argv)
 
@@ -546,6 +571,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     a = parse_args(argv)
+    if a.report_only:
+        summary = report_finished(a.base, a.sweep, out=a.out, variants_file=a.variants, metric=a.metric,
+                                  command="python -m marval_jax.tools.ablate " + " ".join(
+                                      x for x in argv if x != "--report_only"))
+        print(f"ablate: wrote {os.path.join(a.out, 'ablation.md')} ({len(summary['rows'])} finished, "
+              f"{len(summary['unfinished'])} not)", flush=True)
+        return 0
     ablate(a.base, a.sweep, steps=a.steps, eval_samples=a.eval_samples, out=a.out, sets=a.sets, teacher=a.teacher,
            variants_file=a.variants, metric=a.metric,
            command="python -m marval_jax.tools.ablate " + " ".join(argv))

@@ -47,6 +47,16 @@ def test_sweep_stops_on_sigterm_resumes_and_writes_the_table(tmp_path, tiny_teac
     assert os.listdir(os.path.join(runs, NAMES[2], "checkpoints")) == ["1"]
     assert not os.path.exists(os.path.join(runs, NAMES[3]))
     assert not os.path.exists(os.path.join(out, "ablation.md"))
+    # --report_only: the stopped sweep's table of its two finished variants, the others named; nothing trained
+    argv = ["--base=configs/marval.py:tiny", *[f"--sweep={x}" for x in SWEEPS], "--steps=2", "--eval_samples=4",
+            f"--out={out}", "--report_only"]
+    assert ablate_lib.main(argv) == 0
+    with open(os.path.join(out, "ablation.md")) as f:
+        partial = f.read()
+    assert [line.split(" | ")[0] for line in partial.splitlines() if line.startswith("| l2")] == [
+        f"| {n}" for n in NAMES[:2]]
+    assert f"Not finished: {NAMES[2]}, {NAMES[3]}" in partial and "--report_only" not in partial
+    assert not os.path.exists(os.path.join(runs, NAMES[3]))
     before = {n: _stat(os.path.join(runs, n, ablate_lib.RESULT)) for n in NAMES[:2]}
     capsys.readouterr()
 
@@ -109,6 +119,8 @@ def test_bad_sweeps_are_one_line_errors(tmp_path, capsys):
     code, err = _cli(base + [f"--variants={bad}"], capsys)
     assert code == 2 and "--variants a: unknown config field 'gsim.distanse'; nearest: gsim.distance" in err
     assert "runs" not in os.listdir(tmp_path)   # validated before anything starts
+    code, err = _cli(base + ["--sweep", "gsim.t_min=20", "--report_only"], capsys)
+    assert code == 2 and err.count("\n") == 1 and "--report_only: no finished variant under" in err
 
 
 def test_named_variants_plan():
