@@ -19,6 +19,34 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mar_reference_tiny.npz"
 
+# The files that take longest (a minute or more each on the 2-core CI machine, longest first), run before all the
+# others. tests/run_all.sh hands whole files to its pytest-xdist workers in collection order
+# (`--dist loadfile --no-loadscope-reorder`): with the long files first, the last files a worker takes are short
+# ones and both workers finish together. xdist's own order (most tests first) put these few-test, long files last,
+# where a worker could be left running one alone. Order only: every file still runs, each in its own order.
+SLOW_FIRST = (
+    "train/test_pipeline_cli.py", "train/test_mar_train.py", "tools/test_scale_check.py", "losses/test_gsim.py",
+    "losses/test_rl.py", "benchmarks/test_suite.py", "tools/test_ablate.py", "gcs/test_gcs_pipeline.py",
+    "tpu_aot/test_tpu_aot_compile.py", "tools/test_parity.py", "data/test_folder_dataset.py",
+    "train/test_rl_task.py", "sampling/test_decode.py", "sampling/test_cached_sampler.py",
+    "programs/test_evaluate.py", "train/test_live_eval.py", "losses/test_gsim_toy.py",
+    "evaluation/test_classifier_train.py", "rewards/test_classifier_reward.py", "losses/test_gsim_gaussian.py",
+    "checkpoints/test_load_topology.py", "train/test_distill_checkpoint.py", "programs/test_demo.py",
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """SLOW_FIRST's files first, in its order; the rest after them in the order collected (a stable sort)."""
+    root = pathlib.Path(__file__).parent
+    rank = {name: i for i, name in enumerate(SLOW_FIRST)}
+
+    def file_rank(item):
+        try:
+            return rank.get(item.path.relative_to(root).as_posix(), len(rank))
+        except ValueError:  # a test outside tests/
+            return len(rank)
+    items.sort(key=file_rank)
+
 
 @pytest.fixture(scope="session")
 def ref():

@@ -9,8 +9,9 @@ cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
 # The main part runs in TEST_WORKERS pytest-xdist workers (default 2: the CI machine's cores), whole files per
 # worker (module fixtures stay shared); its tests are mostly single-threaded compiles, so two workers nearly halve it.
+# Files go to the workers in collection order, where tests/conftest.py puts the longest (SLOW_FIRST) first.
 python -m pytest -q tests --ignore=tests/multidevice --ignore=tests/multiprocess -n "${TEST_WORKERS:-2}" \
-    --dist loadfile --durations=15 "$@"  # the slowest
+    --dist loadfile --no-loadscope-reorder --durations=15 "$@"  # the slowest
 main_rc=$?
 XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@"
 multi_rc=$?

@@ -5,6 +5,7 @@ script's own control flow is what is tested (not the suite)."""
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -36,3 +37,28 @@ def test_every_part_runs_and_any_failure_fails(tmp_path, main_rc, multi_rc, proc
     assert "--ignore=tests/multidevice" in calls[0] and "--ignore=tests/multiprocess" in calls[0]
     assert calls[1].split()[-1] == "tests/multidevice" and calls[2].split()[-1] == "tests/multiprocess"
     assert (rc == 0) == ok, (rc, main_rc, multi_rc, proc_rc)
+
+
+def test_the_main_part_takes_the_slow_files_first():
+    """The main part keeps the collection order (xdist would reorder files by their number of tests), and every
+    file tests/conftest.py schedules first exists (a renamed file would silently fall back to the end)."""
+    from tests import conftest
+    assert "--no-loadscope-reorder" in SCRIPT.read_text()
+    missing = [f for f in conftest.SLOW_FIRST if not (SCRIPT.parent / f).is_file()]
+    assert not missing, missing
+    assert len(set(conftest.SLOW_FIRST)) == len(conftest.SLOW_FIRST)
+
+
+def test_slow_files_are_collected_first():
+    """A SLOW_FIRST file named last on the command line is collected before a file that is not in the list."""
+    from tests import conftest
+    assert "models/test_gelu.py" not in conftest.SLOW_FIRST
+    root = SCRIPT.parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/models/test_gelu.py", "tests/train/test_distill_checkpoint.py"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
+    assert files[0] == "tests/train/test_distill_checkpoint.py", files
+    assert files[-1] == "tests/models/test_gelu.py" and set(files) == {files[0], files[-1]}, files
