@@ -67,6 +67,44 @@ def ref_model(ref):
     return model, cfg
 
 
+# JAX's persistent compilation cache, for the files that run the modes end to end (`pytestmark =
+# pytest.mark.usefixtures("compile_cache")`): they compile the same tiny train / distill / RL steps and samplers again
+# and again (a resumed run compiles its programs anew, the session teacher's step is the GCS test's and the CLI
+# tests'), and with the cache a program compiled once is loaded, in this process and in the CLI subprocesses it
+# starts (they inherit the environment). Only compiles of over a second are kept (JAX's default threshold). A cache
+# hit is the same executable, so the results are the same bits. One folder per run, shared by the xdist workers of
+# the run (a size limit turns on JAX's file lock around reads and writes), never by two runs. Set for the module and
+# restored after it: other files compile as before (tests/tools/test_ablate.py checks the cache its tool makes).
+COMPILE_CACHE_MAX_BYTES = 4 * 2 ** 30
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+    import jax
+    from jax.experimental.compilation_cache import compilation_cache as cc
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_compile_cache"
+    folder.mkdir(exist_ok=True)
+    env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_COMPILATION_CACHE_MAX_SIZE": str(COMPILE_CACHE_MAX_BYTES)}
+    saved_env = {k: os.environ.get(k) for k in env}
+    saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
+    os.environ.update(env)
+    cc.reset_cache()
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    try:
+        yield str(folder)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        jax.config.update("jax_compilation_cache_dir", saved[0])
+        jax.config.update("jax_compilation_cache_max_size", saved[1])
+        cc.reset_cache()
+
+
 # One tiny MAR teacher run (2 steps, a checkpoint at step 2) trained once per session, shared by the training,
 # distillation and ablation tests. Tests that write into a workdir take a copy (`copy_workdir`).
 TEACHER_STEPS = 2

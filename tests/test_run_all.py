@@ -62,3 +62,19 @@ def test_slow_files_are_collected_first():
     files = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
     assert files[0] == "tests/train/test_distill_checkpoint.py", files
     assert files[-1] == "tests/models/test_gelu.py" and set(files) == {files[0], files[-1]}, files
+
+
+def test_the_compile_cache_reaches_this_process_and_its_subprocesses(compile_cache):
+    """tests/conftest.py's compile_cache: JAX's config and the environment name its folder, and a compile is
+    written there (the one-second threshold lowered for this tiny program)."""
+    import jax
+    assert jax.config.jax_compilation_cache_dir == compile_cache
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == compile_cache
+    before = set(os.listdir(compile_cache))
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        jax.jit(lambda x: x * 7 - 2)(jax.numpy.arange(3.0)).block_until_ready()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    assert any(f.endswith("-cache") for f in set(os.listdir(compile_cache)) - before), os.listdir(compile_cache)
