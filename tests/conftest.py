@@ -85,13 +85,18 @@ def compile_cache(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla_compile_cache"
     folder.mkdir(exist_ok=True)
-    env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_COMPILATION_CACHE_MAX_SIZE": str(COMPILE_CACHE_MAX_BYTES)}
+    try:  # JAX locks the cache with filelock (torch and transformers, test requirements, bring it)
+        import filelock  # noqa: F401  pylint: disable=unused-import,import-outside-toplevel
+        max_bytes = COMPILE_CACHE_MAX_BYTES
+    except ImportError:  # no lock: a read racing a write is a miss that JAX reports and compiles anew
+        max_bytes = -1
+    env = {"JAX_COMPILATION_CACHE_DIR": str(folder), "JAX_COMPILATION_CACHE_MAX_SIZE": str(max_bytes)}
     saved_env = {k: os.environ.get(k) for k in env}
     saved = (jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size)
     os.environ.update(env)
     cc.reset_cache()
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
+    jax.config.update("jax_compilation_cache_max_size", max_bytes)
     try:
         yield str(folder)
     finally:
