@@ -25,8 +25,8 @@ FIXTURE = pathlib.Path(__file__).parent / "fixtures" / "mar_reference_tiny.npz"
 # ones and both workers finish together. xdist's own order (most tests first) put these few-test, long files last,
 # where a worker could be left running one alone. Order only: every file still runs, each in its own order.
 SLOW_FIRST = (
-    "train/test_pipeline_cli.py", "train/test_mar_train.py", "tools/test_scale_check.py", "losses/test_gsim.py",
-    "losses/test_rl.py", "benchmarks/test_suite.py", "tools/test_ablate.py", "gcs/test_gcs_pipeline.py",
+    "losses/test_rl.py", "tools/test_scale_check.py", "train/test_pipeline_cli.py", "losses/test_gsim.py",
+    "train/test_mar_train.py", "benchmarks/test_suite.py", "tools/test_ablate.py", "gcs/test_gcs_pipeline.py",
     "tpu_aot/test_tpu_aot_compile.py", "tools/test_parity.py", "data/test_folder_dataset.py",
     "train/test_rl_task.py", "sampling/test_decode.py", "sampling/test_cached_sampler.py",
     "programs/test_evaluate.py", "train/test_live_eval.py", "losses/test_gsim_toy.py",
