@@ -9,12 +9,21 @@ cd "$(dirname "$0")/.."
 export JAX_PLATFORMS=cpu
 # The main part runs in TEST_WORKERS pytest-xdist workers (default 2: the CI machine's cores), whole files per
 # worker (module fixtures stay shared); its tests are mostly single-threaded compiles, so two workers nearly halve it.
+# Files go to the workers in collection order, where tests/conftest.py puts the longest (SLOW_FIRST) first.
 python -m pytest -q tests --ignore=tests/multidevice --ignore=tests/multiprocess -n "${TEST_WORKERS:-2}" \
-    --dist loadfile --durations=15 "$@"  # the slowest
+    --dist loadfile --no-loadscope-reorder --durations=15 "$@"  # the slowest
 main_rc=$?
-XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@"
-multi_rc=$?
+# The multi-device part (one process, about half a minute of mostly one core) runs beside the multi-process part
+# rather than before it; its output is printed when both have ended.
+multi_log=$(mktemp)
+XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@" >"$multi_log" 2>&1 &
+multi_pid=$!
 python -m pytest -q tests/multiprocess "$@"
 proc_rc=$?
+wait "$multi_pid"
+multi_rc=$?
+echo "tests/run_all.sh: the multi-device part (run beside the multi-process part):"
+cat "$multi_log"
+rm -f "$multi_log"
 echo "tests/run_all.sh: main part exit ${main_rc}, multi-device part exit ${multi_rc}, multi-process part exit ${proc_rc}"
 [ "$main_rc" -eq 0 ] && [ "$multi_rc" -eq 0 ] && [ "$proc_rc" -eq 0 ]

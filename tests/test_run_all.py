@@ -5,6 +5,7 @@ script's own control flow is what is tested (not the suite)."""
 import os
 import pathlib
 import subprocess
+import sys
 
 import pytest
 
@@ -16,9 +17,18 @@ def _run(tmp_path, main_rc, multi_rc, proc_rc):
     bindir.mkdir()
     log = tmp_path / "calls.log"
     fake = bindir / "python"
+    # side by side: the multi-device call waits (at most 30 s) until the multi-process call has started, and the
+    # multi-process call until the multi-device call has, so one after the other the first never sees the second:
+    # it exits 98
+    md, mp = tmp_path / "multidevice.started", tmp_path / "multiprocess.started"
     fake.write_text(f"""#!/usr/bin/env bash
 echo "$*" >> {log}
-case "$*" in *--ignore*) exit {main_rc};; *tests/multidevice*) exit {multi_rc};; *tests/multiprocess*) exit {proc_rc};; esac
+meet() {{ touch "$1"; for _ in $(seq 300); do [ -e "$2" ] && return 0; sleep 0.1; done; exit 98; }}
+case "$*" in
+  *--ignore*) exit {main_rc};;
+  *tests/multidevice*) meet {md} {mp}; exit {multi_rc};;
+  *tests/multiprocess*) meet {mp} {md}; exit {proc_rc};;
+esac
 exit 99
 """)
     fake.chmod(0o755)
@@ -34,5 +44,47 @@ def test_every_part_runs_and_any_failure_fails(tmp_path, main_rc, multi_rc, proc
     rc, calls = _run(tmp_path, main_rc, multi_rc, proc_rc)
     assert len(calls) == 3, calls                      # the later parts ran even when an earlier one failed
     assert "--ignore=tests/multidevice" in calls[0] and "--ignore=tests/multiprocess" in calls[0]
-    assert calls[1].split()[-1] == "tests/multidevice" and calls[2].split()[-1] == "tests/multiprocess"
+    # the multi-device and multi-process parts run side by side: either may log its call first
+    assert sorted(c.split()[-1] for c in calls[1:]) == ["tests/multidevice", "tests/multiprocess"], calls
     assert (rc == 0) == ok, (rc, main_rc, multi_rc, proc_rc)
+
+
+def test_the_main_part_takes_the_slow_files_first():
+    """The main part keeps the collection order (xdist would reorder files by their number of tests), and every
+    file tests/conftest.py schedules first exists (a renamed file would silently fall back to the end)."""
+    from tests import conftest
+    assert "--no-loadscope-reorder" in SCRIPT.read_text()
+    missing = [f for f in conftest.SLOW_FIRST if not (SCRIPT.parent / f).is_file()]
+    assert not missing, missing
+    assert len(set(conftest.SLOW_FIRST)) == len(conftest.SLOW_FIRST)
+
+
+def test_slow_files_are_collected_first():
+    """A SLOW_FIRST file named last on the command line is collected before a file that is not in the list."""
+    from tests import conftest
+    assert "models/test_gelu.py" not in conftest.SLOW_FIRST
+    root = SCRIPT.parent.parent
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "tests/models/test_gelu.py", "tests/train/test_distill_checkpoint.py"],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(root)))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = [line.split("::")[0] for line in proc.stdout.splitlines() if "::" in line]
+    assert files[0] == "tests/train/test_distill_checkpoint.py", files
+    assert files[-1] == "tests/models/test_gelu.py" and set(files) == {files[0], files[-1]}, files
+
+
+def test_the_compile_cache_reaches_this_process_and_its_subprocesses(compile_cache):
+    """tests/conftest.py's compile_cache: JAX's config and the environment name its folder, and a compile is
+    written there (the one-second threshold lowered for this tiny program)."""
+    import jax
+    assert jax.config.jax_compilation_cache_dir == compile_cache
+    assert os.environ["JAX_COMPILATION_CACHE_DIR"] == compile_cache
+    before = set(os.listdir(compile_cache))
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    try:
+        jax.jit(lambda x: x * 7 - 2)(jax.numpy.arange(3.0)).block_until_ready()
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", threshold)
+    assert any(f.endswith("-cache") for f in set(os.listdir(compile_cache)) - before), os.listdir(compile_cache)

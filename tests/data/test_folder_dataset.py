@@ -22,6 +22,8 @@ from marval_jax.data import pipeline
 from marval_jax.data.preprocess import center_crop_arr
 from marval_jax.user_errors import UserError
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 FIXTURE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "fixtures", "openclipart")
 OPENCLIPART = "/usr/share/openclipart/png"
 SIZE = 64

@@ -14,6 +14,8 @@ from configs import mar as mar_configs, marval as marval_configs
 from configs.common import with_fields
 from marval_jax.data import latent_cache as lc
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 ROOT = "gs://bucket"
 
 

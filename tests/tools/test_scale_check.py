@@ -16,9 +16,19 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 GB = 1e9
 
 
+def _env():
+    """The suite's environment for the tool, with XLA_FLAGS less any forced device count (the tool forces its own).
+    The suite's cheap LLVM flags (tests/conftest.py) stay: they change code generation, not buffer assignment, so
+    the memory the tool reports is the same, and the prediction and the executed step are compiled alike."""
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                                if "force_host_platform_device_count" not in f)
+    return env
+
+
 def _run_tool(tmp_path, fsdp):
     cache = tmp_path / f"fsdp{fsdp}.json"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = _env()
     proc = subprocess.run(
         [sys.executable, "-m", "marval_jax.tools.scale_check", "--devices", "8", "--models", "tiny", "--steps", "mar",
          "--mesh", f"data=-1,fsdp={fsdp},tensor=1", "--batches", "2", "--cache", str(cache),
@@ -88,7 +98,7 @@ def test_render_table_and_parsers():
 
 
 def _tool(*args, timeout=900, cwd=ROOT):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = _env()
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-m", "marval_jax.tools.scale_check", *args], cwd=cwd, env=env,

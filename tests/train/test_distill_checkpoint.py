@@ -11,6 +11,8 @@ from configs import marval as marval_configs
 from marval_jax.checkpoints import manager as ckpt
 from marval_jax.user_errors import UserError
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 
 def _config(teacher):
     cfg = marval_configs.get_config("tiny")

@@ -12,6 +12,8 @@ from configs.common import with_fields
 from marval_jax.user_errors import UserError
 from tests.train.test_writers import read_events
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 REAL = 4   # real images of the reference: the first 4 Fashion-MNIST test images (the Inception costs ~1 s an image)
 
 

@@ -15,6 +15,8 @@ from configs import mar as mar_configs
 from marval_jax.models.mar import MAR, MARConfig
 from marval_jax.train.optimizer import mar_decay_mask
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 
 def tiny_config(**train):
     cfg = mar_configs.get_config("tiny")

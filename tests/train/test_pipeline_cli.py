@@ -9,6 +9,8 @@ import pytest
 from configs import marval as marval_configs, marval_rl as rl_configs
 from configs.common import with_fields
 
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
+
 
 def _cfg(module, variant="tiny", **fields):
     return with_fields(module.get_config(variant), fields)

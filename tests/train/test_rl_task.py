@@ -2,8 +2,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from configs import marval_rl as rl_configs
+
+pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
 
 
 def test_reward_weights_are_step_arguments_not_constants():
