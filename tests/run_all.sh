@@ -13,17 +13,9 @@ export JAX_PLATFORMS=cpu
 python -m pytest -q tests --ignore=tests/multidevice --ignore=tests/multiprocess -n "${TEST_WORKERS:-2}" \
     --dist loadfile --no-loadscope-reorder --durations=15 "$@"  # the slowest
 main_rc=$?
-# The multi-device part (one process, about half a minute of mostly one core) runs beside the multi-process part
-# rather than before it; its output is printed when both have ended.
-multi_log=$(mktemp)
-XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@" >"$multi_log" 2>&1 &
-multi_pid=$!
+XLA_FLAGS="--xla_force_host_platform_device_count=8" python -m pytest -q tests/multidevice "$@"
+multi_rc=$?
 python -m pytest -q tests/multiprocess "$@"
 proc_rc=$?
-wait "$multi_pid"
-multi_rc=$?
-echo "tests/run_all.sh: the multi-device part (run beside the multi-process part):"
-cat "$multi_log"
-rm -f "$multi_log"
 echo "tests/run_all.sh: main part exit ${main_rc}, multi-device part exit ${multi_rc}, multi-process part exit ${proc_rc}"
 [ "$main_rc" -eq 0 ] && [ "$multi_rc" -eq 0 ] && [ "$proc_rc" -eq 0 ]
