@@ -13,9 +13,10 @@ Variants:
   folder_tiny  the same data path at test size (64x64 RGB, 8x8 patches -> 64 tokens, the tiny model; CPU seconds)
   base / large / huge   the released MAR-B/L/H on ImageNet 256 with cached KL-16 latents (head d6w1024 /
                         d8w1280 / d12w1536, 207.9M / 478.3M / 942.4M parameters). Pod fit, from the TPU compiler
-                        (docs/scale.md, tools/scale_check --target=tpu): base fits a v5e-256 slice (mesh data 16 x
-                        fsdp 16) at a per-chip batch of 32 (global 8192) in 14.00 of 16 GiB per chip; large and huge
-                        are not compiled for a pod yet (their rows in docs/scale.md list the commands)
+                        (docs/scale.md, tools/scale_check --target=tpu; mesh fsdp 16, the rest data): base fits
+                        a v5e-256 slice at a per-chip batch of 32 (global 8192) in 14.00 of 16 GiB per chip and a
+                        v5p-128 slice at 32 in 15.26 of 95 GiB; huge fits v5p-128 at a per-chip batch of 8 (global
+                        512) in 8.98 GiB (v5e-256: not compiled yet); large is not compiled for a pod yet
 
 Run:
   python -m marval_jax.main --mode=train --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny

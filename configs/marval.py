@@ -7,9 +7,11 @@ Variants (the model is the teacher's, from configs/mar.py):
   fmnist_l  the student of the larger teacher configs/mar.py:fmnist_l (docs/reproduction.md): EMA decay 0.99, so
             that a run of a few thousand steps exports its trained weights, not the teacher-initialised average
   base / large / huge   MARVAL-B/L/H on ImageNet 256 with cached KL-16 latents (teachers: MAR-B/L/H). Pod fit, from
-                        the TPU compiler (docs/scale.md): the base GSIM step fits a v5e-256 slice (data 16 x fsdp 16)
-                        at a per-chip batch of 8 in 9.36 of 16 GiB per chip, and the base one-step sampler at 32 in
-                        4.14 GiB; large and huge are not compiled for a pod yet
+                        the TPU compiler (docs/scale.md; mesh fsdp 16, the rest data): the base GSIM step fits a
+                        v5e-256 slice at a per-chip batch of 8 in 9.36 of 16 GiB per chip (v5p-128: 6.08 of 95 GiB),
+                        the base one-step sampler at 32 in 4.14 GiB (v5p-128: 4.02); the huge GSIM step fits v5e-256
+                        at 4 in 6.77 GiB and v5p-128 at 8 in 12.94 GiB, the huge sampler v5e-256 at 32 in 6.94 GiB;
+                        large and the RL steps are not compiled for a pod yet
 
 Run (teacher_ckpt is required: "" is an error at run time):
   python -m marval_jax.main --mode=distill --config=configs/marval.py:tiny --workdir=/tmp/marval_tiny \
