@@ -4,6 +4,7 @@ One definition for `--mode evaluate`, the live evaluation of a training run and 
 so every FID in the repository sees the same pixels (NumPy arrays and traced jax arrays alike)."""
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 from marval_jax.user_errors import UserError
@@ -20,8 +21,10 @@ def center_crop(images, size: int):
     return images[:, o:o + size, o:o + size]
 
 
+@jax.jit
 def uint8_images(images):
-    """[-1, 1] -> uint8 on device, as `grid.to_uint8` (only a quarter of the float bytes are gathered)."""
+    """[-1, 1] -> uint8 on device, as `grid.to_uint8` (only a quarter of the float bytes are gathered); one jitted
+    program on sharded global batches, as the samplers' outputs are."""
     return jnp.clip(jnp.round((images.astype(jnp.float32) + 1.0) / 2.0 * 255.0), 0, 255).astype(jnp.uint8)
 
 

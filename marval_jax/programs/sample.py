@@ -143,7 +143,6 @@ class Sampler:
         self.timing["seconds_per_image"] = (time.time() - t0) / max(sc.num_images, 1)
 
 
-@jax.jit
 def generate(config, source: str, profile_dir: str = "") -> tuple[np.ndarray, np.ndarray, dict]:
     """Sample config.sample.num_images images (NHWC uint8) with their labels and timings, on every process."""
     sampler = Sampler(config, source, profile_dir=profile_dir)
