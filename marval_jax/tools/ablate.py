@@ -121,6 +121,16 @@ def _pairs(items: list[str], flag: str) -> list[tuple[str, str]]:
     return out
 
 
+def set_overrides(cfg, items: list[str], flag: str = "--set") -> dict:
+    """'key=value' strings -> {key: value typed as the config's field}; a one-line UserError for a malformed item,
+    an unknown key (naming the nearest) or a value of the wrong type."""
+    out = {}
+    for key, value in _pairs(list(items), flag):
+        check_key(cfg, key, flag)
+        out[key] = parse_value(cfg, key, value, flag)
+    return out
+
+
 def variant_name(overrides: dict) -> str:
     parts = [f"{k.split('.')[-1]}-{v}" for k, v in overrides.items()]
     name = "__".join(parts) or "base"
@@ -484,10 +494,7 @@ def ablate(base_spec: str, sweeps: list[str], *, steps: int, eval_samples: int, 
     if steps < 1 or eval_samples < 1:
         raise UserError(f"--steps and --eval_samples must be >= 1, got {steps}, {eval_samples}")
     base = load_base(base_spec)
-    common = {}
-    for key, value in _pairs(list(sets), "--set"):
-        check_key(base, key, "--set")
-        common[key] = parse_value(base, key, value, "--set")
+    common = set_overrides(base, list(sets))
     if teacher:
         common["teacher_ckpt"] = teacher
     todo = plan(base, list(sweeps), variants_file)

@@ -118,18 +118,14 @@ def lower_step(config_spec: str, step: str, batch: int, sets: list[str] = ()) ->
     """The step of `config_spec` (with `sets`: 'key=value' overrides) at global batch `batch`, lowered on one
     device, as StableHLO text with locations."""
     import jax
-    from marval_jax.tools.ablate import _pairs, apply, check_key, load_base, parse_value
+    from marval_jax.tools.ablate import apply, load_base, set_overrides
     from marval_jax.tools.scale_check.cases import build_case
     if step not in STEPS:
         raise UserError(f"--step: unknown {step!r}; choose one of {', '.join(STEPS)}")
     if batch < 1:
         raise UserError(f"--batch must be >= 1, got {batch}")
     config = load_base(config_spec)
-    overrides = {}
-    for key, value in _pairs(list(sets), "--set"):
-        check_key(config, key, "--set")
-        overrides[key] = parse_value(config, key, value, "--set")
-    config = apply(config, overrides)
+    config = apply(config, set_overrides(config, list(sets)))
     with config.unlocked():
         config.mesh.distributed_init = False
     built = build_case(step, config)
