@@ -9,7 +9,13 @@
 #                 (ABLATE_PAR=1: the ablation runs beside them, stopped after ABLATE_WAIT_S more s;
 #                 RESULTS_ONLY=student,rl SWEEP=4.0: skip the teacher's sweep when its rows are already measured;
 #                 RL_S must cover the RL step's compile: ~85 s of the 89 s budget of 2026-12-06 went to it)
+#                 (STUDENT_SET="k=v k=v": --set overrides of the student, e.g. the ablation's best gsim.*;
+#                 RESULTS_S=0: no results run here, STAGE=results does it)
+#   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
+#                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
+#                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
+#                 docs/results/ablation_fmnist_l, so its variants are not redone)
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
@@ -18,7 +24,8 @@ STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLA
 X=/tmp/stash/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l
 log() { echo "[$(date +%T)] $*"; }
 ablate() {  # the GSIM variants on the exported teacher (resumable: finished variants are skipped)
-  python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=$W/export/fmnist_teacher \
+  if [ -n "${ABLATE_SEED:-}" ] && [ ! -d $W/ablate/runs ]; then mkdir -p $W/ablate && cp -r $ABLATE_SEED/runs $W/ablate/; fi
+  python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=${ABLATE_TEACHER:-$W/export/fmnist_teacher} \
       --variants=configs/ablations/fmnist_gsim.json --steps=$ABLATE_STEPS --eval_samples=2000 --out=$W/ablate \
       --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss
 }
@@ -46,6 +53,11 @@ TEACHER_INIT=${TEACHER_INIT:-$( [ -d $X/carried/fmnist_teacher ] && echo $X/carr
 mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist \
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
 nvidia-smi --query-gpu=name --format=csv,noheader
+results() {  # the 10k-sample table of the exports (resumable into the same --out: measured rows are kept)
+  log "results $RESULTS_S s"
+  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=${SWEEP:-1.5,2.5,4.0} \
+      --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY}
+}
 if [ "$STAGE" = distill ]; then
   if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU
     log "ablate in the background, $ABLATE_STEPS steps per variant"
@@ -56,18 +68,27 @@ if [ "$STAGE" = distill ]; then
   python3 -m marval_jax.programs.reproduce --workdir=$W --stages=student,rl --config student=configs/marval.py:fmnist_l \
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
-      --set student:train.sample_every=0 --set rl:train.sample_every=0
+      --set student:train.sample_every=0 --set rl:train.sample_every=0 \
+      $(for kv in ${STUDENT_SET:-}; do echo --set student:$kv; done)
   if [ -n "${ABLATE_PID:-}" ]; then  # the results' timings need the GPU alone
     for _ in $(seq ${ABLATE_WAIT_S:-120}); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
     kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
     unset XLA_PYTHON_CLIENT_MEM_FRACTION; pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
   fi
-  log "results $RESULTS_S s"
-  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=${SWEEP:-1.5,2.5,4.0} \
-      --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY}
+  [ "$RESULTS_S" != 0 ] && results
   mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl
-  tar -czf $OUT/distill.tgz -C $W export/stages.json m results   # one file: at most 8 come back
+  tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/results ] && echo results )   # one file: at most 8 come back
   (cd $W/export && tar -cf - fmnist_student fmnist_rl | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
+  log done; exit 0
+fi
+if [ "$STAGE" = results ]; then
+  results; tar -czf $OUT/results.tgz -C $W results
+  if [ "${ABLATE_S:-0}" != 0 ]; then
+    log "ablate $ABLATE_S s"; ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
+    for _ in $(seq $ABLATE_S); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
+    kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
+    pack_ablate; cp $W/ablate.log $OUT/
+  fi
   log done; exit 0
 fi
 if [ "$STAGE" = ablate ]; then
