@@ -136,6 +136,13 @@ def load_config(spec: str, overrides: list[str]):
     return config
 
 
+def evaluation_order(steps: list[int], offset: int, done: set[int]) -> list[int]:
+    """The kept steps not yet in the curve (rows are keyed by step + offset), the latest first: a curve cut by
+    --time-budget keeps the point that says where the run ended."""
+    todo = [s for s in sorted(steps) if s + offset not in done]
+    return todo[-1:] + todo[:-1]
+
+
 def curve(a) -> int:
     import jax  # pylint: disable=import-outside-toplevel
     from marval_jax.evaluation.class_accuracy import class_accuracy  # pylint: disable=import-outside-toplevel
@@ -170,11 +177,11 @@ def curve(a) -> int:
     prior = json.load(open(a.out)) if os.path.exists(a.out) else {}
     payload = {"config": a.config, "overrides": a.set, "num_images": a.num, "num_iter": a.num_iter, "cfg": a.cfg,
                "batch_size": config.train.global_batch_size, "rows": prior.get("rows", [])}
+    if a.step_offset < 0:
+        raise UserError(f"--step-offset must be >= 0, got {a.step_offset}")
     done = {r["step"] for r in payload["rows"]}
     labels_all = np.arange(a.num) % 10
-    for step in steps:
-        if step in done:
-            continue
+    for step in evaluation_order(steps, a.step_offset, done):
         if a.time_budget and time.time() - t_start > a.time_budget:
             payload["cut"] = f"time budget {a.time_budget:.0f} s reached before step {step}"
             break
@@ -185,7 +192,7 @@ def curve(a) -> int:
             lab = jax.numpy.asarray(np.resize(labels_all[i:i + a.batch], a.batch))
             images.append(np.asarray(decode(fn(params, lab, jax.random.fold_in(jax.random.PRNGKey(7), i)))))
         images = np.concatenate(images)[: a.num]
-        row = {"step": step, "images_seen": step * config.train.global_batch_size,
+        row = {"step": step + a.step_offset, "images_seen": (step + a.step_offset) * config.train.global_batch_size,
                **compare(inception, real_feats, ref, center_crop(to_uint8(images), 28)),
                "class_accuracy": class_accuracy(clf, images, labels_all), "seconds": time.time() - t0}
         payload["rows"].append(row)
@@ -251,6 +258,9 @@ def main(argv=None) -> int:
     c.add_argument("--cfg", type=float, default=2.5)
     c.add_argument("--steps", default="", help="comma-separated steps (default: every kept checkpoint)")
     c.add_argument("--time-budget", type=float, default=0.0)
+    c.add_argument("--step-offset", type=int, default=0,
+                   help="steps the workdir's run started from (a warm start, train.init_from, counts from 0 again): "
+                        "added to each row's step and images seen, so a continued run extends the earlier curve")
     for q in (f, c):
         q.add_argument("--inception", default="", help="FID Inception .npz (default ~/.cache/marval_jax/...)")
         q.add_argument("--raw-dir", default="", help="folder of the Fashion-MNIST IDX .gz files")

@@ -73,3 +73,10 @@ def test_reproduce_config_flag_picks_the_stage_config(tmp_path, monkeypatch):
         reproduce.main([f"--workdir={tmp_path}", "--config", "teacher=configs/marval.py:fmnist"])
     with pytest.raises(UserError, match="--config wants STAGE="):
         reproduce.main([f"--workdir={tmp_path}", "--config", "vae=configs/mar.py:fmnist"])
+
+
+def test_evaluation_order_latest_first_and_offset():
+    # a warm-started run's steps 1000.. are the curve's 7222..: the earlier run's rows are not redone by mistake
+    assert reproduce_curve.evaluation_order([1000, 2000, 3000], 0, set()) == [3000, 1000, 2000]
+    assert reproduce_curve.evaluation_order([1000, 2000, 3000], 6222, {7222}) == [3000, 2000]
+    assert reproduce_curve.evaluation_order([1000, 2000], 0, {1000, 2000}) == []
