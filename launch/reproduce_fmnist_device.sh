@@ -65,8 +65,8 @@ if [ "$STAGE" = distill ]; then
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ablate > $W/ablate.log 2>&1 &
     ABLATE_PID=$!; export XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
   fi
-  log "student $STUDENT_S s, rl $RL_S s"
-  python3 -m marval_jax.programs.reproduce --workdir=$W --stages=student,rl --config student=configs/marval.py:fmnist_l \
+  log "student $STUDENT_S s, rl $RL_S s"; STAGES=student,rl; [ "$RL_S" = 0 ] && STAGES=student   # RL_S=0: no RL
+  python3 -m marval_jax.programs.reproduce --workdir=$W --stages=$STAGES --config student=configs/marval.py:fmnist_l \
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
       --set student:train.sample_every=0 --set rl:train.sample_every=0 \
@@ -77,9 +77,9 @@ if [ "$STAGE" = distill ]; then
     unset XLA_PYTHON_CLIENT_MEM_FRACTION; pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
   fi
   [ "$RESULTS_S" != 0 ] && results
-  mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl
+  mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
   tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/results ] && echo results )   # one file: at most 8 come back
-  (cd $W/export && tar -cf - fmnist_student fmnist_rl | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
+  (cd $W/export && tar -cf - fmnist_student $( [ -d fmnist_rl ] && echo fmnist_rl ) | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
   log done; exit 0
 fi
 if [ "$STAGE" = results ]; then
