@@ -3,7 +3,8 @@
 # The inputs (FID Inception weights in float16, the Fashion-MNIST IDX files, the wheels) do not fit one call next to
 # the checkout, so earlier calls of the same warm machine left them, split, in /tmp/stash (chunk0..N + pack.sha).
 #   STAGE=first   unpack, data floor, train TEACHER_S seconds, FID curve of the kept checkpoints
-#                 (CURVE_OFFSET: the steps of the carried teacher that TEACHER_INIT warm-starts from, e.g. 6222)
+#                 (TEACHER_ROW=1: then the teacher's 10k-sample row at CFG SWEEP (4.0), RESULTS_S s at most;
+#                 CURVE_OFFSET: the steps of the carried teacher that TEACHER_INIT warm-starts from, e.g. 6222)
 #   STAGE=more    resume the training in /tmp/w for TEACHER_S seconds, FID curve of the new checkpoints
 #   STAGE=distill GSIM student (configs/marval.py:fmnist_l, STUDENT_S s) and RL student (RL_S s) from the exported
 #                 teacher, then the results table (tools/results.py run, 10k samples, RESULTS_S s at most)
@@ -109,5 +110,8 @@ python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=
     --out=$W/curve.json --inception=$X/fid_inception.npz --raw-dir=$X/fmnist --num=2000 --num-iter=64 --cfg=2.5 \
     --time-budget=$CURVE_S --step-offset=${CURVE_OFFSET:-0}
 cp $W/curve.json $OUT/
+if [ "${TEACHER_ROW:-0}" = 1 ]; then   # the new teacher's 10k row (K 64, CFG $SWEEP) in the same call
+  SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$SWEEP results; tar -czf $OUT/results.tgz -C $W results
+fi
 (cd $W/export && tar -cf - fmnist_teacher | split -b 15000000 -d -a 1 - $OUT/teacher.tar.part)
 log done
