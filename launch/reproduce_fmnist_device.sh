@@ -111,7 +111,7 @@ python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=
     --time-budget=$CURVE_S --step-offset=${CURVE_OFFSET:-0}
 cp $W/curve.json $OUT/
 if [ "${TEACHER_ROW:-0}" = 1 ]; then   # the new teacher's 10k row (K 64, CFG $SWEEP) in the same call
-  SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$SWEEP results; tar -czf $OUT/results.tgz -C $W results
+  SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$(awk "BEGIN{printf \"%g\", $SWEEP}") results;   # 4.0 -> cfg4, the row's name tar -czf $OUT/results.tgz -C $W results
 fi
 (cd $W/export && tar -cf - fmnist_teacher | split -b 15000000 -d -a 1 - $OUT/teacher.tar.part)
 log done
