@@ -13,7 +13,8 @@ recall when the Inception weights and `sample.fid_ref` exist, class accuracy of 
 MNIST-family data (or `sample.classifier`); other columns are "-".
 
 Layout: OUT/runs/<variant>/ is the variant's workdir (checkpoints, metrics.jsonl) and OUT/runs/<variant>/result.json
-its finished result. Resumable: a variant with result.json is not redone; one without resumes from its workdir's
+its finished result. Resumable: a variant with result.json is not redone (a result.json of other steps, eval
+samples or overrides is an error, not a row of this table); one without resumes from its workdir's
 newest checkpoint (a SIGTERM saves one, stops the sweep and exits 0; rerun the same command to continue).
 OUT/ablation.md, OUT/ablation.json and OUT/ablation_<metric>.png are rewritten from all result files at the end.
 On N processes every process runs the same loop; only process 0 writes files.
@@ -530,6 +531,19 @@ def report_finished(base_spec: str, sweeps: list[str], *, out: str, variants_fil
     return write_outputs(out, rows, metric, command or "ablate", unfinished)
 
 
+def _same_variant(result: dict, path: str, overrides: dict, steps: int, eval_samples: int) -> dict:
+    """A finished variant is reused only if this sweep asks for the same thing: a rerun with other --steps,
+    --eval_samples or overrides into the same --out would otherwise mix rows of different runs in one table."""
+    theirs = {"steps": result.get("steps"), "eval samples": result.get("num_images"),
+              "overrides": json.loads(json.dumps(result.get("overrides", {})))}
+    ours = {"steps": steps, "eval samples": eval_samples, "overrides": json.loads(json.dumps(overrides))}
+    if theirs != ours:
+        diff = "; ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in ours if theirs[k] != ours[k])
+        raise UserError(f"{path} is a finished variant of another sweep ({diff}); give another --out or remove it "
+                        "to train it again")
+    return result
+
+
 def _run_all(todo: dict, base, common: dict, runs_dir: str, out: str, steps: int, eval_samples: int,
              on_variant) -> list[dict] | None:
     """Every unfinished variant in order; the rows of all, or None when a SIGTERM stopped one."""
@@ -539,7 +553,7 @@ def _run_all(todo: dict, base, common: dict, runs_dir: str, out: str, steps: int
         result_path = os.path.join(workdir, RESULT)
         if os.path.exists(result_path):
             with open(result_path) as f:
-                rows.append(json.load(f))
+                rows.append(_same_variant(json.load(f), result_path, ov, steps, eval_samples))
             print(f"ablate: {name} finished earlier ({result_path}); skipped", flush=True)
             continue
         batch = min(eval_samples, int(base.sample.batch_size))

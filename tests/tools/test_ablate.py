@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from marval_jax.tools import ablate as ablate_lib
-from marval_jax.user_errors import call_cli
+from marval_jax.user_errors import UserError, call_cli
 
 # two real-valued switches: all four variants run one compiled train step (tools/ablate.py `distill_task`)
 SWEEPS = ["gsim.l2_weight=1.0,0.0", "gsim.guidance_scale=1.2,2.0"]
@@ -95,6 +95,11 @@ def test_sweep_stops_on_sigterm_resumes_and_writes_the_table(tmp_path, tiny_teac
         assert json.load(f)["rows"] == summary["rows"]
     with Image.open(summary["plot"]) as im:
         assert im.size[0] > 100 and im.size[1] > 100
+    # a rerun asking for other steps into the same --out is refused, not mixed into the table (nothing retrained)
+    with pytest.raises(UserError, match=r"steps 2 there, 3 here"):
+        ablate_lib.ablate("configs/marval.py:tiny", SWEEPS, steps=3, eval_samples=4, out=out, sets=QUIET,
+                          teacher=tiny_teacher)
+    assert {n: _stat(os.path.join(runs, n, ablate_lib.RESULT)) for n in NAMES[:2]} == before
 
 
 def _cli(argv, capsys):
