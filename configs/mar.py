@@ -15,8 +15,10 @@ Variants:
                         d8w1280 / d12w1536, 207.9M / 478.3M / 942.4M parameters). Pod fit, from the TPU compiler
                         (docs/scale.md, tools/scale_check --target=tpu; mesh fsdp 16, the rest data): base fits
                         a v5e-256 slice at a per-chip batch of 32 (global 8192) in 14.00 of 16 GiB per chip and a
-                        v5p-128 slice at 32 in 15.26 of 95 GiB; huge fits v5p-128 at a per-chip batch of 8 (global
-                        512) in 8.98 GiB (v5e-256: not compiled yet); large is not compiled for a pod yet
+                        v5p-128 slice at 32 in 15.26 of 95 GiB; huge fits v5e-256 at a per-chip batch of 8 (global
+                        2048) in 4.88 of 16 GiB and v5p-128 at 8 (global 512) in 8.98 of 95 GiB; large fits
+                        v5e-256 at 8 (global 2048) in 3.35 of 16 GiB (v5p-128 not compiled; the rows above put a
+                        v5p chip within ~2x of a v5e chip at the same fsdp 16 and per-chip batch, with 6x the HBM)
 
 Run:
   python -m marval_jax.main --mode=train --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny

@@ -10,8 +10,9 @@ Variants (the model is the teacher's, from configs/mar.py):
                         the TPU compiler (docs/scale.md; mesh fsdp 16, the rest data): the base GSIM step fits a
                         v5e-256 slice at a per-chip batch of 8 in 9.36 of 16 GiB per chip (v5p-128: 6.08 of 95 GiB),
                         the base one-step sampler at 32 in 4.14 GiB (v5p-128: 4.02); the huge GSIM step fits v5e-256
-                        at 4 in 6.77 GiB and v5p-128 at 8 in 12.94 GiB, the huge sampler v5e-256 at 32 in 6.94 GiB;
-                        large and the RL steps are not compiled for a pod yet
+                        at 4 in 6.77 GiB and v5p-128 at 8 in 12.94 GiB, the huge sampler at 32 in 6.94 GiB on
+                        v5e-256 and 6.80 GiB on v5p-128; the large GSIM step fits v5e-256 at 4 in 5.31 GiB (its
+                        sampler and v5p-128 not compiled); the RL steps: configs/marval_rl.py
 
 Run (teacher_ckpt is required: "" is an error at run time):
   python -m marval_jax.main --mode=distill --config=configs/marval.py:tiny --workdir=/tmp/marval_tiny \

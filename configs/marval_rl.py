@@ -8,7 +8,12 @@ Variants:
   fmnist  the Fashion-MNIST reproduction: classifier log-prob reward trained by marval_jax.tools.train_classifier
   fmnist_l  the same for the student of configs/marval.py:fmnist_l, EMA decay 0.99 (a 222-step run's 0.999 EMA
             exported 80% of the starting student: docs/results.md)
-  base / large / huge   MARVAL-B/L/H on ImageNet 256 (KL-16 latents), PickScore reward on class-name prompts
+  base / large / huge   MARVAL-B/L/H on ImageNet 256 (KL-16 latents), PickScore reward on class-name prompts.
+                        Pod fit of the RL step (K = 64 AR iterations through the PickScore CLIP-H, rl.remat on), from
+                        the TPU compiler (docs/scale.md; mesh fsdp 16, the rest data): base fits a v5e-256 slice at a
+                        per-chip batch of 4 (global 1024) in 9.15 of 16 GiB per chip and v5p-128 at 4 in 8.46 of 95
+                        GiB; huge fits v5e-256 at 4 in 11.26 of 16 GiB and v5p-128 at 4 in 9.77 of 95 GiB; large
+                        is not compiled for a pod (the huge RL compile needs ~24 GB of host memory, docs/scale.md)
 
 Run:
   python -m marval_jax.main --mode=rl --config=configs/marval_rl.py:tiny --workdir=/tmp/marval_rl_tiny
