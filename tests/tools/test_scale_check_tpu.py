@@ -97,6 +97,12 @@ def test_report_only_renders_the_json_without_libtpu(tmp_path, monkeypatch):
     assert out.read_text().count("Background run: 1 case in flight.") == 1 and "--note" not in out.read_text()
     assert tpu.command_line(["--target=tpu", "--report_only", "--json", "j", "--out=o", "--note", "n", "--batch",
                              "4", "--verbose"]) == "python -m marval_jax.tools.scale_check --target=tpu --batch 4"
+    # one command typed in two orders is one entry (docs/scale_tpu.json held the same row's command twice)
+    typed = ["--target=tpu", "--topology=v5e:16x16", "--models", "huge", "--steps", "mar", "--batch", "8", "--mesh",
+             "data=-1,fsdp=16,tensor=1"]
+    assert tpu.command_line(typed) == tpu.command_line(typed[:6] + typed[8:] + typed[6:8]) == (
+        "python -m marval_jax.tools.scale_check --target=tpu --topology=v5e:16x16 --models huge --steps mar "
+        "--mesh data=-1,fsdp=16,tensor=1 --batch 8")
 
 
 def test_missing_libtpu_is_one_line_naming_the_extra(tmp_path, monkeypatch):

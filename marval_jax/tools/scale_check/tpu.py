@@ -493,18 +493,26 @@ def write_report(out: str, data: dict) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ command line
+# the order flags are recorded in, whatever order they were typed in (unknown flags follow, as given)
+COMMAND_ORDER = ("--target", "--topology", "--models", "--steps", "--rl_remat", "--rl_num_iter", "--mesh", "--batch",
+                 "--bisect", "--hbm", "--hbm_fraction")
+
+
 def command_line(argv: list[str]) -> str:
     """The command as recorded in the JSON: without where its output goes (--json, --out), --report_only, --note
-    and --verbose (the same command compiles or plans the same cases)."""
-    kept, skip = [], False
-    for a in argv:
-        if skip:
-            skip = False
-        elif a in ("--json", "--out", "--note"):
-            skip = True
-        elif not a.startswith(("--json=", "--out=", "--note=", "--verbose", "--report_only")):
-            kept.append(a)
-    return " ".join(["python -m marval_jax.tools.scale_check", *kept])
+    and --verbose (the same command compiles or plans the same cases), its flags in one order, so that a command
+    typed twice in two orders is one entry."""
+    items, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        flag = a.split("=", 1)[0]
+        with_value = "=" not in a and i + 1 < len(argv) and not argv[i + 1].startswith("--")
+        item = argv[i:i + 2] if with_value else [a]
+        i += len(item)
+        if flag not in ("--json", "--out", "--note", "--verbose", "--report_only"):
+            items.append((COMMAND_ORDER.index(flag) if flag in COMMAND_ORDER else len(COMMAND_ORDER), item))
+    items.sort(key=lambda t: t[0])   # stable: unknown flags keep their order
+    return " ".join(["python -m marval_jax.tools.scale_check", *(x for _, item in items for x in item)])
 
 
 def _plan(args) -> tuple[list[tuple], dict, dict | None, Any]:
