@@ -156,6 +156,8 @@ def curve(a) -> int:
     from marval_jax.models.factory import abstract_model, model_config  # pylint: disable=import-outside-toplevel
     if a.num <= 0 or a.batch <= 0:
         raise UserError(f"--num and --batch must be positive, got {a.num} and {a.batch}")
+    if a.step_offset < 0:
+        raise UserError(f"--step-offset must be >= 0, got {a.step_offset}")
     t_start = time.time()
     steps = checkpoint_steps(a.workdir)
     if a.steps:
@@ -177,8 +179,6 @@ def curve(a) -> int:
     prior = json.load(open(a.out)) if os.path.exists(a.out) else {}
     payload = {"config": a.config, "overrides": a.set, "num_images": a.num, "num_iter": a.num_iter, "cfg": a.cfg,
                "batch_size": config.train.global_batch_size, "rows": prior.get("rows", [])}
-    if a.step_offset < 0:
-        raise UserError(f"--step-offset must be >= 0, got {a.step_offset}")
     done = {r["step"] for r in payload["rows"]}
     labels_all = np.arange(a.num) % 10
     for step in evaluation_order(steps, a.step_offset, done):

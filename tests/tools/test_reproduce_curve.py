@@ -1,5 +1,6 @@
 """reproduce_curve: reading the EMA weights of each kept checkpoint step, its config overrides and argument errors,
 the plot from the curve JSON, and reproduce.py's --config (another config of a stage's family)."""
+import argparse
 import json
 import os
 
@@ -80,3 +81,9 @@ def test_evaluation_order_latest_first_and_offset():
     assert reproduce_curve.evaluation_order([1000, 2000, 3000], 0, set()) == [3000, 1000, 2000]
     assert reproduce_curve.evaluation_order([1000, 2000, 3000], 6222, {7222}) == [3000, 2000]
     assert reproduce_curve.evaluation_order([1000, 2000], 0, {1000, 2000}) == []
+
+
+def test_negative_step_offset_is_refused_before_any_work(tmp_path):
+    args = argparse.Namespace(num=10, batch=5, step_offset=-1, workdir=str(tmp_path / "missing"))
+    with pytest.raises(UserError, match="--step-offset must be >= 0"):
+        reproduce_curve.curve(args)   # before the workdir is read: no "no checkpoints/ folder" error
