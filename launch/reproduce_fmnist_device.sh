@@ -55,6 +55,11 @@ TEACHER_INIT=${TEACHER_INIT:-$( [ -d $X/carried/fmnist_teacher ] && echo $X/carr
 mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist \
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
 nvidia-smi --query-gpu=name --format=csv,noheader
+stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM (finished variants are kept)
+  for _ in $(seq $1); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
+  kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
+  pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
+}
 results() {  # the 10k-sample table of the exports (resumable into the same --out: measured rows are kept)
   log "results $RESULTS_S s"
   python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=${SWEEP:-1.5,2.5,4.0} \
@@ -73,9 +78,7 @@ if [ "$STAGE" = distill ]; then
       --set student:train.sample_every=0 --set rl:train.sample_every=0 \
       $(for kv in ${STUDENT_SET:-}; do echo --set student:$kv; done)
   if [ -n "${ABLATE_PID:-}" ]; then  # the results' timings need the GPU alone
-    for _ in $(seq ${ABLATE_WAIT_S:-120}); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
-    kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
-    unset XLA_PYTHON_CLIENT_MEM_FRACTION; pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
+    stop_ablate_after ${ABLATE_WAIT_S:-120}; unset XLA_PYTHON_CLIENT_MEM_FRACTION
   fi
   [ "$RESULTS_S" != 0 ] && results
   mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
@@ -87,9 +90,7 @@ if [ "$STAGE" = results ]; then
   results; tar -czf $OUT/results.tgz -C $W results
   if [ "${ABLATE_S:-0}" != 0 ]; then
     log "ablate $ABLATE_S s"; ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
-    for _ in $(seq $ABLATE_S); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
-    kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
-    pack_ablate; cp $W/ablate.log $OUT/
+    stop_ablate_after $ABLATE_S
   fi
   log done; exit 0
 fi
