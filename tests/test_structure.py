@@ -20,6 +20,8 @@ LAYERS = {
     # L0: pure utilities with no project dependencies.
     "marval_jax": 0, "marval_jax.user_errors": 0, "marval_jax.numerics": 0, "marval_jax.package_files": 0,
     "marval_jax.tree_paths": 0,
+    # Pallas kernels: plain functions over arrays, below the models that select them (models/transformer.py).
+    "marval_jax.kernels": 0,
     # L1: building blocks: modules, the diffusion chain, meshes and shardings, input pipelines and tokenizers.
     "marval_jax.models": 1, "marval_jax.diffusion": 1, "marval_jax.parallel": 1, "marval_jax.data": 1,
     # L2: what is built from the blocks: checkpoints and converters, samplers, evaluation metrics.
