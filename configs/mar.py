@@ -32,7 +32,9 @@ Run:
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
 model.attention_impl: "auto" (default) runs cuDNN's fused attention where it can (GPU, bf16, no attention dropout:
 sampling, GSIM's teacher passes) and the reference's XLA attention elsewhere; "xla" keeps the reference's numerics
-everywhere (docs/benchmarks.md "Status": 2.6x faster attention core on the H200).
+everywhere (docs/benchmarks.md "Status": 2.6x faster attention core on the H200); "flash" runs the Pallas flash
+attention of marval_jax/kernels/flash_attention.py (GPU only: attention dropout inside the kernel, no stored logits;
+docs/kernels.md).
 """
 from __future__ import annotations
 

@@ -76,7 +76,7 @@ def _split_rng(rng, n):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "flash", "auto")
 
 
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -89,10 +89,20 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     (GPU, bf16/fp16, no attention dropout; the mask becomes an additive bias; its speed against "xla" is measured
     by the benchmark suite's block rows, docs/benchmarks.md); raises where it cannot run. "auto": "cudnn" where it can
     run (`cudnn_attention_unsupported` is None), else "xla" - so CPU runs, float32 runs and training with
-    attention dropout keep the reference's numerics."""
+    attention dropout keep the reference's numerics. "flash": the Pallas flash attention of
+    kernels/flash_attention.py (GPU; attention dropout inside the kernel, its mask a hash of a seed drawn from `rng`,
+    so the logits are never stored: the training path cuDNN cannot take); raises where it cannot run (a mask, a
+    backend other than GPU). Its dropout bits differ from "xla"'s jax.random ones (same distribution)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     dropping = rng is not None and attn_drop > 0.0
+    if impl == "flash":
+        from marval_jax.kernels.flash_attention import flash_attention, flash_attention_unsupported
+        why = flash_attention_unsupported(q, k, v, mask=mask)
+        if why is not None:
+            raise ValueError(f"attention impl 'flash' cannot run here: {why} (use 'auto' or 'xla')")
+        seed = jax.random.bits(rng, dtype=jnp.uint32) if dropping else None
+        return flash_attention(q, k, v, dropout_rate=attn_drop if dropping else 0.0, seed=seed)
     if impl != "xla":
         why = cudnn_attention_unsupported(q, k, v, mask=mask, dropout=dropping)
         if why is None:

@@ -34,7 +34,7 @@ def _pad_mask(b, length, valid):
 def test_unknown_impl_is_refused():
     q, k, v = _qkv()
     with pytest.raises(ValueError, match="attention impl must be one of"):
-        T.attention_core(q, k, v, impl="flash")
+        T.attention_core(q, k, v, impl="flashy")
     with pytest.raises(ValueError, match="attention_impl must be one of"):
         mar_lib.MARConfig(attention_impl="cuDNN")
     with pytest.raises(ValueError, match="attention impl must be one of"):
@@ -74,6 +74,33 @@ def test_training_with_attention_dropout_keeps_the_xla_path(monkeypatch):
     a = T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="auto")
     b = T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="xla")
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU refusal")
+def test_flash_refuses_off_gpu_and_with_a_mask():
+    q, k, v = _qkv(dtype=jnp.bfloat16)
+    with pytest.raises(ValueError, match="'flash' cannot run here: .*backend"):
+        T.attention_core(q, k, v, attn_drop=0.1, rng=jax.random.key(0), impl="flash")
+    assert mar_lib.MARConfig(attention_impl="flash").attention_impl == "flash"
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Pallas kernel compiles for GPUs only")
+def test_flash_matches_xla_without_dropout_and_keeps_the_rate_on_gpu():
+    """Without dropout "flash" is the XLA path to bf16 rounding (forward and gradient); with dropout the output's
+    mean over keys-and-values of ones is 1 (inverted dropout), and two keys give two masks."""
+    q, k, v = _qkv(b=2, t=40, h=2, hd=64, dtype=jnp.bfloat16)
+    f = lambda impl: lambda q: T.attention_core(q, k, v, impl=impl).astype(jnp.float32)  # noqa: E731
+    a, b = f("flash")(q), f("xla")(q)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=4 * 2.0 ** -8 * float(jnp.abs(b).max()))
+    ga = jax.grad(lambda q: f("flash")(q).sum())(q).astype(jnp.float32)
+    gb = jax.grad(lambda q: f("xla")(q).sum())(q).astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=0, atol=8 * 2.0 ** -8 * float(jnp.abs(gb).max()))
+    ones = jnp.ones_like(v)
+    d1 = T.attention_core(q, k, ones, attn_drop=0.5, rng=jax.random.key(1), impl="flash").astype(jnp.float32)
+    d2 = T.attention_core(q, k, ones, attn_drop=0.5, rng=jax.random.key(2), impl="flash").astype(jnp.float32)
+    # per query row the kept mass / (1 - r) has mean 1 and variance r/(1-r) sum_j p_j^2 (~0.1 for these logits of
+    # unit variance over 40 keys); the mean of 160 rows has sd ~0.025, so 0.15 is ~6 sd
+    assert abs(float(d1.mean()) - 1.0) < 0.15 and not np.array_equal(np.asarray(d1), np.asarray(d2))
 
 
 def test_attention_impl_is_not_architectural():
