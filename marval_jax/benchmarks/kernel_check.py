@@ -1,0 +1,134 @@
+"""The Pallas kernels of marval_jax/kernels on the accelerator: their error against the XLA path and their time and
+memory beside it, at MAR-B's shapes, in one JSON file that names the card.
+
+    python -m marval_jax.benchmarks.kernel_check --out /tmp/kernels.json            # GPU: the kernels compiled
+    python -m marval_jax.benchmarks.kernel_check --quick --out /tmp/k.json          # any backend: interpret mode,
+                                                                                     # tiny shapes (the CI smoke run)
+
+Rows (each guarded: a kernel that fails to lower is recorded as status "error" with its message, the rest still run):
+- `ln_linear/qkv`, `ln_linear/fc1_gelu`: LayerNorm + Linear (+ bias + GELU) of one block call, tokens x width at
+  --batch x 320 x 768 (MAR-B's decoder), the fused kernel against `ln_linear_reference` (what XLA runs today): max
+  |difference| over max |reference| (the outputs are bf16: one rounding is 2^-8 of the value), forward time of each.
+- `flash/fwd_bwd`: the training attention (dropout 0.1, B x 320 tokens, 12 heads of 64) forward + backward, the
+  kernel against its materialising reference with the same dropout bits (error of the output and of dq, dk, dv), and
+  the time and compiled temporaries of value_and_grad for: the kernel, the XLA path with jax.random dropout (what
+  training runs today) and cuDNN's fused attention without dropout (the speed a dropout-free step could have).
+Timings are per call, medians (benchmarks/timing.time_calls); compare them only within one file (one card).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from etils import epath
+
+from marval_jax.benchmarks.timing import compile_timed, time_calls
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def _timed(fn, *args, target_s: float) -> dict:
+    compiled, info = compile_timed(jax.jit(fn), *args)
+    t = time_calls(lambda: compiled(*args), warmup=2, min_reps=5, max_reps=200, target_s=target_s)
+    return {"median_s": t.get("median_s"), "compile_s": info.get("compile_s"),
+            "temp_bytes": (info.get("memory") or {}).get("temp_size_in_bytes")}
+
+
+def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_s: float) -> list[dict]:
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16)
+    gamma = 1.0 + 0.1 * jax.random.normal(keys[1], (width,))
+    beta = 0.1 * jax.random.normal(keys[2], (width,))
+    rows = []
+    for name, n, act in (("ln_linear/qkv", 3 * width, None), ("ln_linear/fc1_gelu", 4 * width, "gelu")):
+        row = {"row": name, "shape": [batch, tokens, width, n]}
+        try:
+            from marval_jax.kernels.fused_linear import ln_linear, ln_linear_reference
+            w = jax.random.normal(keys[3], (width, n)) * width ** -0.5
+            b = 0.1 * jax.random.normal(keys[4], (n,))
+            kw = dict(eps=1e-6, activation=act, dtype=jnp.bfloat16)
+            fused = lambda *a: ln_linear(*a, interpret=interpret, **kw)  # noqa: E731
+            ref = lambda *a: ln_linear_reference(*a, **kw)  # noqa: E731
+            args = (x, gamma, beta, w, b)
+            row["kernel"] = _timed(fused, *args, target_s=target_s)  # timed first: its compile is a fresh one
+            row["xla"] = _timed(ref, *args, target_s=target_s)
+            row["rel_err"] = _rel_err(jax.jit(fused)(*args), jax.jit(ref)(*args))
+            row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - one row's failure is a result, the others still run
+            row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    return rows
+
+
+def flash_rows(batch: int, tokens: int, heads: int, head_dim: int, interpret: bool, target_s: float) -> list[dict]:
+    rate = 0.1
+    keys = jax.random.split(jax.random.key(1), 4)
+    shape = (batch, tokens, heads, head_dim)
+    q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in keys)
+    seed = jnp.int32(1234)
+    row = {"row": "flash/fwd_bwd", "shape": list(shape), "dropout": rate}
+    try:
+        from marval_jax.kernels.flash_attention import flash_attention, flash_attention_reference
+        from marval_jax.models.transformer import attention_core
+        def loss(attn):
+            return lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
+
+        kern = lambda q, k, v: flash_attention(q, k, v, dropout_rate=rate, seed=seed, interpret=interpret)  # noqa
+        ref = lambda q, k, v: flash_attention_reference(q, k, v, dropout_rate=rate, seed=seed)  # noqa: E731
+        vg = lambda attn: jax.value_and_grad(loss(attn), argnums=(0, 1, 2))  # noqa: E731
+        row["kernel"] = _timed(vg(kern), q, k, v, target_s=target_s)
+        out_k, out_r = jax.jit(kern)(q, k, v), jax.jit(ref)(q, k, v)
+        row["rel_err_out"] = _rel_err(out_k, out_r)
+        gk = jax.jit(jax.grad(loss(kern), argnums=(0, 1, 2)))(q, k, v)
+        gr = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
+        row["rel_err_grads"] = [_rel_err(a, b) for a, b in zip(gk, gr)]
+        xla = lambda q, k, v: attention_core(q, k, v, attn_drop=rate, rng=jax.random.key(2), impl="xla")  # noqa
+        row["xla_dropout"] = _timed(vg(xla), q, k, v, target_s=target_s)
+        if jax.default_backend() == "gpu":
+            cudnn = lambda q, k, v: attention_core(q, k, v, impl="cudnn")  # noqa: E731
+            row["cudnn_no_dropout"] = _timed(vg(cudnn), q, k, v, target_s=target_s)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+    print(json.dumps(row), flush=True)
+    return [row]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="JSON file to write (etils path)")
+    p.add_argument("--quick", action="store_true", help="interpret mode, tiny shapes: checks the tool, not the card")
+    p.add_argument("--batch", type=int, default=256, help="batch of the ln_linear rows (MAR-B sampling: 256)")
+    p.add_argument("--flash-batch", type=int, default=128, help="batch of the flash row (MAR-B training: 128)")
+    p.add_argument("--target-s", type=float, default=2.0, help="seconds of repeats per timing")
+    a = p.parse_args(argv)
+    interpret = a.quick or jax.default_backend() != "gpu"
+    if a.quick:
+        lin = ln_linear_rows(2, 20, 32, interpret, 0.05)
+        att = flash_rows(2, 20, 2, 16, interpret, 0.05)
+    else:
+        lin = ln_linear_rows(a.batch, 320, 768, interpret, a.target_s)
+        att = flash_rows(a.flash_batch, 320, 12, 64, interpret, a.target_s)
+    d = jax.devices()[0]
+    report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+              "device": {"kind": d.device_kind, "platform": d.platform}, "jax": jax.__version__,
+              "interpret": interpret, "rows": lin + att}
+    out = epath.Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    bad = [r["row"] for r in report["rows"] if r["status"] != "ok"]
+    print(f"wrote {out}: {len(report['rows'])} rows on {d.device_kind}" + (f", failed: {bad}" if bad else ""))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,24 @@
+"""benchmarks/kernel_check in interpret mode on tiny shapes: every row runs, and each kernel's error against its XLA
+twin is within a few bf16 roundings (the outputs are bf16; one rounding is 2^-8 relative to the value, 2^-9 to the
+largest), so a kernel that computes something else fails here before a device call is spent on it."""
+from __future__ import annotations
+
+import json
+
+from marval_jax.benchmarks import kernel_check
+
+
+def test_quick_run_writes_every_row_with_small_errors(tmp_path):
+    out = tmp_path / "k.json"
+    assert kernel_check.main(["--quick", "--out", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert rep["interpret"] is True and rep["device"]["kind"]
+    rows = {r["row"]: r for r in rep["rows"]}
+    assert set(rows) == {"ln_linear/qkv", "ln_linear/fc1_gelu", "flash/fwd_bwd"}
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    bound = 8 * 2.0 ** -8
+    assert rows["ln_linear/qkv"]["rel_err"] < bound and rows["ln_linear/fc1_gelu"]["rel_err"] < bound
+    assert rows["flash/fwd_bwd"]["rel_err_out"] < bound
+    assert all(e < bound for e in rows["flash/fwd_bwd"]["rel_err_grads"])
+    for r in rows.values():
+        assert r["kernel"]["median_s"] > 0
