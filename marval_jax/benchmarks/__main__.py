@@ -78,6 +78,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--scan-blocks", action="store_true",
                    help="model.scan_blocks for every row: encoder and decoder blocks as one jax.lax.scan each (one "
                         "block body compiled per stack; compare the rows' compile times with a run without it)")
+    p.add_argument("--attention-impl", default=None,
+                   help="model.attention_impl for every row (default: the config's, 'auto'); 'flash' times the "
+                        "training rows with the Pallas flash attention and its in-kernel dropout (docs/kernels.md)")
     p.add_argument("--plan", action="store_true",
                    help="list the rows in order with their estimated seconds; compile and run nothing")
     return p.parse_args(argv)
@@ -120,7 +123,8 @@ def main(argv=None) -> int:
         raise UserError(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
     rows = _rows(a.rows, suite.row_names(what, steps), what)
     common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
-                  t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan, scan_blocks=a.scan_blocks)
+                  t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan, scan_blocks=a.scan_blocks,
+                  attention_impl=a.attention_impl)
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)

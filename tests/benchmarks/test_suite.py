@@ -439,3 +439,11 @@ def test_h200_script_dry_run():
                  "--time-budget 300", f"--rl-batch {defaults.RL_BATCH}", f"--gsim-batch {defaults.GSIM_BATCH}",
                  "--kv-approx 2\\,4", "--kv-batch 256", "tee -a /tmp/o/bench.log"):
         assert part in cmd, part
+
+
+def test_attention_impl_flag_sets_every_rows_model(tmp_path):
+    """--attention-impl: every row's model with it (recorded in the report's model_configs); the config's default
+    otherwise."""
+    assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["attention_impl"] == "auto"
+    rep = plan(tmp_path, "--rows", "sample/onestep", "--attention-impl", "flash")
+    assert rep["model_configs"]["tiny"]["attention_impl"] == "flash"
