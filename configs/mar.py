@@ -34,7 +34,8 @@ model.attention_impl: "auto" (default) runs cuDNN's fused attention where it can
 sampling, GSIM's teacher passes) and the reference's XLA attention elsewhere; "xla" keeps the reference's numerics
 everywhere (docs/benchmarks.md "Status": 2.6x faster attention core on the H200); "flash" runs the Pallas flash
 attention of marval_jax/kernels/flash_attention.py (GPU only: attention dropout inside the kernel, no stored logits;
-docs/kernels.md).
+docs/kernels.md). model.kernels: "xla" (default) or "pallas" (each block's LayerNorm -> Linear pairs as one fused
+Pallas kernel, GPU only; docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -53,7 +54,8 @@ _SIZES = mar_lib.RELEASED_SIZES
 def model_config(variant: str) -> mlc.ConfigDict:
     """Fields of marval_jax.models.mar.MARConfig."""
     base = dict(mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, dtype="bfloat16",
-                remat=False, remat_policy="", scan_blocks=False, attention="bidirectional", attention_impl="auto")
+                remat=False, remat_policy="", scan_blocks=False, attention="bidirectional", attention_impl="auto",
+                kernels="xla")
     if variant == "tiny":
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,
                     encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,

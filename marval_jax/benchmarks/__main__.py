@@ -81,6 +81,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default=None,
                    help="model.attention_impl for every row (default: the config's, 'auto'); 'flash' times the "
                         "training rows with the Pallas flash attention and its in-kernel dropout (docs/kernels.md)")
+    p.add_argument("--kernels", default=None,
+                   help="model.kernels for every row (default: the config's, 'xla'); 'pallas' runs each block's "
+                        "LayerNorm -> Linear pairs as one fused Pallas kernel (docs/kernels.md)")
     p.add_argument("--plan", action="store_true",
                    help="list the rows in order with their estimated seconds; compile and run nothing")
     return p.parse_args(argv)
@@ -124,7 +127,7 @@ def main(argv=None) -> int:
     rows = _rows(a.rows, suite.row_names(what, steps), what)
     common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
                   t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan, scan_blocks=a.scan_blocks,
-                  attention_impl=a.attention_impl)
+                  attention_impl=a.attention_impl, kernels=a.kernels)
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)

@@ -61,6 +61,7 @@ class Settings:
     plan: bool = False  # list the rows in order with their estimated need, compile and run nothing
     scan_blocks: bool = False  # model.scan_blocks for every row: the blocks as one scanned layer stack
     attention_impl: str | None = None  # model.attention_impl for every row (None: the config's, "auto")
+    kernels: str | None = None  # model.kernels for every row (None: the config's, "xla")
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -292,6 +293,8 @@ class Suite:
             cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks)
             if s.attention_impl is not None:
                 cfg = dataclasses.replace(cfg, attention_impl=s.attention_impl)
+            if s.kernels is not None:
+                cfg = dataclasses.replace(cfg, kernels=s.kernels)
             graphdef, state = (None, None) if s.plan else self.random_model(name, cfg)
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             self.run_rows(ModelBench(self, name, cfg, graphdef, state), name)

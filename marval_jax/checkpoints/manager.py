@@ -114,7 +114,7 @@ class ConfigMismatchError(UserError):
 # Fields that change how a model computes, not its parameters: a checkpoint restores across them (a run that ran out
 # of memory resumes with a leaner model.remat_policy; scan_blocks keeps the per-block parameter names).
 NON_ARCHITECTURAL = ("dtype", "remat", "remat_policy", "scan_blocks", "attn_dropout", "proj_dropout",
-                     "label_drop_prob", "attention_impl")
+                     "label_drop_prob", "attention_impl", "kernels")
 
 
 def _model_defaults() -> dict:

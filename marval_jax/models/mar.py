@@ -31,8 +31,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.models.diffusion_head import SimpleMLPAdaLN, timestep_embedding
-from marval_jax.models.transformer import (ATTENTION_IMPLS, REMAT_POLICIES, Block, checkpointed, dense, init_kv_cache,
-                                           layer_norm, run_blocks)
+from marval_jax.models.transformer import (ATTENTION_IMPLS, KERNELS, REMAT_POLICIES, Block, checkpointed, dense,
+                                           init_kv_cache, layer_norm, run_blocks)
 
 
 ATTENTION_MODES = ("bidirectional", "causal")
@@ -71,14 +71,20 @@ class MARConfig:
     scan_blocks: bool = False
     attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
     # how attention is computed (not what it computes): "xla" (the reference's numerics), "cudnn" (fused flash
-    # attention, GPU bf16 only) or "auto" (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
+    # attention, GPU bf16 only), "flash" (the Pallas flash attention with in-kernel dropout, GPU only) or "auto"
+    # (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
     attention_impl: str = "auto"
+    # how a block computes LayerNorm -> Linear (models/transformer.py KERNELS): "xla" (the reference), "pallas" (one
+    # fused Pallas kernel per pair, GPU only; docs/kernels.md) or "pallas_interpret" (the same in Pallas' interpreter)
+    kernels: str = "xla"
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
             raise ValueError(f"MARConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(f"MARConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"MARConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
         if self.remat_policy not in ("",) + REMAT_POLICIES:
             raise ValueError(f"MARConfig.remat_policy must be one of {REMAT_POLICIES} (or '' to follow remat), got "
                              f"{self.remat_policy!r}")
@@ -193,7 +199,8 @@ class MAR(nnx.Module):
         self.cfg = cfg
         dt = cfg.jnp_dtype
         de, dd, s, bf = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_len, cfg.buffer_size
-        drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout, attention_impl=cfg.attention_impl)
+        drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout, attention_impl=cfg.attention_impl,
+                    kernels=cfg.kernels)
         self.class_emb = nnx.Embed(cfg.class_num, de, embedding_init=nnx.initializers.normal(0.02),
                                    param_dtype=jnp.float32, rngs=rngs)
         self.fake_latent = _param(rngs, (1, de))

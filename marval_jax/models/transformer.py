@@ -158,8 +158,16 @@ class Attention(nnx.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
                  cache: KVCache | None = None, cache_positions: jax.Array | None = None,
                  return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
-        b, t, d = x.shape
-        qkv = self.qkv(x).reshape(b, t, 3, self.num_heads, self.head_dim)
+        return self.attend(self.qkv(x), mask=mask, rng=rng, cache=cache, cache_positions=cache_positions,
+                           return_kv=return_kv)
+
+    def attend(self, qkv: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
+               cache: KVCache | None = None, cache_positions: jax.Array | None = None,
+               return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
+        """The attention after the qkv projection (B, T, 3 * width): the block's fused kernel computes that."""
+        b, t, d3 = qkv.shape
+        d = d3 // 3
+        qkv = qkv.reshape(b, t, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         if cache is not None:
             if cache_positions is None:
@@ -183,16 +191,29 @@ class Mlp(nnx.Module):
         self.fc2 = dense(hidden, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        return self.finish(gelu_erf(self.fc1(x)), rng)
+
+    def finish(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+        """The MLP after fc1 and GELU (the block's fused kernel computes those): dropout, fc2, dropout."""
         r1, r2 = _split_rng(rng, 2)
-        x = dropout(gelu_erf(self.fc1(x)), self.drop, r1)
-        return dropout(self.fc2(x), self.drop, r2)
+        return dropout(self.fc2(dropout(h, self.drop, r1)), self.drop, r2)
+
+
+# model.kernels: how a block computes LayerNorm -> Linear (norm1 -> qkv, norm2 -> fc1 -> GELU). "xla": the modules
+# one by one (the reference). "pallas": one fused Pallas kernel each (kernels/fused_linear.py; GPU only, docs/kernels.md).
+# "pallas_interpret": the same kernels in Pallas' interpreter, on any backend (tests; slow).
+KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
 class Block(nnx.Module):
     """x += attn(norm1(x)); x += mlp(norm2(x))."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
-                 proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla"):
+                 proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla",
+                 kernels: str = "xla"):
+        if kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+        self.kernels = kernels
         self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype,
                               impl=attention_impl)
@@ -203,11 +224,22 @@ class Block(nnx.Module):
                  cache: KVCache | None = None, cache_positions: jax.Array | None = None,
                  return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
         r_attn, r_mlp = _split_rng(rng, 2)
-        h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions,
-                             return_kv=return_kv)
+        if self.kernels == "xla":
+            h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions,
+                                 return_kv=return_kv)
+            x = x + h.astype(x.dtype)
+            return x + self.mlp(self.norm2(x), r_mlp).astype(x.dtype), cache
+        h, cache = self.attn.attend(self._ln_linear(x, self.norm1, self.attn.qkv), mask=mask, rng=r_attn,
+                                    cache=cache, cache_positions=cache_positions, return_kv=return_kv)
         x = x + h.astype(x.dtype)
-        x = x + self.mlp(self.norm2(x), r_mlp).astype(x.dtype)
-        return x, cache
+        h = self._ln_linear(x, self.norm2, self.mlp.fc1, activation="gelu")
+        return x + self.mlp.finish(h, r_mlp).astype(x.dtype), cache
+
+    def _ln_linear(self, x, norm: nnx.LayerNorm, linear: nnx.Linear, activation: str | None = None):
+        from marval_jax.kernels.fused_linear import ln_linear
+        return ln_linear(x, norm.scale[...], norm.bias[...], linear.kernel[...], linear.bias[...], eps=norm.epsilon,
+                         activation=activation, dtype=linear.dtype or x.dtype,
+                         interpret=self.kernels == "pallas_interpret")
 
 
 # model.remat_policy (MARConfig.remat_policy): what a training step keeps of each transformer block for the backward

@@ -441,9 +441,12 @@ def test_h200_script_dry_run():
         assert part in cmd, part
 
 
-def test_attention_impl_flag_sets_every_rows_model(tmp_path):
-    """--attention-impl: every row's model with it (recorded in the report's model_configs); the config's default
+def test_attention_impl_and_kernels_flags_set_every_rows_model(tmp_path):
+    """--attention-impl and --kernels: every row's model with it (recorded in the report's model_configs); the config's default
     otherwise."""
     assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["attention_impl"] == "auto"
     rep = plan(tmp_path, "--rows", "sample/onestep", "--attention-impl", "flash")
     assert rep["model_configs"]["tiny"]["attention_impl"] == "flash"
+    assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["kernels"] == "xla"
+    rep = plan(tmp_path, "--rows", "sample/onestep", "--kernels", "pallas")
+    assert rep["model_configs"]["tiny"]["kernels"] == "pallas"
