@@ -74,7 +74,7 @@ class ModelBench:
         self.key = jax.random.key(self.s.seed + 7)
         self.first_outputs: dict[tuple[str, int], jax.Array] = {}  # sampler outputs of the first key, to compare
         self._causal_graphdef = None
-        self._block = {}  # attention_impl -> (graphdef, state) of the block/* rows' Block
+        self._block = {}  # (attention_impl, kernels) -> (graphdef, state) of the block/* rows' Block
 
     @property
     def causal_graphdef(self):
@@ -292,19 +292,21 @@ class ModelBench:
                     head_dim=d // heads, mlp_hidden=int(d * cfg.mlp_ratio), calls=self.s.block_calls,
                     dtype=cfg.dtype)
 
-    def block_state(self, impl: str | None = None):
-        """(graphdef, state) of one decoder Block as the model builds it (its module, dtype, dropout rates and
-        attention_impl unless `impl` is given; no dropout runs, as rng is None), random weights drawn on the host like
-        `random_state`'s (the same weights for every impl)."""
+    def block_state(self, impl: str | None = None, kernels: str | None = None):
+        """(graphdef, state) of one decoder Block as the model builds it (its module, dtype, dropout rates,
+        attention_impl and kernels unless given; no dropout runs, as rng is None), random weights drawn on the host
+        like `random_state`'s (the same weights for every impl)."""
         impl = impl or self.cfg.attention_impl
-        if impl not in self._block:
+        kernels = kernels or self.cfg.kernels
+        if (impl, kernels) not in self._block:
             cfg = self.cfg
             graphdef, abstract = nnx.split(nnx.eval_shape(lambda: Block(
                 cfg.decoder_embed_dim, cfg.decoder_num_heads, cfg.mlp_ratio, attn_drop=cfg.attn_dropout,
-                proj_drop=cfg.proj_dropout, rngs=nnx.Rngs(self.s.seed), dtype=cfg.jnp_dtype, attention_impl=impl)))
+                proj_drop=cfg.proj_dropout, rngs=nnx.Rngs(self.s.seed), dtype=cfg.jnp_dtype, attention_impl=impl,
+                kernels=kernels)))
             state = random_init.random_like(abstract, seed=self.s.seed + 21, rule=random_init.param_rule)
-            self._block[impl] = graphdef, state
-        return self._block[impl]
+            self._block[(impl, kernels)] = graphdef, state
+        return self._block[(impl, kernels)]
 
     def need_block(self, part: str) -> float:
         """Seconds a block/* row needs: compile + warm-up + repeats, the loop's FLOPs at the assumed rate plus ~30 us
@@ -350,8 +352,10 @@ class ModelBench:
             shape = jax.ShapeDtypeStruct((b, t, heads, hd), dt)
             y, *consts = random_init.random_like((shape,) * 3, seed=self.s.seed + 22, rule=random_init.data_rule)
         else:
-            graphdef, params = self.block_state("xla" if part == "full_xla" else None)
-            entry["attention_impl"] = "xla" if part == "full_xla" else self.cfg.attention_impl
+            xla = part == "full_xla"  # the block as XLA alone computes it: the reference beside `full`
+            graphdef, params = self.block_state("xla", "xla") if xla else self.block_state()
+            entry["attention_impl"] = "xla" if xla else self.cfg.attention_impl
+            entry["kernels"] = "xla" if xla else self.cfg.kernels
             y = random_init.random_like(jax.ShapeDtypeStruct((b, t, d), dt), seed=self.s.seed + 23,
                                         rule=random_init.data_rule)
             consts = []

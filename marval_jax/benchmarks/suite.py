@@ -29,8 +29,8 @@ Measurements (per model):
                    compiled loop over the same segments, so that transformer + head + rest = sampler.
   block/*          (--what block only) one decoder block of the model at --block-batch over the decoder's positions
                    (buffer + tokens, 320 for ImageNet-256), and its parts: full (Block with the model's
-                   attention_impl, "auto": cuDNN's fused attention on GPU in bf16), full_xla (the same Block with
-                   attention_impl "xla", the reference's unfused attention), attention (norm1 + Attention +
+                   attention_impl, "auto": cuDNN's fused attention on GPU in bf16, and kernels), full_xla (the same Block
+                   with attention_impl and kernels "xla": the reference's unfused block), attention (norm1 + Attention +
                    residual), attention_core (q k^T in f32, softmax, p v: transformer.attention_core),
                    attention_core_dpa (the same through jax.nn.dot_product_attention, cuDNN on GPU), matmuls (qkv,
                    proj, fc1, fc2 alone), mlp (norm2 + Mlp + residual); each part called --block-calls (24) times in
