@@ -5,7 +5,8 @@ on (cuDNN's fused attention has no dropout) and which materialises the B x H x T
 probabilities. This kernel computes the same thing - logits in float32 scaled by hd^-0.5, softmax in float32,
 inverted dropout on the probabilities, the probabilities cast to v's dtype for p.v - tile by tile with an online
 softmax (FlashAttention-2), storing only the output and one logsumexp per query row; its backward recomputes the
-probabilities from q, k and that logsumexp. No mask: MAR's training calls attend over all keys.
+probabilities from q, k and that logsumexp. Masks: a per-batch key mask only (the encoder's padding
+of its gathered rows, models/mar.py), added to the logits as a bias.
 
 The dropout mask is a counter-based hash, so the backward regenerates the forward's bits instead of storing them:
 keep[b, h, i, j] = fmix32(R[b, h, i] + C[b, h, j]) >= round(rate * 2^32) as unsigned 32-bit integers, where fmix32 is
@@ -100,11 +101,13 @@ def dropout_keep_mask(seed, b: int, h: int, t: int, l: int, rate: float) -> jax.
 
 
 def flash_attention_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float = 0.0,
-                              seed=None) -> jax.Array:
+                              seed=None, key_mask: jax.Array | None = None) -> jax.Array:
     """attention_core's "xla" computation with `dropout_keep_mask`'s mask in place of jax.random.bernoulli: what
     `flash_attention` must equal up to rounding. Materialises the logits; for tests."""
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (q.shape[-1] ** -0.5)
+    if key_mask is not None:
+        logits = jnp.where(key_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     if dropout_rate > 0.0:
         b, t, h, _ = q.shape
@@ -119,8 +122,9 @@ def flash_attention_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, mas
     cudnn_attention_unsupported."""
     if not interpret and jax.default_backend() != "gpu":
         return f"the backend is {jax.default_backend()!r}, not 'gpu' (interpret=True runs the kernel anywhere)"
-    if mask is not None:
-        return "an attention mask is given (the flash kernel attends over all keys)"
+    if mask is not None and not is_key_padding_mask(mask, q.shape[0], k.shape[1]):
+        return (f"the attention mask of shape {mask.shape} is not a key-padding mask (B or 1, 1, 1, L): the flash "
+                f"kernel masks keys per batch row only")
     if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
         return f"q, k, v must be (B, T, H, hd), got shapes {q.shape}, {k.shape}, {v.shape}"
     if k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
@@ -133,6 +137,12 @@ def flash_attention_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, mas
     return None
 
 
+def is_key_padding_mask(mask: jax.Array, b: int, l: int) -> bool:
+    """Whether an attention mask (True = may attend, broadcastable to (B, H, T, L)) masks keys only, the same for
+    every head and query: shape (B or 1, 1, 1, L) - the encoder's padding of its gathered rows (models/mar.py)."""
+    return mask.ndim == 4 and mask.shape[1] == mask.shape[2] == 1 and mask.shape[0] in (1, b) and mask.shape[3] == l
+
+
 class _Cfg(NamedTuple):
     """Static settings of one call (hashable: custom_vjp's nondiff argument)."""
     rate: float
@@ -141,6 +151,7 @@ class _Cfg(NamedTuple):
     block_q: int
     block_k: int
     interpret: bool
+    masked: bool = False  # a per-batch key mask, passed as an additive bias (B, H, L): 0 or _MASK_VALUE
 
 
 def _block(requested: int, length: int, name: str, interpret: bool) -> int:
@@ -153,11 +164,13 @@ def _block(requested: int, length: int, name: str, interpret: bool) -> int:
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: float = 0.0, seed=None,
-                    block_q: int = 64, block_k: int = 64, interpret: bool = False) -> jax.Array:
+                    key_mask: jax.Array | None = None, block_q: int = 64, block_k: int = 64,
+                    interpret: bool = False) -> jax.Array:
     """softmax(q k^T / sqrt(hd)) v with inverted attention dropout, fused: q (B, T, H, hd), k, v (B, L, H, hd) ->
     (B, T, H, hd) in q's dtype. `seed` (an integer scalar array, a fresh one per step, e.g.
     jax.random.bits(key, dtype=jnp.uint32)) picks the dropout mask, `dropout_keep_mask(seed, ...)`; needed when
     dropout_rate > 0. block_q / block_k: tile sizes (powers of two, >= 16 on GPU; shrunk for short sequences).
+    key_mask: (B, L) bool, True = may attend (every row needs one such key), e.g. the encoder's padding.
     interpret=True runs the kernels in Pallas' interpreter (any backend; for tests). Differentiable in q, k, v."""
     why = flash_attention_unsupported(q, k, v, interpret=interpret)
     if why is not None:
@@ -170,14 +183,20 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: f
     bq = _block(block_q, t, "block_q", interpret)
     bk = _block(block_k, l, "block_k", interpret)
     tp, lp, hdp = pl.cdiv(t, bq) * bq, pl.cdiv(l, bk) * bk, pl.next_power_of_2(hd)
-    cfg = _Cfg(float(dropout_rate), hd ** -0.5, l, bq, bk, bool(interpret))
+    if key_mask is not None and key_mask.shape != (b, l):
+        raise ValueError(f"key_mask must be (B, L) = {(b, l)}, got {key_mask.shape}")
+    cfg = _Cfg(float(dropout_rate), hd ** -0.5, l, bq, bk, bool(interpret), key_mask is not None)
     pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, hdp - hd)))  # noqa: E731
     rows = cols = None
     if dropout_rate > 0.0:
         rows, cols = _streams(seed, b, h, t, l)
         rows = jnp.pad(rows, ((0, 0), (0, 0), (0, tp - t)))
         cols = jnp.pad(cols, ((0, 0), (0, 0), (0, lp - l)))
-    out = _flash(pad(q, tp), pad(k, lp), pad(v, lp), rows, cols, cfg)
+    bias = None
+    if key_mask is not None:  # (B, H, Lp) like the column hashes, so it rides the same BlockSpecs
+        bias = jnp.where(key_mask, 0.0, _MASK_VALUE).astype(jnp.float32)
+        bias = jnp.broadcast_to(jnp.pad(bias, ((0, 0), (0, lp - l)))[:, None, :], (b, h, lp))
+    out = _flash(pad(q, tp), pad(k, lp), pad(v, lp), rows, cols, bias, cfg)
     return out[:, :t, :, :hd]
 
 
@@ -186,9 +205,12 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: f
 # (or Q / dO) in L2. Logits are kept in base 2 (scaled by log2 e) so the exponentials are exp2; the stored
 # logsumexp is base 2 as well.
 
-def _scores(q, k, col0, cfg: _Cfg, block_k: int):
-    """Base-2 logits of a (block_q, block_k) tile in float32, padded keys (index >= kv_len) masked."""
+def _scores(q, k, col0, cfg: _Cfg, block_k: int, kb=None):
+    """Base-2 logits of a (block_q, block_k) tile in float32, padded keys (index >= kv_len) masked, plus the key
+    mask's bias `kb` (block_k,) where given."""
     s = _dot_nt(q, k) * (cfg.scale * _LOG2E)
+    if kb is not None:
+        s = s + kb[None, :]
     if pl.cdiv(cfg.kv_len, cfg.block_k) * cfg.block_k != cfg.kv_len:
         cols = col0 + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
         s = jnp.where(cols < cfg.kv_len, s, _MASK_VALUE)
@@ -210,11 +232,17 @@ def _dot_nt(a, b):
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def _split_refs(refs, cfg: _Cfg, n_out: int):
+    """(row hashes, column hashes, key bias, outputs) from a kernel's trailing refs; absent inputs are None."""
+    refs = list(refs)
+    r_ref, c_ref = (refs.pop(0), refs.pop(0)) if cfg.rate > 0.0 else (None, None)
+    kb_ref = refs.pop(0) if cfg.masked else None
+    assert len(refs) == n_out
+    return r_ref, c_ref, kb_ref, refs
+
+
 def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg):
-    if cfg.rate > 0.0:
-        r_ref, c_ref, o_ref, lse_ref = refs
-    else:
-        o_ref, lse_ref = refs
+    r_ref, c_ref, kb_ref, (o_ref, lse_ref) = _split_refs(refs, cfg, 2)
     bq, bk = cfg.block_q, cfg.block_k
     q = q_ref[...]
     rows = r_ref[...] if cfg.rate > 0.0 else None
@@ -222,7 +250,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg):
     def body(j, carry):
         o, m, l = carry
         kv = pl.ds(j * bk, bk)
-        s = _scores(q, k_ref[kv, :], j * bk, cfg, bk)
+        s = _scores(q, k_ref[kv, :], j * bk, cfg, bk, kb_ref[kv] if cfg.masked else None)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - m_new[:, None])
@@ -242,10 +270,10 @@ def _fwd_kernel(q_ref, k_ref, v_ref, *refs, cfg: _Cfg):
     lse_ref[...] = m + jnp.log2(l)
 
 
-def _probs_and_dp(q, k, v, do, lse, delta, col0, rows, cols, cfg: _Cfg):
+def _probs_and_dp(q, k, v, do, lse, delta, col0, rows, cols, kb, cfg: _Cfg):
     """Recomputed tile (block_q, block_k): the kept-and-scaled probabilities P~ (for dV) and dS = P (dP - delta),
     where dP is dO V^T through the same dropout (mask and 1/(1-rate)) - FlashAttention-2's backward with dropout."""
-    p = jnp.exp2(_scores(q, k, col0, cfg, k.shape[0]) - lse[:, None])
+    p = jnp.exp2(_scores(q, k, col0, cfg, k.shape[0], kb) - lse[:, None])
     dp = _dot_nt(do, v)
     if cfg.rate > 0.0:
         keep, inv = _keep(rows, cols, cfg.rate), 1.0 / (1.0 - cfg.rate)
@@ -257,21 +285,19 @@ def _probs_and_dp(q, k, v, do, lse, delta, col0, rows, cols, cfg: _Cfg):
 
 
 def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Cfg):
-    if cfg.rate > 0.0:
-        r_ref, c_ref, dk_ref, dv_ref = refs
-    else:
-        dk_ref, dv_ref = refs
+    r_ref, c_ref, kb_ref, (dk_ref, dv_ref) = _split_refs(refs, cfg, 2)
     bq, bk = cfg.block_q, cfg.block_k
     k, v = k_ref[...], v_ref[...]
     col0 = pl.program_id(0) * bk
     cols = c_ref[...] if cfg.rate > 0.0 else None
+    kb = kb_ref[...] if cfg.masked else None
 
     def body(i, carry):
         dk, dv = carry
         qs = pl.ds(i * bq, bq)
         q, do = q_ref[qs, :], do_ref[qs, :]
         rows = r_ref[qs] if cfg.rate > 0.0 else None
-        pd, ds = _probs_and_dp(q, k, v, do, lse_ref[qs], delta_ref[qs], col0, rows, cols, cfg)
+        pd, ds = _probs_and_dp(q, k, v, do, lse_ref[qs], delta_ref[qs], col0, rows, cols, kb, cfg)
         dv = dv + _dot_t(pd.astype(do.dtype), do)
         dk = dk + _dot_t(ds.astype(q.dtype), q)
         return dk, dv
@@ -283,10 +309,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _C
 
 
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Cfg):
-    if cfg.rate > 0.0:
-        r_ref, c_ref, dq_ref = refs
-    else:
-        (dq_ref,) = refs
+    r_ref, c_ref, kb_ref, (dq_ref,) = _split_refs(refs, cfg, 1)
     bk = cfg.block_k
     q, do, lse, delta = q_ref[...], do_ref[...], lse_ref[...], delta_ref[...]
     rows = r_ref[...] if cfg.rate > 0.0 else None
@@ -295,7 +318,8 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Cfg
         kv = pl.ds(j * bk, bk)
         k = k_ref[kv, :]
         cols = c_ref[kv] if cfg.rate > 0.0 else None
-        _, ds = _probs_and_dp(q, k, v_ref[kv, :], do, lse, delta, j * bk, rows, cols, cfg)
+        kb = kb_ref[kv] if cfg.masked else None
+        _, ds = _probs_and_dp(q, k, v_ref[kv, :], do, lse, delta, j * bk, rows, cols, kb, cfg)
         return dq + _dot(ds.astype(k.dtype), k)
 
     dq = lax.fori_loop(0, k_ref.shape[0] // bk, body, jnp.zeros(q.shape, jnp.float32))
@@ -326,47 +350,52 @@ def _call(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, name: str, *a
                           out_shape=out_shape, compiler_params=params, interpret=cfg.interpret, name=name)(*args)
 
 
-def _forward(q, k, v, rows, cols, cfg: _Cfg):
+def _forward(q, k, v, rows, cols, bias, cfg: _Cfg):
     b, tp, h, hdp = q.shape
     lp = k.shape[1]
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=True)
     in_specs, args = [qs, ks, ks], [q, k, v]
     if cfg.rate > 0.0:
         in_specs, args = in_specs + [qr, kr], args + [rows, cols]
+    if cfg.masked:
+        in_specs, args = in_specs + [kr], args + [bias]
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
     return _call(_fwd_kernel, cfg, (tp // cfg.block_q, b, h), in_specs, [qs, qr], out_shape,
                  "flash_attention_fwd", *args)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _flash(q, k, v, rows, cols, cfg: _Cfg):
-    return _forward(q, k, v, rows, cols, cfg)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _flash(q, k, v, rows, cols, bias, cfg: _Cfg):
+    return _forward(q, k, v, rows, cols, bias, cfg)[0]
 
 
-def _flash_fwd(q, k, v, rows, cols, cfg: _Cfg):
-    out, lse = _forward(q, k, v, rows, cols, cfg)
-    return out, (q, k, v, rows, cols, out, lse)
+def _flash_fwd(q, k, v, rows, cols, bias, cfg: _Cfg):
+    out, lse = _forward(q, k, v, rows, cols, bias, cfg)
+    return out, (q, k, v, rows, cols, bias, out, lse)
 
 
 def _flash_bwd(cfg: _Cfg, res, do):
-    q, k, v, rows, cols, out, lse = res
+    q, k, v, rows, cols, bias, out, lse = res
     b, tp, h, hdp = q.shape
     lp = k.shape[1]
     # delta = rowsum(dO * O) with O the dropped output: equals rowsum(dP * P) of the softmax backward.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
-    extra = [rows, cols] if cfg.rate > 0.0 else []
+    extra = ([rows, cols] if cfg.rate > 0.0 else []) + ([bias] if cfg.masked else [])
+
+    def extra_specs(qr, kr):
+        return ([qr, kr] if cfg.rate > 0.0 else []) + ([kr] if cfg.masked else [])
 
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=False)
-    in_specs = [qs, ks, ks, qs, qr, qr] + ([qr, kr] if extra else [])
+    in_specs = [qs, ks, ks, qs, qr, qr] + extra_specs(qr, kr)
     dk, dv = _call(_dkdv_kernel, cfg, (lp // cfg.block_k, b, h), in_specs, [ks, ks],
                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                    "flash_attention_dkdv", q, k, v, do, lse, delta, *extra)
 
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=True)
-    in_specs = [qs, ks, ks, qs, qr, qr] + ([qr, kr] if extra else [])
+    in_specs = [qs, ks, ks, qs, qr, qr] + extra_specs(qr, kr)
     dq = _call(_dq_kernel, cfg, (tp // cfg.block_q, b, h), in_specs, qs, jax.ShapeDtypeStruct(q.shape, q.dtype),
                "flash_attention_dq", q, k, v, do, lse, delta, *extra)
-    return dq, dk, dv, None, None
+    return dq, dk, dv, None, None, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)

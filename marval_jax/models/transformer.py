@@ -76,7 +76,7 @@ def _split_rng(rng, n):
     return (None,) * n if rng is None else tuple(jax.random.split(rng, n))
 
 
-ATTENTION_IMPLS = ("xla", "cudnn", "flash", "auto")
+ATTENTION_IMPLS = ("xla", "cudnn", "flash", "flash_interpret", "auto")
 
 
 def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
@@ -91,18 +91,22 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     run (`cudnn_attention_unsupported` is None), else "xla" - so CPU runs, float32 runs and training with
     attention dropout keep the reference's numerics. "flash": the Pallas flash attention of
     kernels/flash_attention.py (GPU; attention dropout inside the kernel, its mask a hash of a seed drawn from `rng`,
-    so the logits are never stored: the training path cuDNN cannot take); raises where it cannot run (a mask, a
-    backend other than GPU). Its dropout bits differ from "xla"'s jax.random ones (same distribution)."""
+    so the logits are never stored: the training path cuDNN cannot take); raises where it cannot run (a
+    backend other than GPU; masks other than a key-padding one). Its dropout bits differ from "xla"'s jax.random
+    ones (same distribution). "flash_interpret": the same kernel in Pallas' interpreter, any backend (tests)."""
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     dropping = rng is not None and attn_drop > 0.0
-    if impl == "flash":
+    if impl in ("flash", "flash_interpret"):
         from marval_jax.kernels.flash_attention import flash_attention, flash_attention_unsupported
-        why = flash_attention_unsupported(q, k, v, mask=mask)
+        interpret = impl == "flash_interpret"
+        why = flash_attention_unsupported(q, k, v, mask=mask, interpret=interpret)
         if why is not None:
             raise ValueError(f"attention impl 'flash' cannot run here: {why} (use 'auto' or 'xla')")
         seed = jax.random.bits(rng, dtype=jnp.uint32) if dropping else None
-        return flash_attention(q, k, v, dropout_rate=attn_drop if dropping else 0.0, seed=seed)
+        key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
+        return flash_attention(q, k, v, dropout_rate=attn_drop if dropping else 0.0, seed=seed, key_mask=key_mask,
+                               interpret=interpret)
     if impl != "xla":
         why = cudnn_attention_unsupported(q, k, v, mask=mask, dropout=dropping)
         if why is None:

@@ -129,6 +129,30 @@ def test_gradients_match_the_reference(rate):
     assert_trees_close(got, want, 3 * _fwd_depth(20, HD))
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.25])
+def test_key_mask_matches_the_reference_forward_and_backward(rate):
+    """A per-batch key mask (the encoder's padding of its gathered rows: a valid prefix, 13 and 6 of 20 keys here,
+    so the second row's last key tiles are fully masked) equals the reference's where(mask, logits, min)."""
+    q, k, v = _qkv()
+    key_mask = jnp.arange(20)[None, :] < jnp.array([13, 6])[:, None]
+    seed = jnp.int32(5)
+    ct = jax.random.normal(jax.random.key(10), q.shape)
+    flash = functools.partial(fa.flash_attention, dropout_rate=rate, seed=seed, key_mask=key_mask, block_q=8,
+                              block_k=8, interpret=True)
+    reference = functools.partial(fa.flash_attention_reference, dropout_rate=rate, seed=seed, key_mask=key_mask)
+    got, want = jax.jit(flash)(q, k, v), jax.jit(reference)(q, k, v)
+    assert_close_to_scale(got, want, _fwd_depth(20, HD), scale=_fwd_scale(q, k, v))
+    unmasked = fa.flash_attention_reference(q, k, v, dropout_rate=rate, seed=seed)
+    assert max_abs(got - unmasked) > 0.1  # the mask changed the output
+
+    def loss(fn, q, k, v):
+        return jnp.sum(fn(q, k, v) * ct)
+    g = jax.jit(jax.grad(functools.partial(loss, flash), argnums=(0, 1, 2)))(q, k, v)
+    w = jax.jit(jax.grad(functools.partial(loss, reference), argnums=(0, 1, 2)))(q, k, v)
+    assert_trees_close(g, w, 3 * _fwd_depth(20, HD))
+    assert max_abs(g[1][1, 6:]) == 0.0 and max_abs(g[2][1, 6:]) == 0.0  # masked keys get no gradient
+
+
 def test_unsupported_names_what_is_missing(monkeypatch):
     q, k, v = _qkv(dtype=jnp.bfloat16)
     if not ON_GPU:
@@ -139,7 +163,10 @@ def test_unsupported_names_what_is_missing(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert fa.flash_attention_unsupported(q, k, v) is None
     assert fa.flash_attention_unsupported(*_qkv(dtype=jnp.float32)) is None
-    assert "mask" in fa.flash_attention_unsupported(q, k, v, mask=jnp.ones((B, 1, 20, 20), bool))
+    assert "not a key-padding mask" in fa.flash_attention_unsupported(q, k, v, mask=jnp.ones((B, 1, 20, 20), bool))
+    assert fa.flash_attention_unsupported(q, k, v, mask=jnp.ones((B, 1, 1, 20), bool)) is None
+    with pytest.raises(ValueError, match="key_mask must be"):
+        fa.flash_attention(q, k, v, key_mask=jnp.ones((B, 1, 1, 20), bool), interpret=True)
     assert "one dtype" in fa.flash_attention_unsupported(q, k, v.astype(jnp.float32))
     assert "one dtype" in fa.flash_attention_unsupported(*(x.astype(jnp.int32) for x in (q, k, v)))
     assert "head dim 24" in fa.flash_attention_unsupported(*_qkv(hd=24, dtype=jnp.bfloat16))

@@ -77,7 +77,7 @@ def test_training_with_attention_dropout_keeps_the_xla_path(monkeypatch):
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU refusal")
-def test_flash_refuses_off_gpu_and_with_a_mask():
+def test_flash_refuses_off_gpu():
     q, k, v = _qkv(dtype=jnp.bfloat16)
     with pytest.raises(ValueError, match="'flash' cannot run here: .*backend"):
         T.attention_core(q, k, v, attn_drop=0.1, rng=jax.random.key(0), impl="flash")
@@ -95,6 +95,10 @@ def test_flash_matches_xla_without_dropout_and_keeps_the_rate_on_gpu():
     ga = jax.grad(lambda q: f("flash")(q).sum())(q).astype(jnp.float32)
     gb = jax.grad(lambda q: f("xla")(q).sum())(q).astype(jnp.float32)
     np.testing.assert_allclose(np.asarray(ga), np.asarray(gb), rtol=0, atol=8 * 2.0 ** -8 * float(jnp.abs(gb).max()))
+    mask = _pad_mask(2, 40, [40, 23])  # the encoder's key padding: the kernel's key mask
+    a = T.attention_core(q, k, v, mask=mask, impl="flash").astype(jnp.float32)
+    b = T.attention_core(q, k, v, mask=mask, impl="xla").astype(jnp.float32)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=4 * 2.0 ** -8 * float(jnp.abs(b).max()))
     ones = jnp.ones_like(v)
     d1 = T.attention_core(q, k, ones, attn_drop=0.5, rng=jax.random.key(1), impl="flash").astype(jnp.float32)
     d2 = T.attention_core(q, k, ones, attn_drop=0.5, rng=jax.random.key(2), impl="flash").astype(jnp.float32)
