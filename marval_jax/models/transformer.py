@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from marval_jax.kernels.flash_attention import flash_attention, flash_attention_unsupported
+from marval_jax.kernels.fused_linear import ln_linear
+
 LN_EPS = 1e-6
 xavier = nnx.initializers.xavier_uniform()
 zeros = nnx.initializers.zeros_init()
@@ -98,11 +101,10 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     dropping = rng is not None and attn_drop > 0.0
     if impl in ("flash", "flash_interpret"):
-        from marval_jax.kernels.flash_attention import flash_attention, flash_attention_unsupported
         interpret = impl == "flash_interpret"
         why = flash_attention_unsupported(q, k, v, mask=mask, interpret=interpret)
         if why is not None:
-            raise ValueError(f"attention impl 'flash' cannot run here: {why} (use 'auto' or 'xla')")
+            raise ValueError(f"attention impl {impl!r} cannot run here: {why} (use 'auto' or 'xla')")
         seed = jax.random.bits(rng, dtype=jnp.uint32) if dropping else None
         key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
         return flash_attention(q, k, v, dropout_rate=attn_drop if dropping else 0.0, seed=seed, key_mask=key_mask,
@@ -240,7 +242,6 @@ class Block(nnx.Module):
         return x + self.mlp.finish(h, r_mlp).astype(x.dtype), cache
 
     def _ln_linear(self, x, norm: nnx.LayerNorm, linear: nnx.Linear, activation: str | None = None):
-        from marval_jax.kernels.fused_linear import ln_linear
         return ln_linear(x, norm.scale[...], norm.bias[...], linear.kernel[...], linear.bias[...], eps=norm.epsilon,
                          activation=activation, dtype=linear.dtype or x.dtype,
                          interpret=self.kernels == "pallas_interpret")
