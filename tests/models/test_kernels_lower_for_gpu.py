@@ -38,5 +38,4 @@ def test_mar_b_training_step_with_both_kernels_lowers_to_triton():
     blocks = cfg.encoder_depth + cfg.decoder_depth
     # per block: flash forward, its dk/dv and dq kernels, and the two LayerNorm-GEMM kernels (their backward is XLA)
     assert _lowered_train_step(attention_impl="flash", kernels="pallas").count(TRITON_CALL) == 5 * blocks
-    assert _lowered_train_step(attention_impl="flash").count(TRITON_CALL) == 3 * blocks
-    assert _lowered_train_step(attention_impl="xla").count(TRITON_CALL) == 0
+    assert _lowered_train_step(attention_impl="xla").count(TRITON_CALL) == 0  # the calls are the kernels'
