@@ -34,9 +34,11 @@ DEFAULT_BLOCK_M = 64
 NUM_WARPS, NUM_STAGES = 4, 3
 
 
-def _gelu_erf(x: jax.Array) -> jax.Array:
-    """models/transformer.gelu_erf (kept here: this package sits below models): exact-erf GELU in float32, rounded
-    once to x's dtype."""
+def gelu_erf(x: jax.Array) -> jax.Array:
+    """Exact-erf GELU computed in float32 and rounded once to x's dtype, as PyTorch's GELU does for bf16 under
+    autocast (jax.nn.gelu on bf16 rounds after each of its ops). Identical to jax.nn.gelu for float32. The model's
+    GELU (models/transformer.py imports it from here: this package sits below models/) and the XLA reference of the
+    fused kernel's epilogue."""
     if x.dtype == jnp.float32:
         return jax.nn.gelu(x, approximate=False)
     return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
@@ -57,7 +59,7 @@ def ln_linear_reference(x: jax.Array, gamma: jax.Array, beta: jax.Array, w: jax.
     y, w, b = (jnp.asarray(a, dtype) for a in (y, w, b))                       # Linear's promote_dtype
     out = jax.lax.dot_general(y, w, (((y.ndim - 1,), (0,)), ((), ())))
     out = out + b.reshape((1,) * (out.ndim - 1) + (-1,))
-    return _gelu_erf(out) if activation == "gelu" else out
+    return gelu_erf(out) if activation == "gelu" else out
 
 
 def _pow2_divisor(n: int, cap: int) -> int | None:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.kernels.flash_attention import flash_attention, flash_attention_unsupported
-from marval_jax.kernels.fused_linear import ln_linear
+from marval_jax.kernels.fused_linear import gelu_erf, ln_linear
 
 LN_EPS = 1e-6
 xavier = nnx.initializers.xavier_uniform()
@@ -59,15 +59,6 @@ def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
         return x
     keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def gelu_erf(x: jax.Array) -> jax.Array:
-    """Exact-erf GELU computed in float32 and rounded once to x's dtype, as PyTorch's GELU does for bf16 under
-    autocast (jax.nn.gelu on bf16 rounds after each of its ops). Identical to jax.nn.gelu for float32; its speed
-    is measured by the benchmark suite's block/mlp row (docs/benchmarks.md)."""
-    if x.dtype == jnp.float32:
-        return jax.nn.gelu(x, approximate=False)
-    return jax.nn.gelu(x.astype(jnp.float32), approximate=False).astype(x.dtype)
 
 
 def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype=jnp.float32) -> KVCache:
