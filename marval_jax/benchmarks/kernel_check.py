@@ -24,22 +24,32 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from etils import epath
 
 from marval_jax.benchmarks.timing import compile_timed, time_calls
+from marval_jax.kernels.flash_attention import flash_attention, flash_attention_reference
+from marval_jax.kernels.fused_linear import ln_linear, ln_linear_reference
+from marval_jax.models.transformer import attention_core
+from marval_jax.tools.parity import rel_err
 
 
-def _rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def _timed(fn, *args, target_s: float) -> dict:
+def _timed(fn, *args, target_s: float) -> tuple[dict, object]:
+    """(time, compile time and temporaries of jit(fn) on args; its output, from the same compiled program)."""
     compiled, info = compile_timed(jax.jit(fn), *args)
     t = time_calls(lambda: compiled(*args), warmup=2, min_reps=5, max_reps=200, target_s=target_s)
-    return {"median_s": t.get("median_s"), "compile_s": info.get("compile_s"),
-            "temp_bytes": (info.get("memory") or {}).get("temp_size_in_bytes")}
+    return ({"median_s": t.get("median_s"), "compile_s": info.get("compile_s"),
+             "temp_bytes": (info.get("memory") or {}).get("temp_size_in_bytes")}, compiled(*args))
+
+
+def _guarded(row: dict, measure) -> dict:
+    """measure(row) fills the row; an exception is recorded in it (status "error"), so the other rows still run."""
+    try:
+        measure(row)
+        row["status"] = "ok"
+    except Exception as e:  # noqa: BLE001 - one row's failure is a result
+        row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
+    print(json.dumps(row), flush=True)
+    return row
 
 
 def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_s: float) -> list[dict]:
@@ -47,26 +57,20 @@ def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_
     x = jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16)
     gamma = 1.0 + 0.1 * jax.random.normal(keys[1], (width,))
     beta = 0.1 * jax.random.normal(keys[2], (width,))
-    rows = []
-    for name, n, act in (("ln_linear/qkv", 3 * width, None), ("ln_linear/fc1_gelu", 4 * width, "gelu")):
-        row = {"row": name, "shape": [batch, tokens, width, n]}
-        try:
-            from marval_jax.kernels.fused_linear import ln_linear, ln_linear_reference
+
+    def measure(n, act):
+        def fill(row):
             w = jax.random.normal(keys[3], (width, n)) * width ** -0.5
             b = 0.1 * jax.random.normal(keys[4], (n,))
             kw = dict(eps=1e-6, activation=act, dtype=jnp.bfloat16)
-            fused = lambda *a: ln_linear(*a, interpret=interpret, **kw)  # noqa: E731
-            ref = lambda *a: ln_linear_reference(*a, **kw)  # noqa: E731
             args = (x, gamma, beta, w, b)
-            row["kernel"] = _timed(fused, *args, target_s=target_s)  # timed first: its compile is a fresh one
-            row["xla"] = _timed(ref, *args, target_s=target_s)
-            row["rel_err"] = _rel_err(jax.jit(fused)(*args), jax.jit(ref)(*args))
-            row["status"] = "ok"
-        except Exception as e:  # noqa: BLE001 - one row's failure is a result, the others still run
-            row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
-        print(json.dumps(row), flush=True)
-        rows.append(row)
-    return rows
+            row["kernel"], out_k = _timed(lambda *a: ln_linear(*a, interpret=interpret, **kw), *args,
+                                          target_s=target_s)
+            row["xla"], out_r = _timed(lambda *a: ln_linear_reference(*a, **kw), *args, target_s=target_s)
+            row["rel_err"] = rel_err(out_k, out_r)
+        return fill
+    return [_guarded({"row": name, "shape": [batch, tokens, width, n]}, measure(n, act))
+            for name, n, act in (("ln_linear/qkv", 3 * width, None), ("ln_linear/fc1_gelu", 4 * width, "gelu"))]
 
 
 def flash_rows(batch: int, tokens: int, heads: int, head_dim: int, interpret: bool, target_s: float) -> list[dict]:
@@ -75,32 +79,23 @@ def flash_rows(batch: int, tokens: int, heads: int, head_dim: int, interpret: bo
     shape = (batch, tokens, heads, head_dim)
     q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in keys)
     seed = jnp.int32(1234)
-    row = {"row": "flash/fwd_bwd", "shape": list(shape), "dropout": rate}
-    try:
-        from marval_jax.kernels.flash_attention import flash_attention, flash_attention_reference
-        from marval_jax.models.transformer import attention_core
-        def loss(attn):
-            return lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(jnp.float32))
 
+    def value_and_grads(attn):  # <attn(q, k, v), do> and its gradients in q, k, v: one training attention call
+        return jax.value_and_grad(lambda q, k, v: jnp.sum(attn(q, k, v).astype(jnp.float32) * do.astype(
+            jnp.float32)), argnums=(0, 1, 2))
+
+    def fill(row):
         kern = lambda q, k, v: flash_attention(q, k, v, dropout_rate=rate, seed=seed, interpret=interpret)  # noqa
         ref = lambda q, k, v: flash_attention_reference(q, k, v, dropout_rate=rate, seed=seed)  # noqa: E731
-        vg = lambda attn: jax.value_and_grad(loss(attn), argnums=(0, 1, 2))  # noqa: E731
-        row["kernel"] = _timed(vg(kern), q, k, v, target_s=target_s)
-        out_k, out_r = jax.jit(kern)(q, k, v), jax.jit(ref)(q, k, v)
-        row["rel_err_out"] = _rel_err(out_k, out_r)
-        gk = jax.jit(jax.grad(loss(kern), argnums=(0, 1, 2)))(q, k, v)
-        gr = jax.jit(jax.grad(loss(ref), argnums=(0, 1, 2)))(q, k, v)
-        row["rel_err_grads"] = [_rel_err(a, b) for a, b in zip(gk, gr)]
+        row["kernel"], (_, g_k) = _timed(value_and_grads(kern), q, k, v, target_s=target_s)
+        row["rel_err_out"] = rel_err(jax.jit(kern)(q, k, v), jax.jit(ref)(q, k, v))
+        row["rel_err_grads"] = [rel_err(a, b) for a, b in zip(g_k, jax.jit(value_and_grads(ref))(q, k, v)[1])]
         xla = lambda q, k, v: attention_core(q, k, v, attn_drop=rate, rng=jax.random.key(2), impl="xla")  # noqa
-        row["xla_dropout"] = _timed(vg(xla), q, k, v, target_s=target_s)
+        row["xla_dropout"], _ = _timed(value_and_grads(xla), q, k, v, target_s=target_s)
         if jax.default_backend() == "gpu":
             cudnn = lambda q, k, v: attention_core(q, k, v, impl="cudnn")  # noqa: E731
-            row["cudnn_no_dropout"] = _timed(vg(cudnn), q, k, v, target_s=target_s)
-        row["status"] = "ok"
-    except Exception as e:  # noqa: BLE001
-        row.update(status="error", error=f"{type(e).__name__}: {e}"[:2000], trace=traceback.format_exc()[-3000:])
-    print(json.dumps(row), flush=True)
-    return [row]
+            row["cudnn_no_dropout"], _ = _timed(value_and_grads(cudnn), q, k, v, target_s=target_s)
+    return [_guarded({"row": "flash/fwd_bwd", "shape": list(shape), "dropout": rate}, fill)]
 
 
 def main(argv=None) -> int:
