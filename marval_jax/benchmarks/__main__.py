@@ -95,6 +95,11 @@ def main(argv=None) -> int:
         # Tiny shapes compile for longer than they run: cheaper LLVM optimisation keeps the smoke run short.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + QUICK_XLA_FLAGS).strip()
     from marval_jax.benchmarks import suite
+    from marval_jax.models.transformer import ATTENTION_IMPLS, KERNELS
+    for flag, value, allowed in (("--attention-impl", a.attention_impl, ATTENTION_IMPLS),
+                                 ("--kernels", a.kernels, KERNELS)):
+        if value is not None and value not in allowed:
+            raise UserError(f"{flag} takes one of {', '.join(allowed)}, got {value!r}")
     if a.newest_wins and not a.from_json:
         raise UserError("--newest-wins merges runs: it needs --from-json a.json,b.json")
     if a.from_json:

@@ -421,6 +421,10 @@ def test_cli_defaults_and_checks():
         cli.main(["--kv-approx", "2,0"])
     with pytest.raises(UserError, match="--newest-wins merges runs"):
         cli.main(["--newest-wins"])
+    with pytest.raises(UserError, match="--attention-impl takes one of .*flash.*, got 'flsh'"):
+        cli.main(["--attention-impl", "flsh"])
+    with pytest.raises(UserError, match="--kernels takes one of .*pallas.*, got 'triton'"):
+        cli.main(["--kernels", "triton"])
     with pytest.raises(UserError, match="--from-json needs --table"):
         cli.main(["--from-json", "a.json"])
     # a --rows pattern must name a row of --what (block rows only with --what block)
