@@ -31,6 +31,7 @@ from marval_jax.kernels.flash_attention import flash_attention, flash_attention_
 from marval_jax.kernels.fused_linear import ln_linear, ln_linear_reference
 from marval_jax.models.transformer import attention_core
 from marval_jax.tools.parity import rel_err
+from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
 
 
 def _timed(fn, *args, target_s: float) -> tuple[dict, object]:
@@ -105,7 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256, help="batch of the ln_linear rows (MAR-B sampling: 256)")
     p.add_argument("--flash-batch", type=int, default=128, help="batch of the flash row (MAR-B training: 128)")
     p.add_argument("--target-s", type=float, default=2.0, help="seconds of repeats per timing")
+    add_verbose_flag(p)
     a = p.parse_args(argv)
+    out = epath.Path(a.out)
+    try:  # before any measurement: a run must not end on an unwritable --out
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {out}: cannot create its folder ({e})") from e
     interpret = a.quick or jax.default_backend() != "gpu"
     if a.quick:
         lin = ln_linear_rows(2, 20, 32, interpret, 0.05)
@@ -117,8 +124,6 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "device": {"kind": d.device_kind, "platform": d.platform}, "jax": jax.__version__,
               "interpret": interpret, "rows": lin + att}
-    out = epath.Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1) + "\n")
     bad = [r["row"] for r in report["rows"] if r["status"] != "ok"]
     print(f"wrote {out}: {len(report['rows'])} rows on {d.device_kind}" + (f", failed: {bad}" if bad else ""))
@@ -126,4 +131,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    run_cli(main)

@@ -4,6 +4,8 @@ largest), so a kernel that computes something else fails here before a device ca
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 from marval_jax.benchmarks import kernel_check
 
@@ -22,3 +24,11 @@ def test_quick_run_writes_every_row_with_small_errors(tmp_path):
     assert all(e < bound for e in rows["flash/fwd_bwd"]["rel_err_grads"])
     for r in rows.values():
         assert r["kernel"]["median_s"] > 0
+
+
+def test_unwritable_out_is_one_error_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = subprocess.run([sys.executable, "-m", "marval_jax.benchmarks.kernel_check", "--quick", "--out",
+                        str(blocker / "k.json")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-2000:]
