@@ -124,7 +124,8 @@ def main(argv=None) -> int:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
               "device": {"kind": d.device_kind, "platform": d.platform}, "jax": jax.__version__,
               "interpret": interpret, "rows": lin + att}
-    out.write_text(json.dumps(report, indent=1) + "\n")
+    if jax.process_index() == 0:  # every process measures its own device; one file
+        out.write_text(json.dumps(report, indent=1) + "\n")
     bad = [r["row"] for r in report["rows"] if r["status"] != "ok"]
     print(f"wrote {out}: {len(report['rows'])} rows on {d.device_kind}" + (f", failed: {bad}" if bad else ""))
     return 1 if bad else 0
