@@ -18,6 +18,10 @@ on block sizes or padding; `dropout_keep_mask` materialises the same mask for te
 
 Padding: T and L are padded to multiples of the block sizes and the head dim to a power of two (Triton's tiles are
 powers of two); padded keys are masked inside the kernel, padded queries and head-dim columns are sliced off.
+
+Several devices: with a mesh in context (`jax.set_mesh`), the call runs inside shard_map (kernels/sharding.py),
+batch over ("data", "fsdp") and heads over "tensor" where they divide; the hashes and the key bias are computed on
+the global shapes first and split like q, so the bits are those of the single-device call.
 """
 from __future__ import annotations
 
@@ -31,6 +35,9 @@ import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from marval_jax.kernels import sharding
 
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _LOG2E = math.log2(math.e)
@@ -196,8 +203,30 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, dropout_rate: f
     if key_mask is not None:  # (B, H, Lp) like the column hashes, so it rides the same BlockSpecs
         bias = jnp.where(key_mask, 0.0, _MASK_VALUE).astype(jnp.float32)
         bias = jnp.broadcast_to(jnp.pad(bias, ((0, 0), (0, lp - l)))[:, None, :], (b, h, lp))
-    out = _flash(pad(q, tp), pad(k, lp), pad(v, lp), rows, cols, bias, cfg)
+    out = _flash_on_mesh(pad(q, tp), pad(k, lp), pad(v, lp), rows, cols, bias, cfg)
     return out[:, :t, :, :hd]
+
+
+def _flash_on_mesh(q, k, v, rows, cols, bias, cfg: _Cfg):
+    """`_flash` split over the mesh in context (kernels/sharding.py): batch over ("data", "fsdp"), heads over
+    "tensor", where they divide B and H; a plain call without such a mesh. The dropout hashes and the key bias
+    come in computed on the global (B, H, .) shapes and are split like q, so every device draws the bits that the
+    single-device call draws for its (batch, head) slice; T, L and the head dim stay whole on each device."""
+    mesh = sharding.context_mesh()
+    batch = sharding.split_axes(mesh, q.shape[0], sharding.BATCH_AXES)
+    heads = sharding.split_axes(mesh, q.shape[2], sharding.TENSOR_AXES)
+    if not batch and not heads:
+        return _flash(q, k, v, rows, cols, bias, cfg)
+    b_, h_ = sharding.entry(batch), sharding.entry(heads)
+    extra = [a for a in (rows, cols, bias) if a is not None]
+
+    def local(q, k, v, *extra):
+        extra = list(extra)
+        r, c = (extra.pop(0), extra.pop(0)) if rows is not None else (None, None)
+        return _flash(q, k, v, r, c, extra.pop(0) if bias is not None else None, cfg)
+    qkv_spec = P(b_, None, h_, None)
+    return sharding.shard_call(local, mesh, [qkv_spec] * 3 + [P(b_, h_, None)] * len(extra), qkv_spec,
+                               q, k, v, *extra)
 
 
 # ---------------------------------------------------------------- kernels

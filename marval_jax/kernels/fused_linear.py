@@ -13,6 +13,10 @@ the matmul takes `dtype` operands with a float32 accumulator. Two differences fr
 rounding of `dtype`: the kernel adds the bias to the float32 accumulator and rounds once (nnx.Linear rounds the
 product to `dtype`, then rounds again after the bias add), and GELU is evaluated on that float32 value with XLA's
 rational erf approximation (`_erf_f32`: Pallas' Triton lowering has no erf) rather than on the rounded output.
+
+Several devices: with a mesh in context (`jax.set_mesh`), the call runs inside shard_map (kernels/sharding.py),
+x's first dimension over ("data", "fsdp") and w's columns over "tensor" where they divide (and leave each device a
+column tile); gamma and beta replicated.
 """
 from __future__ import annotations
 
@@ -24,6 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
+from jax.sharding import PartitionSpec as P
+
+from marval_jax.kernels import sharding
 
 ACTIVATIONS = (None, "gelu")
 COMPUTE_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
@@ -224,5 +231,24 @@ def ln_linear(x: jax.Array, gamma: jax.Array, beta: jax.Array, w: jax.Array, b: 
     if why is not None:
         raise ValueError(f"ln_linear cannot run here: {why} (use ln_linear_reference)")
     k, n = w.shape
-    blocks = (bool(interpret), block_m, block_n or _pow2_divisor(n, MAX_BLOCK_N), _pow2_divisor(k, MAX_BLOCK_K))
-    return _ln_linear(x, gamma, beta, w, b, float(eps), activation, jnp.dtype(dtype), blocks)
+    mesh = sharding.context_mesh()
+    rows = sharding.split_axes(mesh, x.shape[0], sharding.BATCH_AXES) if x.ndim >= 2 else ()
+    cols = sharding.split_axes(mesh, n, sharding.TENSOR_AXES)
+    n_local = n // sharding.axes_size(mesh, cols)
+    tile_fits = n_local % block_n == 0 if block_n else _pow2_divisor(n_local, MAX_BLOCK_N) is not None
+    if not tile_fits:  # a device's columns would admit no tile: keep the columns whole
+        cols, n_local = (), n
+    blocks = (bool(interpret), block_m, block_n or _pow2_divisor(n_local, MAX_BLOCK_N),
+              _pow2_divisor(k, MAX_BLOCK_K))
+
+    def call(x, gamma, beta, w, b):
+        return _ln_linear(x, gamma, beta, w, b, float(eps), activation, jnp.dtype(dtype), blocks)
+    if not rows and not cols:
+        return call(x, gamma, beta, w, b)
+    # On the mesh in context (kernels/sharding.py): x's first dimension over ("data", "fsdp"), w's and b's columns
+    # (and the output's) over "tensor", where they divide; gamma and beta replicated. Rows are independent and
+    # each column is one dot over the whole K, so every element is computed as on one device.
+    c_ = sharding.entry(cols)
+    lead = [sharding.entry(rows)] + [None] * (x.ndim - 2) if x.ndim >= 2 else []
+    return sharding.shard_call(call, mesh, [P(*lead, None), P(), P(), P(None, c_), P(c_)], P(*lead, c_),
+                               x, gamma, beta, w, b)
