@@ -88,6 +88,20 @@ def frozen_shardings(frozen: dict, sharded_keys, logical_axes, mesh, rules) -> d
                 else jax.tree_util.tree_map(lambda _: repl, v)) for k, v in frozen.items()}
 
 
+def under_mesh(mesh, fn: Callable) -> Callable:
+    """fn called with `mesh` as the context mesh (`jax.set_mesh`; none when mesh is None). A jitted fn is traced
+    there, so the Pallas kernels see the mesh during tracing and split their calls over it with shard_map
+    (kernels/sharding.py) instead of leaving XLA to gather their operands. Only the jitted calls on the mesh's
+    state enter it: saving, gathering and the multi-process syncs stay outside, as before."""
+    if mesh is None:
+        return fn
+
+    def call(*args):
+        with jax.set_mesh(mesh):
+            return fn(*args)
+    return call
+
+
 def config_json(config) -> dict:
     return config.to_dict() if hasattr(config, "to_dict") else dict(config)
 
@@ -308,10 +322,10 @@ def _train_locked(config, workdir: str, task: Task, lock) -> Any:
     _drop_metrics_after(workdir, start)
 
     guard_shd = jax.tree_util.tree_map(lambda _: replicated, init_guard(0))
-    step_fn = jax.jit(guarded(task.train_step, task.loss_key),
-                      in_shardings=(shardings, guard_shd, batch_shd) + extra_shd,
-                      out_shardings=(shardings, guard_shd, None), donate_argnums=(0, 1),
-                      **jit_options(tc.global_batch_size // mesh.size))
+    step_fn = under_mesh(mesh, jax.jit(guarded(task.train_step, task.loss_key),
+                                       in_shardings=(shardings, guard_shd, batch_shd) + extra_shd,
+                                       out_shardings=(shardings, guard_shd, None), donate_argnums=(0, 1),
+                                       **jit_options(tc.global_batch_size // mesh.size)))
     if task.uses_data:
         from marval_jax.data.pipeline import make_global_batch
         batches = (make_global_batch(b, batch_shd) for b in data_iter)
@@ -319,7 +333,7 @@ def _train_locked(config, workdir: str, task: Task, lock) -> Any:
         dummy = {"labels": jnp.zeros((tc.global_batch_size,), jnp.int32)}
         batches = (jax.device_put(dummy, batch_shd) for _ in itertools.count())
     run = _Run(task, tc, workdir, manager, lock, step_fn, extra, data_iter, cfg_json, rng, last_ckpt=start or None,
-               live_eval=live)
+               live_eval=live, mesh=mesh)
     try:
         return run.steps(state, jax.device_put(init_guard(start), guard_shd), batches, start)
     finally:
@@ -340,10 +354,11 @@ class _Run:
     rng: jax.Array
     last_ckpt: int | None
     live_eval: Any = None   # live_eval.LiveEval (train.eval_every > 0) or None
+    mesh: Any = None        # the training mesh: the grid sampler is traced under it, as the step is
 
     def steps(self, state, guard, batches, start: int):
         tc, task = self.tc, self.task
-        sample_fn = jax.jit(task.sample_images) if task.sample_images is not None else None
+        sample_fn = under_mesh(self.mesh, jax.jit(task.sample_images)) if task.sample_images is not None else None
         profiler = StepProfiler(tc.get("profile_steps", ()), self.workdir)
         with writers.MultiWriter(self.workdir, hparams=self.cfg_json, extra=tc.get("writers", "")) as writer, \
                 contextlib.closing(profiler):
