@@ -81,9 +81,9 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     logits (mask False) set to float32's minimum (the reference's numerics; also timed alone by the benchmark
     suite's block/attention_core row). "cudnn": cuDNN's fused flash attention through jax.nn.dot_product_attention
     (GPU, bf16/fp16, no attention dropout; the mask becomes an additive bias; its speed against "xla" is measured
-    by the benchmark suite's block rows, docs/benchmarks.md); raises where it cannot run. "auto": "cudnn" where it can
-    run (`cudnn_attention_unsupported` is None), else "xla" - so CPU runs, float32 runs and training with
-    attention dropout keep the reference's numerics. "flash": the Pallas flash attention of
+    by the benchmark suite's block rows, docs/benchmarks.md); raises where it cannot run. "auto": `auto_attention_impl`
+    - "cudnn" where it can run, "flash" for bf16/fp16 training with attention dropout on a GPU, else "xla" (CPU
+    runs and float32 runs keep the reference's numerics). "flash": the Pallas flash attention of
     kernels/flash_attention.py (GPU; attention dropout inside the kernel, its mask a hash of a seed drawn from `rng`,
     so the logits are never stored: the training path cuDNN cannot take); raises where it cannot run (a
     backend other than GPU; masks other than a key-padding one). Its dropout bits differ from "xla"'s jax.random
@@ -91,6 +91,8 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     if impl not in ATTENTION_IMPLS:
         raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
     dropping = rng is not None and attn_drop > 0.0
+    if impl == "auto":
+        impl = auto_attention_impl(q, k, v, mask=mask, dropout=dropping)
     if impl in ("flash", "flash_interpret"):
         interpret = impl == "flash_interpret"
         why = flash_attention_unsupported(q, k, v, mask=mask, interpret=interpret)
@@ -100,12 +102,11 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
         key_mask = None if mask is None else jnp.broadcast_to(mask[:, 0, 0, :], (q.shape[0], k.shape[1]))
         return flash_attention(q, k, v, dropout_rate=attn_drop if dropping else 0.0, seed=seed, key_mask=key_mask,
                                interpret=interpret)
-    if impl != "xla":
+    if impl == "cudnn":
         why = cudnn_attention_unsupported(q, k, v, mask=mask, dropout=dropping)
-        if why is None:
-            return _attention_core_cudnn(q, k, v, mask)
-        if impl == "cudnn":
+        if why is not None:
             raise ValueError(f"attention impl 'cudnn' cannot run here: {why} (use 'auto' or 'xla')")
+        return _attention_core_cudnn(q, k, v, mask)
     logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
     logits = logits * (q.shape[-1] ** -0.5)
     if mask is not None:
@@ -113,6 +114,21 @@ def attention_core(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array 
     probs = jax.nn.softmax(logits, axis=-1)
     probs = dropout(probs, attn_drop, rng).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+
+
+def auto_attention_impl(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,
+                        dropout: bool = False) -> str:
+    """What attention_impl="auto" runs for this call: "cudnn" where cuDNN's fused attention can take it (no dropout:
+    sampling, evaluation); "flash" for bf16/fp16 calls with attention dropout (training) that the Pallas kernel can
+    take on a GPU, where it trains MAR-B faster and in less memory than the XLA path, which stores the float32
+    logits (measured: docs/benchmarks.md, "Round two on one H100"); else "xla". Its dropout bits are the kernel's
+    hash, not jax.random's (the same distribution)."""
+    if cudnn_attention_unsupported(q, k, v, mask=mask, dropout=dropout) is None:
+        return "cudnn"
+    if (dropout and q.dtype in (jnp.bfloat16, jnp.float16)
+            and flash_attention_unsupported(q, k, v, mask=mask) is None):
+        return "flash"
+    return "xla"
 
 
 def cudnn_attention_unsupported(q: jax.Array, k: jax.Array, v: jax.Array, *, mask: jax.Array | None = None,

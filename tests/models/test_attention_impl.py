@@ -1,4 +1,5 @@
-"""attention_impl: "xla" (the reference's numerics), "cudnn" (fused, GPU bf16) and "auto" (cudnn where it can run).
+"""attention_impl: "xla" (the reference's numerics), "cudnn" (fused, GPU bf16), "flash" (the Pallas kernel) and "auto"
+(cudnn where it can run, flash for training with attention dropout on a GPU).
 
 On CPU "auto" must be the XLA path bit for bit and "cudnn" must refuse with the reason; on a GPU the fused kernel
 must match the XLA path to bf16 rounding, with key-padding masks, generation-order masks, a KV cache's short query
@@ -65,11 +66,28 @@ def test_cudnn_conditions_name_what_is_missing(monkeypatch):
     assert "even lengths" in T.cudnn_attention_unsupported(*odd, mask=_pad_mask(2, 7, [7, 3]))
 
 
-def test_training_with_attention_dropout_keeps_the_xla_path(monkeypatch):
-    """MAR pretraining (attn_dropout 0.1) under "auto": dropout is active, so the XLA path runs (the same numbers)."""
+def test_auto_picks_cudnn_for_inference_and_flash_for_training_with_dropout_on_gpu(monkeypatch):
+    """On a GPU "auto" is cuDNN without dropout and the flash kernel with attention dropout (bf16/fp16 training,
+    key-padding or no mask); float32, other masks and CPUs keep the XLA path."""
+    bf = jnp.bfloat16
+    q, k, v = _qkv(dtype=bf)
+    pad, order = _pad_mask(2, q.shape[1], [q.shape[1], 3]), jnp.tril(jnp.ones((2, 1, q.shape[1], q.shape[1]), bool))
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert T.auto_attention_impl(q, k, v, dropout=True) == "xla"  # not a GPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    q, k, v = _qkv(dtype=jnp.bfloat16)  # cuDNN could take these: dropout is the only reason to fall back
-    assert T.cudnn_attention_unsupported(q, k, v) is None
+    assert T.auto_attention_impl(q, k, v) == "cudnn"
+    assert T.auto_attention_impl(q, k, v, mask=pad) == "cudnn"
+    assert T.auto_attention_impl(q, k, v, dropout=True) == "flash"
+    assert T.auto_attention_impl(q, k, v, mask=pad, dropout=True) == "flash"
+    assert T.auto_attention_impl(q, k, v, mask=order, dropout=True) == "xla"  # a per-query mask: not the kernel's
+    assert T.auto_attention_impl(*_qkv(), dropout=True) == "xla"  # float32
+
+
+@pytest.mark.skipif(ON_GPU, reason="the CPU path")
+def test_training_with_attention_dropout_off_gpu_keeps_the_xla_path():
+    """MAR pretraining (attn_dropout 0.1) under "auto" on a CPU: the XLA path with jax.random dropout, the same
+    numbers as "xla"."""
+    q, k, v = _qkv(dtype=jnp.bfloat16)
     rng = jax.random.key(3)
     a = T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="auto")
     b = T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="xla")
@@ -142,6 +160,17 @@ def test_cudnn_matches_xla_on_gpu(case):
     for a, r in zip(g_out, g_ref):
         a, r = np.asarray(a, np.float32), np.asarray(r, np.float32)
         assert np.max(np.abs(a - r)) / np.max(np.abs(r)) < 5e-2, case
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the Pallas kernel compiles for GPUs only")
+def test_auto_with_dropout_is_the_flash_kernel_on_gpu():
+    q, k, v = _qkv(b=2, t=40, h=2, hd=64, dtype=jnp.bfloat16)
+    rng = jax.random.key(5)
+    a = T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="auto")
+    np.testing.assert_array_equal(np.asarray(a, np.float32),
+                                  np.asarray(T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="flash"), np.float32))
+    assert not np.array_equal(np.asarray(a, np.float32),
+                              np.asarray(T.attention_core(q, k, v, attn_drop=0.1, rng=rng, impl="xla"), np.float32))
 
 
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN's fused attention needs a GPU")
