@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import traceback
 
@@ -74,6 +75,48 @@ def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_
             for name, n, act in (("ln_linear/qkv", 3 * width, None), ("ln_linear/fc1_gelu", 4 * width, "gelu"))]
 
 
+SWEEP = {"block_m": (64, 128), "block_n": (64, 128, 256), "block_k": (64, 128), "num_warps": (4, 8),
+         "num_stages": (2, 3)}
+QUICK_SWEEP = {"block_m": (16,), "block_n": (16, 32), "block_k": (16, 32), "num_warps": (4,), "num_stages": (3,)}
+
+
+def ln_linear_sweep_rows(batch: int, tokens: int, width: int, interpret: bool, target_s: float,
+                         grid: dict) -> list[dict]:
+    """The fused kernel's forward time for every combination of `grid` (tile sizes and Triton's warps and stages)
+    at the ln_linear rows' shapes, one row each (`ln_linear/<name>/sweep`; a combination that does not compile,
+    e.g. one needing more shared memory than the card has, is an "error" row), then `ln_linear/<name>/best`: the
+    fastest against the XLA path. Whether any tiling beats XLA's LayerNorm fusion + cuBLAS decides
+    `model.kernels`' default (docs/kernels.md)."""
+    keys = jax.random.split(jax.random.key(0), 6)
+    x = jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16)
+    gamma, beta = 1.0 + 0.1 * jax.random.normal(keys[1], (width,)), 0.1 * jax.random.normal(keys[2], (width,))
+    names, combos = list(grid), list(itertools.product(*grid.values()))
+    rows = []
+    for name, n, act in (("qkv", 3 * width, None), ("fc1_gelu", 4 * width, "gelu")):
+        args = (x, gamma, beta, jax.random.normal(keys[3], (width, n)) * width ** -0.5,
+                0.1 * jax.random.normal(keys[4], (n,)))
+        kw = dict(eps=1e-6, activation=act, dtype=jnp.bfloat16)
+        xla, _ = _timed(lambda *a: ln_linear_reference(*a, **kw), *args, target_s=target_s)
+        ok = []
+        for combo in combos:
+            tiles = dict(zip(names, combo))
+
+            def fill(row, tiles=tiles):
+                row["kernel"], _ = _timed(lambda *a: ln_linear(*a, interpret=interpret, **tiles, **kw), *args,
+                                          target_s=target_s)
+            row = _guarded({"row": f"ln_linear/{name}/sweep", **tiles}, fill)
+            rows.append(row)
+            if row["status"] == "ok":
+                ok.append(row)
+        best = min(ok, key=lambda r: r["kernel"]["median_s"]) if ok else None
+        rows.append(_guarded({"row": f"ln_linear/{name}/best", "shape": [batch, tokens, width, n]},
+                             lambda row, best=best, xla=xla: row.update(
+                                 xla=xla, tried=len(combos), compiled=len(ok),
+                                 best={k: best[k] for k in names + ["kernel"]} if best else None,
+                                 best_over_xla=(best["kernel"]["median_s"] / xla["median_s"]) if best else None)))
+    return rows
+
+
 def flash_rows(batch: int, tokens: int, heads: int, head_dim: int, interpret: bool, target_s: float) -> list[dict]:
     rate = 0.1
     keys = jax.random.split(jax.random.key(1), 4)
@@ -106,6 +149,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=256, help="batch of the ln_linear rows (MAR-B sampling: 256)")
     p.add_argument("--flash-batch", type=int, default=128, help="batch of the flash row (MAR-B training: 128)")
     p.add_argument("--target-s", type=float, default=2.0, help="seconds of repeats per timing")
+    p.add_argument("--sweep", action="store_true", help="also time the ln_linear kernel at every tile size, warps "
+                   "and stages of SWEEP (QUICK_SWEEP with --quick): rows ln_linear/*/sweep and ln_linear/*/best")
     add_verbose_flag(p)
     a = p.parse_args(argv)
     out = epath.Path(a.out)
@@ -117,8 +162,12 @@ def main(argv=None) -> int:
     if a.quick:
         lin = ln_linear_rows(2, 20, 32, interpret, 0.05)
         att = flash_rows(2, 20, 2, 16, interpret, 0.05)
+        if a.sweep:
+            lin += ln_linear_sweep_rows(2, 20, 32, interpret, 0.05, QUICK_SWEEP)
     else:
         lin = ln_linear_rows(a.batch, 320, 768, interpret, a.target_s)
+        if a.sweep:
+            lin += ln_linear_sweep_rows(a.batch, 320, 768, interpret, min(a.target_s, 0.5), SWEEP)
         att = flash_rows(a.flash_batch, 320, 12, 64, interpret, a.target_s)
     d = jax.devices()[0]
     report = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),

@@ -84,8 +84,8 @@ def _is_block(v) -> bool:
 
 
 def ln_linear_unsupported(x: jax.Array, w: jax.Array, *, dtype: Any = jnp.float32, activation: str | None = None,
-                          interpret: bool = False, block_m: int = DEFAULT_BLOCK_M, block_n: int | None = None
-                          ) -> str | None:
+                          interpret: bool = False, block_m: int = DEFAULT_BLOCK_M, block_n: int | None = None,
+                          block_k: int | None = None) -> str | None:
     """Why the fused kernel cannot take this call (None if it can), in the style of transformer.py's
     cudnn_attention_unsupported: backend, dtype, shapes and block sizes. Triton blocks are powers of two, so K
     must split into power-of-two chunks >= 16 and N into power-of-two tiles >= 16."""
@@ -107,6 +107,8 @@ def ln_linear_unsupported(x: jax.Array, w: jax.Array, *, dtype: Any = jnp.float3
             return f"output dim N={n} has no power-of-two tile >= {MIN_BLOCK} dividing it"
     elif not _is_block(block_n) or n % block_n:
         return f"block_n must be a power of two >= {MIN_BLOCK} dividing N={n}, got {block_n!r}"
+    if block_k is not None and (not _is_block(block_k) or k % block_k):
+        return f"block_k must be a power of two >= {MIN_BLOCK} dividing K={k}, got {block_k!r}"
     return None
 
 
@@ -170,7 +172,7 @@ def _forward(x, gamma, beta, w, b, eps, activation, dtype, blocks):
     """The pallas_call on x flattened to (M, K), rows padded to a multiple of the row tile. The grid is (N tiles,
     M tiles): on the GPU the first grid axis varies fastest, so the programs that share an x row tile run together
     and re-read it from L2."""
-    interpret, block_m, block_n, block_k = blocks
+    interpret, block_m, block_n, block_k, num_warps, num_stages = blocks
     lead, k, n = x.shape[:-1], x.shape[-1], w.shape[1]
     x2 = x.reshape(-1, k)
     m = x2.shape[0]
@@ -192,7 +194,7 @@ def _forward(x, gamma, beta, w, b, eps, activation, dtype, blocks):
                   pl.BlockSpec(block_shape=(k, block_n), index_map=lambda j, i: (0, j)),
                   pl.BlockSpec(block_shape=(block_n,), index_map=lambda j, i: (j,))],
         out_specs=pl.BlockSpec(block_shape=(bm, block_n), index_map=lambda j, i: (i, j)),
-        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=NUM_STAGES),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="ln_linear_gelu" if activation == "gelu" else "ln_linear",
     )(x2, gamma, beta, w, b)
@@ -220,14 +222,17 @@ _ln_linear.defvjp(_ln_linear_fwd, _ln_linear_bwd)
 
 def ln_linear(x: jax.Array, gamma: jax.Array, beta: jax.Array, w: jax.Array, b: jax.Array, *, eps: float = 1e-6,
               activation: str | None = None, dtype: Any = jnp.float32, interpret: bool = False,
-              block_m: int = DEFAULT_BLOCK_M, block_n: int | None = None) -> jax.Array:
+              block_m: int = DEFAULT_BLOCK_M, block_n: int | None = None, block_k: int | None = None,
+              num_warps: int = NUM_WARPS, num_stages: int = NUM_STAGES) -> jax.Array:
     """`ln_linear_reference` as one Pallas kernel: x (..., K), gamma/beta (K,), w (K, N), b (N,) -> (..., N) in
     `dtype`; activation None or "gelu" (exact erf). block_m: rows per program (a power of two >= 16; capped at the
-    row count's); block_n: columns per program (a power of two >= 16 dividing N; None: the largest up to 128).
+    row count's); block_n: columns per program (a power of two >= 16 dividing N; None: the largest up to 128);
+    block_k: the K chunk (a power of two >= 16 dividing K; None: the largest up to 64); num_warps / num_stages:
+    Triton's (benchmarks/kernel_check.py --sweep times the combinations).
     interpret=True runs the kernel in Pallas' interpreter (any backend: the tests). Differentiable: the backward is
     the reference's vjp. Raises ValueError where `ln_linear_unsupported` gives a reason."""
     why = ln_linear_unsupported(x, w, dtype=dtype, activation=activation, interpret=interpret, block_m=block_m,
-                                block_n=block_n)
+                                block_n=block_n, block_k=block_k)
     if why is not None:
         raise ValueError(f"ln_linear cannot run here: {why} (use ln_linear_reference)")
     k, n = w.shape
@@ -239,7 +244,7 @@ def ln_linear(x: jax.Array, gamma: jax.Array, beta: jax.Array, w: jax.Array, b: 
     if not tile_fits:  # a device's columns would admit no tile: keep the columns whole
         cols, n_local = (), n
     blocks = (bool(interpret), block_m, block_n or _pow2_divisor(n_local, MAX_BLOCK_N),
-              _pow2_divisor(k, MAX_BLOCK_K))
+              block_k or _pow2_divisor(k, MAX_BLOCK_K), int(num_warps), int(num_stages))
 
     def call(x, gamma, beta, w, b):
         return _ln_linear(x, gamma, beta, w, b, float(eps), activation, jnp.dtype(dtype), blocks)

@@ -32,3 +32,18 @@ def test_unwritable_out_is_one_error_line(tmp_path):
     r = subprocess.run([sys.executable, "-m", "marval_jax.benchmarks.kernel_check", "--quick", "--out",
                         str(blocker / "k.json")], capture_output=True, text=True, timeout=600)
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error:"), r.stderr[-2000:]
+
+
+def test_sweep_times_each_tiling_records_the_refused_ones_and_picks_the_fastest():
+    grid = {"block_m": (16,), "block_n": (16, 32), "block_k": (16, 64), "num_warps": (4,), "num_stages": (3,)}
+    rows = kernel_check.ln_linear_sweep_rows(2, 8, 32, True, 0.01, grid)   # K = 32: block_k 64 does not divide it
+    sweep = [r for r in rows if r["row"] == "ln_linear/qkv/sweep"]
+    assert len(sweep) == 4
+    bad = [r for r in sweep if r["status"] != "ok"]
+    assert [r["block_k"] for r in bad] == [64, 64] and all("block_k" in r["error"] for r in bad)
+    best = next(r for r in rows if r["row"] == "ln_linear/qkv/best")
+    assert best["status"] == "ok" and best["tried"] == 4 and best["compiled"] == 2
+    fastest = min((r for r in sweep if r["status"] == "ok"), key=lambda r: r["kernel"]["median_s"])
+    assert best["best"]["block_n"] == fastest["block_n"] and best["best"]["block_k"] == 16
+    assert best["best_over_xla"] == best["best"]["kernel"]["median_s"] / best["xla"]["median_s"]
+    assert {r["row"] for r in rows} == {f"ln_linear/{n}/{k}" for n in ("qkv", "fc1_gelu") for k in ("sweep", "best")}

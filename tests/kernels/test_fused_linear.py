@@ -142,6 +142,7 @@ def test_unsupported_calls_say_why_and_ln_linear_raises():
         "block_m must be a power of two": dict(block_m=48),
         "no power-of-two tile": dict(w=jnp.zeros((48, 72))),
         "dividing N=96": dict(block_n=64),
+        "dividing K=48": dict(block_k=32),
     }
     for message, change in cases.items():
         args = dict(x=x, w=w, interpret=True) | change
