@@ -31,11 +31,12 @@ Run:
       --config.data.folder_dir=~/my_images --config.model.class_num=N
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
 model.attention_impl: "auto" (default) runs cuDNN's fused attention where it can (GPU, bf16, no attention dropout:
-sampling, GSIM's teacher passes) and the reference's XLA attention elsewhere; "xla" keeps the reference's numerics
-everywhere (docs/benchmarks.md "Status": 2.6x faster attention core on the H200); "flash" runs the Pallas flash
-attention of marval_jax/kernels/flash_attention.py (GPU only: attention dropout inside the kernel, no stored logits;
-docs/kernels.md). model.kernels: "xla" (default) or "pallas" (each block's LayerNorm -> Linear pairs as one fused
-Pallas kernel, GPU only; docs/kernels.md).
+sampling, GSIM's teacher passes), the Pallas flash attention of marval_jax/kernels/flash_attention.py for bf16
+training with attention dropout on a GPU (dropout inside the kernel, no stored logits; docs/kernels.md), and the
+reference's XLA attention elsewhere (CPU, float32); "xla" keeps the reference's numerics everywhere;
+"flash" / "cudnn" force one kernel and refuse where it cannot run (docs/benchmarks.md: "Round two on one H100").
+model.kernels: "xla" (default: on one H100 XLA's LayerNorm fusion + cuBLAS beat every tiling tried) or "pallas"
+(each block's LayerNorm -> Linear pairs as one fused Pallas kernel, GPU only; docs/kernels.md).
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ _SIZES = mar_lib.RELEASED_SIZES
 def model_config(variant: str) -> mlc.ConfigDict:
     """Fields of marval_jax.models.mar.MARConfig."""
     base = dict(mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, dtype="bfloat16",
-                remat=False, remat_policy="", scan_blocks=False, attention="bidirectional", attention_impl="auto",
+                remat=False, remat_policy="", remat_blocks=-1, scan_blocks=False, attention="bidirectional", attention_impl="auto",
                 kernels="xla")
     if variant == "tiny":
         base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,

@@ -81,6 +81,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--attention-impl", default=None,
                    help="model.attention_impl for every row (default: the config's, 'auto'); 'flash' times the "
                         "training rows with the Pallas flash attention and its in-kernel dropout (docs/kernels.md)")
+    p.add_argument("--remat-blocks", type=int, default=-1,
+                   help="model.remat_blocks for every row: only the first N blocks of each stack run under the "
+                        "remat policy (the remat/mar/* rows' policies; -1: all blocks)")
     p.add_argument("--kernels", default=None,
                    help="model.kernels for every row (default: the config's, 'xla'); 'pallas' runs each block's "
                         "LayerNorm -> Linear pairs as one fused Pallas kernel (docs/kernels.md)")
@@ -100,6 +103,8 @@ def main(argv=None) -> int:
                                  ("--kernels", a.kernels, KERNELS)):
         if value is not None and value not in allowed:
             raise UserError(f"{flag} takes one of {', '.join(allowed)}, got {value!r}")
+    if a.remat_blocks < -1:
+        raise UserError(f"--remat-blocks takes N >= 0 or -1 (all blocks), got {a.remat_blocks}")
     if a.newest_wins and not a.from_json:
         raise UserError("--newest-wins merges runs: it needs --from-json a.json,b.json")
     if a.from_json:
@@ -132,7 +137,7 @@ def main(argv=None) -> int:
     rows = _rows(a.rows, suite.row_names(what, steps), what)
     common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
                   t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan, scan_blocks=a.scan_blocks,
-                  attention_impl=a.attention_impl, kernels=a.kernels)
+                  attention_impl=a.attention_impl, kernels=a.kernels, remat_blocks=a.remat_blocks)
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 
 from marval_jax.models.diffusion_head import FREQ_DIM
 from marval_jax.models.mar import MARConfig
@@ -117,13 +116,18 @@ def train_encoder_length(cfg: MARConfig, mask_ratio_min: float) -> int:
 def mar_train_flops(cfg: MARConfig, *, batch: int, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4) -> dict:
     """One MAR training step: forward (transformer at the training encoder length + head over S * mul rows per
     sample), backward = 2 x forward; the matmuls rematerialisation recomputes come on top (cfg.remat_mode):
-    "per_block" the transformer's forward, "full" the transformer's and the head's (the head's time / condition
-    embeddings, not recomputed, are counted too: an upper bound), "dots_saveable" none (matmul outputs are kept)."""
+    "per_block" the transformer blocks' forward (model.remat_blocks = n: n blocks of each stack), "full" those and
+    the head's (the head's time / condition embeddings, not recomputed, are counted too: an upper bound),
+    "dots_saveable" none (matmul outputs are kept)."""
     enc_len = train_encoder_length(cfg, mask_ratio_min)
     tr = batch * condition_flops(cfg, enc_len)
     hd = batch * cfg.seq_len * diffusion_batch_mul * head_flops(cfg)
     forward = tr + hd
-    total = 3 * forward + {"per_block": tr, "full": tr + hd}.get(cfg.remat_mode, 0)
+    n_enc, n_dec = ((cfg.encoder_depth, cfg.decoder_depth) if cfg.remat_blocks == -1 else
+                    (min(cfg.remat_blocks, cfg.encoder_depth), min(cfg.remat_blocks, cfg.decoder_depth)))
+    tr_remat = batch * (n_enc * block_flops(enc_len, cfg.encoder_embed_dim, cfg.mlp_ratio)
+                        + n_dec * block_flops(cfg.buffer_size + cfg.seq_len, cfg.decoder_embed_dim, cfg.mlp_ratio))
+    total = 3 * forward + {"per_block": tr_remat, "full": tr_remat + hd}.get(cfg.remat_mode, 0)
     return dict(forward=forward, transformer_forward=tr, head_forward=hd, total=total, enc_len=enc_len)
 
 

@@ -417,6 +417,7 @@ class ModelBench:
             cfg = dataclasses.replace(cfg, remat_policy=remat_policy)
             graphdef = nnx.graphdef(nnx.eval_shape(lambda: MAR(cfg, rngs=nnx.Rngs(self.s.seed))))
             entry["remat_policy"] = cfg.remat_mode
+            entry["remat_blocks"] = cfg.remat_blocks
         tc = _train_namespace(b)
         tx = mar_optimizer(tc, self.state)
         enc_len = train_encoder_len(cfg, 0.7)

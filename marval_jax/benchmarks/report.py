@@ -199,7 +199,10 @@ def _remat_lines(rem: list[dict]) -> list[str]:
     for e in rem:
         mem = (e.get("compile") or {}).get("memory") or {}
         temp = mem.get("temp_size_in_bytes")
-        lines.append(f"| {e['model']} | {e['name'].split('/')[-1]} | {e.get('batch')} | "
+        policy = e["name"].split("/")[-1]
+        if e.get("remat_blocks", -1) != -1:  # model.remat_blocks: the policy on the first N blocks of each stack
+            policy += f" ({e['remat_blocks']} blocks)"
+        lines.append(f"| {e['model']} | {policy} | {e.get('batch')} | "
                      f"{_fmt(e.get('time_s'), '.3f')} | {_fmt(e.get('images_per_s'), '.0f')} | "
                      f"{_fmt((e.get('compile') or {}).get('total_s'), '.1f')} | "
                      f"{_fmt(temp / 2 ** 30 if temp is not None else None, '.2f')} | {_gib(e)} | {_alloc_gib(e)} | "

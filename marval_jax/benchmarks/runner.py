@@ -62,6 +62,7 @@ class Settings:
     scan_blocks: bool = False  # model.scan_blocks for every row: the blocks as one scanned layer stack
     attention_impl: str | None = None  # model.attention_impl for every row (None: the config's, "auto")
     kernels: str | None = None  # model.kernels for every row (None: the config's, "xla")
+    remat_blocks: int = -1  # model.remat_blocks for every row: the first N blocks of each stack under the policy
 
     @classmethod
     def quick_settings(cls, **kw) -> "Settings":
@@ -290,7 +291,7 @@ class Suite:
                 self.report["peaks"]["matmul_measured_error"] = repr(e)
         self.write()
         for name in s.models:
-            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks)
+            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks, remat_blocks=s.remat_blocks)
             if s.attention_impl is not None:
                 cfg = dataclasses.replace(cfg, attention_impl=s.attention_impl)
             if s.kernels is not None:

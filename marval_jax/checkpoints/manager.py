@@ -113,7 +113,7 @@ class ConfigMismatchError(UserError):
 # Model fields that do not change the parameters: a checkpoint may be loaded under other values.
 # Fields that change how a model computes, not its parameters: a checkpoint restores across them (a run that ran out
 # of memory resumes with a leaner model.remat_policy; scan_blocks keeps the per-block parameter names).
-NON_ARCHITECTURAL = ("dtype", "remat", "remat_policy", "scan_blocks", "attn_dropout", "proj_dropout",
+NON_ARCHITECTURAL = ("dtype", "remat", "remat_policy", "remat_blocks", "scan_blocks", "attn_dropout", "proj_dropout",
                      "label_drop_prob", "attention_impl", "kernels")
 
 

@@ -24,6 +24,9 @@ def model_config(config) -> MARConfig:
     if policy not in ("",) + REMAT_POLICIES:
         raise UserError(f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)} (or '' to follow "
                         f"model.remat), got {policy!r}")
+    blocks = fields.get("remat_blocks", -1)
+    if not isinstance(blocks, int) or blocks < -1:
+        raise UserError(f"model.remat_blocks must be an integer >= 0 or -1 (all blocks), got {blocks!r}")
     return MARConfig(**fields)
 
 

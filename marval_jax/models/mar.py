@@ -66,13 +66,17 @@ class MARConfig:
     # what a training step keeps for its backward pass (models/transformer.py REMAT_POLICIES): "none",
     # "dots_saveable", "per_block" or "full"; "" follows `remat` (True: "per_block", False: "none")
     remat_policy: str = ""
+    # how many blocks of each stack (encoder, decoder; from the input side) run under remat_policy; -1: all. The
+    # policy on a few blocks trades a little speed for the memory a batch needs (docs/benchmarks.md, round two)
+    remat_blocks: int = -1
     # the encoder's and the decoder's blocks as one jax.lax.scan each over their stacked parameters (full passes:
     # training, uncached sampling); the parameters stay one module per block (names, checkpoints unchanged)
     scan_blocks: bool = False
     attention: str = "bidirectional"  # "bidirectional" (the reference) | "causal" (in generation order, cacheable)
     # how attention is computed (not what it computes): "xla" (the reference's numerics), "cudnn" (fused flash
     # attention, GPU bf16 only), "flash" (the Pallas flash attention with in-kernel dropout, GPU only) or "auto"
-    # (cudnn where it can run: GPU, bf16/fp16, no attention dropout; else xla)
+    # (transformer.auto_attention_impl: cudnn where it can run - GPU, bf16/fp16, no attention dropout -, flash for
+    # GPU bf16/fp16 training with attention dropout, else xla)
     attention_impl: str = "auto"
     # how a block computes LayerNorm -> Linear (models/transformer.py KERNELS): "xla" (the reference), "pallas" (one
     # fused Pallas kernel per pair, GPU only; docs/kernels.md) or "pallas_interpret" (the same in Pallas' interpreter)
@@ -85,6 +89,9 @@ class MARConfig:
             raise ValueError(f"MARConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
         if self.kernels not in KERNELS:
             raise ValueError(f"MARConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if not isinstance(self.remat_blocks, int) or self.remat_blocks < -1:
+            raise ValueError(f"MARConfig.remat_blocks must be an integer >= 0 or -1 (all blocks), got "
+                             f"{self.remat_blocks!r}")
         if self.remat_policy not in ("",) + REMAT_POLICIES:
             raise ValueError(f"MARConfig.remat_policy must be one of {REMAT_POLICIES} (or '' to follow remat), got "
                              f"{self.remat_policy!r}")
@@ -283,7 +290,7 @@ class MAR(nnx.Module):
             r = jnp.take_along_axis(lrank, idx, axis=1)
             attn_mask = causal_mask(r, r, valid, ~valid)
         x, kv = run_blocks(self.encoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
-                           scan=cfg.scan_blocks)
+                           scan=cfg.scan_blocks, remat_blocks=cfg.remat_blocks)
         out = (self.encoder_norm(x), keep, valid)
         return out + (kv,) if return_kv else out
 
@@ -324,7 +331,7 @@ class MAR(nnx.Module):
             eye = jnp.eye(keep.shape[1], dtype=bool)[None]
             attn_mask = causal_mask(lrank, lrank, keep, ~keep, eye)
         x, kv = run_blocks(self.decoder_blocks, x, mask=attn_mask, rng=rng, remat=cfg.remat_mode, return_kv=return_kv,
-                           scan=cfg.scan_blocks)
+                           scan=cfg.scan_blocks, remat_blocks=cfg.remat_blocks)
         x = self.decoder_norm(x)[:, cfg.buffer_size:]
         x = x + self.diffusion_pos_embed_learned[...].astype(x.dtype)
         return (x, kv) if return_kv else x

@@ -292,23 +292,34 @@ def checkpointed(module: nnx.Module, policy: str, *args, **kwargs):
 
 
 def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,
-               cache_positions=None, remat: bool | str = False, return_kv: bool = False, scan: bool = False
-               ) -> tuple[jax.Array, list[KVCache] | None]:
+               cache_positions=None, remat: bool | str = False, return_kv: bool = False, scan: bool = False,
+               remat_blocks: int = -1) -> tuple[jax.Array, list[KVCache] | None]:
     """Applies a stack of blocks; per-block keys come from `fold_in(rng, i)`; optional per-block remat (`remat`: a
     REMAT_POLICIES name, or True = "per_block" / False = "none"; "full" rematerialises each block as "per_block").
+    remat_blocks (model.remat_blocks): only the first that many blocks run under the policy, the rest keep their
+    activations (-1: all) - the memory / speed trade between "none" and a policy on every block.
     scan=True (model.scan_blocks): without caches, the blocks run as one jax.lax.scan over their stacked parameters
     (`scan_blocks`), so a program compiles one block body, not one per block.
 
     Returns (x, per-block caches): the updated caches when `caches` is given, each block's own keys/values when
     `return_kv`, else None."""
     policy = remat_policy_of(remat)
+    if remat_blocks < -1:
+        raise ValueError(f"remat_blocks must be >= 0 or -1 (all blocks), got {remat_blocks}")
+    n_remat = len(blocks) if remat_blocks == -1 or policy == "none" else min(remat_blocks, len(blocks))
     if scan and caches is None and len(blocks) > 1:
-        return scan_blocks(blocks, x, mask=mask, rng=rng, remat=policy, return_kv=return_kv)
+        parts = [(0, n_remat, policy), (n_remat, len(blocks), "none")]
+        kvs = []
+        for lo, hi, p in parts:
+            if hi > lo:
+                x, kv = scan_blocks(blocks[lo:hi], x, mask=mask, rng=rng, remat=p, return_kv=return_kv, first=lo)
+                kvs += kv or []
+        return x, (kvs if return_kv else None)
     new_caches = [] if caches is not None or return_kv else None
     for i, block in enumerate(blocks):
         r = None if rng is None else jax.random.fold_in(rng, i)
         c = None if caches is None else caches[i]
-        if policy != "none":
+        if policy != "none" and i < n_remat:
             x, c = checkpointed(block, policy, x, mask=mask, rng=r, cache=c, cache_positions=cache_positions,
                                 return_kv=return_kv)
         else:
@@ -318,14 +329,15 @@ def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCach
     return x, new_caches
 
 
-def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none", return_kv: bool = False
-                ) -> tuple[jax.Array, list[KVCache] | None]:
+def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none", return_kv: bool = False,
+                first: int = 0) -> tuple[jax.Array, list[KVCache] | None]:
     """run_blocks as one jax.lax.scan: the blocks' parameters stacked along a leading axis inside the program (the
     model keeps one module per block, so parameter names, checkpoints and the reference converter are unchanged), the
     body one block with the step's parameters, key fold_in(rng, i) and remat policy. The same operations as the
-    unrolled loop; XLA compiles the body once instead of once per block."""
-    graphdef, first = nnx.split(blocks[0])
-    states = [first] + [nnx.split(b)[1] for b in blocks[1:]]
+    unrolled loop; XLA compiles the body once instead of once per block. `first`: the stack's index of blocks[0]
+    (its keys are fold_in(rng, first + i), as in the loop, when a stack runs as two scans)."""
+    graphdef, state0 = nnx.split(blocks[0])
+    states = [state0] + [nnx.split(b)[1] for b in blocks[1:]]
     stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *states)
 
     def body(x, inputs):
@@ -336,5 +348,5 @@ def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none
             return checkpointed(block, remat, x, mask=mask, rng=r, return_kv=return_kv)
         return block(x, mask=mask, rng=r, return_kv=return_kv)
 
-    x, kv = jax.lax.scan(body, x, (stacked, jnp.arange(len(blocks), dtype=jnp.uint32)))
+    x, kv = jax.lax.scan(body, x, (stacked, jnp.arange(first, first + len(blocks), dtype=jnp.uint32)))
     return x, ([jax.tree.map(lambda a, i=i: a[i], kv) for i in range(len(blocks))] if return_kv else None)

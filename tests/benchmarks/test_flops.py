@@ -102,3 +102,17 @@ def test_cached_sampler_flops_follow_the_decode_plan():
             ingest = [int(before[max(k - window, 0)] - before[k]) for k in steps]
             assert s["ingest_cap"] == max(ingest + [1]), (policy, s)
         assert got["refresh_steps"] == (0 if every is None else int(np.sum(np.arange(16) % every == 0)))
+
+
+def test_partial_remat_recomputes_only_its_blocks():
+    """model.remat_blocks = n: "per_block" recomputes n blocks of each stack, between "none" and every block."""
+    import dataclasses
+    from marval_jax.models.mar import IMAGENET_256, RELEASED_SIZES, MARConfig
+    cfg = MARConfig(**IMAGENET_256, **RELEASED_SIZES["base"], remat_policy="per_block")
+    total = {n: F.mar_train_flops(dataclasses.replace(cfg, remat_blocks=n), batch=8)["total"] for n in (-1, 0, 4, 12)}
+    none = F.mar_train_flops(dataclasses.replace(cfg, remat_policy="none"), batch=8)["total"]
+    assert total[0] == none and total[12] == total[-1] > total[4] > none
+    enc_len = F.train_encoder_length(cfg, 0.7)
+    per_pair = 8 * (F.block_flops(enc_len, cfg.encoder_embed_dim, cfg.mlp_ratio)
+                    + F.block_flops(cfg.buffer_size + cfg.seq_len, cfg.decoder_embed_dim, cfg.mlp_ratio))
+    assert total[4] - none == 4 * per_pair

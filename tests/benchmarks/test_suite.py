@@ -141,6 +141,23 @@ def test_scan_blocks_flag_sets_every_rows_model(tmp_path):
     assert plan(tmp_path, "--rows", "sample/onestep", "--scan-blocks")["model_configs"]["tiny"]["scan_blocks"] is True
 
 
+def test_remat_blocks_flag_sets_every_rows_model_and_is_checked(tmp_path):
+    """--remat-blocks N: every row's model.remat_blocks (recorded in model_configs); below -1 one error line."""
+    assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["remat_blocks"] == -1
+    assert plan(tmp_path, "--rows", "sample/onestep", "--remat-blocks", "2")["model_configs"]["tiny"]["remat_blocks"] == 2
+    with pytest.raises(UserError, match="--remat-blocks takes N >= 0 or -1"):
+        cli.main(["--quick", "--plan", "--remat-blocks", "-2", "--out", str(tmp_path / "x.json")])
+
+
+def test_remat_table_names_a_partial_policy():
+    from marval_jax.benchmarks.report import _remat_lines
+    rows = [{"model": "base", "name": "remat/mar/dots_saveable", "batch": 128, "remat_blocks": 4, "status": "ok"},
+            {"model": "base", "name": "remat/mar/per_block", "batch": 128, "status": "ok"}]
+    lines = _remat_lines(rows)
+    assert any(line.startswith("| base | dots_saveable (4 blocks) | 128 |") for line in lines)
+    assert any(line.startswith("| base | per_block | 128 |") for line in lines)
+
+
 def test_quick_remat_row(quick):
     """A remat/* row is MAR's training step with the policy set: its recomputed matmuls counted, the compiled
     program's temporaries recorded and shown in their table."""
