@@ -14,6 +14,9 @@
 # script (launch/tpu_vm.sh) starts it again; the program resumes from the workdir's latest checkpoint.
 # Files: RUN.log, RUN.pid, RUN.rc (exit status, written when the job ends), RUN.stopped in $MARVAL_JOBS (default
 # ~/marval_jobs, outside the code directory, which a new copy replaces); CMD runs from the repository root.
+# Compiles: the job gets JAX's persistent compilation cache in $JAX_COMPILATION_CACHE_DIR (default
+# $MARVAL_JOBS/jax_cache; "off": none), so a restarted job (systemd's restart, a reboot, a resume after stop) loads
+# its programs instead of compiling them again (docs/reliability.md "Compiles after a restart").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -27,6 +30,9 @@ RUN=${1:-}
 shift
 [[ $RUN =~ ^[A-Za-z0-9_.-]+$ ]] || die "run name $RUN: use letters, digits, _ . - only"
 LOG=$JOBS/$RUN.log PIDF=$JOBS/$RUN.pid RCF=$JOBS/$RUN.rc STOPF=$JOBS/$RUN.stopped UNIT=marval-$RUN.service
+CACHE=${JAX_COMPILATION_CACHE_DIR:-$JOBS/jax_cache}
+if [ "$CACHE" = off ]; then CACHE_ENV=(-u JAX_COMPILATION_CACHE_DIR) SETENV=()   # systemd passes no environment on
+else CACHE_ENV=("JAX_COMPILATION_CACHE_DIR=$CACHE") SETENV=("--setenv=JAX_COMPILATION_CACHE_DIR=$CACHE"); fi
 # The wrapper records the exit status and passes SIGTERM on to the program (bash would otherwise die and leave it).
 WRAP='"$@" & c=$!; trap "kill -TERM $c 2>/dev/null" TERM INT; while :; do wait $c; rc=$?; kill -0 $c 2>/dev/null || break; done; echo $rc > "$0"; exit $rc'
 SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
@@ -50,15 +56,16 @@ case $ACTION in
     [ "$DRY_RUN" = 1 ] || { mkdir -p "$JOBS"; rm -f "$RCF" "$STOPF"; }
     if [ "$SYSTEMD" = 1 ]; then
       run systemd-run --unit="$UNIT" --collect --working-directory="$ROOT" --setenv=HOME="$HOME" \
+        "${SETENV[@]}" \
         --property=Restart=on-failure --property=RestartSec=30 --property=RestartPreventExitStatus=2 \
         --property=StartLimitIntervalSec=3600 --property=StartLimitBurst=5 --property=KillMode=mixed \
         --property=TimeoutStopSec=600 --property=StandardOutput=append:"$LOG" --property=StandardError=append:"$LOG" \
         bash -c "$WRAP" "$RCF" "$@"
       [ "$DRY_RUN" = 1 ] || { rm -f "$PIDF"; echo "$(hostname) $RUN: started as $UNIT, log $LOG"; }
     else
-      echo "+ $(quote nohup bash -c "$WRAP" "$RCF" "$@") >> $LOG 2>&1 &"
+      echo "+ $(quote env "${CACHE_ENV[@]}" nohup bash -c "$WRAP" "$RCF" "$@") >> $LOG 2>&1 &"
       [ "$DRY_RUN" = 1 ] && exit 0
-      nohup bash -c "$WRAP" "$RCF" "$@" >> "$LOG" 2>&1 < /dev/null &
+      env "${CACHE_ENV[@]}" nohup bash -c "$WRAP" "$RCF" "$@" >> "$LOG" 2>&1 < /dev/null &
       echo $! > "$PIDF"
       echo "$(hostname) $RUN: started (pid $!), log $LOG"
     fi ;;

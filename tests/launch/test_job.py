@@ -60,6 +60,7 @@ def test_job_systemd_unit_dry_run(tmp_path):
     (line,) = out.splitlines()
     argv = shlex.split(line[2:])
     assert argv[0] == "systemd-run" and "--unit=marval-distill-huge.service" in argv
+    assert f"--setenv=JAX_COMPILATION_CACHE_DIR={tmp_path}/jax_cache" in argv   # the unit's compiles are cached
     for prop in ["Restart=on-failure", "RestartPreventExitStatus=2", "KillMode=mixed", "TimeoutStopSec=600",
                  f"StandardOutput=append:{tmp_path}/distill-huge.log"]:
         assert f"--property={prop}" in argv, prop
@@ -67,6 +68,39 @@ def test_job_systemd_unit_dry_run(tmp_path):
     assert argv[i + 1] == "-c" and argv[i + 3] == f"{tmp_path}/distill-huge.rc"
     assert argv[i + 4:] == ["/opt/v/bin/python", "-m", "marval_jax.main", "--workdir=gs://b/w"]
     assert not tmp_path.joinpath("distill-huge.log").exists(), "a dry run starts nothing"
+
+
+# Compiles one program and prints the persistent compilation cache's directory and its hits (jax.monitoring).
+CACHED_PROGRAM = ("import os, jax, jax.numpy as jnp\n"
+                  "hits = []\n"
+                  "jax.monitoring.register_event_listener(lambda n, **k: hits.append(n) if 'cache_hits' in n else None)\n"
+                  "jax.jit(lambda x: jnp.sin(x) * 2)(jnp.ones(3)).block_until_ready()\n"
+                  "print('cache', os.environ.get('JAX_COMPILATION_CACHE_DIR'), 'hits', len(hits), flush=True)\n")
+
+
+def test_job_gives_the_program_a_compilation_cache_that_a_restart_hits(tmp_path, monkeypatch):
+    """A job's programs are cached in $MARVAL_JOBS/jax_cache: the second start of the same program loads them
+    (cache hits) instead of compiling; JAX_COMPILATION_CACHE_DIR=off runs without one, even when the caller's
+    environment holds "off" (it must not become a directory of that name)."""
+    jobs = tmp_path / "jobs"
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")   # cache even this tiny program
+    monkeypatch.delenv("JAX_COMPILATION_CACHE_DIR", raising=False)
+    for expected_hits in (0, 1):
+        job(jobs, "start", "c", sys.executable, "-c", CACHED_PROGRAM)
+        logs = job(jobs, "logs", "c", check=False)
+        assert logs.returncode == 0, logs.stdout[-2000:]
+        line = [x for x in logs.stdout.splitlines() if x.startswith("cache ")][-1]
+        words = line.split()
+        assert words[1] == f"{jobs}/jax_cache" and (int(words[3]) > 0) == bool(expected_hits), line
+    assert any((jobs / "jax_cache").iterdir())
+    monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", "off")
+    job(jobs, "start", "d", sys.executable, "-c", CACHED_PROGRAM)
+    logs = job(jobs, "logs", "d", check=False)
+    assert "cache None hits 0" in logs.stdout, logs.stdout[-2000:]
+    assert not (ROOT / "off").exists()
+    out = job(jobs, "--dry-run", "start", "--systemd", "e", "true").stdout
+    assert "--setenv=JAX_COMPILATION_CACHE_DIR" not in out   # off: nothing set in the unit
 
 
 def test_worker_setup_dry_run_builds_the_venv_on_uvs_python(tmp_path):
