@@ -54,25 +54,29 @@ def _guarded(row: dict, measure) -> dict:
     return row
 
 
-def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_s: float) -> list[dict]:
-    keys = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16)
-    gamma = 1.0 + 0.1 * jax.random.normal(keys[1], (width,))
-    beta = 0.1 * jax.random.normal(keys[2], (width,))
+LN_LINEAR_CASES = (("qkv", 3, None), ("fc1_gelu", 4, "gelu"))   # name, N / width, activation: a block's two pairs
 
+
+def _ln_linear_args(batch: int, tokens: int, width: int, n: int) -> tuple:
+    """(x bf16 (batch, tokens, width), gamma, beta, w (width, n), b): one block's LayerNorm -> Linear operands."""
+    keys = jax.random.split(jax.random.key(0), 5)
+    return (jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16),
+            1.0 + 0.1 * jax.random.normal(keys[1], (width,)), 0.1 * jax.random.normal(keys[2], (width,)),
+            jax.random.normal(keys[3], (width, n)) * width ** -0.5, 0.1 * jax.random.normal(keys[4], (n,)))
+
+
+def ln_linear_rows(batch: int, tokens: int, width: int, interpret: bool, target_s: float) -> list[dict]:
     def measure(n, act):
         def fill(row):
-            w = jax.random.normal(keys[3], (width, n)) * width ** -0.5
-            b = 0.1 * jax.random.normal(keys[4], (n,))
             kw = dict(eps=1e-6, activation=act, dtype=jnp.bfloat16)
-            args = (x, gamma, beta, w, b)
+            args = _ln_linear_args(batch, tokens, width, n)
             row["kernel"], out_k = _timed(lambda *a: ln_linear(*a, interpret=interpret, **kw), *args,
                                           target_s=target_s)
             row["xla"], out_r = _timed(lambda *a: ln_linear_reference(*a, **kw), *args, target_s=target_s)
             row["rel_err"] = rel_err(out_k, out_r)
         return fill
-    return [_guarded({"row": name, "shape": [batch, tokens, width, n]}, measure(n, act))
-            for name, n, act in (("ln_linear/qkv", 3 * width, None), ("ln_linear/fc1_gelu", 4 * width, "gelu"))]
+    return [_guarded({"row": f"ln_linear/{name}", "shape": [batch, tokens, width, mul * width]},
+                     measure(mul * width, act)) for name, mul, act in LN_LINEAR_CASES]
 
 
 SWEEP = {"block_m": (64, 128), "block_n": (64, 128, 256), "block_k": (64, 128), "num_warps": (4, 8),
@@ -87,14 +91,11 @@ def ln_linear_sweep_rows(batch: int, tokens: int, width: int, interpret: bool, t
     e.g. one needing more shared memory than the card has, is an "error" row), then `ln_linear/<name>/best`: the
     fastest against the XLA path. Whether any tiling beats XLA's LayerNorm fusion + cuBLAS decides
     `model.kernels`' default (docs/kernels.md)."""
-    keys = jax.random.split(jax.random.key(0), 6)
-    x = jax.random.normal(keys[0], (batch, tokens, width), jnp.float32).astype(jnp.bfloat16)
-    gamma, beta = 1.0 + 0.1 * jax.random.normal(keys[1], (width,)), 0.1 * jax.random.normal(keys[2], (width,))
     names, combos = list(grid), list(itertools.product(*grid.values()))
     rows = []
-    for name, n, act in (("qkv", 3 * width, None), ("fc1_gelu", 4 * width, "gelu")):
-        args = (x, gamma, beta, jax.random.normal(keys[3], (width, n)) * width ** -0.5,
-                0.1 * jax.random.normal(keys[4], (n,)))
+    for name, mul, act in LN_LINEAR_CASES:
+        n = mul * width
+        args = _ln_linear_args(batch, tokens, width, n)
         kw = dict(eps=1e-6, activation=act, dtype=jnp.bfloat16)
         xla, _ = _timed(lambda *a: ln_linear_reference(*a, **kw), *args, target_s=target_s)
         ok = []
