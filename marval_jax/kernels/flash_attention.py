@@ -379,18 +379,22 @@ def _call(kernel, cfg: _Cfg, grid, in_specs, out_specs, out_shape, name: str, *a
                           out_shape=out_shape, compiler_params=params, interpret=cfg.interpret, name=name)(*args)
 
 
+def _extras(cfg: _Cfg, rows, cols, bias, qr, kr) -> tuple[list, list]:
+    """(BlockSpecs, operands) of the optional inputs, in the order _split_refs reads them: the dropout's row and
+    column hashes (rate > 0), then the key bias (masked)."""
+    specs = ([qr, kr] if cfg.rate > 0.0 else []) + ([kr] if cfg.masked else [])
+    args = ([rows, cols] if cfg.rate > 0.0 else []) + ([bias] if cfg.masked else [])
+    return specs, args
+
+
 def _forward(q, k, v, rows, cols, bias, cfg: _Cfg):
     b, tp, h, hdp = q.shape
     lp = k.shape[1]
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=True)
-    in_specs, args = [qs, ks, ks], [q, k, v]
-    if cfg.rate > 0.0:
-        in_specs, args = in_specs + [qr, kr], args + [rows, cols]
-    if cfg.masked:
-        in_specs, args = in_specs + [kr], args + [bias]
+    specs, extra = _extras(cfg, rows, cols, bias, qr, kr)
     out_shape = [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((b, h, tp), jnp.float32)]
-    return _call(_fwd_kernel, cfg, (tp // cfg.block_q, b, h), in_specs, [qs, qr], out_shape,
-                 "flash_attention_fwd", *args)
+    return _call(_fwd_kernel, cfg, (tp // cfg.block_q, b, h), [qs, ks, ks] + specs, [qs, qr], out_shape,
+                 "flash_attention_fwd", q, k, v, *extra)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
@@ -409,21 +413,17 @@ def _flash_bwd(cfg: _Cfg, res, do):
     lp = k.shape[1]
     # delta = rowsum(dO * O) with O the dropped output: equals rowsum(dP * P) of the softmax backward.
     delta = jnp.einsum("bqhd,bqhd->bhq", do.astype(jnp.float32), out.astype(jnp.float32))
-    extra = ([rows, cols] if cfg.rate > 0.0 else []) + ([bias] if cfg.masked else [])
-
-    def extra_specs(qr, kr):
-        return ([qr, kr] if cfg.rate > 0.0 else []) + ([kr] if cfg.masked else [])
 
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=False)
-    in_specs = [qs, ks, ks, qs, qr, qr] + extra_specs(qr, kr)
-    dk, dv = _call(_dkdv_kernel, cfg, (lp // cfg.block_k, b, h), in_specs, [ks, ks],
+    specs, extra = _extras(cfg, rows, cols, bias, qr, kr)
+    dk, dv = _call(_dkdv_kernel, cfg, (lp // cfg.block_k, b, h), [qs, ks, ks, qs, qr, qr] + specs, [ks, ks],
                    [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
                    "flash_attention_dkdv", q, k, v, do, lse, delta, *extra)
 
     qs, ks, qr, kr = _specs(cfg, hdp, tp, lp, along_q=True)
-    in_specs = [qs, ks, ks, qs, qr, qr] + extra_specs(qr, kr)
-    dq = _call(_dq_kernel, cfg, (tp // cfg.block_q, b, h), in_specs, qs, jax.ShapeDtypeStruct(q.shape, q.dtype),
-               "flash_attention_dq", q, k, v, do, lse, delta, *extra)
+    specs, extra = _extras(cfg, rows, cols, bias, qr, kr)
+    dq = _call(_dq_kernel, cfg, (tp // cfg.block_q, b, h), [qs, ks, ks, qs, qr, qr] + specs, qs,
+               jax.ShapeDtypeStruct(q.shape, q.dtype), "flash_attention_dq", q, k, v, do, lse, delta, *extra)
     return dq, dk, dv, None, None, None
 
 
