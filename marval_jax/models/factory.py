@@ -13,21 +13,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from marval_jax.models.mar import MAR, MARConfig
-from marval_jax.models.transformer import REMAT_POLICIES
 from marval_jax.user_errors import UserError
 
 
 def model_config(config) -> MARConfig:
-    """The MARConfig of a run config's `model` section (model.remat_policy checked here, naming the field)."""
-    fields = config.model.to_dict()
-    policy = fields.get("remat_policy", "")
-    if policy not in ("",) + REMAT_POLICIES:
-        raise UserError(f"model.remat_policy must be one of {', '.join(REMAT_POLICIES)} (or '' to follow "
-                        f"model.remat), got {policy!r}")
-    blocks = fields.get("remat_blocks", -1)
-    if not isinstance(blocks, int) or blocks < -1:
-        raise UserError(f"model.remat_blocks must be an integer >= 0 or -1 (all blocks), got {blocks!r}")
-    return MARConfig(**fields)
+    """The MARConfig of a run config's `model` section. A value MARConfig refuses is a UserError naming the run
+    config's field (`model.<name>`): MARConfig.__post_init__ holds the one check per field."""
+    try:
+        return MARConfig(**config.model.to_dict())
+    except ValueError as e:
+        raise UserError(str(e).replace("MARConfig.", "model.")) from e
 
 
 def abstract_model(cfg: MARConfig):

@@ -84,17 +84,19 @@ class MARConfig:
 
     def __post_init__(self):
         if self.attention not in ATTENTION_MODES:
-            raise ValueError(f"MARConfig.attention must be one of {ATTENTION_MODES}, got {self.attention!r}")
+            raise ValueError(f"MARConfig.attention must be one of {', '.join(ATTENTION_MODES)}, got "
+                             f"{self.attention!r}")
         if self.attention_impl not in ATTENTION_IMPLS:
-            raise ValueError(f"MARConfig.attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
+            raise ValueError(f"MARConfig.attention_impl must be one of {', '.join(ATTENTION_IMPLS)}, got "
+                             f"{self.attention_impl!r}")
         if self.kernels not in KERNELS:
-            raise ValueError(f"MARConfig.kernels must be one of {KERNELS}, got {self.kernels!r}")
+            raise ValueError(f"MARConfig.kernels must be one of {', '.join(KERNELS)}, got {self.kernels!r}")
         if not isinstance(self.remat_blocks, int) or self.remat_blocks < -1:
             raise ValueError(f"MARConfig.remat_blocks must be an integer >= 0 or -1 (all blocks), got "
                              f"{self.remat_blocks!r}")
         if self.remat_policy not in ("",) + REMAT_POLICIES:
-            raise ValueError(f"MARConfig.remat_policy must be one of {REMAT_POLICIES} (or '' to follow remat), got "
-                             f"{self.remat_policy!r}")
+            raise ValueError(f"MARConfig.remat_policy must be one of {', '.join(REMAT_POLICIES)} (or '' to follow "
+                             f"MARConfig.remat), got {self.remat_policy!r}")
 
     @property
     def remat_mode(self) -> str:

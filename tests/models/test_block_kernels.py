@@ -66,6 +66,14 @@ def test_kernels_field_is_checked_and_not_architectural():
         mar_lib.MARConfig(kernels="triton")
     with pytest.raises(ValueError, match="kernels must be one of"):
         T.Block(DIM, HEADS, rngs=nnx.Rngs(0), kernels="fused")
+    # a run config's typo is one UserError naming the field (models/factory.model_config), not a traceback
+    from configs import mar as mar_configs
+    from configs.common import with_fields
+    from marval_jax.models.factory import model_config
+    from marval_jax.user_errors import UserError
+    for field, value in (("kernels", "triton"), ("attention_impl", "flash2")):
+        with pytest.raises(UserError, match=f"model.{field} must be one of xla, "):
+            model_config(with_fields(mar_configs.get_config("tiny"), {f"model.{field}": value}))
     saved = {"model": dataclasses.asdict(mar_lib.MARConfig())}
     current = {"model": dataclasses.asdict(mar_lib.MARConfig(kernels="pallas"))}
     manager.check_config(saved, current)  # restores across it: the parameters are the same
