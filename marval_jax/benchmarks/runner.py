@@ -291,11 +291,9 @@ class Suite:
                 self.report["peaks"]["matmul_measured_error"] = repr(e)
         self.write()
         for name in s.models:
-            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks, remat_blocks=s.remat_blocks)
-            if s.attention_impl is not None:
-                cfg = dataclasses.replace(cfg, attention_impl=s.attention_impl)
-            if s.kernels is not None:
-                cfg = dataclasses.replace(cfg, kernels=s.kernels)
+            given = dict(attention_impl=s.attention_impl, kernels=s.kernels)   # None: the config's own
+            cfg = dataclasses.replace(model_config(name), scan_blocks=s.scan_blocks, remat_blocks=s.remat_blocks,
+                                      **{k: v for k, v in given.items() if v is not None})
             graphdef, state = (None, None) if s.plan else self.random_model(name, cfg)
             self.report.setdefault("model_configs", {})[name] = dataclasses.asdict(cfg)
             self.run_rows(ModelBench(self, name, cfg, graphdef, state), name)
