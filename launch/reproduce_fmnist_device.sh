@@ -5,6 +5,7 @@
 #   STAGE=first   unpack, data floor, train TEACHER_S seconds, FID curve of the kept checkpoints
 #                 (TEACHER_ROW=1: then the teacher's 10k-sample row at CFG SWEEP (4.0), RESULTS_S s at most;
 #                 CURVE_OFFSET: the steps of the carried teacher that TEACHER_INIT warm-starts from, e.g. 6222)
+#                 (TEACHER_SET="k=v k=v": --set overrides of the teacher, e.g. model.attention_impl=xla)
 #   STAGE=more    resume the training in /tmp/w for TEACHER_S seconds, FID curve of the new checkpoints
 #   STAGE=distill GSIM student (configs/marval.py:fmnist_l, STUDENT_S s) and RL student (RL_S s) from the exported
 #                 teacher, then the results table (tools/results.py run, 10k samples, RESULTS_S s at most)
@@ -104,7 +105,7 @@ fi
 log "train $TEACHER_S s"
 python3 -m marval_jax.programs.reproduce --workdir=$W --stages=teacher --config teacher=$CFG --budget=teacher=$TEACHER_S \
     --set teacher:data.raw_dir=$X/fmnist --set teacher:train.num_steps=100000 \
-    ${TEACHER_INIT:+--set teacher:init_from=$TEACHER_INIT}
+    ${TEACHER_INIT:+--set teacher:init_from=$TEACHER_INIT} $(for kv in ${TEACHER_SET:-}; do echo --set teacher:$kv; done)
 cp $W/teacher/metrics.jsonl $W/export/stages.json $OUT/ 2>/dev/null
 log "curve $CURVE_S s"
 python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=$CFG --set data.raw_dir=$X/fmnist \
@@ -112,7 +113,8 @@ python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=
     --time-budget=$CURVE_S --step-offset=${CURVE_OFFSET:-0}
 cp $W/curve.json $OUT/
 if [ "${TEACHER_ROW:-0}" = 1 ]; then   # the new teacher's 10k row (K 64, CFG $SWEEP) in the same call
-  SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$(awk "BEGIN{printf \"%g\", $SWEEP}") results;   # 4.0 -> cfg4, the row's name tar -czf $OUT/results.tgz -C $W results
+  SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$(awk "BEGIN{printf \"%g\", $SWEEP}") results   # 4.0 -> cfg4
+  tar -czf $OUT/results.tgz -C $W results
 fi
 (cd $W/export && tar -cf - fmnist_teacher | split -b 15000000 -d -a 1 - $OUT/teacher.tar.part)
 log done
