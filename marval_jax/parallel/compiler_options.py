@@ -48,7 +48,17 @@ class BatchJit:
         return self._jits[key]
 
     def __call__(self, *args):
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args)):
+            # called inside another jit (GSIM's on-policy rollout inside the train step): XLA takes compiler options
+            # only for a top-level program, and the outer program's options apply to the whole of it
+            return self._nested(*args)
         return self.jitted_for(*args)(*args)
+
+    @property
+    def _nested(self):
+        if None not in self._jits:
+            self._jits[None] = jax.jit(self.fn, **self.jit_kwargs)
+        return self._jits[None]
 
     def lower(self, *args):
         return self.jitted_for(*args).lower(*args)

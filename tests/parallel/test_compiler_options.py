@@ -39,3 +39,16 @@ def test_jit_options_wraps_the_options_for_jax_jit(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert co.jit_options(256) == {"compiler_options": {"xla_gpu_enable_triton_gemm": False}}
     assert co.jit_options(1) == {} and co.jit_options(None) == {}
+
+
+def test_batch_jit_inside_another_jit_passes_no_options(monkeypatch):
+    """GSIM's on-policy rollout calls the sampler's BatchJit inside the jitted train step; jax refuses
+    compiler_options on a nested jit (a ValueError on GPU at batch >= LARGE_BATCH, found by the fmnist_l ablation on
+    an H100), so the nested call must go without them and give the same numbers."""
+    monkeypatch.setattr(co, "gpu_compiler_options", lambda batch, backend=None: {"xla_cpu_enable_fast_math": False})
+    f = co.BatchJit(lambda w, x: jnp.tanh(x @ w), batch_of=lambda w, x: x.shape[0])
+    w, x = jnp.ones((3, 2)), jnp.arange(12.0).reshape(4, 3)
+    outer = jax.jit(lambda w, x: f(w, x) * 2.0)
+    np.testing.assert_allclose(outer(w, x), 2.0 * np.tanh(np.asarray(x) @ np.asarray(w)), rtol=1e-6)
+    np.testing.assert_allclose(f(w, x), np.tanh(np.asarray(x) @ np.asarray(w)), rtol=1e-6)  # top level: options
+    assert set(f._jits) == {None, (("xla_cpu_enable_fast_math", False),)}
