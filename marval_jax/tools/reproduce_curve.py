@@ -205,6 +205,42 @@ def curve(a) -> int:
     return 0
 
 
+PROTOCOL = ("config", "num_images", "num_iter", "cfg")  # what makes two curves' FIDs comparable
+
+
+def merge(a) -> int:
+    """One curve from the curves of a run continued across machines (each `curve --step-offset`'d): rows by step,
+    each run's device and date kept as a segment. Curves of another protocol (config, samples, K, CFG) are refused:
+    their FIDs do not line up."""
+    curves = []
+    for path in a.curve:
+        with open(path) as f:
+            curves.append(json.load(f))
+    first = curves[0]
+    for path, c in zip(a.curve[1:], curves[1:]):
+        diff = [f"{k} {first.get(k)!r} vs {c.get(k)!r}" for k in PROTOCOL if c.get(k) != first.get(k)]
+        if diff:
+            raise UserError(f"{path} measured another protocol than {a.curve[0]} ({', '.join(diff)}): its FIDs "
+                            "are not comparable")
+    by_step = {}
+    segments = []
+    for path, c in zip(a.curve, curves):
+        steps = [r["step"] for r in c.get("rows", [])]
+        for r in c.get("rows", []):
+            if r["step"] in by_step and by_step[r["step"]] != r:
+                raise UserError(f"step {r['step']} is measured twice with different results ({path})")
+            by_step[r["step"]] = r
+        segments.append({"from": path, "device": c.get("device"), "date": c.get("date"),
+                         "steps": [min(steps), max(steps)] if steps else []})
+    out = {k: first.get(k) for k in PROTOCOL + ("batch_size",)}
+    out["device"] = " + ".join(dict.fromkeys(str(c.get("device")) for c in curves))
+    out["segments"] = segments
+    out["rows"] = [by_step[s] for s in sorted(by_step)]
+    _write(a.out, out)
+    print(f"wrote {a.out}: {len(out['rows'])} steps from {len(curves)} curves")
+    return 0
+
+
 def plot(a) -> int:
     import matplotlib  # pylint: disable=import-outside-toplevel
     matplotlib.use("Agg")
@@ -268,8 +304,11 @@ def main(argv=None) -> int:
     g.add_argument("--curve", required=True)
     g.add_argument("--floor", default="")
     g.add_argument("--out", required=True)
+    m = sub.add_parser("merge", help="one curve from the curves of a run continued across machines")
+    m.add_argument("--curve", action="append", required=True, help="a curve JSON (repeat, in order)")
+    m.add_argument("--out", required=True)
     a = p.parse_args(argv)
-    return {"floor": floor, "curve": curve, "plot": plot}[a.cmd](a)
+    return {"floor": floor, "curve": curve, "plot": plot, "merge": merge}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -87,3 +87,25 @@ def test_negative_step_offset_is_refused_before_any_work(tmp_path):
     args = argparse.Namespace(num=10, batch=5, step_offset=-1, workdir=str(tmp_path / "missing"))
     with pytest.raises(UserError, match="--step-offset must be >= 0"):
         reproduce_curve.curve(args)   # before the workdir is read: no "no checkpoints/ folder" error
+
+
+def test_merge_joins_continued_curves_by_step_and_refuses_another_protocol(tmp_path):
+    """A teacher trained across machines has one curve per machine (offset steps); merge orders them by step, keeps
+    each machine's device, and refuses a curve of another CFG (its FIDs are not comparable)."""
+    proto = {"config": "configs/mar.py:fmnist_l", "num_images": 2000, "num_iter": 64, "cfg": 2.5}
+    row = lambda s, f: {"step": s, "fid": f, "precision": 0.5, "recall": 0.1, "class_accuracy": 0.9}  # noqa: E731
+    a, b, c = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text(json.dumps({**proto, "device": "H200", "rows": [row(2000, 50.0), row(1000, 90.0)]}))
+    b.write_text(json.dumps({**proto, "device": "H100", "rows": [row(14579, 18.0), row(7222, 28.8)]}))
+    out = tmp_path / "m.json"
+    assert reproduce_curve.main(["merge", f"--curve={a}", f"--curve={b}", f"--out={out}"]) == 0
+    merged = json.loads(out.read_text())
+    assert [r["step"] for r in merged["rows"]] == [1000, 2000, 7222, 14579]
+    assert merged["device"] == "H200 + H100" and merged["cfg"] == 2.5
+    assert [s["steps"] for s in merged["segments"]] == [[1000, 2000], [7222, 14579]]
+    c.write_text(json.dumps({**proto, "cfg": 4.0, "rows": [row(3000, 20.0)]}))
+    with pytest.raises(UserError, match="cfg 2.5 vs 4.0"):
+        reproduce_curve.main(["merge", f"--curve={a}", f"--curve={c}", f"--out={out}"])
+    c.write_text(json.dumps({**proto, "rows": [row(2000, 49.0)]}))
+    with pytest.raises(UserError, match="step 2000 is measured twice"):
+        reproduce_curve.main(["merge", f"--curve={a}", f"--curve={c}", f"--out={out}"])

@@ -142,9 +142,20 @@ def test_render_checks_come_from_the_committed_rows():
     assert c["speedup_batch1_K64"] == pytest.approx(t["s_per_image_b1"] / s["s_per_image_b1"])
     assert c["rl_class_accuracy_gain"] == pytest.approx(rl["class_accuracy"] - s["class_accuracy"])
     assert c["rl_fid_over_student_fid"] == pytest.approx(rl["fid"] / s["fid"])
+    assert c["student_recall_over_teacher_K64"] == pytest.approx(s["recall"] / t["recall"])
+    assert c["rl_recall_over_student"] == pytest.approx(rl["recall"] / s["recall"])
     table = results_render.table(rows)
     assert table.count("\n") == 2 + sum(not r["sweep"] for r in rows)
     assert results_render.checks([]) == {}
+
+
+def test_criteria_lines_say_met_or_missed_against_the_bound():
+    from marval_jax.tools import results_render
+    lines = results_render.criteria_lines({"student_fid_over_teacher_fid_K64": 1.15, "speedup_batch1_K64": 20.5,
+                                           "rl_reward_gain": -0.01})
+    assert lines == ["- student FID / teacher FID: 1.150 (target <= 1.15): **met**",
+                     "- speed-up per image at batch 1: 20.500 (target >= 30): **missed**",
+                     "- RL reward - student reward: -0.010 (target >= 0): **missed**"]
 
 
 def test_a_rerun_into_the_same_out_keeps_the_measured_rows_and_measures_the_rest(tmp_path, monkeypatch):
