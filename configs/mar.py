@@ -4,10 +4,10 @@ Variants:
   tiny    a few-second CPU model on Fashion-MNIST pixel patches (tests, smoke runs)
   fmnist  the Fashion-MNIST teacher of the end-to-end reproduction (32x32 padded, 4x4 pixel patches -> 64 tokens;
           encoder/decoder 3+3 blocks of width 128, head d6 w160 as MAR's deep head: 2.16M parameters, 4.3 MB in
-          float16, so teacher, student and RL student ship inside the package and travel with the FID network
-          under the accelerator machine's 64 MiB per call; docs/results.md)
-  fmnist_l  the larger teacher of docs/reproduction.md "Teacher FID <= 20" (same 64 tokens; encoder/decoder 4+4 blocks
-            of width 256, head d6 w384), trained across device calls; kept checkpoints give the FID-vs-steps curve
+          float16; the embedded default until 2026-12-06)
+  fmnist_l  the larger teacher of docs/reproduction.md (same 64 tokens; encoder/decoder 4+4 blocks of width 256,
+            head d6 w384: 11.55M parameters, 23 MB in float16), trained across device calls (kept checkpoints give
+            the FID-vs-steps curve); with its student and RL student the embedded default (docs/results.md)
   folder  your own images (data.name=folder, data.folder_dir=...): 64x64 RGB, 4x4 pixel patches -> 256 tokens, the
           fmnist model's widths; set model.class_num to the class count the data set build prints
   folder_tiny  the same data path at test size (64x64 RGB, 8x8 patches -> 64 tokens, the tiny model; CPU seconds)

@@ -1,8 +1,8 @@
 """`--mode=demo` (configs/demo.py): grids and seconds per image of the shipped teacher, MARVAL student and RL student.
 
-The three models are params directories under marval_jax/assets/ (model.json + float16 params.npz, 4.3 MB each),
-exported from the Fashion-MNIST reproduction (docs/results.md). Each sampler is compiled ahead of time and then
-run once, timed, so the printed seconds per image exclude compilation.
+The three models are params directories under marval_jax/assets/ (model.json + float16 params.npz, 23 MB each:
+the `fmnist_l` models), exported from the Fashion-MNIST reproduction (docs/results.md). Each sampler is compiled
+ahead of time and then run once, timed, so the printed seconds per image exclude compilation.
 
 On several processes (a pod, `launch/run_local.sh --processes=N --mode=demo`) every process runs the demo with the
 same config: `mesh` (configs/demo.py) forms the process group and lays the samplers over all processes' devices;
