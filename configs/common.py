@@ -80,6 +80,12 @@ def train_config(**overrides) -> mlc.ConfigDict:
         eval_every=0,            # > 0: FID (+ precision/recall, class accuracy) every N steps and at the end; 0 = off
         eval_samples=1000,       # images per live evaluation
         writers="",              # extra metric writers beside stdout, metrics.jsonl, TensorBoard: "wandb" (.[wandb])
+        # early stop (train/plateau.py): a logged scalar, e.g. "reward_mean"; "" = off. The run saves and exits 0
+        # once it has gone plateau_patience log windows without beating its best by more than plateau_min_delta
+        stop_on_plateau="",
+        plateau_mode="max",      # "max" (higher is better) | "min"
+        plateau_patience=4,
+        plateau_min_delta=0.0,
     )
     cfg.update(overrides)
     return mlc.ConfigDict(cfg)

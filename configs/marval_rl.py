@@ -98,6 +98,11 @@ def get_config(arg: str | None = None) -> mlc.ConfigDict:
                                         ckpt_every=100, sample_every=200, sample_num_iter=64)
         cfg.data = common.data_config(name="fashion_mnist")
         cfg.tokenizer = common.tokenizer_config("pixel_patch", patch_size=4, channels=1)
+        # stop at the reward plateau (train/plateau.py): the classifier reward saturates near log p = 0, and the
+        # steps after that trade diversity for it. On the fmnist_l run of 2026-12-07 (windows of 25 steps) these
+        # values would have stopped at step 250 of 267, where log p had gone from -0.135 to -0.004 (docs/results.md)
+        cfg.train.update(stop_on_plateau="reward_mean", plateau_mode="max", plateau_patience=2,
+                         plateau_min_delta=0.005)
         if variant == "fmnist_l":
             cfg.generator.ema_decay = 0.99
     else:

@@ -125,6 +125,14 @@ def check_train(config) -> None:
     if sample_every:
         _int(config, "train.grid_size", 1, "the grid side (grid_size**2 images)")
         _int(config, "train.sample_num_iter", 1, "the grid sampler's AR iterations")
+    if _field(config, "train.stop_on_plateau", ""):
+        from marval_jax.train.plateau import MODES  # pylint: disable=import-outside-toplevel
+        _choice(config, "train.plateau_mode", MODES)
+        _int(config, "train.plateau_patience", 1, "the log windows without improvement before stopping")
+        delta = _field(config, "train.plateau_min_delta")
+        if isinstance(delta, bool) or not isinstance(delta, (int, float)) or not delta >= 0:
+            raise UserError(f"train.plateau_min_delta={delta!r} is not allowed: the smallest improvement that "
+                            "counts must be a number >= 0")
 
 
 def check_mesh_fields(config) -> None:

@@ -11,7 +11,8 @@ Several processes (a pod's hosts, or launch/run_local.sh --processes=N): every p
 grid sampling included (the state is sharded across them; the images are gathered and process 0 writes the PNG);
 only process 0 writes metrics, grids and the lock; all take part in checkpoint saves. A preemption is decided
 together (checkpoints/manager.py `preempted`): all processes stop after the same step, save it and exit 0.
-docs/multihost.md has the whole picture.
+So does a metric plateau (`train.stop_on_plateau`, train/plateau.py), decided from the logged values every process
+reads alike. docs/multihost.md has the whole picture.
 
 Non-finite guard: the jitted step also updates a small on-device record, `guard` (the step count and the first step
 whose loss, gradient norm or updated state had a NaN/inf), from cheap reductions over the metrics and the new
@@ -43,6 +44,7 @@ from marval_jax.parallel.compiler_options import jit_options
 from marval_jax.parallel import mesh as mesh_lib
 from marval_jax.parallel import sharding as shd
 from marval_jax.train import live_eval as live_eval_lib
+from marval_jax.train.plateau import Plateau
 from marval_jax.train import writers
 from marval_jax.user_errors import UserError
 
@@ -360,6 +362,7 @@ class _Run:
         tc, task = self.tc, self.task
         sample_fn = under_mesh(self.mesh, jax.jit(task.sample_images)) if task.sample_images is not None else None
         profiler = StepProfiler(tc.get("profile_steps", ()), self.workdir)
+        plateau = Plateau.from_config(tc)   # train.stop_on_plateau: None when off
         with writers.MultiWriter(self.workdir, hparams=self.cfg_json, extra=tc.get("writers", "")) as writer, \
                 contextlib.closing(profiler):
             t0, seen, window = time.time(), 0, None
@@ -376,7 +379,7 @@ class _Run:
                 # read once: a signal between reads must not skip the save. Every process gets the same answer;
                 # with several, a local flag is gathered only at the steps where the loop syncs anyway
                 stop = ckpt.preempted(self.manager, done, agree=scheduled or done % tc.log_every == 0)
-                must_save = scheduled or stop
+                must_save, plateaued = scheduled or stop, False
                 evaluate = self.live_eval is not None and not stop and live_eval_lib.due(tc, done)
                 if done % tc.log_every == 0 or must_save or evaluate:  # a non-finite state is never evaluated
                     m, g = jax.device_get((metrics, guard))  # the one sync point: log steps and saves
@@ -384,9 +387,12 @@ class _Run:
                                  ckpt_dir=str(self.manager.directory))
                     rate = seen / max(time.time() - t0, 1e-9)
                     eta = (tc.num_steps - done) * tc.global_batch_size / max(rate, 1e-9)
-                    writer.write_scalars(done, {**window.pop(), "images_per_s": rate, "eta_s": eta})
+                    scalars = window.pop()
+                    writer.write_scalars(done, {**scalars, "images_per_s": rate, "eta_s": eta})
                     self.lock.heartbeat()
                     t0, seen = time.time(), 0
+                    if plateau is not None and plateau.update(scalars) and not stop:  # same answer on every process
+                        stop = plateaued = must_save = True
                 if tc.sample_every and done % tc.sample_every == 0 and sample_fn:
                     # every process enters the jitted sampler (the state is sharded across them); process 0 writes
                     images = gather_to_host(sample_fn(state, jax.random.fold_in(self.rng, 10_000 + done),
@@ -402,6 +408,7 @@ class _Run:
                     self.last_ckpt = done
                 if stop:
                     self.manager.wait_until_finished()
-                    print(f"{task.name}: preempted at step {done}; checkpoint saved, exiting cleanly", flush=True)
+                    why = f"stopped: {plateau.describe()}" if plateaued else "preempted"
+                    print(f"{task.name}: {why} at step {done}; checkpoint saved, exiting cleanly", flush=True)
                     return state
         return state
