@@ -18,7 +18,7 @@
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
 #                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
-#                 docs/results/ablation_fmnist_l, so its variants are not redone)
+#                 docs/results/ablation_fmnist_l, so its variants are not redone; ABLATE_S: stop after that many s)
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
@@ -95,8 +95,11 @@ if [ "$STAGE" = results ]; then
   fi
   log done; exit 0
 fi
-if [ "$STAGE" = ablate ]; then
-  log "ablate $ABLATE_STEPS steps per variant"; ablate; pack_ablate; log done; exit 0
+if [ "$STAGE" = ablate ]; then   # ABLATE_S > 0: stopped after that many seconds (finished variants kept)
+  log "ablate $ABLATE_STEPS steps per variant"
+  if [ "${ABLATE_S:-0}" != 0 ]; then ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!; stop_ablate_after $ABLATE_S
+  else ablate; pack_ablate; fi
+  log done; exit 0
 fi
 if [ "$STAGE" = first ] && [ "${FLOOR:-1}" = 1 ]; then   # FLOOR=0: measured already (docs/results/data_floor.json)
   log floor; python3 -m marval_jax.tools.reproduce_curve floor --out=$OUT/floor.json --inception=$X/fid_inception.npz \
