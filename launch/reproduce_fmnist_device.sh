@@ -13,12 +13,14 @@
 #                 RESULTS_ONLY=student,rl SWEEP=4.0: skip the teacher's sweep when its rows are already measured;
 #                 RL_S must cover the RL step's compile: ~85 s of the 89 s budget of 2026-12-06 went to it)
 #                 (STUDENT_SET="k=v k=v": --set overrides of the student, e.g. the ablation's best gsim.*;
+#                 RL_SET likewise for the RL student, e.g. "rl.regularizer=l2 rl.reg_weight=10";
 #                 RESULTS_S=0: no results run here, STAGE=results does it)
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
 #                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
-#                 docs/results/ablation_fmnist_l, so its variants are not redone; ABLATE_S: stop after that many s)
+#                 docs/results/ablation_fmnist_l, so its variants are not redone; ABLATE_S: stop after that many s;
+#                 ABLATE_SET="k=v ...": --set for every variant, e.g. train.eval_every=50 for FID over steps)
 # Results go to $OUT (at most 8 files come back): floor.json, curve.json, stages.json, metrics.jsonl, log.txt and the
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
@@ -30,7 +32,8 @@ ablate() {  # the GSIM variants on the exported teacher (resumable: finished var
   if [ -n "${ABLATE_SEED:-}" ] && [ ! -d $W/ablate/runs ]; then mkdir -p $W/ablate && cp -r $ABLATE_SEED/runs $W/ablate/; fi
   python3 -m marval_jax.tools.ablate --base=configs/marval.py:fmnist_l --teacher=${ABLATE_TEACHER:-$W/export/fmnist_teacher} \
       --variants=configs/ablations/fmnist_gsim.json --steps=$ABLATE_STEPS --eval_samples=2000 --out=$W/ablate \
-      --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss
+      --set train.sample_every=0 --set train.ckpt_every=100000 --set sample.pr_num_real=10000 --metric=loss \
+      $(for kv in ${ABLATE_SET:-}; do echo --set $kv; done)
 }
 pack_ablate() {
   (cd $W/ablate && tar -czf $OUT/ablate.tgz --ignore-failed-read plan.json ablation.md ablation.json *.png \
@@ -77,7 +80,7 @@ if [ "$STAGE" = distill ]; then
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
       --set student:train.sample_every=0 --set rl:train.sample_every=0 \
-      $(for kv in ${STUDENT_SET:-}; do echo --set student:$kv; done)
+      $(for kv in ${STUDENT_SET:-}; do echo --set student:$kv; done) $(for kv in ${RL_SET:-}; do echo --set rl:$kv; done)
   if [ -n "${ABLATE_PID:-}" ]; then  # the results' timings need the GPU alone
     stop_ablate_after ${ABLATE_WAIT_S:-120}; unset XLA_PYTHON_CLIENT_MEM_FRACTION
   fi
