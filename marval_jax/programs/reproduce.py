@@ -1,6 +1,7 @@
 """The Fashion-MNIST reproduction, stage by stage: teacher (MAR) -> student (GSIM) -> RL student (MARVAL-RL).
 
     python -m marval_jax.programs.reproduce --workdir=workdirs/fmnist                     # all stages, config steps
+    python -m marval_jax.programs.reproduce --workdir=workdirs/fmnist_small --recipe=small  # the 2.16M models
     python -m marval_jax.programs.reproduce --workdir=W --stages=teacher --budget=teacher=240 --export=EXPORT_DIR
     python -m marval_jax.programs.reproduce --workdir=W --stages=student,rl --teacher=EXPORT_DIR/fmnist_teacher \
         --budget=student=300,rl=180 --export=EXPORT_DIR
@@ -10,7 +11,8 @@ checkpoint when rerun) and is then exported as a params directory `<export>/fmni
 params.npz, float16: the embedded-default format, marval_jax/assets/). A stage with a time budget is sent SIGTERM
 when the budget is spent: the training loop saves and exits cleanly, so the exported weights are those of the last
 completed step, and `<export>/stages.json` records the steps and seconds each stage took. Later stages read the
-previous stage's export (or `--teacher` / `--student` directories), so stages can run in separate sessions.
+previous stage's export (or `--teacher` / `--student` directories), so stages can run in separate runs.
+`--recipe` picks the models: `shipped` (default) trains what marval_jax/assets/ holds.
 """
 from __future__ import annotations
 
@@ -24,10 +26,17 @@ import time
 
 from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
 
-STAGES = {  # stage -> (mode, config, flag naming the previous stage's weights, previous stage)
-    "teacher": ("train", "configs/mar.py:fmnist", None, None),
-    "student": ("distill", "configs/marval.py:fmnist", "teacher_ckpt", "teacher"),
-    "rl": ("rl", "configs/marval_rl.py:fmnist", "student_ckpt", "student"),
+STAGES = {  # stage -> (mode, config file, flag naming the previous stage's weights, previous stage)
+    "teacher": ("train", "configs/mar.py", None, None),
+    "student": ("distill", "configs/marval.py", "teacher_ckpt", "teacher"),
+    "rl": ("rl", "configs/marval_rl.py", "student_ckpt", "student"),
+}
+# recipe -> (config variant of every stage, overrides per stage). "shipped" is how the embedded default
+# (marval_jax/assets/, docs/results.md) was trained: the fmnist_l models, the student with the GSIM ablation's best
+# weighting (docs/results.md "GSIM ablation"); "small" is the 2.16M-parameter set shipped until 2026-12-06.
+RECIPES = {
+    "shipped": ("fmnist_l", {"student": ("gsim.weighting=kl",)}),
+    "small": ("fmnist", {}),
 }
 GRACE_S = 120  # after SIGTERM: time to finish the step, write the checkpoint and exit
 
@@ -89,8 +98,11 @@ def main(argv=None) -> int:
     p.add_argument("--teacher", default="", help="teacher weights for the student stage (default: its export)")
     p.add_argument("--student", default="", help="student weights for the rl stage (default: its export)")
     p.add_argument("--dtype", default="float16", help="stored dtype of the exported weights")
+    p.add_argument("--recipe", default="shipped", choices=sorted(RECIPES),
+                   help="shipped: the fmnist_l models of the embedded default (student with gsim.weighting=kl); "
+                        "small: the 2.16M fmnist models")
     p.add_argument("--config", action="append", default=[], metavar="STAGE=CONFIG",
-                   help="another config of a stage's family, e.g. teacher=configs/mar.py:fmnist_l (repeatable)")
+                   help="another config of a stage's family, e.g. teacher=configs/mar.py:fmnist (repeatable)")
     p.add_argument("--set", action="append", default=[], metavar="STAGE:KEY=VALUE",
                    help="config override of one stage, e.g. rl:train.num_steps=100 (repeatable)")
     a = p.parse_args(argv)
@@ -102,25 +114,30 @@ def main(argv=None) -> int:
     export = a.export or os.path.join(a.workdir, "export")
     os.makedirs(export, exist_ok=True)
     os.makedirs(a.workdir, exist_ok=True)
-    overrides: dict[str, list[str]] = {s: [] for s in STAGES}
+    variant, recipe_sets = RECIPES[a.recipe]
+    configs = {}
+    for item in a.config:
+        stage, _, spec = item.partition("=")
+        if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1]:
+            raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
+                            f"teacher={STAGES['teacher'][1]}:fmnist, got {item!r}")
+        configs[stage] = spec
+    # the recipe's overrides go with the recipe's configs (a stage given another --config gets none), --set after
+    overrides: dict[str, list[str]] = {}
+    for s, (_, config_file, _, _) in STAGES.items():
+        own = f"{config_file}:{variant}"
+        overrides[s] = [f"--config.{kv}" for kv in recipe_sets.get(s, ())] if configs.get(s, own) == own else []
     for item in a.set:
         stage, _, kv = item.partition(":")
         if stage not in STAGES or "=" not in kv:
             raise UserError(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
         overrides[stage].append(f"--config.{kv}")
-    configs = {}
-    for item in a.config:
-        stage, _, spec = item.partition("=")
-        if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1].split(":")[0]:
-            raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
-                            f"teacher={STAGES['teacher'][1].split(':')[0]}:fmnist_l, got {item!r}")
-        configs[stage] = spec
     given = {"teacher": a.teacher, "student": a.student}
     record_path = os.path.join(export, "stages.json")
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
     for stage in stages:
-        mode, config, weights_flag, prev = STAGES[stage]
-        config = configs.get(stage, config)
+        mode, config_file, weights_flag, prev = STAGES[stage]
+        config = configs.get(stage, f"{config_file}:{variant}")
         workdir = os.path.join(a.workdir, stage)
         cmd = [sys.executable, "-m", "marval_jax.main", f"--mode={mode}", f"--config={config}",
                f"--workdir={workdir}", *overrides[stage]]

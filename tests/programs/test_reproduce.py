@@ -27,6 +27,7 @@ def test_parse_budget():
     (["--set=rl:train.num_steps"], "--set wants STAGE:KEY=VALUE"),
     (["--stages=student"], "stage student needs the teacher weights: .*fmnist_teacher does not exist"),
     (["--stages=rl", "--student=/nonexistent/student"], "stage rl needs the student weights: /nonexistent/student"),
+    (["--config=student=configs/mar.py:fmnist"], "--config wants STAGE=.*configs/mar.py:fmnist"),
 ])
 def test_main_refuses_bad_arguments_before_running_anything(tmp_path, monkeypatch, args, message):
     def never(*a, **k):
@@ -91,7 +92,8 @@ def test_stages_export_and_record(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce.subprocess, "call", fake_call)
     w, e = str(tmp_path / "w"), str(tmp_path / "e")
     assert reproduce.main([f"--workdir={w}", f"--export={e}", "--stages=teacher,student", "--budget=teacher=7",
-                           "--set=student:train.num_steps=3", "--set=teacher:train.log_every=1"]) == 0
+                           "--set=student:train.num_steps=3", "--set=teacher:train.log_every=1",
+                           "--recipe=small"]) == 0
     (t_cmd, t_budget, t_log), (s_cmd, s_budget, _) = calls
     assert t_cmd[1:5] == ["-m", "marval_jax.main", "--mode=train", "--config=configs/mar.py:fmnist"]
     assert f"--workdir={w}/teacher" in t_cmd and "--config.train.log_every=1" in t_cmd
@@ -111,7 +113,7 @@ def test_stages_export_and_record(tmp_path, monkeypatch):
 
     # a rerun of one stage (resuming in the same workdir) adds its seconds; --student points rl at any directory
     assert reproduce.main([f"--workdir={w}", f"--export={e}", "--stages=teacher,rl", f"--student={e}/fmnist_student",
-                           "--dtype="]) == 0
+                           "--dtype=", "--recipe=small"]) == 0
     assert f"--config.student_ckpt={e}/fmnist_student" in calls[-1][0]
     assert exports[-1]["config"] == "configs/marval_rl.py:fmnist" and exports[-1]["dtype"] == ""
     with open(os.path.join(e, "stages.json")) as f:
@@ -127,3 +129,38 @@ def test_stages_export_and_record(tmp_path, monkeypatch):
     monkeypatch.setattr(reproduce, "run_stage", lambda *a: (9, 1.0, False))
     assert reproduce.main([f"--workdir={w}", f"--export={e}", "--stages=teacher,student"]) == 9
     assert len(exports) == n  # nothing exported after a failed stage
+
+
+def test_the_shipped_recipe_is_what_the_assets_hold(tmp_path, monkeypatch):
+    """The default recipe trains the embedded default's models: the fmnist_l configs (their model.json records
+    them), the student with the GSIM weighting it was distilled with (its stages.json command); a stage given
+    another --config drops the recipe's overrides, and --set comes after them (the later flag wins)."""
+    cmds = []
+
+    def fake_stage(cmd, budget_s, log_path):
+        cmds.append(cmd)
+        os.makedirs(next(c for c in cmd if c.startswith("--workdir=")).split("=", 1)[1], exist_ok=True)
+        return 0, 1.0, False
+
+    monkeypatch.setattr(reproduce, "run_stage", fake_stage)
+    monkeypatch.setattr(reproduce.subprocess, "call",
+                        lambda cmd, env=None, **k: os.makedirs(cmd[-2].split("=", 1)[1], exist_ok=True) or 0)
+    w, e = str(tmp_path / "w"), str(tmp_path / "e")
+    assert reproduce.main([f"--workdir={w}", f"--export={e}", "--set=student:gsim.t_min=200"]) == 0
+    teacher, student, rl = cmds
+    assert [c for c in teacher + student + rl if c.startswith("--config=")] == [
+        "--config=configs/mar.py:fmnist_l", "--config=configs/marval.py:fmnist_l", "--config=configs/marval_rl.py:fmnist_l"]
+    assert student.index("--config.gsim.weighting=kl") < student.index("--config.gsim.t_min=200")
+    assert not any("weighting" in c for c in teacher + rl)
+    with open(os.path.join(reproduce.__file__.rsplit("/marval_jax/", 1)[0], "marval_jax", "assets", "stages.json")) as f:
+        shipped = json.load(f)
+    assert "--config=configs/marval.py:fmnist_l" in shipped["student"]["command"]
+    assert "--config.gsim.weighting=kl" in shipped["student"]["command"]
+    cmds.clear()
+    assert reproduce.main([f"--workdir={w}2", f"--export={e}2", "--stages=teacher,student",
+                           "--config=student=configs/marval.py:fmnist"]) == 0
+    assert "--config=configs/marval.py:fmnist" in cmds[1] and not any("weighting" in c for c in cmds[1])
+    cmds.clear()  # naming the recipe's own config keeps its overrides
+    assert reproduce.main([f"--workdir={w}3", f"--export={e}3", "--stages=teacher,student",
+                           "--config=student=configs/marval.py:fmnist_l"]) == 0
+    assert "--config.gsim.weighting=kl" in cmds[1]
