@@ -88,6 +88,30 @@ def last_step(workdir: str) -> int | None:
     return json.loads(lines[-1])["step"] if lines else None
 
 
+def stage_configs(a) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """(config of each stage, its --config.key=value overrides) from --recipe, --config and --set. The recipe's
+    overrides go with the recipe's configs (a stage given another --config gets none); --set comes after them."""
+    variant, recipe_sets = RECIPES[a.recipe]
+    configs, overrides = {}, {}
+    for stage, (_, config_file, _, _) in STAGES.items():
+        configs[stage] = f"{config_file}:{variant}"
+    for item in a.config:
+        stage, _, spec = item.partition("=")
+        if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1]:
+            raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
+                            f"teacher={STAGES['teacher'][1]}:fmnist, got {item!r}")
+        configs[stage] = spec
+    for stage, (_, config_file, _, _) in STAGES.items():
+        own = configs[stage] == f"{config_file}:{variant}"
+        overrides[stage] = [f"--config.{kv}" for kv in recipe_sets.get(stage, ())] if own else []
+    for item in a.set:
+        stage, _, kv = item.partition(":")
+        if stage not in STAGES or "=" not in kv:
+            raise UserError(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
+        overrides[stage].append(f"--config.{kv}")
+    return configs, overrides
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m marval_jax.programs.reproduce", description=__doc__.split("\n")[0])
     add_verbose_flag(p)
@@ -111,33 +135,16 @@ def main(argv=None) -> int:
     if bad:
         raise UserError(f"unknown stage(s) {bad}; choose from {list(STAGES)}")
     budgets = parse_budget(a.budget)
+    configs, overrides = stage_configs(a)
     export = a.export or os.path.join(a.workdir, "export")
     os.makedirs(export, exist_ok=True)
     os.makedirs(a.workdir, exist_ok=True)
-    variant, recipe_sets = RECIPES[a.recipe]
-    configs = {}
-    for item in a.config:
-        stage, _, spec = item.partition("=")
-        if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1]:
-            raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
-                            f"teacher={STAGES['teacher'][1]}:fmnist, got {item!r}")
-        configs[stage] = spec
-    # the recipe's overrides go with the recipe's configs (a stage given another --config gets none), --set after
-    overrides: dict[str, list[str]] = {}
-    for s, (_, config_file, _, _) in STAGES.items():
-        own = f"{config_file}:{variant}"
-        overrides[s] = [f"--config.{kv}" for kv in recipe_sets.get(s, ())] if configs.get(s, own) == own else []
-    for item in a.set:
-        stage, _, kv = item.partition(":")
-        if stage not in STAGES or "=" not in kv:
-            raise UserError(f"--set wants STAGE:KEY=VALUE with a stage in {list(STAGES)}, got {item!r}")
-        overrides[stage].append(f"--config.{kv}")
     given = {"teacher": a.teacher, "student": a.student}
     record_path = os.path.join(export, "stages.json")
     record = json.load(open(record_path)) if os.path.exists(record_path) else {}
     for stage in stages:
-        mode, config_file, weights_flag, prev = STAGES[stage]
-        config = configs.get(stage, f"{config_file}:{variant}")
+        mode, _, weights_flag, prev = STAGES[stage]
+        config = configs[stage]
         workdir = os.path.join(a.workdir, stage)
         cmd = [sys.executable, "-m", "marval_jax.main", f"--mode={mode}", f"--config={config}",
                f"--workdir={workdir}", *overrides[stage]]
