@@ -92,18 +92,16 @@ def stage_configs(a) -> tuple[dict[str, str], dict[str, list[str]]]:
     """(config of each stage, its --config.key=value overrides) from --recipe, --config and --set. The recipe's
     overrides go with the recipe's configs (a stage given another --config gets none); --set comes after them."""
     variant, recipe_sets = RECIPES[a.recipe]
-    configs, overrides = {}, {}
-    for stage, (_, config_file, _, _) in STAGES.items():
-        configs[stage] = f"{config_file}:{variant}"
+    recipe = {stage: f"{config_file}:{variant}" for stage, (_, config_file, _, _) in STAGES.items()}
+    configs = dict(recipe)
     for item in a.config:
         stage, _, spec = item.partition("=")
         if stage not in STAGES or spec.split(":")[0] != STAGES[stage][1]:
             raise UserError(f"--config wants STAGE={{config of that stage's file}}, e.g. "
                             f"teacher={STAGES['teacher'][1]}:fmnist, got {item!r}")
         configs[stage] = spec
-    for stage, (_, config_file, _, _) in STAGES.items():
-        own = configs[stage] == f"{config_file}:{variant}"
-        overrides[stage] = [f"--config.{kv}" for kv in recipe_sets.get(stage, ())] if own else []
+    overrides = {stage: [f"--config.{kv}" for kv in recipe_sets.get(stage, ())] if configs[stage] == recipe[stage]
+                 else [] for stage in STAGES}
     for item in a.set:
         stage, _, kv = item.partition(":")
         if stage not in STAGES or "=" not in kv:
