@@ -213,9 +213,14 @@ def merge(a) -> int:
     each run's device and date kept as a segment. Curves of another protocol (config, samples, K, CFG) are refused:
     their FIDs do not line up."""
     curves = []
+    from etils import epath  # pylint: disable=import-outside-toplevel
     for path in a.curve:
-        with open(path) as f:
-            curves.append(json.load(f))
+        if not epath.Path(path).exists():
+            raise UserError(f"--curve={path} does not exist: give the JSON files of `reproduce_curve curve`")
+        try:
+            curves.append(json.loads(epath.Path(path).read_text()))
+        except json.JSONDecodeError as e:
+            raise UserError(f"--curve={path} is not a curve JSON ({e})") from e
     first = curves[0]
     for path, c in zip(a.curve[1:], curves[1:]):
         diff = [f"{k} {first.get(k)!r} vs {c.get(k)!r}" for k in PROTOCOL if c.get(k) != first.get(k)]

@@ -109,3 +109,8 @@ def test_merge_joins_continued_curves_by_step_and_refuses_another_protocol(tmp_p
     c.write_text(json.dumps({**proto, "rows": [row(2000, 49.0)]}))
     with pytest.raises(UserError, match="step 2000 is measured twice"):
         reproduce_curve.main(["merge", f"--curve={a}", f"--curve={c}", f"--out={out}"])
+    with pytest.raises(UserError, match="does not exist"):
+        reproduce_curve.main(["merge", f"--curve={a}", f"--curve={tmp_path / 'none.json'}", f"--out={out}"])
+    c.write_text("{ cut off")
+    with pytest.raises(UserError, match="is not a curve JSON"):
+        reproduce_curve.main(["merge", f"--curve={a}", f"--curve={c}", f"--out={out}"])
