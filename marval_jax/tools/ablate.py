@@ -648,7 +648,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         summary = ablate(a.base, a.sweep, steps=a.steps, eval_samples=a.eval_samples, out=a.out, sets=a.sets,
                          teacher=a.teacher, variants_file=a.variants, metric=a.metric, command=command)
-    if a.into and summary is not None:
+    if a.into and summary is not None and _is_writer():   # one process writes the page
         write_into(a.into, summary["rows"], command.replace(" --report_only", "") + f" --report_only --into={a.into}")
         print(f"ablate: wrote the table into {a.into}", flush=True)
     return 0
