@@ -74,9 +74,7 @@ def model_config(variant: str) -> mlc.ConfigDict:
                     encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32,
                     decoder_depth=1, decoder_num_heads=2, diffloss_d=1, diffloss_w=32, dtype="float32")
     elif variant == "fmnist_l":
-        base.update(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
-                    encoder_embed_dim=256, encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=256,
-                    decoder_depth=4, decoder_num_heads=8, diffloss_d=6, diffloss_w=384)
+        base.update(mar_lib.FMNIST_L)
     else:
         base.update(_IMAGENET, **_SIZES[variant])
     return mlc.ConfigDict(base)

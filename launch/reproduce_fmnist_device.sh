@@ -14,7 +14,8 @@
 #                 RL_S must cover the RL step's compile: ~85 s of the 89 s budget of 2026-12-06 went to it)
 #                 (STUDENT_SET="k=v k=v": --set overrides of the student, e.g. the ablation's best gsim.*;
 #                 RL_SET likewise for the RL student, e.g. "rl.regularizer=l2 rl.reg_weight=10";
-#                 RESULTS_S=0: no results run here, STAGE=results does it)
+#                 RESULTS_S=0: no results run here, STAGE=results does it; STUDENT_S=0: the RL student alone, from
+#                 the student exported by an earlier call of the same warm machine)
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
@@ -76,6 +77,7 @@ if [ "$STAGE" = distill ]; then
     ABLATE_PID=$!; export XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
   fi
   log "student $STUDENT_S s, rl $RL_S s"; STAGES=student,rl; [ "$RL_S" = 0 ] && STAGES=student   # RL_S=0: no RL
+  [ "$STUDENT_S" = 0 ] && STAGES=rl   # STUDENT_S=0: RL from the student an earlier call of this machine exported
   python3 -m marval_jax.programs.reproduce --workdir=$W --stages=$STAGES --config student=configs/marval.py:fmnist_l \
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
@@ -85,7 +87,7 @@ if [ "$STAGE" = distill ]; then
     stop_ablate_after ${ABLATE_WAIT_S:-120}; unset XLA_PYTHON_CLIENT_MEM_FRACTION
   fi
   [ "$RESULTS_S" != 0 ] && results
-  mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
+  mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl 2>/dev/null; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
   tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/results ] && echo results )   # one file: at most 8 come back
   (cd $W/export && tar -cf - fmnist_student $( [ -d fmnist_rl ] && echo fmnist_rl ) | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
   log done; exit 0

@@ -44,7 +44,8 @@ def _list(s: str) -> list[str]:
 def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m marval_jax.benchmarks", description=__doc__.split("\n")[0])
     add_verbose_flag(p)
-    p.add_argument("--models", default="base", help="comma list of base, large, huge")
+    p.add_argument("--models", default="base",
+                   help="comma list of base, large, huge, fmnist_l (the embedded default's MAR)")
     p.add_argument("--what", default=",".join(DEFAULT_WHAT),
                    help="comma list of " + ", ".join(WHAT) + " (block only when named)")
     p.add_argument("--batch", default="1,256", help="sampler batch sizes")

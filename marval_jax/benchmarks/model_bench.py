@@ -32,8 +32,10 @@ SIZES = mar_lib.RELEASED_SIZES
 TINY = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=4, class_num=10,
             encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, diffloss_d=1, diffloss_w=32)
-SAMPLE_CFG = {"base": 2.9, "large": 3.0, "huge": 3.2, "tiny": 2.9}
-REMAT = {"base": False, "large": True, "huge": True, "tiny": False}  # configs/mar.py: remat for large / huge
+# the samplers' CFG scale per model: the released models' (mar_reference.md), the shipped fmnist_l teacher's
+# (marval_jax/assets/sampling.json: 4.0)
+SAMPLE_CFG = {"base": 2.9, "large": 3.0, "huge": 3.2, "tiny": 2.9, "fmnist_l": 4.0}
+REMAT = {"base": False, "large": True, "huge": True, "tiny": False, "fmnist_l": False}  # configs/mar.py's
 MARGIN_S = 10.0            # added to every estimate (tracing, transfers)
 
 
@@ -41,8 +43,10 @@ def model_config(name: str) -> MARConfig:
     common = dict(mlp_ratio=4.0, attn_dropout=0.1, proj_dropout=0.1, label_drop_prob=0.1, dtype="bfloat16")
     if name == "tiny":
         return MARConfig(**common, **TINY, remat=False)
+    if name == "fmnist_l":
+        return MARConfig(**common, **mar_lib.FMNIST_L, remat=False)
     if name not in SIZES:
-        raise ValueError(f"--models takes base, large, huge (or tiny), got {name!r}")
+        raise ValueError(f"--models takes base, large, huge, fmnist_l (or tiny), got {name!r}")
     return MARConfig(**common, **IMAGENET, **SIZES[name], remat=REMAT[name])
 
 

@@ -383,6 +383,12 @@ RELEASED_SIZES = {
     "huge": dict(encoder_embed_dim=1280, encoder_depth=20, encoder_num_heads=16, decoder_embed_dim=1280,
                  decoder_depth=20, decoder_num_heads=16, diffloss_d=12, diffloss_w=1536),
 }
+# The embedded default's MAR (configs/mar.py:fmnist_l, docs/reproduction.md): Fashion-MNIST padded to 32x32, 4x4
+# pixel patches -> 64 tokens of 16 values; also a model of the benchmark suite (`--models fmnist_l`), where its
+# batch-1 sampler breakdown bounds the one-step speed-up (docs/results.md).
+FMNIST_L = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_size=16, class_num=10,
+                encoder_embed_dim=256, encoder_depth=4, encoder_num_heads=8, decoder_embed_dim=256, decoder_depth=4,
+                decoder_num_heads=8, diffloss_d=6, diffloss_w=384)
 
 
 def train_encoder_len(cfg: MARConfig, mask_ratio_min: float) -> int:

@@ -62,7 +62,7 @@ def test_sizes_match_configs():
     mlc = pytest.importorskip("ml_collections")
     del mlc
     from configs.mar import get_config
-    for variant in ("base", "large", "huge"):
+    for variant in ("base", "large", "huge", "fmnist_l"):   # fmnist_l: the embedded default's MAR
         ref = MARConfig.from_dict(get_config(variant).model.to_dict())
         assert suite.model_config(variant) == ref, variant
 
