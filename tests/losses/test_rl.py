@@ -281,9 +281,9 @@ def test_configs(variant):
         -1, True, 1.0, "none", 0.0)
     assert cfg.rl.prompt_template == "a high-quality and harmonious picture of {class}"
     assert cfg.generator.lr == (1e-6 if imagenet else 1e-5) and cfg.generator.trainable == "all"
-    # fmnist_l: EMA 0.99, so a budgeted run exports its trained weights (configs/marval_rl.py)
+    # fmnist_l: EMA 0.95, so a budgeted run of ~100 steps exports its trained weights (configs/marval_rl.py)
     assert (cfg.generator.b1, cfg.generator.b2, cfg.generator.grad_clip, cfg.generator.ema_decay) == (
-        0.0, 0.999, 1.0, 0.99 if variant == "fmnist_l" else 0.999)
+        0.0, 0.999, 1.0, 0.95 if variant == "fmnist_l" else 0.999)
     assert cfg.train.lr == cfg.generator.lr and cfg.train.b1 == 0.0
     with pytest.raises(AttributeError):
         cfg.rl.not_a_field = 1
