@@ -133,7 +133,8 @@ def test_stages_export_and_record(tmp_path, monkeypatch):
 
 def test_the_shipped_recipe_is_what_the_assets_hold(tmp_path, monkeypatch):
     """The default recipe trains the embedded default's models: the fmnist_l configs (their model.json records
-    them), the student with the GSIM weighting it was distilled with (its stages.json command); a stage given
+    them), the student with the GSIM weighting it was distilled with and the RL student with its regulariser (their
+    stages.json commands); a stage given
     another --config drops the recipe's overrides, and --set comes after them (the later flag wins)."""
     cmds = []
 
@@ -156,6 +157,8 @@ def test_the_shipped_recipe_is_what_the_assets_hold(tmp_path, monkeypatch):
         shipped = json.load(f)
     assert "--config=configs/marval.py:fmnist_l" in shipped["student"]["command"]
     assert "--config.gsim.weighting=kl" in shipped["student"]["command"]
+    for kv in ("--config.rl.regularizer=l2", "--config.rl.reg_weight=10"):   # the RL student's, likewise
+        assert kv in rl and kv in shipped["rl"]["command"], kv
     cmds.clear()
     assert reproduce.main([f"--workdir={w}2", f"--export={e}2", "--stages=teacher,student",
                            "--config=student=configs/marval.py:fmnist"]) == 0
