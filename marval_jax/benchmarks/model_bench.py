@@ -35,7 +35,7 @@ TINY = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_si
 # the samplers' CFG scale per model: the released models' (mar_reference.md), the shipped fmnist_l teacher's
 # (marval_jax/assets/sampling.json: 4.0)
 SAMPLE_CFG = {"base": 2.9, "large": 3.0, "huge": 3.2, "tiny": 2.9, "fmnist_l": 4.0}
-REMAT = {"base": False, "large": True, "huge": True, "tiny": False, "fmnist_l": False}  # configs/mar.py's
+REMAT = {"base": False, "large": True, "huge": True, "tiny": False, "fmnist_l": False}  # as configs/mar.py sets it
 MARGIN_S = 10.0            # added to every estimate (tracing, transfers)
 
 
