@@ -20,6 +20,7 @@ from marval_jax.models import mar as mar_lib
 from marval_jax.models.mar import MAR, MARConfig, train_encoder_len, unpatchify
 from marval_jax.models.transformer import Block, attention_core, cast_linear_params
 from marval_jax.parallel.compiler_options import gpu_compiler_options, jit_options
+from marval_jax.programs.demo import ASSETS as SHIPPED_ASSETS, best_teacher_cfg
 from marval_jax.sampling.ar_sampler import SamplerSpec, make_sampler, onestep_predictor, teacher_predictor
 from marval_jax.sampling.from_config import sampler_spec
 from marval_jax.sampling.schedule import ar_schedule, plan_segments
@@ -33,8 +34,8 @@ TINY = dict(img_size=32, vae_stride=4, patch_size=1, vae_embed_dim=16, buffer_si
             encoder_embed_dim=32, encoder_depth=1, encoder_num_heads=2, decoder_embed_dim=32, decoder_depth=1,
             decoder_num_heads=2, diffloss_d=1, diffloss_w=32)
 # the samplers' CFG scale per model: the released models' (mar_reference.md), the shipped fmnist_l teacher's
-# (marval_jax/assets/sampling.json: 4.0)
-SAMPLE_CFG = {"base": 2.9, "large": 3.0, "huge": 3.2, "tiny": 2.9, "fmnist_l": 4.0}
+# (marval_jax/assets/sampling.json, as the demo reads it)
+SAMPLE_CFG = {"base": 2.9, "large": 3.0, "huge": 3.2, "tiny": 2.9, "fmnist_l": best_teacher_cfg(SHIPPED_ASSETS)}
 REMAT = {"base": False, "large": True, "huge": True, "tiny": False, "fmnist_l": False}  # as configs/mar.py sets it
 MARGIN_S = 10.0            # added to every estimate (tracing, transfers)
 
