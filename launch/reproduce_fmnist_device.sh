@@ -13,7 +13,8 @@
 #                 RESULTS_ONLY=student,rl SWEEP=4.0: skip the teacher's sweep when its rows are already measured;
 #                 RL_S must cover the RL step's compile: ~85 s of the 89 s budget of 2026-12-06 went to it)
 #                 (STUDENT_SET="k=v k=v": --set overrides of the student, e.g. the ablation's best gsim.*;
-#                 RL_SET likewise for the RL student, e.g. "rl.regularizer=l2 rl.reg_weight=10";
+#                 RL_SET likewise for the RL student, e.g. "rl.reg_weight=3" (the shipped recipe of
+#                 programs/reproduce.py already sets the student's gsim.weighting=kl and the l2 regulariser);
 #                 RESULTS_S=0: no results run here, STAGE=results does it; STUDENT_S=0: the RL student alone, from
 #                 the student exported by an earlier call of the same warm machine)
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
@@ -57,7 +58,9 @@ if [ -d $X/carried/fmnist_teacher ] && [ ! -d $W/export/fmnist_teacher ] && [ "$
 fi
 TEACHER_INIT=${TEACHER_INIT:-$( [ -d $X/carried/fmnist_teacher ] && echo $X/carried/fmnist_teacher )}
 # the default locations every tool reads (data/raw_datasets.py, evaluation/inception.py): no per-tool flags
-mkdir -p /usr/share/datasets ~/.cache/marval_jax && ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist \
+# (a machine with Debian's package keeps its own files: ln -sfn onto a real directory would link inside it)
+mkdir -p /usr/share/datasets ~/.cache/marval_jax && { [ -d /usr/share/datasets/fashion-mnist ] \
+    || ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist; } \
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
 nvidia-smi --query-gpu=name --format=csv,noheader
 stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM (finished variants are kept)
@@ -78,6 +81,7 @@ if [ "$STAGE" = distill ]; then
   fi
   log "student $STUDENT_S s, rl $RL_S s"; STAGES=student,rl; [ "$RL_S" = 0 ] && STAGES=student   # RL_S=0: no RL
   [ "$STUDENT_S" = 0 ] && STAGES=rl   # STUDENT_S=0: RL from the student an earlier call of this machine exported
+  if [ "$STUDENT_S" = 0 ] && [ "$RL_S" = 0 ]; then echo "error: STUDENT_S=0 and RL_S=0: no stage to run" >&2; exit 2; fi
   python3 -m marval_jax.programs.reproduce --workdir=$W --stages=$STAGES --config student=configs/marval.py:fmnist_l \
       --config rl=configs/marval_rl.py:fmnist_l --budget=student=$STUDENT_S,rl=$RL_S \
       --set student:train.num_steps=100000 --set rl:train.num_steps=100000 \
