@@ -203,7 +203,7 @@ def run(a) -> int:
     ev = Evaluator(a.assets, a.inception, real_num=a.real_num)
     report = {"date": time.strftime("%Y-%m-%d"), "device": ev.jax.devices()[0].device_kind,
               "jax": ev.jax.__version__, "assets": str(a.assets), "num": a.num, "sweep_num": a.sweep_num,
-              "real_num": a.real_num, "rows": [], "skipped": []}
+              "real_num": a.real_num, "timing": not a.no_timing, "rows": [], "skipped": []}
     report["rows"], grids, best = _earlier(out, report)
     if best is not None:
         report["best_teacher_cfg"] = best
@@ -229,7 +229,7 @@ def run(a) -> int:
         t0 = time.time()
         try:
             row, grid = ev.measure(role, item["num_iter"], cfg_scale, item["num"], item.get("cache", "none"),
-                                   batch=a.batch, timing=item.get("timing", True))
+                                   batch=a.batch, timing=item.get("timing", True) and not a.no_timing)
         except Exception as e:  # pylint: disable=broad-except
             report["skipped"].append({"name": name, "why": f"{type(e).__name__}: {e}"[:500]})
             print(f"{name}: FAILED {type(e).__name__}: {e}", flush=True)
@@ -264,6 +264,8 @@ def main(argv=None) -> int:
     r.add_argument("--batch", type=int, default=256, help="generation batch (also the timed large batch)")
     r.add_argument("--cache", default="1,4", help="KV cache of the cache row (sample.kv_cache): r,R (approx with "
                    "these), approx (the config's r, R), exact (causal models) or none")
+    r.add_argument("--no-timing", action="store_true", help="quality columns only, no seconds per image (e.g. "
+                   "comparing two exports on a CPU, where the batch-256 timing alone takes minutes)")
     r.add_argument("--time-budget", type=float, default=0.0, help="skip settings once this many s are used")
     r.add_argument("--only", default="", help="comma list: run only rows whose name contains one of these, e.g. "
                    "'_cache,rl_K16' (teacher 'best' rows then use the first --sweep scale: pass --sweep=2.5)")

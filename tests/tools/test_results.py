@@ -123,6 +123,18 @@ def test_only_runs_the_named_rows(tmp_path, monkeypatch):
     assert [(c["role"], c["num_iter"], c["cache"]) for c in calls] == [("student", 64, "1,4"), ("rl", 8, "none")]
 
 
+def test_no_timing_measures_quality_only(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("student",), {})
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path, "--only=student_K64", "--no-timing") == 0
+    assert [(c["role"], c["cache"], c["timing"]) for c in calls] == [("student", "none", False),
+                                                                      ("student", "1,4", False)]
+    with open(tmp_path / "results_run.json") as f:
+        assert json.load(f)["timing"] is False
+
+
 def test_evaluator_without_any_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fmnist_teacher"):
         results.Evaluator(str(tmp_path), inception="")
