@@ -406,6 +406,13 @@ def table_markdown(rows: list[dict], header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def log_scale(curves: dict[str, list[tuple[int, float]]]) -> bool:
+    """A logarithmic y axis when the positive values span more than 4x: one diverging variant (squared L2's FID
+    of ~370 beside the others' ~40) would otherwise flatten every other curve into one line."""
+    ys = [y for pts in curves.values() for _, y in pts if np.isfinite(y)]
+    return bool(ys) and min(ys) > 0 and max(ys) > 4 * min(ys)
+
+
 def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: str) -> str:
     """One line per variant of `metric` over steps: matplotlib when installed ([docs] extra), else a plain PIL
     line plot (same data, no axis labels beyond the title and the legend)."""
@@ -420,7 +427,9 @@ def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: s
         if pts:
             ax.plot(*zip(*pts), marker=".", label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric + (" (log scale)" if log_scale(curves) else ""))
+    if log_scale(curves):
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()

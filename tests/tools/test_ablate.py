@@ -160,3 +160,10 @@ def test_into_writes_the_compact_table_between_the_markers(tmp_path):
         ablate_lib.write_into(str(tmp_path / "missing.md"), rows, "CMD")
     assert ablate_lib._sweep_args(["--base=b", "--into", "x.md", "--steps=1", "--into=y.md", "--report_only"]) == [
         "--base=b", "--steps=1", "--report_only"]
+
+
+def test_log_scale_only_when_the_curves_span_more_than_four_times():
+    assert ablate_lib.log_scale({"a": [(50, 40.0), (100, 35.0)], "diverged": [(50, 258.0), (100, 371.0)]})
+    assert not ablate_lib.log_scale({"a": [(50, 72.0), (150, 41.0)], "b": [(50, 67.0), (150, 43.0)]})
+    assert not ablate_lib.log_scale({"loss": [(1, -0.5), (2, 20.0)]})   # a non-positive value: linear
+    assert not ablate_lib.log_scale({"empty": []})
