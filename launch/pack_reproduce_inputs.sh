@@ -1,27 +1,37 @@
 #!/bin/bash
-# Packs the inputs of launch/reproduce_fmnist_device.sh (docs/reproduction.md, "What travels") into one tar split in
-# 25 MB chunks, .devstate/c0..cN (each with its part; the last also holds pack.sha), so that every accelerator call
-# stays under the 64 MiB transfer limit next to the checkout. Inputs:
+# Packs the inputs of launch/reproduce_fmnist_device.sh (docs/reproduction.md, "What travels") so that every
+# accelerator call stays under the 64 MiB transfer limit next to the checkout. Inputs:
 #   WHEELS     wheels the GPU host lacks (default .whl: grain, array_record, clu, tfds, ml_collections, tensorboardX,
 #              tqdm, ...; see docs/environment.md)
 #   RAW        the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist, Debian dataset-fashion-mnist)
 #   INCEPTION  the FID Inception weights (default ~/.cache/marval_jax/fid_inception.npz, from
 #              `python -m marval_jax.tools.convert_inception`), stored in float16 (docs/results.md, "FID network in
 #              float16": FID changes by 2.2e-4 relative)
+#   DEST       output directory (default .devstate)
+#   LEAN=1     only what an evaluation needs (the wheels, the Inception weights, the test split; ~56 MB): one tar,
+#              DEST/lean/lean.tar, that a call unpacks straight into /tmp/stash/x (reproduce_fmnist_device.sh then
+#              skips its unpacking). Default: everything, split in 25 MB chunks DEST/c0..cN (each with its part;
+#              the last also holds pack.sha), which earlier calls copy into /tmp/stash.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}; RAW=${RAW:-/usr/share/datasets/fashion-mnist}
-INCEPTION=${INCEPTION:-$HOME/.cache/marval_jax/fid_inception.npz}
+INCEPTION=${INCEPTION:-$HOME/.cache/marval_jax/fid_inception.npz}; DEST=${DEST:-.devstate}; LEAN=${LEAN:-0}
 for p in "$WHEELS" "$RAW" "$INCEPTION"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done
-pack=.devstate/pack && rm -rf .devstate && mkdir -p "$pack/whl" "$pack/fmnist"
-cp "$WHEELS"/*.whl "$pack/whl/" && cp "$RAW"/*-ubyte.gz "$pack/fmnist/"
-python - "$INCEPTION" "$pack/fid_inception.npz" <<'PY'
+pack=$DEST/pack && rm -rf "$pack" && mkdir -p "$pack/whl" "$pack/fmnist"
+cp "$WHEELS"/*.whl "$pack/whl/"
+if [ "$LEAN" = 1 ]; then cp "$RAW"/t10k-*-ubyte.gz "$pack/fmnist/"; else cp "$RAW"/*-ubyte.gz "$pack/fmnist/"; fi
+python3 - "$INCEPTION" "$pack/fid_inception.npz" <<'PY'
 import sys, numpy as np
 with np.load(sys.argv[1]) as z:
     np.savez_compressed(sys.argv[2], **{k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in z.items()})
 PY
-tar -cf .devstate/pack.tar -C "$pack" . && (cd .devstate && sha256sum pack.tar > pack.sha)
-split -b 25000000 -d -a 1 .devstate/pack.tar .devstate/chunk
-n=0; for c in .devstate/chunk?; do mkdir -p ".devstate/c$n" && mv "$c" ".devstate/c$n/chunk$n"; n=$((n + 1)); done
-cp .devstate/pack.sha ".devstate/c$((n - 1))/" && rm -rf "$pack" .devstate/pack.tar
-echo "packed $(du -sh .devstate | cut -f1) in $n chunks: .devstate/c0..c$((n - 1))"
+if [ "$LEAN" = 1 ]; then
+  rm -rf "$DEST/lean" && mkdir -p "$DEST/lean" && tar -cf "$DEST/lean/lean.tar" -C "$pack" . && rm -rf "$pack"
+  echo "packed $(du -sh "$DEST/lean" | cut -f1) in $DEST/lean/lean.tar"; exit 0
+fi
+rm -rf "$DEST"/c? "$DEST/pack.sha"
+tar -cf "$DEST/pack.tar" -C "$pack" . && (cd "$DEST" && sha256sum pack.tar > pack.sha)
+split -b 25000000 -d -a 1 "$DEST/pack.tar" "$DEST/chunk"
+n=0; for c in "$DEST"/chunk?; do mkdir -p "$DEST/c$n" && mv "$c" "$DEST/c$n/chunk$n"; n=$((n + 1)); done
+cp "$DEST/pack.sha" "$DEST/c$((n - 1))/" && rm -rf "$pack" "$DEST/pack.tar"
+echo "packed $(du -sch "$DEST"/c? | tail -1 | cut -f1) in $n chunks: $DEST/c0..c$((n - 1))"
