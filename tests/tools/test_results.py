@@ -133,6 +133,9 @@ def test_no_timing_measures_quality_only(tmp_path, monkeypatch):
                                                                       ("student", "1,4", False)]
     with open(tmp_path / "results_run.json") as f:
         assert json.load(f)["timing"] is False
+    # a timed run must not continue into it (its rows have no seconds per image)
+    with pytest.raises(UserError, match=r"another run \(timing False there, True here\)"):
+        _run(tmp_path, "--only=student_K64")
 
 
 def test_evaluator_without_any_weights_is_an_error(tmp_path):
