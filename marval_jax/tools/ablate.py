@@ -415,20 +415,21 @@ def log_scale(curves: dict[str, list[tuple[int, float]]]) -> bool:
 
 def plot_curves(curves: dict[str, list[tuple[int, float]]], metric: str, path: str) -> str:
     """One line per variant of `metric` over steps: matplotlib when installed ([docs] extra), else a plain PIL
-    line plot (same data, no axis labels beyond the title and the legend)."""
+    line plot (same data, no axis labels beyond the title and the legend). Both use a log axis under `log_scale`."""
+    log = log_scale(curves)
     try:
         import matplotlib  # pylint: disable=import-outside-toplevel
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
     except ImportError:
-        return _plot_pil(curves, metric, path)
+        return _plot_pil(curves, metric, path, log)
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for name, pts in curves.items():
         if pts:
             ax.plot(*zip(*pts), marker=".", label=name)
     ax.set_xlabel("step")
-    ax.set_ylabel(metric + (" (log scale)" if log_scale(curves) else ""))
-    if log_scale(curves):
+    ax.set_ylabel(metric + (" (log scale)" if log else ""))
+    if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
@@ -442,21 +443,22 @@ _COLORS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 1
            (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207)]
 
 
-def _plot_pil(curves, metric, path):
+def _plot_pil(curves, metric, path, log=False):
     from PIL import Image, ImageDraw  # pylint: disable=import-outside-toplevel
     w, h, left, top, bottom = 720, 420, 60, 30, 40
     right = 250
     img = Image.new("RGB", (w, h), "white")
     draw = ImageDraw.Draw(img)
     pts_all = [p for pts in curves.values() for p in pts if np.isfinite(p[1])]
-    draw.text((left, 8), f"{metric} over steps", fill="black")
+    draw.text((left, 8), f"{metric} over steps" + (" (log scale)" if log else ""), fill="black")
+    f = np.log10 if log else float   # the drawn coordinate; the labels keep the values
     if pts_all:
         xs, ys = [p[0] for p in pts_all], [p[1] for p in pts_all]
         x0, x1 = min(xs), max(max(xs), min(xs) + 1)
         y0, y1 = min(ys), max(ys)
         y1 = y1 if y1 > y0 else y0 + 1.0
         sx = lambda x: left + (x - x0) / (x1 - x0) * (w - left - right)
-        sy = lambda y: h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom)
+        sy = lambda y: h - bottom - (f(y) - f(y0)) / (f(y1) - f(y0)) * (h - top - bottom)
         draw.rectangle([left, top, w - right, h - bottom], outline="black")
         draw.text((left, h - bottom + 5), f"step {x0}", fill="black")
         draw.text((w - right - 60, h - bottom + 5), f"step {x1}", fill="black")

@@ -167,3 +167,11 @@ def test_log_scale_only_when_the_curves_span_more_than_four_times():
     assert not ablate_lib.log_scale({"a": [(50, 72.0), (150, 41.0)], "b": [(50, 67.0), (150, 43.0)]})
     assert not ablate_lib.log_scale({"loss": [(1, -0.5), (2, 20.0)]})   # a non-positive value: linear
     assert not ablate_lib.log_scale({"empty": []})
+
+
+def test_pil_fallback_draws_on_the_log_axis(tmp_path):
+    # 10 lies halfway between 1 and 100 on a log axis: the vertical middle of the frame (top 30, bottom 420 - 40)
+    curves = {"lo": [(0, 1.0)], "hi": [(0, 100.0)], "mid": [(1, 10.0)]}
+    path = ablate_lib._plot_pil(curves, "fid", str(tmp_path / "p.png"), log=ablate_lib.log_scale(curves))
+    with Image.open(path) as img:
+        assert img.convert("RGB").getpixel((720 - 250, (30 + 380) // 2)) == ablate_lib._COLORS[2]
