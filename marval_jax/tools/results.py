@@ -173,8 +173,9 @@ def _write_outputs(out: epath.Path, report: dict, grids: dict | None = None) -> 
         (out / "grids.npz").write_bytes(buf.getvalue())
 
 
-# what a run into an --out must share with the earlier run there, so that their rows can stand in one table
-SAME_RUN = ("device", "assets", "num", "sweep_num", "real_num", "timing")
+# what a run into an --out must share with the earlier run there, so that their rows can stand in one table; the
+# value is what a results_run.json written before that key existed meant (every run was timed before --no-timing)
+SAME_RUN = {"device": None, "assets": None, "num": None, "sweep_num": None, "real_num": None, "timing": True}
 
 
 def _earlier(out: epath.Path, report: dict) -> tuple[list, dict, float | None]:
@@ -185,8 +186,7 @@ def _earlier(out: epath.Path, report: dict) -> tuple[list, dict, float | None]:
     if not path.exists():
         return [], {}, None
     prev = json.loads(path.read_text())
-    theirs = {k: prev.get(k, True if k == "timing" else None) for k in SAME_RUN}  # timed before --no-timing
-    ours = {k: report[k] for k in SAME_RUN}
+    theirs, ours = {k: prev.get(k, old) for k, old in SAME_RUN.items()}, {k: report[k] for k in SAME_RUN}
     if theirs != ours:
         diff = ", ".join(f"{k} {theirs[k]!r} there, {ours[k]!r} here" for k in SAME_RUN if theirs[k] != ours[k])
         raise UserError(f"--out={out} holds the results of another run ({diff}); give another --out or remove "

@@ -138,6 +138,19 @@ def test_no_timing_measures_quality_only(tmp_path, monkeypatch):
         _run(tmp_path, "--only=student_K64")
 
 
+def test_a_results_file_from_before_no_timing_counts_as_timed(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("student",), {})
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    assert _run(tmp_path, "--only=student_K64_cfg1_cache") == 0
+    report = json.loads((tmp_path / "results_run.json").read_text())
+    del report["timing"]   # as written before the flag existed
+    (tmp_path / "results_run.json").write_text(json.dumps(report))
+    assert _run(tmp_path, "--only=student_K64") == 0   # continues: only the row not measured yet runs
+    assert [c["cache"] for c in calls] == ["1,4", "none"]
+
+
 def test_evaluator_without_any_weights_is_an_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no fmnist_teacher"):
         results.Evaluator(str(tmp_path), inception="")
