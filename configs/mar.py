@@ -19,6 +19,10 @@ Variants:
                         2048) in 4.88 of 16 GiB and v5p-128 at 8 (global 512) in 8.98 of 95 GiB; large fits
                         v5e-256 at 8 (global 2048) in 3.35 of 16 GiB (v5p-128 not compiled; the rows above put a
                         v5p chip within ~2x of a v5e chip at the same fsdp 16 and per-chip batch, with 6x the HBM)
+                        On one H100 80GB at a per-GPU batch of 128, base trains fastest within 45 GiB with
+                        `--config.model.remat_policy=dots_saveable --config.model.remat_blocks=3`: 629 img/s at a
+                        42.2 GiB allocator peak (no remat: 662 img/s, 48.3 GiB; the policy on every block: 590
+                        img/s, 27.7 GiB; docs/benchmarks.md "Round two's open rows on a fourth H100")
 
 Run:
   python -m marval_jax.main --mode=train --config=configs/mar.py:tiny --workdir=/tmp/mar_tiny
