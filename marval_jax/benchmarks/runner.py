@@ -102,9 +102,15 @@ def _lookup(table: dict, kind: str):
     return None
 
 
-# Compile-time guesses (s, one H200) before anything was measured; once a program of the same family compiled, 1.25 x
+# Compile-time guesses (s) before anything was measured in a run; once a program of the same family compiled, 1.25 x
 # the largest measured compile time of that family is used, else the guess scaled by the measured sampler compiles.
-COMPILE_GUESS_S = {"sample": 60.0, "kv": 90.0, "mar": 90.0, "gsim": 180.0, "rl": 150.0, "breakdown": 45.0,
+# The guesses are that same 1.25 x over MAR-B's largest compile of the family in docs/benchmarks/*.json (H200 and
+# H100, 2026-11-29 to 2026-12-07): samplers 38.2 s, KV-cached sampler 134.1, MAR training step at batch 128 89.2
+# (a remat row at batch 256 took 138.5: the first row of such a run may overrun by the difference), GSIM step 75.3,
+# RL step 191.8, breakdown 43.7 (block rows: ~2 s; 20 kept). An overestimate skips rows that would have fit (three
+# single-row calls of 2026-12-07 measured nothing under the older guesses), an underestimate lets a row run into the
+# hard limit.
+COMPILE_GUESS_S = {"sample": 48.0, "kv": 168.0, "mar": 112.0, "gsim": 94.0, "rl": 240.0, "breakdown": 55.0,
                    "block": 20.0}
 ASSUMED_MFU = 0.3          # run-time estimates before a measurement exists: this fraction of the dense peak
 CPU_FLOPS = 5e10           # ... or this rate when the peak is unknown (CPU)
