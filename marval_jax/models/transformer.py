@@ -198,13 +198,15 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, drop: float, rngs: nnx.Rngs, dtype: Any = jnp.float32):
-        self.drop = drop
+    def __init__(self, dim: int, hidden: int, *, drop: float, rngs: nnx.Rngs, dtype: Any = jnp.float32,
+                 recompute_gelu: bool = False):
+        self.drop, self.recompute_gelu = drop, recompute_gelu
         self.fc1 = dense(dim, hidden, rngs=rngs, dtype=dtype)
         self.fc2 = dense(hidden, dim, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        return self.finish(gelu_erf(self.fc1(x)), rng)
+        gelu = jax.checkpoint(gelu_erf, prevent_cse=False) if self.recompute_gelu else gelu_erf
+        return self.finish(gelu(self.fc1(x)), rng)
 
     def finish(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
         """The MLP after fc1 and GELU (the block's fused kernel computes those): dropout, fc2, dropout."""
@@ -219,29 +221,40 @@ KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
 class Block(nnx.Module):
-    """x += attn(norm1(x)); x += mlp(norm2(x))."""
+    """x += attn(norm1(x)); x += mlp(norm2(x)).
+
+    recompute_elementwise: the LayerNorms and the GELU run under jax.checkpoint, so a backward pass keeps only their
+    inputs and recomputes their float32 intermediates (per element: the GELU's exp, erfc and product, 12 bytes on a
+    4x-wide activation; each LayerNorm's centred and scaled values). Set for scanned stacks (model.scan_blocks):
+    there every value the backward pass reads is a stored loop output, where the unrolled program's fusions
+    recompute them anyway (docs/benchmarks.md, "Scanned blocks and their residuals"). Same values, same gradients.
+    Without CSE prevention (no optimization barriers): a scan body keeps the recomputation apart by itself."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
                  proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla",
-                 kernels: str = "xla"):
+                 kernels: str = "xla", recompute_elementwise: bool = False):
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        self.kernels = kernels
+        self.kernels, self.recompute_elementwise = kernels, recompute_elementwise
         self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype,
                               impl=attention_impl)
         self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype,
+                       recompute_gelu=recompute_elementwise)
+
+    def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
+        return checkpointed(norm, "per_block", x, prevent_cse=False) if self.recompute_elementwise else norm(x)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
                  cache: KVCache | None = None, cache_positions: jax.Array | None = None,
                  return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
         r_attn, r_mlp = _split_rng(rng, 2)
         if self.kernels == "xla":
-            h, cache = self.attn(self.norm1(x), mask=mask, rng=r_attn, cache=cache, cache_positions=cache_positions,
-                                 return_kv=return_kv)
+            h, cache = self.attn(self._norm(self.norm1, x), mask=mask, rng=r_attn, cache=cache,
+                                 cache_positions=cache_positions, return_kv=return_kv)
             x = x + h.astype(x.dtype)
-            return x + self.mlp(self.norm2(x), r_mlp).astype(x.dtype), cache
+            return x + self.mlp(self._norm(self.norm2, x), r_mlp).astype(x.dtype), cache
         h, cache = self.attn.attend(self._ln_linear(x, self.norm1, self.attn.qkv), mask=mask, rng=r_attn,
                                     cache=cache, cache_positions=cache_positions, return_kv=return_kv)
         x = x + h.astype(x.dtype)
@@ -273,14 +286,15 @@ def remat_policy_of(remat: bool | str) -> str:
     return remat
 
 
-def checkpointed(module: nnx.Module, policy: str, *args, **kwargs):
+def checkpointed(module: nnx.Module, policy: str, *args, prevent_cse: bool = True, **kwargs):
     """`module(*args, **kwargs)` under jax.checkpoint with the saving rule of REMAT_POLICIES' `policy` (not "none").
 
     jax.checkpoint of a pure function of the module's parameters (merged inside), not nnx.remat of the module:
     nnx.remat writes the module's state back after the call, which flax refuses when the module was merged in an
     outer trace, e.g. from parameters closed over by a lax.scan body (the RL AR loop with rl.remat off). The modules
     carry no mutable state (dropout takes explicit keys), so nothing is lost. Keyword arguments are static unless
-    they are arrays or pytrees of arrays (then they are traced arguments like *args)."""
+    they are arrays or pytrees of arrays (then they are traced arguments like *args). prevent_cse: jax.checkpoint's;
+    False inside a scan body, which cannot be CSE'd with the forward pass anyway (the barriers it adds cost speed)."""
     save = jax.checkpoint_policies.dots_saveable if policy == "dots_saveable" else None
     graphdef, state = nnx.split(module)
 
@@ -288,7 +302,8 @@ def checkpointed(module: nnx.Module, policy: str, *args, **kwargs):
         return nnx.merge(graphdef, state)(*args, **kwargs)
     static = {k: v for k, v in kwargs.items() if isinstance(v, (bool, str, int, float)) or v is None}
     dynamic = {k: v for k, v in kwargs.items() if k not in static}
-    return jax.checkpoint(lambda st, a, kw: call(st, a, dict(kw, **static)), policy=save)(state, args, dynamic)
+    return jax.checkpoint(lambda st, a, kw: call(st, a, dict(kw, **static)), policy=save,
+                          prevent_cse=prevent_cse)(state, args, dynamic)
 
 
 def run_blocks(blocks, x: jax.Array, *, mask=None, rng=None, caches: list[KVCache] | None = None,

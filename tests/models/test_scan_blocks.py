@@ -122,4 +122,32 @@ def test_one_scan_per_stack_with_one_block_in_its_body():
     per_block = 6  # qkv, q k^T, p v, proj, fc1, fc2
     assert [s[:2] for s in scanned[1:]] == [(cfg.encoder_depth, per_block), (cfg.decoder_depth, per_block)]
     assert scanned[0][1] == plain[0][1] - per_block * (cfg.encoder_depth + cfg.decoder_depth)
-    assert [s[2] for s in scanned[1:]] == [0, 0] and [s[2] for s in remat[1:]] == [1, 1]  # the policy in the body
+    # remat2 in the body: the two LayerNorms and the GELU (Block.recompute_elementwise), and the policy's around them
+    assert [s[2] for s in scanned[1:]] == [3, 3] and [s[2] for s in remat[1:]] == [4, 4]
+    assert plain[0][2] == 0  # the unrolled blocks recompute nothing
+
+
+def _residuals(cfg) -> tuple[int, list]:
+    """(bytes, arrays) the backward pass of the bfloat16 training loss keeps: the leaves of jax.vjp's function."""
+    model, _, _ = _fixture_model(False)
+    _, vjp = jax.vjp(_loss(dataclasses.replace(cfg, dtype="bfloat16")), nnx.state(model, nnx.Param))
+    leaves = jax.tree.leaves(vjp)
+    return sum(x.size * x.dtype.itemsize for x in leaves), leaves
+
+
+def test_scanned_blocks_keep_no_float32_gelu_intermediates():
+    """A scan stores every value its backward pass reads as a loop output (no fusion can recompute it), so the
+    scanned stacks recompute the LayerNorms and the GELU (Block.recompute_elementwise). Unrolled, jax's backward
+    keeps the GELU's float32 exp, erfc and product at the MLP's hidden width (12 bytes per element of a 4x-wide
+    activation; XLA's fusions drop them again on the GPU); scanned, none of them, and fewer bytes in all."""
+    _, cfg, _ = _fixture_model(False)
+    hidden = int(cfg.decoder_embed_dim * cfg.mlp_ratio)
+
+    def f32_hidden(leaves):  # activations (..., BATCH, T, hidden), stacked or not; not the (depth, D, hidden) kernels
+        return [x for x in leaves if x.dtype == jnp.float32 and x.ndim >= 3 and x.shape[-1] == hidden
+                and BATCH in x.shape[:-2]]
+    plain_bytes, plain = _residuals(_training_config(False))
+    scan_bytes, scanned = _residuals(_training_config(True))
+    assert len(f32_hidden(plain)) >= 3 * (cfg.encoder_depth + cfg.decoder_depth)  # the probe sees them unrolled
+    assert f32_hidden(scanned) == []
+    assert scan_bytes < plain_bytes
