@@ -9,13 +9,24 @@
 #              float16": FID changes by 2.2e-4 relative)
 #   DEST       output directory (default .devstate)
 #   LEAN=1     only what an evaluation needs (the wheels, the Inception weights, the test split; ~56 MB): one tar,
-#              DEST/lean/lean.tar, that a call unpacks straight into /tmp/stash/x (reproduce_fmnist_device.sh then
-#              skips its unpacking). Default: everything, split in 25 MB chunks DEST/c0..cN (each with its part;
-#              the last also holds pack.sha), which earlier calls copy into /tmp/stash.
+#              DEST/lean/lean.tar, that reproduce_fmnist_device.sh unpacks into /tmp/stash/x when the call carries
+#              it. Default: everything, split in 25 MB chunks DEST/c0..cN (each with its part; the last also holds
+#              pack.sha), which earlier calls copy into /tmp/stash.
+#   TRAIN=1    what training adds to LEAN's: the two training IDX files and the teacher export TEACHER (default
+#              marval_jax/assets/fmnist_teacher) as teacher.tar, in DEST/train (~50 MB). Carried by the call after
+#              the lean one, reproduce_fmnist_device.sh puts them in place: two calls instead of five chunks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}; RAW=${RAW:-/usr/share/datasets/fashion-mnist}
 INCEPTION=${INCEPTION:-$HOME/.cache/marval_jax/fid_inception.npz}; DEST=${DEST:-.devstate}; LEAN=${LEAN:-0}
+TRAIN=${TRAIN:-0}; TEACHER=${TEACHER:-marval_jax/assets/fmnist_teacher}
+if [ "$TRAIN" = 1 ]; then   # the export is stored as fmnist_teacher/, the name the device script's stages read
+  for p in "$RAW" "$TEACHER/params.npz"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done
+  rm -rf "$DEST/train" && mkdir -p "$DEST/train" && cp "$RAW"/train-*-ubyte.gz "$DEST/train/"
+  tar -cf "$DEST/train/teacher.tar" -C "$(dirname "$TEACHER")" --transform "s,^$(basename "$TEACHER"),fmnist_teacher," \
+      "$(basename "$TEACHER")"
+  echo "packed $(du -sh "$DEST/train" | cut -f1) in $DEST/train"; exit 0
+fi
 for p in "$WHEELS" "$RAW" "$INCEPTION"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done
 pack=$DEST/pack && rm -rf "$pack" && mkdir -p "$pack/whl" "$pack/fmnist"
 cp "$WHEELS"/*.whl "$pack/whl/"

@@ -1,7 +1,11 @@
 #!/bin/bash
 # One accelerator call of the Fashion-MNIST teacher reproduction (docs/reproduction.md "Teacher FID <= 20").
 # The inputs (FID Inception weights in float16, the Fashion-MNIST IDX files, the wheels) do not fit one call next to
-# the checkout, so earlier calls of the same warm machine left them, split, in /tmp/stash (chunk0..N + pack.sha).
+# the checkout, so earlier calls of the same warm machine left them, split, in /tmp/stash (chunk0..N + pack.sha),
+# or (launch/pack_reproduce_inputs.sh LEAN=1 / TRAIN=1) a call carried .devstate/lean (unpacked into /tmp/stash/x
+# when that does not exist yet) and a later call carries .devstate/train (the training files and teacher.tar, put in
+# place by every call that carries them).
+#   STAGE=unpack  only that: the inputs in place, the wheels installed (e.g. before a benchmark command)
 #   STAGE=first   unpack, data floor, train TEACHER_S seconds, FID curve of the kept checkpoints
 #                 (TEACHER_ROW=1: then the teacher's 10k-sample row at CFG SWEEP (4.0), RESULTS_S s at most;
 #                 CURVE_OFFSET: the steps of the carried teacher that TEACHER_INIT warm-starts from, e.g. 6222)
@@ -27,8 +31,11 @@
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
 STAGE=${STAGE:-first}; TEACHER_S=${TEACHER_S:-300}; CURVE_S=${CURVE_S:-120}
+case $STAGE in unpack|first|more|distill|results|ablate) ;;
+  *) echo "error: STAGE=$STAGE; one of unpack, first, more, distill, results, ablate" >&2; exit 2 ;; esac
 STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLATE_STEPS=${ABLATE_STEPS:-300}
-X=/tmp/stash/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l
+STASH=${STASH:-/tmp/stash}; X=$STASH/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l; SITE=${SITE:-/tmp/site}
+DATASETS=${DATASETS:-/usr/share/datasets}   # (STASH, SITE, DATASETS, HOME: other places for tests)
 log() { echo "[$(date +%T)] $*"; }
 ablate() {  # the GSIM variants on the exported teacher (resumable: finished variants are skipped)
   if [ -n "${ABLATE_SEED:-}" ] && [ ! -d $W/ablate/runs ]; then mkdir -p $W/ablate && cp -r $ABLATE_SEED/runs $W/ablate/; fi
@@ -41,27 +48,36 @@ pack_ablate() {
   (cd $W/ablate && tar -czf $OUT/ablate.tgz --ignore-failed-read plan.json ablation.md ablation.json *.png \
       runs/*/metrics.jsonl runs/*/*.json)
 }
+if [ ! -d $X ] && [ -f .devstate/lean/lean.tar ]; then
+  log "unpack .devstate/lean"; mkdir -p $X && tar -xf .devstate/lean/lean.tar -C $X || { rm -rf $X; exit 3; }
+fi
 if [ ! -d $X ]; then
-  log unpack; cat /tmp/stash/chunk? > /tmp/stash/pack.tar && (cd /tmp/stash && echo "$(cat pack.sha | cut -d' ' -f1)  pack.tar" | sha256sum -c -) || exit 3
-  mkdir -p $X && tar -xf /tmp/stash/pack.tar -C $X && rm /tmp/stash/pack.tar || exit 3
+  log unpack; cat $STASH/chunk? > $STASH/pack.tar && (cd $STASH && echo "$(cat pack.sha | cut -d' ' -f1)  pack.tar" | sha256sum -c -) || exit 3
+  mkdir -p $X && tar -xf $STASH/pack.tar -C $X && rm $STASH/pack.tar || exit 3
 fi
-if [ ! -d /tmp/site ]; then   # the checkout's carried .whl when present (newer than the packed copy)
+if [ -d .devstate/train ]; then   # carried training inputs: the IDX files beside the test split, the teacher export
+  log "inputs of .devstate/train"; cp .devstate/train/*-ubyte.gz $X/fmnist/ || exit 3
+  if [ -f .devstate/train/teacher.tar ]; then cp .devstate/train/teacher.tar $STASH/ && rm -rf $X/carried || exit 3; fi
+fi
+if [ ! -d $SITE ]; then   # the checkout's carried .whl when present (newer than the packed copy)
   WHL=$X/whl; [ -d .whl ] && WHL=.whl
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site $WHL/*.whl || exit 3
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $WHL/*.whl || exit 3
 fi
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-# a teacher export carried from an earlier session (.devstate/c4/teacher.tar -> /tmp/stash): the warm start of
-# STAGE=first (train.init_from: its weights, a fresh optimizer) and the teacher of STAGE=distill / ablate
-if [ -f /tmp/stash/teacher.tar ] && [ ! -d $X/carried ]; then mkdir -p $X/carried && tar -xf /tmp/stash/teacher.tar -C $X/carried; fi
+export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
+# a teacher export carried from an earlier session (.devstate/c4/teacher.tar or .devstate/train/teacher.tar ->
+# /tmp/stash): the warm start of STAGE=first (train.init_from: its weights, a fresh optimizer) and the teacher of
+# STAGE=distill / ablate
+if [ -f $STASH/teacher.tar ] && [ ! -d $X/carried ]; then mkdir -p $X/carried && tar -xf $STASH/teacher.tar -C $X/carried; fi
 if [ -d $X/carried/fmnist_teacher ] && [ ! -d $W/export/fmnist_teacher ] && [ "$STAGE" != first ]; then
   mkdir -p $W/export && cp -r $X/carried/fmnist_teacher $W/export/
 fi
 TEACHER_INIT=${TEACHER_INIT:-$( [ -d $X/carried/fmnist_teacher ] && echo $X/carried/fmnist_teacher )}
 # the default locations every tool reads (data/raw_datasets.py, evaluation/inception.py): no per-tool flags
 # (a machine with Debian's package keeps its own files: ln -sfn onto a real directory would link inside it)
-mkdir -p /usr/share/datasets ~/.cache/marval_jax && { [ -d /usr/share/datasets/fashion-mnist ] \
-    || ln -sfn $X/fmnist /usr/share/datasets/fashion-mnist; } \
+mkdir -p $DATASETS ~/.cache/marval_jax && { [ -d $DATASETS/fashion-mnist ] \
+    || ln -sfn $X/fmnist $DATASETS/fashion-mnist; } \
     && ln -sf $X/fid_inception.npz ~/.cache/marval_jax/fid_inception.npz
+[ "$STAGE" = unpack ] && { log "inputs in place: $(ls $X/fmnist | tr '\n' ' ')"; exit 0; }
 nvidia-smi --query-gpu=name --format=csv,noheader
 stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM (finished variants are kept)
   for _ in $(seq $1); do kill -0 $ABLATE_PID 2>/dev/null || break; sleep 1; done
