@@ -64,7 +64,7 @@ if [ ! -d $SITE ]; then   # the checkout's carried .whl when present (newer than
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target $SITE $WHL/*.whl || exit 3
 fi
 export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
-# a teacher export carried from an earlier session (.devstate/c4/teacher.tar or .devstate/train/teacher.tar ->
+# a teacher export carried from an earlier run (.devstate/c4/teacher.tar or .devstate/train/teacher.tar ->
 # /tmp/stash): the warm start of STAGE=first (train.init_from: its weights, a fresh optimizer) and the teacher of
 # STAGE=distill / ablate
 if [ -f $STASH/teacher.tar ] && [ ! -d $X/carried ]; then mkdir -p $X/carried && tar -xf $STASH/teacher.tar -C $X/carried; fi
