@@ -108,7 +108,7 @@ def _lookup(table: dict, kind: str):
 # H100, 2026-11-29 to 2026-12-07): samplers 38.2 s, KV-cached sampler 134.1, MAR training step at batch 128 89.2
 # (a remat row at batch 256 took 138.5: the first row of such a run may overrun by the difference), GSIM step 75.3,
 # RL step 191.8, breakdown 43.7 (block rows: ~2 s; 20 kept). An overestimate skips rows that would have fit (three
-# single-row calls of 2026-12-07 measured nothing under the older guesses), an underestimate lets a row run into the
+# calls of 2026-12-07 measured nothing under the older guesses), an underestimate lets a row run into the
 # hard limit.
 COMPILE_GUESS_S = {"sample": 48.0, "kv": 168.0, "mar": 112.0, "gsim": 94.0, "rl": 240.0, "breakdown": 55.0,
                    "block": 20.0}
