@@ -20,14 +20,15 @@ cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}; RAW=${RAW:-/usr/share/datasets/fashion-mnist}
 INCEPTION=${INCEPTION:-$HOME/.cache/marval_jax/fid_inception.npz}; DEST=${DEST:-.devstate}; LEAN=${LEAN:-0}
 TRAIN=${TRAIN:-0}; TEACHER=${TEACHER:-marval_jax/assets/fmnist_teacher}
+need() { for p in "$@"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done; }
 if [ "$TRAIN" = 1 ]; then   # the export is stored as fmnist_teacher/, the name the device script's stages read
-  for p in "$RAW" "$TEACHER/params.npz"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done
+  need "$RAW" "$TEACHER/params.npz"
   rm -rf "$DEST/train" && mkdir -p "$DEST/train" && cp "$RAW"/train-*-ubyte.gz "$DEST/train/"
   tar -cf "$DEST/train/teacher.tar" -C "$(dirname "$TEACHER")" --transform "s,^$(basename "$TEACHER"),fmnist_teacher," \
       "$(basename "$TEACHER")"
   echo "packed $(du -sh "$DEST/train" | cut -f1) in $DEST/train"; exit 0
 fi
-for p in "$WHEELS" "$RAW" "$INCEPTION"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done
+need "$WHEELS" "$RAW" "$INCEPTION"
 pack=$DEST/pack && rm -rf "$pack" && mkdir -p "$pack/whl" "$pack/fmnist"
 cp "$WHEELS"/*.whl "$pack/whl/"
 if [ "$LEAN" = 1 ]; then cp "$RAW"/t10k-*-ubyte.gz "$pack/fmnist/"; else cp "$RAW"/*-ubyte.gz "$pack/fmnist/"; fi
