@@ -51,6 +51,9 @@ pack_ablate() {
 if [ ! -d $X ] && [ -f .devstate/lean/lean.tar ]; then
   log "unpack .devstate/lean"; mkdir -p $X && tar -xf .devstate/lean/lean.tar -C $X || { rm -rf $X; exit 3; }
 fi
+if [ ! -d $X ] && ! ls $STASH/chunk? > /dev/null 2>&1; then
+  echo "error: no inputs in $STASH: carry .devstate/lean (first call) or the chunks .devstate/cN" >&2; exit 3
+fi
 if [ ! -d $X ]; then
   log unpack; cat $STASH/chunk? > $STASH/pack.tar && (cd $STASH && echo "$(cat pack.sha | cut -d' ' -f1)  pack.tar" | sha256sum -c -) || exit 3
   mkdir -p $X && tar -xf $STASH/pack.tar -C $X && rm $STASH/pack.tar || exit 3

@@ -76,6 +76,12 @@ def test_lean_then_train_carries_put_every_input_in_place(tmp_path):
     assert sorted(os.listdir(teacher)) == ["model.json", "params.npz"]
 
 
+def test_a_train_carry_without_the_lean_inputs_is_an_error_naming_them(tmp_path):
+    (tmp_path / "checkout" / ".devstate" / "train").mkdir(parents=True)
+    proc = _device(tmp_path / "checkout", tmp_path, "unpack")
+    assert proc.returncode == 3 and "carry .devstate/lean" in proc.stderr
+
+
 def test_an_unknown_stage_is_an_error_before_anything_runs(tmp_path):
     proc = _device(tmp_path, tmp_path, "unpak")
     assert proc.returncode == 2 and "STAGE=unpak" in proc.stderr
