@@ -209,7 +209,7 @@ class MAR(nnx.Module):
         dt = cfg.jnp_dtype
         de, dd, s, bf = cfg.encoder_embed_dim, cfg.decoder_embed_dim, cfg.seq_len, cfg.buffer_size
         drop = dict(attn_drop=cfg.attn_dropout, proj_drop=cfg.proj_dropout, attention_impl=cfg.attention_impl,
-                    kernels=cfg.kernels, recompute_elementwise=cfg.scan_blocks)
+                    kernels=cfg.kernels)
         self.class_emb = nnx.Embed(cfg.class_num, de, embedding_init=nnx.initializers.normal(0.02),
                                    param_dtype=jnp.float32, rngs=rngs)
         self.fake_latent = _param(rngs, (1, de))

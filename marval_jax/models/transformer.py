@@ -198,14 +198,13 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, dim: int, hidden: int, *, drop: float, rngs: nnx.Rngs, dtype: Any = jnp.float32,
-                 recompute_gelu: bool = False):
-        self.drop, self.recompute_gelu = drop, recompute_gelu
+    def __init__(self, dim: int, hidden: int, *, drop: float, rngs: nnx.Rngs, dtype: Any = jnp.float32):
+        self.drop = drop
         self.fc1 = dense(dim, hidden, rngs=rngs, dtype=dtype)
         self.fc2 = dense(hidden, dim, rngs=rngs, dtype=dtype)
 
-    def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-        gelu = jax.checkpoint(gelu_erf, prevent_cse=False) if self.recompute_gelu else gelu_erf
+    def __call__(self, x: jax.Array, rng: jax.Array | None = None, recompute_gelu: bool = False) -> jax.Array:
+        gelu = jax.checkpoint(gelu_erf, prevent_cse=False) if recompute_gelu else gelu_erf
         return self.finish(gelu(self.fc1(x)), rng)
 
     def finish(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -220,41 +219,42 @@ class Mlp(nnx.Module):
 KERNELS = ("xla", "pallas", "pallas_interpret")
 
 
+def _norm(norm: nnx.LayerNorm, x: jax.Array, recompute: bool) -> jax.Array:
+    return checkpointed(norm, "per_block", x, prevent_cse=False) if recompute else norm(x)
+
+
 class Block(nnx.Module):
     """x += attn(norm1(x)); x += mlp(norm2(x)).
 
-    recompute_elementwise: the LayerNorms and the GELU run under jax.checkpoint, so a backward pass keeps only their
-    inputs and recomputes their float32 intermediates (per element: the GELU's exp, erfc and product, 12 bytes on a
-    4x-wide activation; each LayerNorm's centred and scaled values). Set for scanned stacks (model.scan_blocks):
-    there every value the backward pass reads is a stored loop output, where the unrolled program's fusions
+    recompute_elementwise (a call argument): the LayerNorms and the GELU run under jax.checkpoint, so a backward pass
+    keeps only their inputs and recomputes their float32 intermediates (per element: the GELU's exp, erfc and
+    product, 12 bytes on a 4x-wide activation; each LayerNorm's centred and scaled values). `scan_blocks` sets it:
+    in a scan body every value the backward pass reads is a stored loop output, where the unrolled program's fusions
     recompute them anyway (docs/benchmarks.md, "Scanned blocks and their residuals"). Same values, same gradients.
     Without CSE prevention (no optimization barriers): a scan body keeps the recomputation apart by itself."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
                  proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla",
-                 kernels: str = "xla", recompute_elementwise: bool = False):
+                 kernels: str = "xla"):
         if kernels not in KERNELS:
             raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
-        self.kernels, self.recompute_elementwise = kernels, recompute_elementwise
+        self.kernels = kernels
         self.norm1 = layer_norm(dim, rngs=rngs, dtype=dtype)
         self.attn = Attention(dim, num_heads, attn_drop=attn_drop, proj_drop=proj_drop, rngs=rngs, dtype=dtype,
                               impl=attention_impl)
         self.norm2 = layer_norm(dim, rngs=rngs, dtype=dtype)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype,
-                       recompute_gelu=recompute_elementwise)
-
-    def _norm(self, norm: nnx.LayerNorm, x: jax.Array) -> jax.Array:
-        return checkpointed(norm, "per_block", x, prevent_cse=False) if self.recompute_elementwise else norm(x)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop, rngs=rngs, dtype=dtype)
 
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None, rng: jax.Array | None = None,
                  cache: KVCache | None = None, cache_positions: jax.Array | None = None,
-                 return_kv: bool = False) -> tuple[jax.Array, KVCache | None]:
+                 return_kv: bool = False, recompute_elementwise: bool = False) -> tuple[jax.Array, KVCache | None]:
         r_attn, r_mlp = _split_rng(rng, 2)
         if self.kernels == "xla":
-            h, cache = self.attn(self._norm(self.norm1, x), mask=mask, rng=r_attn, cache=cache,
+            h, cache = self.attn(_norm(self.norm1, x, recompute_elementwise), mask=mask, rng=r_attn, cache=cache,
                                  cache_positions=cache_positions, return_kv=return_kv)
             x = x + h.astype(x.dtype)
-            return x + self.mlp(self._norm(self.norm2, x), r_mlp).astype(x.dtype), cache
+            h = self.mlp(_norm(self.norm2, x, recompute_elementwise), r_mlp, recompute_gelu=recompute_elementwise)
+            return x + h.astype(x.dtype), cache
         h, cache = self.attn.attend(self._ln_linear(x, self.norm1, self.attn.qkv), mask=mask, rng=r_attn,
                                     cache=cache, cache_positions=cache_positions, return_kv=return_kv)
         x = x + h.astype(x.dtype)
@@ -360,8 +360,8 @@ def scan_blocks(blocks, x: jax.Array, *, mask=None, rng=None, remat: str = "none
         r = None if rng is None else jax.random.fold_in(rng, i)
         block = nnx.merge(graphdef, state)
         if remat != "none":
-            return checkpointed(block, remat, x, mask=mask, rng=r, return_kv=return_kv)
-        return block(x, mask=mask, rng=r, return_kv=return_kv)
+            return checkpointed(block, remat, x, mask=mask, rng=r, return_kv=return_kv, recompute_elementwise=True)
+        return block(x, mask=mask, rng=r, return_kv=return_kv, recompute_elementwise=True)
 
     x, kv = jax.lax.scan(body, x, (stacked, jnp.arange(first, first + len(blocks), dtype=jnp.uint32)))
     return x, ([jax.tree.map(lambda a, i=i: a[i], kv) for i in range(len(blocks))] if return_kv else None)

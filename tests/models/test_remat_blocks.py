@@ -36,13 +36,20 @@ def _loss(graphdef, x, rng, **kw):
     return loss
 
 
+def _has_matmul(j) -> bool:
+    return any(e.primitive.name == "dot_general" or any(_has_matmul(s) for s in jax.extend.core.jaxprs_in_params(
+        e.params)) for e in j.eqns)
+
+
 def _checkpoints(fn, *args) -> int:
+    """Checkpoints of whole blocks (with matmuls inside), not the LayerNorm / GELU ones of a scan body."""
     count = 0
 
     def walk(j):
         nonlocal count
         for eqn in j.eqns:
-            count += eqn.primitive.name == "remat2"
+            count += eqn.primitive.name == "remat2" and any(
+                _has_matmul(s) for s in jax.extend.core.jaxprs_in_params(eqn.params))
             for sub in jax.extend.core.jaxprs_in_params(eqn.params):
                 walk(sub)
     walk(jax.make_jaxpr(fn)(*args).jaxpr)
