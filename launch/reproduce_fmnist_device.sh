@@ -21,6 +21,11 @@
 #                 programs/reproduce.py already sets the student's gsim.weighting=kl and the l2 regulariser);
 #                 RESULTS_S=0: no results run here, STAGE=results does it; STUDENT_S=0: the RL student alone, from
 #                 the student exported by an earlier call of the same warm machine)
+#   STAGE=variants  KL students side by side from the carried teacher (VARIANTS="NAME:k=v,k=v NAME2:k=v": one
+#                 student per NAME with those --set overrides of the shipped recipe, VARIANT_S s each; ABLATE_PAR=1:
+#                 the ablation beside them, stopped when they end), then each one's 10k-sample row (K 64, one step,
+#                 --no-timing: the GPU is shared, so no speed); variants.tgz: each one's metrics, stages.json and row.
+#                 An export stays in $W/variants/NAME/export/fmnist_student for RL by a later call of the machine
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
@@ -31,8 +36,18 @@
 # exported float16 teacher split in 15 MB pieces (teacher.tar.partN).
 set -uo pipefail
 STAGE=${STAGE:-first}; TEACHER_S=${TEACHER_S:-300}; CURVE_S=${CURVE_S:-120}
-case $STAGE in unpack|first|more|distill|results|ablate) ;;
-  *) echo "error: STAGE=$STAGE; one of unpack, first, more, distill, results, ablate" >&2; exit 2 ;; esac
+case $STAGE in unpack|first|more|distill|variants|results|ablate) ;;
+  *) echo "error: STAGE=$STAGE; one of unpack, first, more, distill, variants, results, ablate" >&2; exit 2 ;; esac
+if [ "$STAGE" = variants ]; then   # checked before anything runs: a typo must not cost a device call's setup
+  [ -n "${VARIANTS:-}" ] || { echo "error: STAGE=variants needs VARIANTS=\"NAME:k=v,k=v NAME2:k=v\"" >&2; exit 2; }
+  for v in $VARIANTS; do
+    [[ $v =~ ^[A-Za-z0-9_]+:[A-Za-z0-9_.]+=[^,]+(,[A-Za-z0-9_.]+=[^,]+)*$ ]] \
+      || { echo "error: VARIANTS entry '$v' is not NAME:key=value[,key=value...]" >&2; exit 2; }
+  done
+  names=$(for v in $VARIANTS; do echo "${v%%:*}"; done)
+  [ "$(echo "$names" | sort -u | wc -l)" = "$(echo "$names" | wc -l)" ] \
+    || { echo "error: VARIANTS names repeat: $(echo $names)" >&2; exit 2; }
+fi
 STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLATE_STEPS=${ABLATE_STEPS:-300}
 STASH=${STASH:-/tmp/stash}; X=$STASH/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l; SITE=${SITE:-/tmp/site}
 DATASETS=${DATASETS:-/usr/share/datasets}   # (STASH, SITE, DATASETS, HOME: other places for tests)
@@ -113,6 +128,32 @@ if [ "$STAGE" = distill ]; then
   mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl 2>/dev/null; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
   tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/results ] && echo results )   # one file: at most 8 come back
   (cd $W/export && tar -cf - fmnist_student $( [ -d fmnist_rl ] && echo fmnist_rl ) | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
+  log done; exit 0
+fi
+if [ "$STAGE" = variants ]; then
+  n=$(echo $VARIANTS | wc -w); share=$(awk "BEGIN{printf \"%.2f\", 0.85 / ($n + ${ABLATE_PAR:-0})}")
+  if [ "${ABLATE_PAR:-0}" = 1 ]; then
+    log "ablate in the background"; XLA_PYTHON_CLIENT_MEM_FRACTION=$share ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
+  fi
+  pids=()
+  for v in $VARIANTS; do
+    name=${v%%:*}; mkdir -p $W/variants/$name; log "student $name (${v#*:}) ${VARIANT_S:-400} s"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$share python3 -m marval_jax.programs.reproduce --workdir=$W/variants/$name \
+        --stages=student --teacher=$W/export/fmnist_teacher --config student=configs/marval.py:fmnist_l \
+        --budget=student=${VARIANT_S:-400} --set student:train.num_steps=100000 --set student:train.sample_every=0 \
+        $(IFS=,; for kv in ${v#*:}; do echo --set student:$kv; done) \
+        > $W/variants/$name.log 2>&1 &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  [ -n "${ABLATE_PID:-}" ] && stop_ablate_after 0
+  for v in $VARIANTS; do   # one after another: each row alone on the GPU
+    name=${v%%:*}; log "row of $name"
+    python3 -m marval_jax.tools.results run --assets=$W/variants/$name/export --out=$W/variants/$name/results \
+        --only=student_K64_cfg1 --no-timing > $W/variants/$name.results.log 2>&1 || log "row of $name failed"
+  done
+  (cd $W/variants && tar -czf $OUT/variants.tgz --ignore-failed-read *.log */export/stages.json \
+      */student/metrics.jsonl */results)
   log done; exit 0
 fi
 if [ "$STAGE" = results ]; then

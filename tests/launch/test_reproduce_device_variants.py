@@ -1,0 +1,41 @@
+"""STAGE=variants of launch/reproduce_fmnist_device.sh checks VARIANTS before anything runs: a malformed entry or a
+repeated name is an error naming it, with no stash, wheel install or training started (a device call's setup is
+minutes of a limited budget)."""
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _variants(tmp_path, variants: str | None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, STAGE="variants", STASH=str(tmp_path / "stash"), SITE=str(tmp_path / "site"),
+               DATASETS=str(tmp_path / "datasets"), HOME=str(tmp_path / "home"))
+    env.pop("VARIANTS", None)
+    if variants is not None:
+        env["VARIANTS"] = variants
+    return subprocess.run(["bash", os.path.join(ROOT, "launch", "reproduce_fmnist_device.sh")], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("variants, message", [
+    (None, "needs VARIANTS="),
+    ("g15", "'g15' is not NAME:key=value"),
+    ("g15:gsim.guidance_scale", "'g15:gsim.guidance_scale' is not NAME:key=value"),
+    ("g15:gsim.guidance_scale=1.5,", "'g15:gsim.guidance_scale=1.5,' is not NAME:key=value"),
+    ("g/15:gsim.guidance_scale=1.5", "'g/15:gsim.guidance_scale=1.5' is not NAME:key=value"),
+    ("a:gsim.t_min=200 a:generator.lr=1e-4", "names repeat: a a"),
+])
+def test_bad_variants_are_errors_before_anything_runs(tmp_path, variants, message):
+    proc = _variants(tmp_path, variants)
+    assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    assert not (tmp_path / "stash").exists() and not (tmp_path / "site").exists()
+
+
+def test_well_formed_variants_pass_the_check(tmp_path):
+    """Past the check the script looks for its inputs: with none carried that is exit 3, not the check's 2."""
+    proc = _variants(tmp_path, "g15:gsim.guidance_scale=1.5 lr1e4:generator.lr=1e-4,fake_score.lr=1e-4")
+    assert proc.returncode == 3 and "carry .devstate/lean" in proc.stderr, proc.stderr
