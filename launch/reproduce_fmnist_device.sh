@@ -24,7 +24,7 @@
 #   STAGE=variants  KL students side by side from the carried teacher (VARIANTS="NAME:k=v,k=v NAME2:k=v": one
 #                 student per NAME with those --set overrides of the shipped recipe, VARIANT_S s each; ABLATE_PAR=1:
 #                 the ablation beside them, stopped when they end), then each one's 10k-sample row (K 64, one step,
-#                 --no-timing: the GPU is shared, so no speed); variants.tgz: each one's metrics, stages.json and row.
+#                 --no-timing: the rows share the GPU too, so no speed); variants.tgz: each one's metrics, stages.json and row.
 #                 An export stays in $W/variants/NAME/export/fmnist_student for RL by a later call of the machine
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
@@ -147,11 +147,15 @@ if [ "$STAGE" = variants ]; then
   done
   wait "${pids[@]}"
   [ -n "${ABLATE_PID:-}" ] && stop_ablate_after 0
-  for v in $VARIANTS; do   # one after another: each row alone on the GPU
+  share=$(awk "BEGIN{printf \"%.2f\", 0.85 / $n}"); pids=()
+  for v in $VARIANTS; do   # side by side too: quality columns only, so they may share the GPU
     name=${v%%:*}; log "row of $name"
-    python3 -m marval_jax.tools.results run --assets=$W/variants/$name/export --out=$W/variants/$name/results \
-        --only=student_K64_cfg1 --no-timing > $W/variants/$name.results.log 2>&1 || log "row of $name failed"
+    XLA_PYTHON_CLIENT_MEM_FRACTION=$share python3 -m marval_jax.tools.results run --no-timing \
+        --assets=$W/variants/$name/export --out=$W/variants/$name/results --only=student_K64_cfg1 \
+        > $W/variants/$name.results.log 2>&1 &
+    pids+=($!)
   done
+  wait "${pids[@]}"
   (cd $W/variants && tar -czf $OUT/variants.tgz --ignore-failed-read *.log */export/stages.json \
       */student/metrics.jsonl */results)
   log done; exit 0
