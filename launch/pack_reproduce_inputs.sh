@@ -2,7 +2,7 @@
 # Packs the inputs of launch/reproduce_fmnist_device.sh (docs/reproduction.md, "What travels") so that every
 # accelerator call stays under the 64 MiB transfer limit next to the checkout. Inputs:
 #   WHEELS     wheels the GPU host lacks (default .whl: grain, array_record, clu, tfds, ml_collections, tensorboardX,
-#              tqdm, ...; see docs/environment.md)
+#              ...; `bash launch/fetch_device_wheels.sh` downloads them)
 #   RAW        the Fashion-MNIST IDX files (default /usr/share/datasets/fashion-mnist, Debian dataset-fashion-mnist)
 #   INCEPTION  the FID Inception weights (default ~/.cache/marval_jax/fid_inception.npz, from
 #              `python -m marval_jax.tools.convert_inception`), stored in float16 (docs/results.md, "FID network in
@@ -28,7 +28,10 @@ if [ "$TRAIN" = 1 ]; then   # the export is stored as fmnist_teacher/, the name 
       "$(basename "$TEACHER")"
   echo "packed $(du -sh "$DEST/train" | cut -f1) in $DEST/train"; exit 0
 fi
-need "$WHEELS" "$RAW" "$INCEPTION"
+[ -d "$WHEELS" ] || { echo "error: $WHEELS not found: bash launch/fetch_device_wheels.sh downloads it" >&2; exit 2; }
+[ -e "$INCEPTION" ] || { echo "error: $INCEPTION not found: python -m marval_jax.tools.convert_inception writes it" >&2
+  exit 2; }
+need "$RAW"
 pack=$DEST/pack && rm -rf "$pack" && mkdir -p "$pack/whl" "$pack/fmnist"
 cp "$WHEELS"/*.whl "$pack/whl/"
 if [ "$LEAN" = 1 ]; then cp "$RAW"/t10k-*-ubyte.gz "$pack/fmnist/"; else cp "$RAW"/*-ubyte.gz "$pack/fmnist/"; fi

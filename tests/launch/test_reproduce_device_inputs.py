@@ -95,3 +95,15 @@ def test_train_pack_without_the_teacher_is_an_error_naming_it(tmp_path):
     proc = subprocess.run(["bash", "launch/pack_reproduce_inputs.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "none/params.npz not found" in proc.stderr
+
+
+def test_pack_without_wheels_or_inception_names_the_command_that_makes_them(tmp_path):
+    (tmp_path / "raw").mkdir()
+    (tmp_path / "whl").mkdir()
+    base = dict(os.environ, RAW=str(tmp_path / "raw"), LEAN="1", DEST=str(tmp_path / "out"))
+    for extra, message in ((dict(WHEELS=str(tmp_path / "none")), "fetch_device_wheels.sh downloads it"),
+                           (dict(WHEELS=str(tmp_path / "whl"), INCEPTION=str(tmp_path / "none.npz")),
+                            "convert_inception writes it")):
+        proc = subprocess.run(["bash", "launch/pack_reproduce_inputs.sh"], cwd=ROOT, env=dict(base, **extra),
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
