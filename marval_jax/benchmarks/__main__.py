@@ -79,6 +79,9 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--scan-blocks", action="store_true",
                    help="model.scan_blocks for every row: encoder and decoder blocks as one jax.lax.scan each (one "
                         "block body compiled per stack; compare the rows' compile times with a run without it)")
+    p.add_argument("--num-buckets", type=int, default=None,
+                   help="encoder-length buckets of every AR loop, the samplers' and the RL step's (sample.num_buckets; "
+                        "default 4): fewer compiled loop bodies, more padded positions")
     p.add_argument("--attention-impl", default=None,
                    help="model.attention_impl for every row (default: the config's, 'auto'); 'flash' times the "
                         "training rows with the Pallas flash attention and its in-kernel dropout (docs/kernels.md)")
@@ -132,13 +135,16 @@ def main(argv=None) -> int:
     if a.block_batch < 1 or a.block_calls < 1:
         raise UserError(f"--block-batch and --block-calls take positive integers, got {a.block_batch}, "
                          f"{a.block_calls}")
+    if a.num_buckets is not None and a.num_buckets < 1:
+        raise UserError(f"--num-buckets takes a positive integer, got {a.num_buckets}")
     kv_approx = tuple(int(x) for x in _list(a.kv_approx))
     if len(kv_approx) != 2 or kv_approx[0] < 0 or kv_approx[1] < 1:
         raise UserError(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
     rows = _rows(a.rows, suite.row_names(what, steps), what)
     common = dict(what=what, out=a.out, table=a.table, train_steps=steps, time_budget_s=a.time_budget,
                   t_init=a.t_init, kv_approx=kv_approx, rows=rows, plan=a.plan, scan_blocks=a.scan_blocks,
-                  attention_impl=a.attention_impl, kernels=a.kernels, remat_blocks=a.remat_blocks)
+                  attention_impl=a.attention_impl, kernels=a.kernels, remat_blocks=a.remat_blocks,
+                  **({} if a.num_buckets is None else {"num_buckets": a.num_buckets}))
     batches = [int(b) for b in _list(a.batch)]
     if a.quick:
         settings = suite.Settings.quick_settings(batches=batches, **common)

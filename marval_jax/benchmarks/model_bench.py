@@ -499,8 +499,9 @@ class ModelBench:
         from marval_jax.train.optimizer import make_optimizer
         cfg, graphdef = self.cfg, self.graphdef
         rl_cfg = SimpleNamespace(num_iter=self.s.rl_num_iter, backprop_steps=-1, remat=remat, reward_scale=1.0,
-                                 regularizer="none", reg_weight=0.0, prompt_template="a photo of a {class}",
-                                 num_buckets=self.s.num_buckets)
+                                 regularizer="none", reg_weight=0.0, prompt_template="a photo of a {class}")
+        # the loop's buckets as the flop count below assumes (without a spec the loss takes SamplerSpec's default)
+        spec = sampler_spec(rl_cfg.num_iter, num_buckets=self.s.num_buckets, iter_field="rl.num_iter")
         gen_cfg = SimpleNamespace(t_init=self.s.t_init, trainable="all")
 
         def decode(tokens):  # stand-in for the frozen tokenizer: latent image NHWC
@@ -510,7 +511,7 @@ class ModelBench:
             del labels
             return -jnp.mean(jnp.square(jnp.tanh(images) - 0.5), axis=(1, 2, 3))
 
-        loss_fn = make_rl_loss(rl_cfg, gen_cfg, cfg, decode, reward)
+        loss_fn = make_rl_loss(rl_cfg, gen_cfg, cfg, decode, reward, spec=spec)
         tx = make_optimizer(1e-6, warmup_steps=0, total_steps=1000)
         gen = copy_tree(self.state)
         state = {"gen": gen, "opt": tx.init(gen), "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(8)}
@@ -528,7 +529,8 @@ class ModelBench:
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
         entry["flops_detail"] = fl
-        entry["settings"] = dict(vars(rl_cfg), t_init=self.s.t_init, model_remat=cfg.remat,
+        entry["settings"] = dict(vars(rl_cfg), num_buckets=spec.num_buckets, loop_bodies=len(loss_fn.plan.pieces),
+                                 t_init=self.s.t_init, model_remat=cfg.remat,
                                  reward="stand-in (reshape decode + closed-form reward); reward model not timed")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
 

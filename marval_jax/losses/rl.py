@@ -158,6 +158,7 @@ def make_rl_sampler(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, spec:
         state = decode(lambda p: nnx.merge(graphdef, p), params, labels, rng, plan, predictor)
         return state.tokens, state.order
 
+    sample.plan = plan   # its static pieces: one compiled loop body each (benchmarks record the count)
     return sample
 
 
@@ -170,7 +171,8 @@ def make_rl_loss(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, decode_f
     (NHWC, frozen), `reward_fn(images, labels) -> (B,)` (frozen, parameters closed over, e.g. `Reward.bind`),
     `reg_fn(graphdef, gen_params, labels, rng) -> scalar` for rl.regularizer == "gsim" (weighted here by
     rl.reg_weight). `spec`: the trajectory's SamplerSpec, `sampler_from_config(config, "rl")` (passed to
-    `make_rl_sampler`). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches
+    `make_rl_sampler`). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches,
+    `loss_fn.plan` the loop's DecodePlan
     (`settings.prompt_template` for the reward's prompt preparation, see `format_prompts`).
     """
     st = RLSettings.from_config(rl_cfg, generator_cfg)
@@ -199,5 +201,5 @@ def make_rl_loss(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, decode_f
         metrics = dict(loss=loss, reward_mean=jnp.mean(reward), reward_std=jnp.std(reward), reg=reg)
         return loss, jax.tree.map(jax.lax.stop_gradient, metrics)
 
-    loss_fn.settings = st
+    loss_fn.settings, loss_fn.plan = st, sample.plan
     return loss_fn

@@ -99,6 +99,9 @@ def test_quick_run_rl_and_gsim(quick):
     report, table = quick
     rl = next(r for r in report["results"] if r["name"] == "train/rl")
     assert rl["settings"]["remat"] is True and rl["batch"] == report["settings"]["rl_batch"]
+    # the loop the flops below count: --quick's one bucket, one compiled body (SamplerSpec's default 4 gives 2)
+    assert rl["settings"]["num_buckets"] == report["settings"]["num_buckets"] == 1
+    assert rl["settings"]["loop_bodies"] == 1
     # compiled program's memory, plus the allocator's when the backend reports it
     assert rl["compile"]["memory"]["program_peak_bytes"] > 0 and "device_memory_after" in rl
     # the forward pass recomputed by remat is counted (train/rl_noremat's count, not compiled here)
@@ -139,6 +142,14 @@ def test_scan_blocks_flag_sets_every_rows_model(tmp_path):
     """--scan-blocks: every row's model with scan_blocks (recorded in the report's model_configs)."""
     assert plan(tmp_path, "--rows", "sample/onestep")["model_configs"]["tiny"]["scan_blocks"] is False
     assert plan(tmp_path, "--rows", "sample/onestep", "--scan-blocks")["model_configs"]["tiny"]["scan_blocks"] is True
+
+
+def test_num_buckets_flag_sets_the_loops_buckets_and_is_checked(tmp_path):
+    """--num-buckets: the AR loops' encoder-length buckets (samplers and the RL step; --quick's default is 1)."""
+    assert plan(tmp_path, "--rows", "train/rl")["settings"]["num_buckets"] == 1
+    assert plan(tmp_path, "--rows", "train/rl", "--num-buckets", "2")["settings"]["num_buckets"] == 2
+    with pytest.raises(UserError, match="--num-buckets takes a positive integer"):
+        cli.main(["--quick", "--plan", "--num-buckets", "0", "--out", str(tmp_path / "x.json")])
 
 
 def test_remat_blocks_flag_sets_every_rows_model_and_is_checked(tmp_path):
