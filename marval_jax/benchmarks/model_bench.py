@@ -51,6 +51,43 @@ def model_config(name: str) -> MARConfig:
     return MARConfig(**common, **IMAGENET, **SIZES[name], remat=REMAT[name])
 
 
+def rl_bench_step(cfg: MARConfig, graphdef, *, num_iter: int, num_buckets: int, t_init: int, remat: bool):
+    """The suite's RL step: the loss of losses/rl.py over `num_iter` AR iterations in `num_buckets` encoder-length
+    buckets, with stand-ins for the frozen tokenizer (a reshape) and reward (closed form), so the row times the
+    generator's loop alone; Adam at 1e-6. Returns (step(state, labels) -> (state, metrics), init_state(gen params)
+    -> state, loss_fn, rl_cfg)."""
+    import optax
+    from marval_jax.losses.rl import make_rl_loss
+    from marval_jax.train.optimizer import make_optimizer
+    rl_cfg = SimpleNamespace(num_iter=num_iter, backprop_steps=-1, remat=remat, reward_scale=1.0,
+                             regularizer="none", reg_weight=0.0, prompt_template="a photo of a {class}")
+    # the loop's buckets as the flop count assumes (without a spec the loss takes SamplerSpec's default)
+    spec = sampler_spec(num_iter, num_buckets=num_buckets, iter_field="rl.num_iter")
+    gen_cfg = SimpleNamespace(t_init=t_init, trainable="all")
+
+    def decode(tokens):  # stand-in for the frozen tokenizer: latent image NHWC
+        return jnp.transpose(unpatchify(tokens, cfg.patch_size, cfg.vae_embed_dim), (0, 2, 3, 1))
+
+    def reward(images, labels):  # stand-in for a frozen differentiable reward model
+        del labels
+        return -jnp.mean(jnp.square(jnp.tanh(images) - 0.5), axis=(1, 2, 3))
+
+    loss_fn = make_rl_loss(rl_cfg, gen_cfg, cfg, decode, reward, spec=spec)
+    tx = make_optimizer(1e-6, warmup_steps=0, total_steps=1000)
+
+    def init_state(gen):
+        return {"gen": gen, "opt": tx.init(gen), "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(8)}
+
+    def step(state, labels):
+        key = jax.random.fold_in(state["rng"], state["step"])
+        (loss, m), g = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(graphdef, state["gen"], None,
+                                                                            labels, key)
+        upd, opt = tx.update(g, state["opt"], state["gen"])
+        return dict(state, gen=optax.apply_updates(state["gen"], upd), opt=opt, step=state["step"] + 1), m
+
+    return step, init_state, loss_fn, rl_cfg
+
+
 def random_state(cfg: MARConfig, seed: int = 0):
     """(graphdef, state) of a MAR with random weights: the shapes from `nnx.eval_shape` (nothing runs), every
     parameter drawn on the host (`random_init.param_rule`: N(0, 0.02^2), LayerNorm scales 1 + N(0, 0.02^2)) and
@@ -494,42 +531,18 @@ class ModelBench:
     def train_rl(self, entry: dict, b: int, remat: bool = True) -> None:
         """The RL step at batch b with rl.remat on (jax.checkpoint per AR iteration) or off; the model's own
         per-block remat (model.remat) stays as configured (off for MAR-B)."""
-        import optax
-        from marval_jax.losses.rl import make_rl_loss
-        from marval_jax.train.optimizer import make_optimizer
         cfg, graphdef = self.cfg, self.graphdef
-        rl_cfg = SimpleNamespace(num_iter=self.s.rl_num_iter, backprop_steps=-1, remat=remat, reward_scale=1.0,
-                                 regularizer="none", reg_weight=0.0, prompt_template="a photo of a {class}")
-        # the loop's buckets as the flop count below assumes (without a spec the loss takes SamplerSpec's default)
-        spec = sampler_spec(rl_cfg.num_iter, num_buckets=self.s.num_buckets, iter_field="rl.num_iter")
-        gen_cfg = SimpleNamespace(t_init=self.s.t_init, trainable="all")
-
-        def decode(tokens):  # stand-in for the frozen tokenizer: latent image NHWC
-            return jnp.transpose(unpatchify(tokens, cfg.patch_size, cfg.vae_embed_dim), (0, 2, 3, 1))
-
-        def reward(images, labels):  # stand-in for a frozen differentiable reward model
-            del labels
-            return -jnp.mean(jnp.square(jnp.tanh(images) - 0.5), axis=(1, 2, 3))
-
-        loss_fn = make_rl_loss(rl_cfg, gen_cfg, cfg, decode, reward, spec=spec)
-        tx = make_optimizer(1e-6, warmup_steps=0, total_steps=1000)
-        gen = copy_tree(self.state)
-        state = {"gen": gen, "opt": tx.init(gen), "step": jnp.zeros((), jnp.int32), "rng": jax.random.key(8)}
-
-        def step(state, labels):
-            key = jax.random.fold_in(state["rng"], state["step"])
-            (loss, m), g = jax.value_and_grad(loss_fn, argnums=1, has_aux=True)(graphdef, state["gen"], None,
-                                                                                labels, key)
-            upd, opt = tx.update(g, state["opt"], state["gen"])
-            return dict(state, gen=optax.apply_updates(state["gen"], upd), opt=opt, step=state["step"] + 1), m
-
+        step, init_state, loss_fn, rl_cfg = rl_bench_step(cfg, graphdef, num_iter=self.s.rl_num_iter,
+                                                          num_buckets=self.s.num_buckets, t_init=self.s.t_init,
+                                                          remat=remat)
+        state = init_state(copy_tree(self.state))
         self._train_timing(entry, jax.jit(step, donate_argnums=0, **jit_options(b)),
                            state, (self.labels(b),), b,
                            steps=2 if not self.s.quick else 1)
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
         entry["flops_detail"] = fl
-        entry["settings"] = dict(vars(rl_cfg), num_buckets=spec.num_buckets, loop_bodies=len(loss_fn.plan.pieces),
+        entry["settings"] = dict(vars(rl_cfg), num_buckets=self.s.num_buckets, loop_bodies=len(loss_fn.plan.pieces),
                                  t_init=self.s.t_init, model_remat=cfg.remat,
                                  reward="stand-in (reshape decode + closed-form reward); reward model not timed")
         self.suite._mfu(entry, fl["total"], entry["time_s"])
