@@ -80,3 +80,28 @@ def test_teacher_and_onestep_samplers_run(ref_model):
         b = fn(state, jnp.array([0, 1]), jax.random.PRNGKey(0))
         assert a.shape == (2, cfg.seq_len, cfg.token_dim) and np.isfinite(np.asarray(a)).all()
         np.testing.assert_array_equal(a, b)
+
+
+def test_bucket_count_changes_only_the_noise_draws():
+    """sample.num_buckets pads each loop body's encoder to its bucket's length and masks the padding, so with the
+    head's noise held fixed the samples agree to float32 rounding (different padded shapes, same sums); with noise
+    they differ, because the noise is drawn at the padded row count (docs/benchmarks.md, "The RL step's compile")."""
+    import dataclasses
+    from marval_jax.benchmarks.model_bench import model_config, random_state
+    cfg = dataclasses.replace(model_config("tiny"), dtype="float32", encoder_depth=2, decoder_depth=2)
+    graphdef, state = random_state(cfg)   # random head too: MAR's zero-initialised output layer would give zeros
+
+    def fixed_noise(model, zc, zu, cfg_scale, rng):
+        return ar_sampler.one_step(model.head, jnp.zeros((zc.shape[0], model.cfg.token_dim)), zc, 760)
+
+    def run(predictor, buckets):
+        fn = ar_sampler.make_sampler(graphdef, ar_sampler.SamplerSpec(num_iter=8, num_buckets=buckets), predictor,
+                                     seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
+        return np.asarray(fn(state, jnp.array([0, 1, 2]), jax.random.PRNGKey(0)))
+
+    one, three = run(fixed_noise, 1), run(fixed_noise, 3)
+    scale = np.abs(one).max()
+    assert scale > 0.1
+    np.testing.assert_allclose(three, one, rtol=0, atol=1e-5 * scale)
+    noisy_one, noisy_three = run(ar_sampler.onestep_predictor(760), 1), run(ar_sampler.onestep_predictor(760), 3)
+    assert np.abs(noisy_three - noisy_one).max() > 0.1 * np.abs(noisy_one).max()
