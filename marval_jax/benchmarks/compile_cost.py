@@ -1,15 +1,18 @@
-"""What the RL step costs to compile, without running it, on whatever backend is at hand (a CPU works): the
-lowered program's op count, the lowering and compile seconds and the optimised program's instruction count, for the
+"""What a program costs to compile, without running it, on whatever backend is at hand (a CPU works): the lowered
+program's op count, the lowering and compile seconds and the optimised program's instruction count, for the
 settings that change the program's size - `model.scan_blocks` (one block body per stack instead of one per block)
-and the AR loop's encoder-length buckets (`sample.num_buckets`: one compiled loop body per bucket, each with its
-backward pass). The step is the benchmark suite's `train/rl` row (model_bench.rl_bench_step: stand-in decode and
-reward), so the settings found here are the ones to time there.
+and the AR loop's encoder-length buckets (`sample.num_buckets`: one compiled loop body per bucket; in the RL step
+each with its backward pass, in the cached samplers each with a refresh and a cached-rows body). The programs are
+the benchmark suite's rows of the same names (model_bench: `train/rl` with its stand-in decode and reward, the
+samplers with their predictors and KV-cache policy), so the settings found here are the ones to time there.
 
-    python -m marval_jax.benchmarks.compile_cost --models base --num-buckets 4,2,1 --scan-blocks both \
-        [--rl-batch 1] [--num-iter 64] [--lower-only] [--out FILE.json]
+    python -m marval_jax.benchmarks.compile_cost --models base --programs train/rl,kv/onestep/approx \
+        --num-buckets 4,2,1 --scan-blocks both [--batch 1] [--num-iter 64] [--kv-approx 2,4] [--lower-only] \
+        [--out FILE.json]
 
 A CPU's compile seconds are not a GPU's (MAR-B's RL step, lowering + compile: 74 s on this repository's 2-core CPU,
-174 s on an H200; docs/benchmarks.md "The RL step's compile"): compare settings on one machine, never machines.
+174 s on an H200; docs/benchmarks.md "Compile time on the CPU: the RL step and the cached sampler"): compare
+settings on one machine, never machines.
 """
 from __future__ import annotations
 
@@ -18,14 +21,20 @@ import dataclasses
 import datetime
 import json
 import time
+from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 
-from marval_jax.benchmarks.model_bench import model_config, rl_bench_step
+from marval_jax.benchmarks.model_bench import ModelBench, model_config, rl_bench_step
+from marval_jax.benchmarks.runner import Settings
 from marval_jax.models.factory import abstract_model
 from marval_jax.models.mar import MARConfig
+from marval_jax.sampling.ar_sampler import make_sampler
+from marval_jax.sampling.decode import make_plan
 from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
+
+PROGRAMS = ("train/rl", "sample/onestep", "sample/teacher", "kv/onestep/approx", "kv/teacher/approx")
 
 
 def _count_ops(text: str) -> int:
@@ -33,17 +42,32 @@ def _count_ops(text: str) -> int:
     return sum(1 for line in text.splitlines() if " = " in line)
 
 
-def measure(cfg: MARConfig, *, batch: int, num_iter: int, num_buckets: int, t_init: int = 760,
-            compile_program: bool = True) -> dict:
-    """One setting: lower the RL step at abstract shapes (nothing allocated, nothing run) and compile it."""
+def measure(cfg: MARConfig, *, program: str = "train/rl", name: str = "base", batch: int, num_iter: int,
+            num_buckets: int, kv_approx: tuple[int, int] = (2, 4), compile_program: bool = True) -> dict:
+    """One program and setting: lowered at abstract shapes (nothing allocated, nothing run), then compiled.
+    `name` picks the suite's per-model settings (the teacher's CFG scale)."""
+    if program not in PROGRAMS:
+        raise UserError(f"unknown program {program!r}; choose from {', '.join(PROGRAMS)}")
     graphdef, params = abstract_model(cfg)
-    step, init_state, loss_fn, _ = rl_bench_step(cfg, graphdef, num_iter=num_iter, num_buckets=num_buckets,
-                                                 t_init=t_init, remat=True)
-    state = jax.eval_shape(init_state, params)
+    settings = Settings(models=[name], what=[], batches=[batch], out=None, table=None, num_iter=num_iter,
+                        rl_num_iter=num_iter, num_buckets=num_buckets, kv_approx=tuple(kv_approx))
+    bench = ModelBench(SimpleNamespace(s=settings), name, cfg, graphdef, None)   # specs and predictors only
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    if program == "train/rl":
+        step, init_state, loss_fn, _ = rl_bench_step(cfg, graphdef, num_iter=num_iter, num_buckets=num_buckets,
+                                                     t_init=settings.t_init, remat=True)
+        jitted, args, pieces = jax.jit(step, donate_argnums=0), (jax.eval_shape(init_state, params), labels), \
+            len(loss_fn.plan.pieces)
+    else:
+        kind = program.split("/")[1]
+        spec = bench.spec(kind, cache=("approx", *kv_approx) if program.startswith("kv/") else "none")
+        kw = dict(seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
+        jitted = make_sampler(graphdef, spec, bench.predictor(kind), **kw)
+        args = (params, labels, jax.eval_shape(lambda: jax.random.key(0)))
+        pieces = len(make_plan(spec, **kw).pieces)
     t0 = time.perf_counter()
-    lowered = jax.jit(step, donate_argnums=0).lower(state, labels)
-    row = dict(scan_blocks=cfg.scan_blocks, num_buckets=num_buckets, loop_bodies=len(loss_fn.plan.pieces),
+    lowered = jitted.lower(*args)
+    row = dict(program=program, scan_blocks=cfg.scan_blocks, num_buckets=num_buckets, plan_pieces=pieces,
                batch=batch, num_iter=num_iter, lower_s=round(time.perf_counter() - t0, 2),
                lowered_ops=_count_ops(lowered.as_text()))
     if compile_program:
@@ -54,40 +78,54 @@ def measure(cfg: MARConfig, *, batch: int, num_iter: int, num_buckets: int, t_in
     return row
 
 
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x]
+    except ValueError:
+        values = []
+    if not values or min(values) < 0:
+        raise UserError(f"{flag} takes a comma list of non-negative integers, got {text!r}")
+    return values
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m marval_jax.benchmarks.compile_cost", description=__doc__.split("\n")[0])
     p.add_argument("--models", default="base", help="comma list: base, large, huge, fmnist_l, tiny")
+    p.add_argument("--programs", default="train/rl", help=f"comma list of {', '.join(PROGRAMS)}")
     p.add_argument("--num-buckets", default="4,1", help="comma list of the AR loop's bucket counts")
     p.add_argument("--scan-blocks", default="both", choices=("off", "on", "both"))
-    p.add_argument("--rl-batch", type=int, default=1)
-    p.add_argument("--num-iter", type=int, default=64)
+    p.add_argument("--batch", type=int, default=1, help="the programs' batch (the RL step's and the samplers')")
+    p.add_argument("--num-iter", type=int, default=64, help="AR iterations")
+    p.add_argument("--kv-approx", default="2,4", help="r,R of the kv/*/approx programs' cache policy")
     p.add_argument("--lower-only", action="store_true", help="op counts and lowering only (seconds per setting)")
     p.add_argument("--out", default="", help="JSON file of the rows (default: printed only)")
     add_verbose_flag(p)
     a = p.parse_args(argv)
-    try:
-        buckets = [int(x) for x in a.num_buckets.split(",") if x]
-    except ValueError:
-        raise UserError(f"--num-buckets takes a comma list of positive integers, got {a.num_buckets!r}") from None
-    if not buckets or min(buckets) < 1 or a.rl_batch < 1 or a.num_iter < 1:
-        raise UserError(f"--num-buckets, --rl-batch and --num-iter take positive integers, got {a.num_buckets!r}, "
-                        f"{a.rl_batch}, {a.num_iter}")
+    buckets, kv_approx = _ints(a.num_buckets, "--num-buckets"), _ints(a.kv_approx, "--kv-approx")
+    programs = [x for x in a.programs.split(",") if x]
+    bad = [x for x in programs if x not in PROGRAMS]
+    if bad or not programs:
+        raise UserError(f"--programs takes a comma list of {', '.join(PROGRAMS)}, got {a.programs!r}")
+    if min(buckets) < 1 or a.batch < 1 or a.num_iter < 1 or len(kv_approx) != 2 or kv_approx[1] < 1:
+        raise UserError(f"--num-buckets, --batch and --num-iter take positive integers and --kv-approx r,R with "
+                        f"R >= 1, got {a.num_buckets!r}, {a.batch}, {a.num_iter}, {a.kv_approx!r}")
     scans = {"off": [False], "on": [True], "both": [False, True]}[a.scan_blocks]
     device = jax.devices()[0]
     report = dict(date=datetime.date.today().isoformat(), device=device.device_kind, platform=device.platform,
-                  jax=jax.__version__, step="train/rl (rl.remat on, stand-in decode and reward)", rows=[])
+                  jax=jax.__version__, notes="train/rl: rl.remat on, stand-in decode and reward", rows=[])
     for name in [m for m in a.models.split(",") if m]:
         try:
             base = model_config(name)
         except ValueError as e:
             raise UserError(str(e)) from None
-        for scan in scans:
-            for nb in buckets:
-                row = dict(model=name, **measure(dataclasses.replace(base, scan_blocks=scan), batch=a.rl_batch,
-                                                 num_iter=a.num_iter, num_buckets=nb,
-                                                 compile_program=not a.lower_only))
-                report["rows"].append(row)
-                print(json.dumps(row), flush=True)
+        for program in programs:
+            for scan in scans:
+                for nb in buckets:
+                    row = dict(model=name, **measure(dataclasses.replace(base, scan_blocks=scan), program=program,
+                                                     name=name, batch=a.batch, num_iter=a.num_iter, num_buckets=nb,
+                                                     kv_approx=tuple(kv_approx), compile_program=not a.lower_only))
+                    report["rows"].append(row)
+                    print(json.dumps(row), flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump(report, f, indent=1)

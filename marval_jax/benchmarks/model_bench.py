@@ -542,7 +542,7 @@ class ModelBench:
         fl = F.rl_step_flops(cfg, batch=b, num_iter=rl_cfg.num_iter, backprop_steps=-1, remat=remat,
                              num_buckets=self.s.num_buckets)
         entry["flops_detail"] = fl
-        entry["settings"] = dict(vars(rl_cfg), num_buckets=self.s.num_buckets, loop_bodies=len(loss_fn.plan.pieces),
+        entry["settings"] = dict(vars(rl_cfg), num_buckets=self.s.num_buckets, plan_pieces=len(loss_fn.plan.pieces),
                                  t_init=self.s.t_init, model_remat=cfg.remat,
                                  reward="stand-in (reshape decode + closed-form reward); reward model not timed")
         self.suite._mfu(entry, fl["total"], entry["time_s"])

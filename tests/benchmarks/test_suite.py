@@ -101,7 +101,7 @@ def test_quick_run_rl_and_gsim(quick):
     assert rl["settings"]["remat"] is True and rl["batch"] == report["settings"]["rl_batch"]
     # the loop the flops below count: --quick's one bucket, one compiled body (SamplerSpec's default 4 gives 2)
     assert rl["settings"]["num_buckets"] == report["settings"]["num_buckets"] == 1
-    assert rl["settings"]["loop_bodies"] == 1
+    assert rl["settings"]["plan_pieces"] == 1
     # compiled program's memory, plus the allocator's when the backend reports it
     assert rl["compile"]["memory"]["program_peak_bytes"] > 0 and "device_memory_after" in rl
     # the forward pass recomputed by remat is counted (train/rl_noremat's count, not compiled here)
