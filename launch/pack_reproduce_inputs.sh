@@ -15,12 +15,20 @@
 #   TRAIN=1    what training adds to LEAN's: the two training IDX files and the teacher export TEACHER (default
 #              marval_jax/assets/fmnist_teacher) as teacher.tar, in DEST/train (~50 MB). Carried by the call after
 #              the lean one, reproduce_fmnist_device.sh puts them in place: two calls instead of five chunks.
+#   SHIP=1     the shipped student (STUDENT, default marval_jax/assets/fmnist_student) in DEST/ship (~23 MB), for
+#              rows of the embedded default itself (STAGE=results RESULTS_ASSETS=.devstate/ship, e.g. its KV-cache row)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS=${WHEELS:-.whl}; RAW=${RAW:-/usr/share/datasets/fashion-mnist}
 INCEPTION=${INCEPTION:-$HOME/.cache/marval_jax/fid_inception.npz}; DEST=${DEST:-.devstate}; LEAN=${LEAN:-0}
 TRAIN=${TRAIN:-0}; TEACHER=${TEACHER:-marval_jax/assets/fmnist_teacher}
+SHIP=${SHIP:-0}; STUDENT=${STUDENT:-marval_jax/assets/fmnist_student}
 need() { for p in "$@"; do [ -e "$p" ] || { echo "error: $p not found (see the header)" >&2; exit 2; }; done; }
+if [ "$SHIP" = 1 ]; then   # stored as fmnist_student/, the name tools/results.py reads under --assets
+  need "$STUDENT/params.npz"
+  rm -rf "$DEST/ship" && mkdir -p "$DEST/ship" && cp -r "$STUDENT" "$DEST/ship/fmnist_student"
+  echo "packed $(du -sh "$DEST/ship" | cut -f1) in $DEST/ship"; exit 0
+fi
 if [ "$TRAIN" = 1 ]; then   # the export is stored as fmnist_teacher/, the name the device script's stages read
   need "$RAW" "$TEACHER/params.npz"
   rm -rf "$DEST/train" && mkdir -p "$DEST/train" && cp "$RAW"/train-*-ubyte.gz "$DEST/train/"

@@ -27,6 +27,8 @@
 #                 --no-timing: the rows share the GPU too, so no speed); variants.tgz: each one's metrics, stages.json and row.
 #                 An export stays in $W/variants/NAME/export/fmnist_student for RL by a later call of the machine
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
+#                 (RESULTS_ASSETS: the exports it evaluates, default those of this machine's runs, e.g. a carried
+#                 .devstate/ship; RESULTS_CACHE=r,R: the cache row's policy, tools/results.py --cache)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
 #                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
@@ -104,8 +106,9 @@ stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM
 }
 results() {  # the 10k-sample table of the exports (resumable into the same --out: measured rows are kept)
   log "results $RESULTS_S s"
-  python3 -m marval_jax.tools.results run --assets=$W/export --out=$W/results --sweep=${SWEEP:-1.5,2.5,4.0} \
-      --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY}
+  python3 -m marval_jax.tools.results run --assets=${RESULTS_ASSETS:-$W/export} --out=$W/results \
+      --sweep=${SWEEP:-1.5,2.5,4.0} --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY} \
+      ${RESULTS_CACHE:+--cache=$RESULTS_CACHE}
 }
 if [ "$STAGE" = distill ]; then
   if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU

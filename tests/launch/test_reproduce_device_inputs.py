@@ -107,3 +107,16 @@ def test_pack_without_wheels_or_inception_names_the_command_that_makes_them(tmp_
         proc = subprocess.run(["bash", "launch/pack_reproduce_inputs.sh"], cwd=ROOT, env=dict(base, **extra),
                               capture_output=True, text=True, timeout=60)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+
+
+def test_ship_pack_holds_the_student_under_the_name_results_reads(tmp_path):
+    student = tmp_path / "my_student"
+    student.mkdir()
+    np.savez(student / "params.npz", a=np.zeros(3, np.float16))
+    (student / "model.json").write_text("{}")
+    _pack(tmp_path, tmp_path / "packs", SHIP="1", STUDENT=str(student))
+    assert sorted(os.listdir(tmp_path / "packs" / "ship" / "fmnist_student")) == ["model.json", "params.npz"]
+    env = dict(os.environ, SHIP="1", STUDENT=str(tmp_path / "none"), DEST=str(tmp_path / "out"))
+    proc = subprocess.run(["bash", "launch/pack_reproduce_inputs.sh"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "none/params.npz not found" in proc.stderr
