@@ -24,8 +24,8 @@
 #   STAGE=variants  KL students side by side from the carried teacher (VARIANTS="NAME:k=v,k=v NAME2:k=v": one
 #                 student per NAME with those --set overrides of the shipped recipe, VARIANT_S s each; ABLATE_PAR=1:
 #                 the ablation beside them, stopped when they end), then each one's 10k-sample row (K 64, one step,
-#                 --no-timing: the rows share the GPU too, so no speed); variants.tgz: each one's metrics, stages.json and row.
-#                 An export stays in $W/variants/NAME/export/fmnist_student for RL by a later call of the machine
+#                 --no-timing: the rows share the GPU too, so no speed); variants.tgz: each one's metrics,
+#                 stages.json and row. The exports stay in $W/variants/NAME/export for RL by a later call
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #                 (RESULTS_ASSETS: the exports it evaluates, default those of this machine's runs, e.g. a carried
 #                 .devstate/ship; RESULTS_CACHE=r,R: the cache row's policy, tools/results.py --cache)

@@ -30,8 +30,8 @@ import json
 import os
 import sys
 
-from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, DEFAULT_WHAT, GSIM_BATCH, KV_APPROX, RL_BATCH,
-                                            TRAIN_STEPS, WHAT)
+from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, DEFAULT_WHAT, GSIM_BATCH, KV_APPROX,
+                                            NUM_BUCKETS, RL_BATCH, TRAIN_STEPS, WHAT)
 from marval_jax.user_errors import UserError, add_verbose_flag, run_cli
 
 QUICK_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
@@ -81,7 +81,7 @@ def parse(argv=None) -> argparse.Namespace:
                         "block body compiled per stack; compare the rows' compile times with a run without it)")
     p.add_argument("--num-buckets", type=int, default=None,
                    help="encoder-length buckets of every AR loop, the samplers' and the RL step's (sample.num_buckets; "
-                        "default 4): fewer compiled loop bodies, more padded positions")
+                        f"default {NUM_BUCKETS}): fewer compiled loop bodies, more padded positions")
     p.add_argument("--attention-impl", default=None,
                    help="model.attention_impl for every row (default: the config's, 'auto'); 'flash' times the "
                         "training rows with the Pallas flash attention and its in-kernel dropout (docs/kernels.md)")

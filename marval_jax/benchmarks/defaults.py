@@ -23,6 +23,11 @@ KV_VARIANTS = ("approx", "causal", "causal_exact")
 # changes them.
 KV_APPROX = (2, 4)
 
+# Encoder-length buckets of every AR loop, the samplers' and the RL step's (as configs/common.py's
+# sample.num_buckets): one compiled loop body per bucket. --num-buckets changes it (docs/benchmarks.md, "Compile time
+# on the CPU").
+NUM_BUCKETS = 4
+
 # Default GSIM batch: one generator + one fake-score update on three MAR-B copies (208M parameters each). State:
 # generator and fake score with their AdamW moments, the frozen teacher: 5.8 GB of arguments (XLA's count), plus
 # two f32 gradients (1.7 GB). Activations kept for the backward passes, per example (bf16 compute, no remat): the

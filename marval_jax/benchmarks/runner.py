@@ -19,8 +19,8 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
-from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, GSIM_BATCH, KV_APPROX, KV_VARIANTS, RL_BATCH,
-                                            REMAT_ROWS, TRAIN_STEPS)
+from marval_jax.benchmarks.defaults import (BLOCK_BATCH, BLOCK_CALLS, GSIM_BATCH, KV_APPROX, KV_VARIANTS,
+                                            NUM_BUCKETS, RL_BATCH, REMAT_ROWS, TRAIN_STEPS)
 from marval_jax.benchmarks.flops import BLOCK_PARTS
 from marval_jax.benchmarks.model_bench import ModelBench, model_config, random_state
 from marval_jax.benchmarks.report import _json_default, write_table
@@ -42,7 +42,7 @@ class Settings:
     num_iter: int = 64
     head_steps: str = "100"
     t_init: int = 760
-    num_buckets: int = 4
+    num_buckets: int = NUM_BUCKETS
     train_batch: int = 256
     gsim_batch: int = GSIM_BATCH
     rl_batch: int = RL_BATCH

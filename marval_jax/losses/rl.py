@@ -171,9 +171,9 @@ def make_rl_loss(rl_cfg: Any, generator_cfg: Any, model_cfg: MARConfig, decode_f
     (NHWC, frozen), `reward_fn(images, labels) -> (B,)` (frozen, parameters closed over, e.g. `Reward.bind`),
     `reg_fn(graphdef, gen_params, labels, rng) -> scalar` for rl.regularizer == "gsim" (weighted here by
     rl.reg_weight). `spec`: the trajectory's SamplerSpec, `sampler_from_config(config, "rl")` (passed to
-    `make_rl_sampler`). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches,
-    `loss_fn.plan` the loop's DecodePlan
-    (`settings.prompt_template` for the reward's prompt preparation, see `format_prompts`).
+    `make_rl_sampler`). Metrics: loss, reward_mean, reward_std, reg. `loss_fn.settings` holds the parsed switches
+    (`settings.prompt_template` for the reward's prompt preparation, see `format_prompts`), `loss_fn.plan` the AR
+    loop's DecodePlan (one compiled loop body per piece).
     """
     st = RLSettings.from_config(rl_cfg, generator_cfg)
     if st.regularizer == "gsim" and reg_fn is None:
