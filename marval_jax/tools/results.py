@@ -12,6 +12,8 @@
 `--time-budget` cut keeps everything measured so far; a rerun into the same `--out` (same device, assets and sample
 counts) keeps those rows and measures only the rest. The teacher's CFG scale is chosen by FID on `--sweep-num`
 samples at K = 64 and then used for every teacher row. Samples use class labels i % 10 (balanced, as the test set).
+`--set ROLE:sample.KEY=VALUE` changes a role's sampling settings for every row (e.g. the one-step input's
+`student:sample.noise_scale=0.85`); the run records them, and only a run with the same items continues it.
 """
 from __future__ import annotations
 
@@ -78,15 +80,25 @@ class Evaluator:
         reward = make_reward("classifier_logprob", {"checkpoint": "", "dataset": "fashion_mnist"})
         self.reward = jax.jit(reward.bind())
         self.samplers = {}
+        self.sets: dict[str, tuple[str, ...]] = {}   # role -> its --set items
+
+    def set_sample(self, role: str, items: list[str]) -> None:
+        """The role's sampling settings overridden (`sample.KEY=VALUE` items) for every row measured after."""
+        if role not in self.models:
+            raise UserError(f"--set for {role}: no {role} weights under {self.assets}")
+        config, *rest = self.models[role]
+        self.models[role] = (with_sample_settings(config, items), *rest)
+        self.sets[role] = self.sets.get(role, ()) + tuple(items)   # part of its samplers' key
 
     def sampler(self, role: str, num_iter: int, cfg_scale: float, cache: str):
-        """Compiled sampler (one per role family, K, CFG and cache policy; RL shares the student's program)."""
+        """Compiled sampler (one per role family, K, CFG, cache policy and --set items; RL shares the student's
+        program unless their items differ)."""
         from marval_jax.sampling import ar_sampler  # pylint: disable=import-outside-toplevel
         from marval_jax.sampling.from_config import sampler_from_config  # pylint: disable=import-outside-toplevel
         from marval_jax.programs.sample import make_predictor  # pylint: disable=import-outside-toplevel
         config, cfg, graphdef, _ = self.models[role]
         kind = "teacher" if role == "teacher" else "onestep"
-        key = (kind, num_iter, cfg_scale, cache)
+        key = (kind, num_iter, cfg_scale, cache, self.sets.get(role, ()))
         if key not in self.samplers:
             config.sample.sampler, config.sample.num_iter, config.sample.cfg = kind, num_iter, cfg_scale
             config.sample.update(kv_fields(cache))  # the sample section's KV cache, as --mode sample reads it
@@ -151,6 +163,25 @@ class Evaluator:
         return row, uint8[np.sort(grid_idx)] if len(images) >= 100 else uint8[:100]
 
 
+def parse_sets(items: list[str]) -> list[tuple[str, str]]:
+    """--set ROLE:sample.KEY=VALUE items -> [(role, "sample.KEY=VALUE")]: sampling settings only (a role's trained
+    weights and architecture come from its export), checked before any model loads."""
+    out = []
+    for item in items:
+        role, sep, kv = item.partition(":")
+        if not sep or role not in FAMILY or not kv.startswith("sample.") or "=" not in kv:
+            raise UserError(f"--set {item!r}: expected ROLE:sample.KEY=VALUE with ROLE one of {', '.join(FAMILY)}")
+        out.append((role, kv))
+    return out
+
+
+def with_sample_settings(config, items: list[str]):
+    """A copy of a role's loaded config with its `sample.KEY=VALUE` items set, typed and checked as --set of
+    tools.ablate checks them (an unknown key names the nearest; a wrong type is an error)."""
+    from marval_jax.tools.ablate import apply, set_overrides  # pylint: disable=import-outside-toplevel
+    return apply(config, set_overrides(config, items))
+
+
 def plan(num: int, sweep_num: int, sweep: list[float], small_k: int, cache: str) -> list[dict]:
     """Settings in priority order; "best" is replaced by the sweep's best CFG once known."""
     rows = [dict(role="teacher", num_iter=64, cfg=c, num=sweep_num, timing=False, sweep=True) for c in sweep]
@@ -175,7 +206,8 @@ def _write_outputs(out: epath.Path, report: dict, grids: dict | None = None) -> 
 
 # what a run into an --out must share with the earlier run there, so that their rows can stand in one table; the
 # value is what a results_run.json written before that key existed meant (every run was timed before --no-timing)
-SAME_RUN = {"device": None, "assets": None, "num": None, "sweep_num": None, "real_num": None, "timing": True}
+SAME_RUN = {"device": None, "assets": None, "num": None, "sweep_num": None, "real_num": None, "timing": True,
+            "set": []}
 
 
 def _earlier(out: epath.Path, report: dict) -> tuple[list, dict, float | None]:
@@ -202,10 +234,13 @@ def run(a) -> int:
     out = epath.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     t_begin = time.time()
+    sets = parse_sets(a.set)
     ev = Evaluator(a.assets, a.inception, real_num=a.real_num)
+    for role in dict.fromkeys(r for r, _ in sets):
+        ev.set_sample(role, [kv for r, kv in sets if r == role])
     report = {"date": time.strftime("%Y-%m-%d"), "device": ev.jax.devices()[0].device_kind,
               "jax": ev.jax.__version__, "assets": str(a.assets), "num": a.num, "sweep_num": a.sweep_num,
-              "real_num": a.real_num, "timing": not a.no_timing, "rows": [], "skipped": []}
+              "real_num": a.real_num, "timing": not a.no_timing, "set": list(a.set), "rows": [], "skipped": []}
     report["rows"], grids, best = _earlier(out, report)
     if best is not None:
         report["best_teacher_cfg"] = best
@@ -271,6 +306,9 @@ def main(argv=None) -> int:
     r.add_argument("--time-budget", type=float, default=0.0, help="skip settings once this many s are used")
     r.add_argument("--only", default="", help="comma list: run only rows whose name contains one of these, e.g. "
                    "'_cache,rl_K16' (teacher 'best' rows then use the first --sweep scale: pass --sweep=2.5)")
+    r.add_argument("--set", action="append", default=[], metavar="ROLE:sample.KEY=VALUE",
+                   help="a sampling setting of one role for every row, e.g. student:sample.noise_scale=0.85 "
+                        "(repeatable; recorded in results_run.json, and a rerun into the same --out must repeat it)")
     d = sub.add_parser("render", help="docs/results.md, docs/results.json, plots and grids")
     d.add_argument("--run", required=True, help="results_run.json of `run`")
     d.add_argument("--grids", default="", help="grids.npz of `run` (default: next to --run)")
@@ -279,7 +317,8 @@ def main(argv=None) -> int:
     d.add_argument("--out", default="docs")
     a = p.parse_args(argv)
     if a.cmd == "run":
-        kv_fields(a.cache)  # a bad value is an error before any model loads
+        kv_fields(a.cache)  # bad values are errors before any model loads
+        parse_sets(a.set)
         return run(a)
     from marval_jax.tools.results_render import render  # pylint: disable=import-outside-toplevel
     return render(a)

@@ -46,6 +46,9 @@ def _fake_evaluator(clock, roles, fid_by_cfg, fail=lambda call: False, seconds=1
             self.jax = types.SimpleNamespace(devices=lambda: [types.SimpleNamespace(device_kind="cpu")],
                                              __version__="0.test")
 
+        def set_sample(self, role, items):
+            calls.append(dict(set=(role, tuple(items))))
+
         def measure(self, role, num_iter, cfg_scale, num, cache="none", batch=256, timing=True):
             calls.append(dict(role=role, num_iter=num_iter, cfg=cfg_scale, num=num, cache=cache, batch=batch,
                               timing=timing))
@@ -212,3 +215,38 @@ def test_a_rerun_into_the_same_out_keeps_the_measured_rows_and_measures_the_rest
     with pytest.raises(UserError, match=r"holds the results of another run \(num 50 there, 60 here\)"):
         results.main(["run", "--assets=unused", f"--out={tmp_path}", "--num=60", "--sweep-num=10",
                       "--sweep=1.0,2.0,3.0", "--small-k=8", "--batch=5"])
+
+
+def test_set_overrides_a_roles_sampling_and_is_recorded(tmp_path, monkeypatch):
+    clock = FakeClock()
+    fake, calls = _fake_evaluator(clock, ("student",), {})
+    monkeypatch.setattr(results, "Evaluator", fake)
+    monkeypatch.setattr(results, "time", clock)
+    sets = ["--set=student:sample.noise_scale=0.85", "--set=student:sample.t_init=700"]
+    assert _run(tmp_path, "--only=student_K64_cfg1", "--no-timing", *sets) == 0
+    assert calls[0] == dict(set=("student", ("sample.noise_scale=0.85", "sample.t_init=700")))  # before any row
+    assert len(calls) == 3   # then both student rows
+    report = json.loads((tmp_path / "results_run.json").read_text())
+    assert report["set"] == ["student:sample.noise_scale=0.85", "student:sample.t_init=700"]
+    # rows of other sampling settings must not continue into it
+    with pytest.raises(UserError, match="another run"):
+        _run(tmp_path, "--only=student_K64_cfg1", "--no-timing")
+
+
+@pytest.mark.parametrize("item", ["student:model.decoder_depth=2", "sample.noise_scale=0.8", "critic:sample.cfg=2",
+                                  "student:sample.noise_scale"])
+def test_set_outside_a_roles_sample_section_is_refused_before_loading(tmp_path, monkeypatch, item):
+    monkeypatch.setattr(results, "Evaluator", lambda *a, **k: pytest.fail("loaded models"))
+    with pytest.raises(UserError, match="ROLE:sample.KEY=VALUE"):
+        _run(tmp_path, f"--set={item}")
+
+
+def test_sample_settings_are_typed_and_checked_on_a_real_config():
+    from configs import marval
+    config = marval.get_config("fmnist_l")
+    new = results.with_sample_settings(config, ["sample.noise_scale=0.85", "sample.t_init=700"])
+    assert new.sample.noise_scale == 0.85 and new.sample.t_init == 700 and config.sample.noise_scale == -1.0
+    with pytest.raises(UserError, match="noise_scal"):
+        results.with_sample_settings(config, ["sample.noise_scal=0.85"])
+    with pytest.raises(UserError):
+        results.with_sample_settings(config, ["sample.t_init=abc"])
