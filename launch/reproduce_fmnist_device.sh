@@ -28,7 +28,8 @@
 #                 stages.json and row. The exports stay in $W/variants/NAME/export for RL by a later call
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #                 (RESULTS_ASSETS: the exports it evaluates, default those of this machine's runs, e.g. a carried
-#                 .devstate/ship; RESULTS_CACHE=r,R: the cache row's policy, tools/results.py --cache)
+#                 .devstate/ship; RESULTS_CACHE=r,R: the cache row's policy, tools/results.py --cache;
+#                 RESULTS_SET="ROLE:sample.KEY=VALUE ...": its --set items, e.g. student:sample.noise_scale=0.85)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
 #                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
@@ -108,7 +109,7 @@ results() {  # the 10k-sample table of the exports (resumable into the same --ou
   log "results $RESULTS_S s"
   python3 -m marval_jax.tools.results run --assets=${RESULTS_ASSETS:-$W/export} --out=$W/results \
       --sweep=${SWEEP:-1.5,2.5,4.0} --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY} \
-      ${RESULTS_CACHE:+--cache=$RESULTS_CACHE}
+      ${RESULTS_CACHE:+--cache=$RESULTS_CACHE} $(for kv in ${RESULTS_SET:-}; do echo --set=$kv; done)
 }
 if [ "$STAGE" = distill ]; then
   if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU
