@@ -10,7 +10,7 @@ samplers with their predictors and KV-cache policy), so the settings found here 
         --num-buckets 4,2,1 --scan-blocks both [--batch 1] [--num-iter 64] [--kv-approx 2,4] [--lower-only] \
         [--out FILE.json]
 
-A CPU's compile seconds are not a GPU's (MAR-B's RL step, lowering + compile: 74 s on this repository's 2-core CPU,
+A CPU's compile seconds are not a GPU's (MAR-B's RL step, lowering + compile: 72 s on this repository's 2-core CPU,
 174 s on an H200; docs/benchmarks.md "Compile time on the CPU: the RL step and the cached sampler"): compare
 settings on one machine, never machines.
 """
