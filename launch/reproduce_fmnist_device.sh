@@ -28,8 +28,9 @@
 #                 stages.json and row. The exports stay in $W/variants/NAME/export for RL by a later call
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #                 (RESULTS_ASSETS: the exports it evaluates, default those of this machine's runs, e.g. a carried
-#                 .devstate/ship; RESULTS_CACHE=r,R: the cache row's policy, tools/results.py --cache;
-#                 RESULTS_SET="ROLE:sample.KEY=VALUE ...": its --set items, e.g. student:sample.noise_scale=0.85)
+#                 .devstate/ship, measured into $W/results_<its folder>; RESULTS_CACHE=r,R: the cache row's policy,
+#                 tools/results.py --cache; RESULTS_SET="ROLE:sample.KEY=VALUE ...": its --set items, e.g.
+#                 student:sample.noise_scale=0.85)
 #   STAGE=ablate  the GSIM variants of configs/ablations/fmnist_gsim.json, ABLATE_STEPS steps each, 2k samples
 #                 (ABLATE_TEACHER: the teacher export they distil, default the one trained here; ABLATE_SEED: a
 #                 directory of finished runs/NAME/ of the same sweep, steps and teacher weights, e.g.
@@ -105,9 +106,11 @@ stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM
   kill -TERM $ABLATE_PID 2>/dev/null && log "ablate stopped (SIGTERM; finished variants kept)"; wait $ABLATE_PID
   pack_ablate; cp $W/ablate.log $OUT/ 2>/dev/null
 }
+# the results' folder under $W: other assets measure into their own (a run continues only a run of the same assets)
+RES=results${RESULTS_ASSETS:+_$(basename "$RESULTS_ASSETS")}
 results() {  # the 10k-sample table of the exports (resumable into the same --out: measured rows are kept)
   log "results $RESULTS_S s"
-  python3 -m marval_jax.tools.results run --assets=${RESULTS_ASSETS:-$W/export} --out=$W/results \
+  python3 -m marval_jax.tools.results run --assets=${RESULTS_ASSETS:-$W/export} --out=$W/$RES \
       --sweep=${SWEEP:-1.5,2.5,4.0} --time-budget=$RESULTS_S ${RESULTS_ONLY:+--only=$RESULTS_ONLY} \
       ${RESULTS_CACHE:+--cache=$RESULTS_CACHE} $(for kv in ${RESULTS_SET:-}; do echo --set=$kv; done)
 }
@@ -130,7 +133,7 @@ if [ "$STAGE" = distill ]; then
   fi
   [ "$RESULTS_S" != 0 ] && results
   mkdir -p $W/m && cp $W/student/metrics.jsonl $W/m/student.jsonl 2>/dev/null; cp $W/rl/metrics.jsonl $W/m/rl.jsonl 2>/dev/null
-  tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/results ] && echo results )   # one file: at most 8 come back
+  tar -czf $OUT/distill.tgz -C $W export/stages.json m $( [ -d $W/$RES ] && echo $RES )   # one file: at most 8 come back
   (cd $W/export && tar -cf - fmnist_student $( [ -d fmnist_rl ] && echo fmnist_rl ) | split -b 15000000 -d -a 1 - $OUT/students.tar.part)
   log done; exit 0
 fi
@@ -165,7 +168,7 @@ if [ "$STAGE" = variants ]; then
   log done; exit 0
 fi
 if [ "$STAGE" = results ]; then
-  results; tar -czf $OUT/results.tgz -C $W results
+  results; tar -czf $OUT/results.tgz -C $W $RES
   if [ "${ABLATE_S:-0}" != 0 ]; then
     log "ablate $ABLATE_S s"; ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
     stop_ablate_after $ABLATE_S
@@ -194,7 +197,7 @@ python3 -m marval_jax.tools.reproduce_curve curve --workdir=$W/teacher --config=
 cp $W/curve.json $OUT/
 if [ "${TEACHER_ROW:-0}" = 1 ]; then   # the new teacher's 10k row (K 64, CFG $SWEEP) in the same call
   SWEEP=${SWEEP:-4.0}; RESULTS_ONLY=teacher_K64_cfg$(awk "BEGIN{printf \"%g\", $SWEEP}") results   # 4.0 -> cfg4
-  tar -czf $OUT/results.tgz -C $W results
+  tar -czf $OUT/results.tgz -C $W $RES
 fi
 (cd $W/export && tar -cf - fmnist_teacher | split -b 15000000 -d -a 1 - $OUT/teacher.tar.part)
 log done
