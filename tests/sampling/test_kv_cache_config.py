@@ -125,11 +125,16 @@ def test_results_tool_cache_values(tmp_path):
     with pytest.raises(UserError, match="--cache takes"):  # before any model or FID network loads
         results.main(["run", "--out", str(tmp_path), "--cache", "fast"])
     ev = object.__new__(results.Evaluator)  # the real sampler method on the shipped student, no FID network
-    ev.models, ev.assets, ev.samplers = {"student": load_role(ASSETS, "student")}, ASSETS, {}
+    ev.models, ev.assets, ev.samplers, ev.sets = {"student": load_role(ASSETS, "student")}, ASSETS, {}, {}
     ev.sampler("student", 4, 1.0, "1,3")
     assert sampler_from_config(ev.models["student"][0], "eval").cache == CachePolicy("approx", 1, 3)
     with pytest.raises(UserError, match="needs model.attention='causal'"):
         ev.sampler("student", 4, 1.0, "exact")
+    # --set: the role's config changes and its sampler is a program of its own (the predictor holds the setting)
+    ev.set_sample("student", ["sample.noise_scale=0.85"])
+    assert ev.models["student"][0].sample.noise_scale == 0.85
+    ev.sampler("student", 4, 1.0, "1,3")
+    assert len(ev.samplers) == 2
 
 
 def test_sample_mode_checks_the_cache_before_loading(tmp_path):
