@@ -21,12 +21,12 @@ import dataclasses
 import datetime
 import json
 import time
-from types import SimpleNamespace
 
 import jax
 import jax.numpy as jnp
 
-from marval_jax.benchmarks.model_bench import ModelBench, model_config, rl_bench_step
+from marval_jax.benchmarks.model_bench import (SAMPLE_CFG, bench_predictor, bench_spec, model_config,
+                                               rl_bench_step)
 from marval_jax.benchmarks.runner import Settings
 from marval_jax.models.factory import abstract_model
 from marval_jax.models.mar import MARConfig
@@ -51,7 +51,6 @@ def measure(cfg: MARConfig, *, program: str = "train/rl", name: str = "base", ba
     graphdef, params = abstract_model(cfg)
     settings = Settings(models=[name], what=[], batches=[batch], out=None, table=None, num_iter=num_iter,
                         rl_num_iter=num_iter, num_buckets=num_buckets, kv_approx=tuple(kv_approx))
-    bench = ModelBench(SimpleNamespace(s=settings), name, cfg, graphdef, None)   # specs and predictors only
     labels = jax.ShapeDtypeStruct((batch,), jnp.int32)
     if program == "train/rl":
         step, init_state, loss_fn, _ = rl_bench_step(cfg, graphdef, num_iter=num_iter, num_buckets=num_buckets,
@@ -60,9 +59,10 @@ def measure(cfg: MARConfig, *, program: str = "train/rl", name: str = "base", ba
             len(loss_fn.plan.pieces)
     else:
         kind = program.split("/")[1]
-        spec = bench.spec(kind, cache=("approx", *kv_approx) if program.startswith("kv/") else "none")
+        spec = bench_spec(settings, kind, SAMPLE_CFG[name], ("approx", *kv_approx) if program.startswith("kv/")
+                          else "none")
         kw = dict(seq_len=cfg.seq_len, buffer_size=cfg.buffer_size, token_dim=cfg.token_dim)
-        jitted = make_sampler(graphdef, spec, bench.predictor(kind), **kw)
+        jitted = make_sampler(graphdef, spec, bench_predictor(settings, kind), **kw)
         args = (params, labels, jax.eval_shape(lambda: jax.random.key(0)))
         pieces = len(make_plan(spec, **kw).pieces)
     t0 = time.perf_counter()

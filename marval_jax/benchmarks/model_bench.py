@@ -51,6 +51,17 @@ def model_config(name: str) -> MARConfig:
     return MARConfig(**common, **IMAGENET, **SIZES[name], remat=REMAT[name])
 
 
+def bench_spec(s, kind: str, cfg_scale: float, cache="none") -> SamplerSpec:
+    """A sampler row's SamplerSpec under the suite's settings `s` (the teacher guided at `cfg_scale`, the one-step
+    sampler unguided); `cache` its KV-cache policy, carried by the spec as sample.kv_cache's is."""
+    return sampler_spec(s.num_iter, cfg_scale if kind == "teacher" else 1.0, "linear", s.num_buckets, cache=cache)
+
+
+def bench_predictor(s, kind: str):
+    """A sampler row's predictor: the teacher's respaced head chain (temperature 1) or the one-step head call."""
+    return teacher_predictor(s.head_steps, 1.0) if kind == "teacher" else onestep_predictor(s.t_init)
+
+
 def rl_bench_step(cfg: MARConfig, graphdef, *, num_iter: int, num_buckets: int, t_init: int, remat: bool):
     """The suite's RL step: the loss of losses/rl.py over `num_iter` AR iterations in `num_buckets` encoder-length
     buckets, with stand-ins for the frozen tokenizer (a reshape) and reward (closed form), so the row times the
@@ -165,12 +176,10 @@ class ModelBench:
 
     # -- samplers ------------------------------------------------------------------------------------------------
     def spec(self, kind: str, cache="none") -> SamplerSpec:
-        """The row's SamplerSpec; `cache` its KV-cache policy, carried by the spec as sample.kv_cache's is."""
-        return sampler_spec(self.s.num_iter, self.cfg_scale if kind == "teacher" else 1.0, "linear",
-                            self.s.num_buckets, cache=cache)
+        return bench_spec(self.s, kind, self.cfg_scale, cache)
 
     def predictor(self, kind: str):
-        return teacher_predictor(self.s.head_steps, 1.0) if kind == "teacher" else onestep_predictor(self.s.t_init)
+        return bench_predictor(self.s, kind)
 
     def head_calls(self, kind: str) -> int:
         if kind != "teacher":
