@@ -231,7 +231,8 @@ class Block(nnx.Module):
     product, 12 bytes on a 4x-wide activation; each LayerNorm's centred and scaled values). `scan_blocks` sets it:
     in a scan body every value the backward pass reads is a stored loop output, where the unrolled program's fusions
     recompute them anyway (docs/benchmarks.md, "Scanned blocks and their residuals"). Same values, same gradients.
-    Without CSE prevention (no optimization barriers): a scan body keeps the recomputation apart by itself."""
+    Without CSE prevention (no optimization barriers): a scan body keeps the recomputation apart by itself. The XLA
+    path only: the fused Pallas kernels (`kernels`) define their own backward residuals."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, attn_drop: float = 0.1,
                  proj_drop: float = 0.1, rngs: nnx.Rngs, dtype: Any = jnp.float32, attention_impl: str = "xla",

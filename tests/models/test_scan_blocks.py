@@ -122,7 +122,8 @@ def test_one_scan_per_stack_with_one_block_in_its_body():
     per_block = 6  # qkv, q k^T, p v, proj, fc1, fc2
     assert [s[:2] for s in scanned[1:]] == [(cfg.encoder_depth, per_block), (cfg.decoder_depth, per_block)]
     assert scanned[0][1] == plain[0][1] - per_block * (cfg.encoder_depth + cfg.decoder_depth)
-    # remat2 in the body: the two LayerNorms and the GELU (scan_blocks' recompute_elementwise), and the policy's around them
+    # remat2 in the body: the two LayerNorms and the GELU (scan_blocks' recompute_elementwise), and the policy's
+    # around them
     assert [s[2] for s in scanned[1:]] == [3, 3] and [s[2] for s in remat[1:]] == [4, 4]
     assert plain[0][2] == 0  # the unrolled blocks recompute nothing
 
@@ -137,9 +138,10 @@ def _residuals(cfg) -> tuple[int, list]:
 
 def test_scanned_blocks_keep_no_float32_gelu_intermediates():
     """A scan stores every value its backward pass reads as a loop output (no fusion can recompute it), so the
-    scanned stacks recompute the LayerNorms and the GELU (the scan body calls Block with recompute_elementwise). Unrolled, jax's backward
-    keeps the GELU's float32 exp, erfc and product at the MLP's hidden width (12 bytes per element of a 4x-wide
-    activation; XLA's fusions drop them again on the GPU); scanned, none of them, and fewer bytes in all."""
+    scanned stacks recompute the LayerNorms and the GELU (the scan body calls Block with recompute_elementwise).
+    Unrolled, jax's backward keeps the GELU's float32 exp, erfc and product at the MLP's hidden width (12 bytes per
+    element of a 4x-wide activation; XLA's fusions drop them again on the GPU); scanned, none of them, and fewer bytes
+    in all."""
     _, cfg, _ = _fixture_model(False)
     hidden = int(cfg.decoder_embed_dim * cfg.mlp_ratio)
 
