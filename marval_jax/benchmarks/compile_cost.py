@@ -24,6 +24,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from marval_jax.benchmarks.model_bench import (SAMPLE_CFG, bench_predictor, bench_spec, model_config,
                                                rl_bench_step)
@@ -78,13 +79,14 @@ def measure(cfg: MARConfig, *, program: str = "train/rl", name: str = "base", ba
     return row
 
 
-def _ints(text: str, flag: str) -> list[int]:
+def _ints(text: str, flag: str, low: int) -> list[int]:
+    """A comma list of integers >= low, or a UserError naming the flag."""
     try:
         values = [int(x) for x in text.split(",") if x]
     except ValueError:
         values = []
-    if not values or min(values) < 0:
-        raise UserError(f"{flag} takes a comma list of non-negative integers, got {text!r}")
+    if not values or min(values) < low:
+        raise UserError(f"{flag} takes a comma list of integers >= {low}, got {text!r}")
     return values
 
 
@@ -101,34 +103,40 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="", help="JSON file of the rows (default: printed only)")
     add_verbose_flag(p)
     a = p.parse_args(argv)
-    buckets, kv_approx = _ints(a.num_buckets, "--num-buckets"), _ints(a.kv_approx, "--kv-approx")
+    buckets, kv_approx = _ints(a.num_buckets, "--num-buckets", 1), _ints(a.kv_approx, "--kv-approx", 0)
     programs = [x for x in a.programs.split(",") if x]
     bad = [x for x in programs if x not in PROGRAMS]
     if bad or not programs:
         raise UserError(f"--programs takes a comma list of {', '.join(PROGRAMS)}, got {a.programs!r}")
-    if min(buckets) < 1 or a.batch < 1 or a.num_iter < 1 or len(kv_approx) != 2 or kv_approx[1] < 1:
-        raise UserError(f"--num-buckets, --batch and --num-iter take positive integers and --kv-approx r,R with "
-                        f"R >= 1, got {a.num_buckets!r}, {a.batch}, {a.num_iter}, {a.kv_approx!r}")
+    if len(kv_approx) != 2 or kv_approx[1] < 1:
+        raise UserError(f"--kv-approx takes r,R with r >= 0 and R >= 1, got {a.kv_approx!r}")
+    if a.batch < 1 or a.num_iter < 1:
+        raise UserError(f"--batch and --num-iter take positive integers, got {a.batch}, {a.num_iter}")
     scans = {"off": [False], "on": [True], "both": [False, True]}[a.scan_blocks]
+    names = [m for m in a.models.split(",") if m]
+    for name in names:   # every bad value is an error before the first (minutes-long) compile
+        try:
+            model_config(name)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    out = epath.Path(a.out) if a.out else None
+    if out is not None and not out.parent.exists():
+        raise UserError(f"--out={a.out}: the folder {out.parent} does not exist")
     device = jax.devices()[0]
     report = dict(date=datetime.date.today().isoformat(), device=device.device_kind, platform=device.platform,
                   jax=jax.__version__, notes="train/rl: rl.remat on, stand-in decode and reward", rows=[])
-    for name in [m for m in a.models.split(",") if m]:
-        try:
-            base = model_config(name)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+    for name in names:
         for program in programs:
             for scan in scans:
                 for nb in buckets:
-                    row = dict(model=name, **measure(dataclasses.replace(base, scan_blocks=scan), program=program,
-                                                     name=name, batch=a.batch, num_iter=a.num_iter, num_buckets=nb,
-                                                     kv_approx=tuple(kv_approx), compile_program=not a.lower_only))
+                    row = dict(model=name, **measure(dataclasses.replace(model_config(name), scan_blocks=scan),
+                                                     program=program, name=name, batch=a.batch,
+                                                     num_iter=a.num_iter, num_buckets=nb, kv_approx=tuple(kv_approx),
+                                                     compile_program=not a.lower_only))
                     report["rows"].append(row)
                     print(json.dumps(row), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(report, f, indent=1)
+                    if out is not None:   # rewritten after every row: a killed run keeps what it measured
+                        out.write_text(json.dumps(report, indent=1))
     return 0
 
 

@@ -49,7 +49,8 @@ def test_cli_compiles_each_setting_and_writes_the_rows(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args", [["--num-buckets", "0"], ["--num-buckets", "a"], ["--batch", "0"],
-                                  ["--models", "nope"], ["--programs", "sample/nope"], ["--kv-approx", "2"]])
+                                  ["--models", "nope"], ["--programs", "sample/nope"], ["--kv-approx", "2"],
+                                  ["--out", "/no/such/folder/cost.json"]])
 def test_bad_arguments_are_user_errors(args):
     with pytest.raises(UserError):
         compile_cost.main(["--lower-only", *args])
