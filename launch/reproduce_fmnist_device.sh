@@ -138,6 +138,7 @@ if [ "$STAGE" = distill ]; then
   log done; exit 0
 fi
 if [ "$STAGE" = variants ]; then
+  [ -d $W/export/fmnist_teacher ] || { echo "error: no teacher in $W/export: carry .devstate/train" >&2; exit 3; }
   n=$(echo $VARIANTS | wc -w); share=$(awk "BEGIN{printf \"%.2f\", 0.85 / ($n + ${ABLATE_PAR:-0})}")
   if [ "${ABLATE_PAR:-0}" = 1 ]; then
     log "ablate in the background"; XLA_PYTHON_CLIENT_MEM_FRACTION=$share ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
