@@ -53,8 +53,8 @@ if [ "$STAGE" = variants ]; then   # checked before anything runs: a typo must n
     || { echo "error: VARIANTS names repeat: $(echo $names)" >&2; exit 2; }
 fi
 STUDENT_S=${STUDENT_S:-200}; RL_S=${RL_S:-90}; RESULTS_S=${RESULTS_S:-200}; ABLATE_STEPS=${ABLATE_STEPS:-300}
-STASH=${STASH:-/tmp/stash}; X=$STASH/x; W=/tmp/w; CFG=configs/mar.py:fmnist_l; SITE=${SITE:-/tmp/site}
-DATASETS=${DATASETS:-/usr/share/datasets}   # (STASH, SITE, DATASETS, HOME: other places for tests)
+STASH=${STASH:-/tmp/stash}; X=$STASH/x; W=${W:-/tmp/w}; CFG=configs/mar.py:fmnist_l; SITE=${SITE:-/tmp/site}
+DATASETS=${DATASETS:-/usr/share/datasets}   # (STASH, SITE, DATASETS, HOME, W: other places for tests)
 log() { echo "[$(date +%T)] $*"; }
 ablate() {  # the GSIM variants on the exported teacher (resumable: finished variants are skipped)
   if [ -n "${ABLATE_SEED:-}" ] && [ ! -d $W/ablate/runs ]; then mkdir -p $W/ablate && cp -r $ABLATE_SEED/runs $W/ablate/; fi

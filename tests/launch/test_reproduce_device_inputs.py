@@ -34,9 +34,9 @@ def _pack(tmp_path, dest, **extra):
     assert proc.returncode == 0, proc.stderr
 
 
-def _device(checkout, tmp_path, stage: str) -> subprocess.CompletedProcess:
+def _device(checkout, tmp_path, stage: str, **extra) -> subprocess.CompletedProcess:
     env = dict(os.environ, STAGE=stage, STASH=str(tmp_path / "stash"), SITE=str(tmp_path / "site"),
-               DATASETS=str(tmp_path / "datasets"), HOME=str(tmp_path / "home"))
+               DATASETS=str(tmp_path / "datasets"), HOME=str(tmp_path / "home"), W=str(tmp_path / "w"), **extra)
     return subprocess.run(["bash", os.path.join(ROOT, "launch", "reproduce_fmnist_device.sh")], cwd=checkout,
                           env=env, capture_output=True, text=True, timeout=300)
 
@@ -74,6 +74,7 @@ def test_lean_then_train_carries_put_every_input_in_place(tmp_path):
     assert (x / "fmnist" / IDX[2]).read_bytes() == bytes([2]) * 100
     teacher = x / "carried" / "fmnist_teacher"   # stored under the name the stages read, whatever its folder's
     assert sorted(os.listdir(teacher)) == ["model.json", "params.npz"]
+    assert sorted(os.listdir(tmp_path / "w" / "export" / "fmnist_teacher")) == ["model.json", "params.npz"]
 
 
 def test_a_train_carry_without_the_lean_inputs_is_an_error_naming_them(tmp_path):
@@ -120,3 +121,19 @@ def test_ship_pack_holds_the_student_under_the_name_results_reads(tmp_path):
     proc = subprocess.run(["bash", "launch/pack_reproduce_inputs.sh"], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 2 and "none/params.npz not found" in proc.stderr
+
+
+def test_variants_without_a_carried_teacher_name_the_carry(tmp_path):
+    """STAGE=variants past its inputs (the lean carry only): no teacher export is an error naming the train carry."""
+    (tmp_path / "whl").mkdir()
+    (tmp_path / "raw").mkdir()
+    _wheel(tmp_path / "whl")
+    for name in IDX:
+        (tmp_path / "raw" / name).write_bytes(b"x")
+    np.savez(tmp_path / "inception.npz", w=np.ones(4, np.float32))
+    _pack(tmp_path, tmp_path / "packs", LEAN="1")
+    checkout = tmp_path / "checkout"
+    (checkout / ".devstate").mkdir(parents=True)
+    shutil.copytree(tmp_path / "packs" / "lean", checkout / ".devstate" / "lean")
+    proc = _device(checkout, tmp_path, "variants", VARIANTS="g15:gsim.guidance_scale=1.5")
+    assert proc.returncode == 3 and "carry .devstate/train" in proc.stderr, proc.stdout + proc.stderr

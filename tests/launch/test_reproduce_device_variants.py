@@ -13,7 +13,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def _variants(tmp_path, variants: str | None) -> subprocess.CompletedProcess:
     env = dict(os.environ, STAGE="variants", STASH=str(tmp_path / "stash"), SITE=str(tmp_path / "site"),
-               DATASETS=str(tmp_path / "datasets"), HOME=str(tmp_path / "home"))
+               DATASETS=str(tmp_path / "datasets"), HOME=str(tmp_path / "home"), W=str(tmp_path / "w"))
     env.pop("VARIANTS", None)
     if variants is not None:
         env["VARIANTS"] = variants
