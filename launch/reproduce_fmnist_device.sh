@@ -24,7 +24,8 @@
 #   STAGE=variants  KL students side by side from the carried teacher (VARIANTS="NAME:k=v,k=v NAME2:k=v": one
 #                 student per NAME with those --set overrides of the shipped recipe, VARIANT_S s each; ABLATE_PAR=1:
 #                 the ablation beside them, stopped when they end), then each one's 10k-sample row (K 64, one step,
-#                 --no-timing: the rows share the GPU too, so no speed); variants.tgz: each one's metrics,
+#                 --no-timing: the rows share the GPU too, so no speed; with it the approximate-cache row, at the
+#                 policy RESULTS_CACHE=r,R when set); variants.tgz: each one's metrics,
 #                 stages.json and row. The exports stay in $W/variants/NAME/export for RL by a later call
 #   STAGE=results the results table alone, then the ablation for ABLATE_S more seconds (0: none)
 #                 (RESULTS_ASSETS: the exports it evaluates, default those of this machine's runs, e.g. a carried
@@ -160,7 +161,7 @@ if [ "$STAGE" = variants ]; then
     name=${v%%:*}; log "row of $name"
     XLA_PYTHON_CLIENT_MEM_FRACTION=$share python3 -m marval_jax.tools.results run --no-timing \
         --assets=$W/variants/$name/export --out=$W/variants/$name/results --only=student_K64_cfg1 \
-        > $W/variants/$name.results.log 2>&1 &
+        ${RESULTS_CACHE:+--cache=$RESULTS_CACHE} > $W/variants/$name.results.log 2>&1 &
     pids+=($!)
   done
   wait "${pids[@]}"
