@@ -1,10 +1,12 @@
 """The samplers against their recorded outputs (tests/fixtures/decode_recorded.npz, made by
 tests/fixtures/make_decode_fixture.py from the samplers before they became wrappers of
-marval_jax/sampling/decode.py): the uncached teacher and one-step samplers and the RL sampler (tokens, orders and
-gradient) bitwise on CPU; the KV-cached samplers to the reassociation bound of their chain.
+marval_jax/sampling/decode.py): every sampler's samples and the RL sampler's gradient to the reassociation bound of
+their chain, the RL sampler's orders (integers drawn from the keys alone) exactly.
 
-Bitwise holds because the driver runs the same operations in the same order as the samplers it replaced; it is a
-CPU statement (the recording was made under the suite's XLA flags, tests/conftest.py)."""
+Not bitwise: the driver runs the same operations in the same order as the samplers it replaced, but XLA's CPU code
+depends on the machine's vector units (on an AVX-512 host the one-step samples differ from the recording by 4e-8
+of their scale, the teacher's by 1.4e-6), so a recording made on one x86-64 machine is matched on another only to
+the rounding of its chain."""
 import importlib.util
 import pathlib
 
@@ -33,23 +35,30 @@ def now():
     return fx.record()
 
 
-@pytest.mark.parametrize("name", ["teacher", "onestep", "rl_tokens", "rl_orders"])
-def test_uncached_samplers_reproduce_recording_bitwise(recorded, now, name):
-    np.testing.assert_array_equal(now[name], recorded[name])
+def cached_tol(num_iter: int, head_passes: int) -> float:
+    """The reassociation bound of a sampler's chain - num_iter AR steps, each a MAR pass and head_passes head passes
+    (the whole model's depth bounds the head's) - on the samples' max-abs scale (rel_err). The cached samplers
+    also gather, scatter and attend over the cache in another program than the one recorded."""
+    return reassociation_atol(num_iter * (1 + head_passes) * mar_depth(fx.CFG), 1.0)
 
 
-def test_rl_gradient_reproduces_recording_bitwise(recorded, now):
+@pytest.mark.parametrize("name,num_iter,head_passes", [("teacher", 7, 4), ("onestep", 4, 1), ("rl_tokens", 4, 1)])
+def test_uncached_samplers_reproduce_recording(recorded, now, name, num_iter, head_passes):
+    assert np.isfinite(now[name]).all() and np.abs(recorded[name]).max() > 1.0
+    assert rel_err(now[name], recorded[name]) < cached_tol(num_iter, head_passes)
+
+
+def test_rl_orders_reproduce_recording_exactly(recorded, now):
+    np.testing.assert_array_equal(now["rl_orders"], recorded["rl_orders"])
+
+
+def test_rl_gradient_reproduces_recording(recorded, now):
+    """Each gradient leaf on its own scale, to twice the forward chain's bound (the backward pass retraces it)."""
     names = sorted(k for k in recorded if k.startswith("rl_grad"))
     assert names == sorted(k for k in now if k.startswith("rl_grad")) and len(names) > 20
     for k in names:
-        np.testing.assert_array_equal(now[k], recorded[k], err_msg=k)
-
-
-def cached_tol(num_iter: int, head_passes: int) -> float:
-    """The cached samplers gather, scatter and attend over the cache in another program than the one recorded:
-    they agree to the reassociation bound of the chain - num_iter AR steps, each a MAR pass and head_passes head
-    passes (the whole model's depth bounds the head's) - on the samples' max-abs scale (rel_err)."""
-    return reassociation_atol(num_iter * (1 + head_passes) * mar_depth(fx.CFG), 1.0)
+        assert np.abs(recorded[k]).max() > 0, k
+        assert rel_err(now[k], recorded[k]) < 2 * cached_tol(fx.RL["num_iter"], 1), k
 
 
 @pytest.mark.parametrize("name,num_iter,head_passes", [("cached_exact", 7, 4), ("cached_approx", 4, 1)])
