@@ -117,6 +117,7 @@ results() {  # the 10k-sample table of the exports (resumable into the same --ou
 }
 if [ "$STAGE" = distill ]; then
   if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU
+    log "FID reference, once for every process below"; python3 -m marval_jax.tools.results reference || exit 3
     log "ablate in the background, $ABLATE_STEPS steps per variant"
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ablate > $W/ablate.log 2>&1 &
     ABLATE_PID=$!; export XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
@@ -140,6 +141,7 @@ if [ "$STAGE" = distill ]; then
 fi
 if [ "$STAGE" = variants ]; then
   [ -d $W/export/fmnist_teacher ] || { echo "error: no teacher in $W/export: carry .devstate/train" >&2; exit 3; }
+  log "FID reference, once for every process below"; python3 -m marval_jax.tools.results reference || exit 3
   n=$(echo $VARIANTS | wc -w); share=$(awk "BEGIN{printf \"%.2f\", 0.85 / ($n + ${ABLATE_PAR:-0})}")
   if [ "${ABLATE_PAR:-0}" = 1 ]; then
     log "ablate in the background"; XLA_PYTHON_CLIENT_MEM_FRACTION=$share ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!

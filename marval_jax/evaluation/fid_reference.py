@@ -1,5 +1,5 @@
 """FID reference statistics: `sample.fid_ref`, a statistics .npz or a raw data set ("raw:NAME/SPLIT") whose
-Inception statistics are computed once and cached for every workdir.
+Inception statistics (and, for precision / recall, features) are computed once and cached for every workdir.
 
 Shared by `--mode evaluate` (programs/evaluate.py) and the live evaluation of a training run (train/live_eval.py),
 so both read and write the same cache: `$XDG_CACHE_HOME/marval_jax/fid_stats/` (~/.cache by default), one file per
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from marval_jax.evaluation import fid as fid_lib
-from marval_jax.evaluation.files import as_path
+from marval_jax.evaluation.files import as_path, local_file, write_npz
 from marval_jax.evaluation.inception import DEFAULT_NPZ, inception_features
 from marval_jax.user_errors import UserError
 
@@ -59,6 +59,37 @@ def reference_key(spec: str, images: np.ndarray, inception_path: str | None) -> 
     return h.hexdigest()[:16]
 
 
+def _cache_file(kind: str, spec: str, images: np.ndarray, inception_path: str | None, cache_dir: str | None):
+    """`<cache_dir>/fid_<kind>_<spec as a name>_<reference_key>.npz`: one file per images + Inception weights."""
+    name = spec.replace(":", "_").replace("/", "_")
+    key = reference_key(spec, images, inception_path)
+    return as_path(cache_dir or stats_cache_dir()) / f"fid_{kind}_{name}_{key}.npz"
+
+
+def reference_features(spec: str, inception, cache_dir: str | None = None, layout=None,
+                       inception_path: str | None = None, *, num: int = 0, images_of=real_images,
+                       batch: int = REFERENCE_BATCH, **raw) -> np.ndarray:
+    """Inception features (N, 2048, float64 as `inception_features` gives them) of a raw data set's first `num`
+    images (0: all), which precision / recall compare against: computed once and cached beside the statistics as
+    `fid_feat_<name>_<key>.npz`, so the processes of one machine (students side by side, each results run) do not
+    each spend the Inception pass on them. Multi-process as `reference_stats`: process 0's view of the cache,
+    process 0 writes."""
+    images = images_of(spec, **raw)
+    images = images[:num] if num else images
+    path = _cache_file("feat", spec, images, inception_path, cache_dir)
+    if agreed(path.exists()):
+        with local_file(path) as local, np.load(local) as npz:
+            return np.asarray(npz["features"], np.float64)
+    writer = jax.process_index() == 0
+    if writer:
+        print(f"FID reference {spec}: computing Inception features of {len(images)} images once (cached in {path})",
+              flush=True)
+    features = inception_features(inception, images, batch, layout=layout)
+    if writer:   # float32 on disk: the network computes in float32, so the float64 features convert back exactly
+        write_npz(path, features=features.astype(np.float32))
+    return features
+
+
 def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=None, inception_path: str | None = None,
                     *, images_of=real_images, batch: int = REFERENCE_BATCH, progress_every: int = PROGRESS_EVERY,
                     **raw) -> tuple[np.ndarray, np.ndarray]:
@@ -70,13 +101,20 @@ def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=N
     if spec.endswith(".npz"):
         return fid_lib.load_statistics(spec)
     images = images_of(spec, **raw)
-    name = spec.replace(":", "_").replace("/", "_")
-    path = as_path(cache_dir or stats_cache_dir()) / f"fid_ref_{name}_{reference_key(spec, images, inception_path)}.npz"
+    path = _cache_file("ref", spec, images, inception_path, cache_dir)
     writer = jax.process_index() == 0
     if agreed(path.exists()):
         if writer:
             print(f"FID reference {spec}: cached statistics {path}", flush=True)
         return fid_lib.load_statistics(path)
+    features = _cache_file("feat", spec, images, inception_path, cache_dir)
+    if agreed(features.exists()):   # the same images' cached features: their statistics, no Inception pass
+        with local_file(features) as local, np.load(local) as npz:
+            mu, sigma = fid_lib.statistics_from_features(npz["features"])
+        if writer:
+            print(f"FID reference {spec}: statistics of the cached features {features}", flush=True)
+            fid_lib.save_statistics(path, mu, sigma)
+        return mu, sigma
     acc = fid_lib.StatsAccumulator()
     chunk, start = batch * progress_every, time.time()
     if writer:

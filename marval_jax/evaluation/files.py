@@ -27,12 +27,19 @@ def as_path(path) -> epath.Path:
 
 
 def write_npz(path, compressed: bool = False, **arrays) -> epath.Path:
-    """An .npz of `arrays`, encoded in memory, written once to `path` (its folder created)."""
+    """An .npz of `arrays`, encoded in memory, written once to `path` (its folder created). A local file appears
+    whole or not at all (written beside it, then renamed), so another process reading the same cache file never
+    meets half of it; an object store's write is whole already."""
     buf = io.BytesIO()
     (np.savez_compressed if compressed else np.savez)(buf, **arrays)
     path = as_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(buf.getvalue())
+    if is_remote(path):
+        path.write_bytes(buf.getvalue())
+        return path
+    tmp = path.parent / f".{path.name}.{os.getpid()}.tmp"
+    tmp.write_bytes(buf.getvalue())
+    os.replace(tmp, path)
     return path
 
 

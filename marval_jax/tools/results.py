@@ -3,6 +3,8 @@
     # on the accelerator: every setting's FID (10k samples vs the 10k test set), precision / recall, class accuracy
     # (independent eval classifier), reward (the RL reward classifier), seconds per image at batch 1 and 256
     python -m marval_jax.tools.results run --assets=marval_jax/assets --out=/tmp/results --num=10000
+    # once per machine before runs side by side: the test split's Inception features and statistics, cached
+    python -m marval_jax.tools.results reference
     # anywhere: docs/results.md, docs/results.json and the plots / grids under docs/results/
     python -m marval_jax.tools.results render --run=/tmp/results/results_run.json \
         --stages=marval_jax/assets/stages.json --metrics=workdirs/fmnist --out=docs
@@ -52,6 +54,7 @@ class Evaluator:
         from marval_jax.evaluation import fid as fid_lib
         from marval_jax.evaluation.classifier_train import load_default_classifier
         from marval_jax.programs.evaluate import real_images
+        from marval_jax.evaluation.fid_reference import reference_features
         from marval_jax.evaluation.inception import inception_features, load_inception
         from marval_jax.rewards.registry import make_reward
         from marval_jax.checkpoints.decoders import decoder_fn
@@ -71,11 +74,11 @@ class Evaluator:
         self.decode = jax.jit(decoder_fn(some[0], some[1]))
         self.inception = load_inception(inception)
         t0 = time.time()
-        real = real_images(real_spec)
-        real = real[:real_num] if real_num else real
-        self.real_feats = inception_features(self.inception, real)
+        self.real_feats = reference_features(real_spec, self.inception, inception_path=inception or None,
+                                             num=real_num, images_of=real_images)
         self.ref = fid_lib.statistics_from_features(self.real_feats)
-        print(f"reference features of {real_spec}: {len(real)} images, {time.time() - t0:.0f} s", flush=True)
+        print(f"reference features of {real_spec}: {len(self.real_feats)} images, {time.time() - t0:.0f} s",
+              flush=True)
         self.eval_clf, _ = load_default_classifier("fashion_mnist", "eval")
         reward = make_reward("classifier_logprob", {"checkpoint": "", "dataset": "fashion_mnist"})
         self.reward = jax.jit(reward.bind())
@@ -285,6 +288,21 @@ def run(a) -> int:
     return 0
 
 
+def reference(a) -> int:
+    """The reference's Inception features and FID statistics into the shared cache (evaluation/fid_reference.py),
+    computed once: processes started after it side by side (students with live evaluation, results runs) read
+    them instead of each running the Inception pass over the same images."""
+    from marval_jax.evaluation import fid_reference  # pylint: disable=import-outside-toplevel
+    from marval_jax.evaluation.inception import load_inception  # pylint: disable=import-outside-toplevel
+    t0 = time.time()
+    inception = load_inception(a.inception or None)
+    features = fid_reference.reference_features(a.real_spec, inception, inception_path=a.inception or None)
+    fid_reference.reference_stats(a.real_spec, inception, inception_path=a.inception or None)  # from the features
+    print(f"reference of {a.real_spec}: {len(features)} images cached in {fid_reference.stats_cache_dir()}, "
+          f"{time.time() - t0:.0f} s", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m marval_jax.tools.results", description=__doc__.split("\n")[0])
     add_verbose_flag(p)
@@ -309,6 +327,9 @@ def main(argv=None) -> int:
     r.add_argument("--set", action="append", default=[], metavar="ROLE:sample.KEY=VALUE",
                    help="a sampling setting of one role for every row, e.g. student:sample.noise_scale=0.85 "
                         "(repeatable; recorded in results_run.json, and a rerun into the same --out must repeat it)")
+    f = sub.add_parser("reference", help="the reference's Inception features and statistics into the cache, once")
+    f.add_argument("--inception", default="", help="FID Inception npz (default ~/.cache/marval_jax/...)")
+    f.add_argument("--real-spec", default="raw:fashion_mnist/test", help="the reference images (raw:NAME/SPLIT)")
     d = sub.add_parser("render", help="docs/results.md, docs/results.json, plots and grids")
     d.add_argument("--run", required=True, help="results_run.json of `run`")
     d.add_argument("--grids", default="", help="grids.npz of `run` (default: next to --run)")
@@ -320,6 +341,8 @@ def main(argv=None) -> int:
         kv_fields(a.cache)  # bad values are errors before any model loads
         parse_sets(a.set)
         return run(a)
+    if a.cmd == "reference":
+        return reference(a)
     from marval_jax.tools.results_render import render  # pylint: disable=import-outside-toplevel
     return render(a)
 

@@ -105,8 +105,9 @@ class LiveEval:
                                                  images_of=fid_reference.real_images, **fid_reference.raw_kw(config))
         self.real_features = None
         if sc.pr_num_real > 0 and sc.fid_ref.startswith("raw:"):
-            real = fid_reference.real_images(sc.fid_ref, **fid_reference.raw_kw(config))[: sc.pr_num_real]
-            self.real_features = inception_features(inception, real)
+            self.real_features = fid_reference.reference_features(
+                sc.fid_ref, inception, inception_path=sc.inception or None, num=sc.pr_num_real,
+                images_of=fid_reference.real_images, **fid_reference.raw_kw(config))
         self.features_of = sharded_features(inception, layout)
         self.to_uint8 = jax.jit(functools.partial(inception_input, crop=int(sc.crop)),
                                 out_shardings=layout.sharding(4))

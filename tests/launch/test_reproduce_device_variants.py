@@ -53,8 +53,9 @@ def _stub_bin(tmp_path):
 
 @pytest.mark.parametrize("cache", [None, "2,4"])
 def test_variant_rows_take_the_cache_policy(tmp_path, cache):
-    """Past the inputs, every student is trained and then measured with --only=student_K64_cfg1 (which includes its
-    approximate-cache row); RESULTS_CACHE=r,R reaches each row as --cache, and is absent when unset."""
+    """Past the inputs, the FID reference is cached once, every student is trained and then measured with
+    --only=student_K64_cfg1 (which includes its approximate-cache row); RESULTS_CACHE=r,R reaches each row as
+    --cache, and is absent when unset."""
     (tmp_path / "stash" / "x" / "fmnist").mkdir(parents=True)
     (tmp_path / "site").mkdir()
     (tmp_path / "w" / "export" / "fmnist_teacher").mkdir(parents=True)
@@ -71,6 +72,9 @@ def test_variant_rows_take_the_cache_policy(tmp_path, cache):
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls.log").read_text().splitlines()
     trains = [c for c in calls if "marval_jax.programs.reproduce" in c]
+    # the FID reference once, before the processes that share it start side by side
+    refs = [i for i, c in enumerate(calls) if "marval_jax.tools.results reference" in c]
+    assert len(refs) == 1 and refs[0] < calls.index(trains[0]), calls
     rows = [c for c in calls if "marval_jax.tools.results run" in c]
     assert len(trains) == 2 and "--set student:gsim.guidance_scale=1.5" in trains[0]
     assert "--set student:generator.lr=1e-4 --set student:fake_score.lr=1e-4" in trains[1]
