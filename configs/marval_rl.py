@@ -6,8 +6,8 @@ decoded samples, L = - rl.reward_scale * E[R(decode(G(z, c, K)))] + rl.reg_weigh
 Variants:
   tiny    a few-second CPU smoke run: the tiny Fashion-MNIST model of configs/mar.py, K = 4, classifier reward
   fmnist  the Fashion-MNIST reproduction: classifier log-prob reward trained by marval_jax.tools.train_classifier
-  fmnist_l  the same for the student of configs/marval.py:fmnist_l, EMA decay 0.99 (a 222-step run's 0.999 EMA
-            exported 80% of the starting student: docs/results.md)
+  fmnist_l  the same for the student of configs/marval.py:fmnist_l, EMA decay 0.95 (a 222-step run's 0.999 EMA
+            exported 80% of the starting student, an 81-step run's 0.99 EMA 44%: docs/results.md)
   base / large / huge   MARVAL-B/L/H on ImageNet 256 (KL-16 latents), PickScore reward on class-name prompts.
                         Pod fit of the RL step (K = 64 AR iterations through the PickScore CLIP-H, rl.remat on), from
                         the TPU compiler (docs/scale.md; mesh fsdp 16, the rest data): base fits a v5e-256 slice at a
@@ -22,6 +22,11 @@ Run:
   python -m marval_jax.main --mode=rl --config=configs/marval_rl.py:huge --workdir=gs://BUCKET/marval_rl_huge \
       --config.student_ckpt=gs://BUCKET/marval_huge --config.rl.reward_config.checkpoint=gs://BUCKET/pickscore_jax
 Override any field with --config.a.b=value; unknown fields are an error (the config is locked).
+
+Compile time: the RL step holds one AR loop body per encoder-length bucket, each with the whole network and its
+backward pass. MAR-B's compiles in 175 s by default (H200) and in 52 s with `--config.model.scan_blocks=True
+--config.sample.num_buckets=2` (H100, 2026-12-08; +8% FLOPs from the padding, step time not yet measured):
+docs/benchmarks.md, "Compile time on one H100 (2026-12-08)".
 """
 from __future__ import annotations
 
