@@ -78,6 +78,15 @@ def ref_model(ref):
 COMPILE_CACHE_MAX_BYTES = 4 * 2 ** 30
 
 
+@pytest.fixture(scope="session")
+def inception_npz(tmp_path_factory):
+    """The FID Inception weights converted once per test process (~8 s; the conversion needs torch, a test
+    requirement) for every test that evaluates; read only."""
+    pytest.importorskip("torch")
+    from marval_jax.tools.convert_inception import convert
+    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
+
+
 @pytest.fixture(scope="module")
 def compile_cache(tmp_path_factory):
     import jax

@@ -163,13 +163,6 @@ def test_tiny_run_log_has_no_library_info_lines_and_notes_the_noise(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # --mode=evaluate's reference statistics: computed once with progress lines, cached outside every workdir
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def inception_npz(tmp_path_factory):
-    pytest.importorskip("torch")
-    from marval_jax.tools.convert_inception import convert
-    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
-
-
 def test_reference_statistics_are_computed_once_with_progress_and_cached_outside_the_workdir(
         tmp_path, monkeypatch, capsys, inception_npz):
     import numpy as np

@@ -12,13 +12,6 @@ import pytest
 SPEC = "raw:fashion_mnist/test"
 
 
-@pytest.fixture(scope="module")
-def inception_npz(tmp_path_factory):
-    pytest.importorskip("torch")
-    from marval_jax.tools.convert_inception import convert
-    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
-
-
 @pytest.fixture
 def few_images(monkeypatch):
     """The first 8 test images stand in for the 10k (an Inception pass over them takes seconds on a CPU)."""

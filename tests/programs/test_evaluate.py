@@ -9,13 +9,6 @@ from flax import nnx
 from configs import mar as mar_configs
 
 
-@pytest.fixture(scope="module")
-def inception_npz(tmp_path_factory):
-    pytest.importorskip("torch")
-    from marval_jax.tools.convert_inception import convert
-    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
-
-
 def test_evaluate_writes_all_numbers(tmp_path, inception_npz, monkeypatch):
     from marval_jax.checkpoints.params_io import save_params
     from marval_jax.programs import evaluate as ev

@@ -17,13 +17,6 @@ pytestmark = pytest.mark.usefixtures("compile_cache")  # tests/conftest.py
 REAL = 4   # real images of the reference: the first 4 Fashion-MNIST test images (the Inception costs ~1 s an image)
 
 
-@pytest.fixture(scope="module")
-def inception_npz(tmp_path_factory):
-    pytest.importorskip("torch")
-    from marval_jax.tools.convert_inception import convert
-    return convert(str(tmp_path_factory.mktemp("inc") / "fid_inception.npz"))
-
-
 def _config(teacher, inception, **fields):
     return with_fields(marval_configs.get_config("tiny"), {
         "teacher_ckpt": teacher, "train.num_steps": 2, "train.log_every": 2, "train.ckpt_every": 2,
