@@ -53,7 +53,8 @@ def test_rl_orders_reproduce_recording_exactly(recorded, now):
 
 
 def test_rl_gradient_reproduces_recording(recorded, now):
-    """Each gradient leaf on its own scale, to twice the forward chain's bound (the backward pass retraces it)."""
+    """Each gradient leaf on its own scale, to twice the forward chain's bound: the bound of four times its depth,
+    which covers docs/testing.md's count for a gradient (three chains and the weight gradient's sum)."""
     names = sorted(k for k in recorded if k.startswith("rl_grad"))
     assert names == sorted(k for k in now if k.startswith("rl_grad")) and len(names) > 20
     for k in names:
