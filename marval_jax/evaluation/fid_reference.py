@@ -66,6 +66,17 @@ def _cache_file(kind: str, spec: str, images: np.ndarray, inception_path: str | 
     return as_path(cache_dir or stats_cache_dir()) / f"fid_{kind}_{name}_{key}.npz"
 
 
+def _load_features(path) -> np.ndarray:
+    """The float64 features of a cache file written by `reference_features`; a clear error for one that cannot be
+    read (it is a cache: deleting it recomputes it)."""
+    try:
+        with local_file(path) as local, np.load(local) as npz:
+            return np.asarray(npz["features"], np.float64)
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"cached reference features {path} cannot be read ({type(e).__name__}: {e}); delete the "
+                        "file and it is computed again") from None
+
+
 def reference_features(spec: str, inception, cache_dir: str | None = None, layout=None,
                        inception_path: str | None = None, *, num: int = 0, images_of=real_images,
                        batch: int = REFERENCE_BATCH, **raw) -> np.ndarray:
@@ -78,8 +89,7 @@ def reference_features(spec: str, inception, cache_dir: str | None = None, layou
     images = images[:num] if num else images
     path = _cache_file("feat", spec, images, inception_path, cache_dir)
     if agreed(path.exists()):
-        with local_file(path) as local, np.load(local) as npz:
-            return np.asarray(npz["features"], np.float64)
+        return _load_features(path)
     writer = jax.process_index() == 0
     if writer:
         print(f"FID reference {spec}: computing Inception features of {len(images)} images once (cached in {path})",
@@ -109,8 +119,7 @@ def reference_stats(spec: str, inception, cache_dir: str | None = None, layout=N
         return fid_lib.load_statistics(path)
     features = _cache_file("feat", spec, images, inception_path, cache_dir)
     if agreed(features.exists()):   # the same images' cached features: their statistics, no Inception pass
-        with local_file(features) as local, np.load(local) as npz:
-            mu, sigma = fid_lib.statistics_from_features(npz["features"])
+        mu, sigma = fid_lib.statistics_from_features(_load_features(features))
         if writer:
             print(f"FID reference {spec}: statistics of the cached features {features}", flush=True)
             fid_lib.save_statistics(path, mu, sigma)

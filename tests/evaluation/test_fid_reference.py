@@ -72,3 +72,18 @@ def test_results_reference_fills_the_cache_for_later_processes(tmp_path, monkeyp
     # what a live evaluation or a results run then reads, without an Inception pass
     assert fr.reference_features(SPEC, None, inception_path=inception_npz).shape == (8, 2048)
     fr.reference_stats(SPEC, None, inception_path=inception_npz)
+
+
+def test_an_unreadable_features_cache_is_a_clear_error(tmp_path, monkeypatch, few_images):
+    """A cache file that is not the features .npz (a crash of another writer, a disk error) names itself and the
+    fix instead of a bare numpy error."""
+    from marval_jax.evaluation import fid_reference as fr
+    from marval_jax.user_errors import UserError
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    path = fr._cache_file("feat", SPEC, fr.real_images(SPEC), None, None)   # pylint: disable=protected-access
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an npz")
+    with pytest.raises(UserError, match="cannot be read .*delete the file"):
+        fr.reference_features(SPEC, None)
+    with pytest.raises(UserError, match="cannot be read"):
+        fr.reference_stats(SPEC, None)
