@@ -109,6 +109,9 @@ stop_ablate_after() {  # the background sweep gets $1 more seconds, then SIGTERM
 }
 # the results' folder under $W: other assets measure into their own (a run continues only a run of the same assets)
 RES=results${RESULTS_ASSETS:+_$(basename "$RESULTS_ASSETS")}
+cache_reference() {  # the test split's FID features and statistics, once, before processes that share them start
+  log "FID reference, once for every process below"; python3 -m marval_jax.tools.results reference || exit 3
+}
 results() {  # the 10k-sample table of the exports (resumable into the same --out: measured rows are kept)
   log "results $RESULTS_S s"
   python3 -m marval_jax.tools.results run --assets=${RESULTS_ASSETS:-$W/export} --out=$W/$RES \
@@ -117,7 +120,7 @@ results() {  # the 10k-sample table of the exports (resumable into the same --ou
 }
 if [ "$STAGE" = distill ]; then
   if [ "${ABLATE_PAR:-0}" = 1 ]; then  # the ablation beside the student and RL: both are launch-bound on the GPU
-    log "FID reference, once for every process below"; python3 -m marval_jax.tools.results reference || exit 3
+    cache_reference
     log "ablate in the background, $ABLATE_STEPS steps per variant"
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.3 ablate > $W/ablate.log 2>&1 &
     ABLATE_PID=$!; export XLA_PYTHON_CLIENT_MEM_FRACTION=0.55
@@ -141,7 +144,7 @@ if [ "$STAGE" = distill ]; then
 fi
 if [ "$STAGE" = variants ]; then
   [ -d $W/export/fmnist_teacher ] || { echo "error: no teacher in $W/export: carry .devstate/train" >&2; exit 3; }
-  log "FID reference, once for every process below"; python3 -m marval_jax.tools.results reference || exit 3
+  cache_reference
   n=$(echo $VARIANTS | wc -w); share=$(awk "BEGIN{printf \"%.2f\", 0.85 / ($n + ${ABLATE_PAR:-0})}")
   if [ "${ABLATE_PAR:-0}" = 1 ]; then
     log "ablate in the background"; XLA_PYTHON_CLIENT_MEM_FRACTION=$share ablate > $W/ablate.log 2>&1 & ABLATE_PID=$!
