@@ -35,7 +35,7 @@ def now():
     return fx.record()
 
 
-def cached_tol(num_iter: int, head_passes: int) -> float:
+def chain_tol(num_iter: int, head_passes: int) -> float:
     """The reassociation bound of a sampler's chain - num_iter AR steps, each a MAR pass and head_passes head passes
     (the whole model's depth bounds the head's) - on the samples' max-abs scale (rel_err). The cached samplers
     also gather, scatter and attend over the cache in another program than the one recorded."""
@@ -45,7 +45,7 @@ def cached_tol(num_iter: int, head_passes: int) -> float:
 @pytest.mark.parametrize("name,num_iter,head_passes", [("teacher", 7, 4), ("onestep", 4, 1), ("rl_tokens", 4, 1)])
 def test_uncached_samplers_reproduce_recording(recorded, now, name, num_iter, head_passes):
     assert np.isfinite(now[name]).all() and np.abs(recorded[name]).max() > 1.0
-    assert rel_err(now[name], recorded[name]) < cached_tol(num_iter, head_passes)
+    assert rel_err(now[name], recorded[name]) < chain_tol(num_iter, head_passes)
 
 
 def test_rl_orders_reproduce_recording_exactly(recorded, now):
@@ -59,13 +59,13 @@ def test_rl_gradient_reproduces_recording(recorded, now):
     assert names == sorted(k for k in now if k.startswith("rl_grad")) and len(names) > 20
     for k in names:
         assert np.abs(recorded[k]).max() > 0, k
-        assert rel_err(now[k], recorded[k]) < 2 * cached_tol(fx.RL["num_iter"], 1), k
+        assert rel_err(now[k], recorded[k]) < 2 * chain_tol(fx.RL["num_iter"], 1), k
 
 
 @pytest.mark.parametrize("name,num_iter,head_passes", [("cached_exact", 7, 4), ("cached_approx", 4, 1)])
 def test_cached_samplers_reproduce_recording(recorded, now, name, num_iter, head_passes):
     assert np.isfinite(now[name]).all() and np.abs(recorded[name]).max() > 1.0
-    assert rel_err(now[name], recorded[name]) < cached_tol(num_iter, head_passes)
+    assert rel_err(now[name], recorded[name]) < chain_tol(num_iter, head_passes)
 
 
 def test_plan_refuses_what_the_driver_cannot_do():

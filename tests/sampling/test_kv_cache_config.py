@@ -62,7 +62,7 @@ def test_approx_from_config_is_the_recorded_approximate_cache(recorded):
                                          "sample.kv_refresh_every": 2}), "eval")
     assert spec.cache == CachePolicy("approx", 1, 2) and spec.cache.label == "approx r=1 R=2"
     got = run(spec)
-    # test_decode.cached_tol(4, 1): 4 AR steps, each a MAR pass and one head pass
+    # test_decode.chain_tol(4, 1): 4 AR steps, each a MAR pass and one head pass
     tol = reassociation_atol(4 * (1 + 1) * mar_depth(fx.CFG), 1.0)
     assert rel_err(got, recorded["cached_approx"]) < tol
     assert rel_err(got, recorded["onestep"]) > 10 * tol  # the cache is used: stale keys/values change the samples
